@@ -1,0 +1,13 @@
+"""SHARCS on GLUE QQP with all-MiniLM-L6-v2.
+
+    python -m sharcs_jax.main --config=configs/qqp.py --workdir=/tmp/sharcs_qqp
+    python -m sharcs_jax.main --config=configs/qqp.py:smoke --workdir=/tmp/sharcs_qqp_smoke
+
+Fields are overridable from the command line, e.g. --config.model.router_layer=1.
+"""
+
+from sharcs_jax.config import base_config
+
+
+def get_config(arg=None):
+  return base_config("qqp", arg)

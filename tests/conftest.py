@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models built in the test, and real GLUE sentences.
+
+Real data is found the way the project finds it: $SHARCS_DATA_DIR, else ../shared/data/glue
+beside the checkout when it exists, else the Hugging Face hub (nyu-mll/glue).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+
+import jax
+import pytest
+
+from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def glue_data_dir() -> pathlib.Path | None:
+  setting = os.environ.get("SHARCS_DATA_DIR")
+  if setting:
+    return pathlib.Path(setting)
+  beside = REPO_ROOT.parent / "shared" / "data" / "glue"
+  return beside if beside.is_dir() else None
+
+
+def real_sentences(count: int) -> list[str]:
+  """SST-2 dev sentences: real text of mixed lengths."""
+  data_dir = glue_data_dir()
+  if data_dir is None:
+    import datasets  # only reached with network access
+    return list(datasets.load_dataset("nyu-mll/glue", "sst2", split="validation")["sentence"][:count])
+  with open(data_dir / "SST-2" / "dev.tsv", newline="") as f:
+    rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+  return [row["sentence"] for row in rows[:count]]
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> EncoderConfig:
+  return EncoderConfig(layout="bert", vocab_size=50, hidden_size=32, num_layers=4, num_heads=4,
+                       intermediate_size=48, max_position_embeddings=32, type_vocab_size=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config) -> SharcsModel:
+  return SharcsModel(tiny_config, num_classes=3, widths=(0.25, 0.5, 1.0), router_layer=2,
+                     router_hidden=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_model):
+  params = init_params(tiny_model, jax.random.key(0))
+  # Fresh LayerNorms are exactly 1/0; randomise them so that any mix-up of norms shows.
+  leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  noisy = [x + 0.1 * jax.random.normal(k, x.shape) if "ln" in jax.tree_util.keystr(p) else x
+           for (p, x), k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(tree, noisy)
+
+
+@pytest.fixture(scope="session")
+def tiny_batch():
+  """Two examples of different lengths, padded to 10 tokens."""
+  ids = jax.random.randint(jax.random.key(2), (2, 10), 1, 50)
+  mask = jax.numpy.array([[1] * 10, [1] * 6 + [0] * 4])
+  ids = ids * mask
+  return {"input_ids": ids, "attention_mask": mask, "token_type_ids": jax.numpy.zeros_like(ids),
+          "label": jax.numpy.array([0, 2])}

@@ -1,0 +1,59 @@
+"""Config files, validation before any work, and the main entry point end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+from sharcs_jax import config as config_lib
+
+
+def _load(spec: str):
+  return config_lib.load_config(str(REPO_ROOT / "configs" / spec))
+
+
+@pytest.mark.parametrize("task", ["qqp", "sst2", "mrpc", "rte", "mnli"])
+def test_task_configs_are_valid(task):
+  config = _load(f"{task}.py")
+  assert config.task == task
+  assert config_lib.validate(config).num_layers == 6
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.widths", (0.5, 0.25, 1.0), "strictly increasing"),
+    ("model.widths", (0.25, 0.5), "last width must be 1.0"),
+    ("model.widths", (0.0, 1.0), r"outside \(0, 1\]"),
+    ("model.router_layer", 6, r"router_layer K=6 is outside 1..5"),
+    ("model.router_layer", 0, r"router_layer K=0 is outside 1..5"),
+    ("model.layernorm_init", "ones", "layernorm_init='ones'"),
+    ("model.backbone", "/no/such/dir", "neither a local directory nor a packaged model"),
+    ("data.length_buckets", (64, 32), "must be increasing"),
+    ("data.length_buckets", (32, 1024), "exceeds the backbone's 512 positions"),
+])
+def test_bad_config_fails_before_work(field, value, message):
+  config = _load("qqp.py")
+  section, key = field.split(".")
+  config[section][key] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    config_lib.validate(config)
+
+
+def test_unknown_config_argument():
+  with pytest.raises(ValueError, match="unknown config argument 'tiny'; known: smoke"):
+    _load("qqp.py:tiny")
+
+
+def test_main_job_smoke(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sharcs_jax.main", "--config=configs/qqp.py:smoke",
+       f"--workdir={tmp_path}", "--config.model.widths=(0.25, 1.0)"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((tmp_path / "model_summary.json").read_text())
+  rows = summary["flops_per_example"]
+  assert [(r["seq_len"], r["width"]) for r in rows] == [(16, 0.25), (16, 1.0), (32, 0.25), (32, 1.0)]
+  assert all(r["reduction"] > 2.0 for r in rows if r["width"] == 0.25)
+  assert "| 32 | 0.25 |" in (tmp_path / "model_summary.md").read_text()
