@@ -1,4 +1,4 @@
-"""SHARCS on GLUE SST2 with all-MiniLM-L6-v2.
+"""SHARCS on GLUE SST-2 with all-MiniLM-L6-v2: two widths, router after layer 2.
 
     python -m sharcs_jax.main --config=configs/sst2.py --workdir=/tmp/sharcs_sst2
     python -m sharcs_jax.main --config=configs/sst2.py:smoke --workdir=/tmp/sharcs_sst2_smoke
@@ -10,4 +10,11 @@ from sharcs_jax.config import base_config
 
 
 def get_config(arg=None):
-  return base_config("sst2", arg)
+  c = base_config("sst2", arg)
+  if arg != "smoke":
+    c.model.widths = (0.25, 1.0)
+    c.hardness.ranges = ((0.8, 1.0), (0.0, 0.8))
+    c.hardness.window = 1  # 67k sentences: one warm-up epoch already sees plenty
+    c.data.length_buckets = (16, 32, 64)  # SST-2 sentences: median 10, max 66 tokens
+    c.train.epochs = 3
+  return c

@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+from sharcs_jax.data.glue import get_task, resolve_data_dir
+from sharcs_jax.hardness import check_ranges
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import check_model_settings
 from sharcs_jax.model.weights import LAYERNORM_INITS, resolve_model_dir
@@ -31,16 +33,44 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.router_layer = 2
   c.model.router_hidden = 0  # 0 -> the reference's 1024, scaled with the hidden size
   c.model.layernorm_init = "pretrained"  # per-width LayerNorms: "pretrained" slice or "fresh"
+  c.model.reorder = True  # DynaBERT importance reordering before training
+  c.model.reorder_batches = 16  # labelled train batches for the importance pass
+
+  c.hardness = ml_collections.ConfigDict()
+  c.hardness.window = 2  # W: warm-up epochs, and confidences per label decision
+  # One [lo, hi) confidence range per width, in the order of model.widths.
+  c.hardness.ranges = ((0.7, 1.0), (0.4, 0.9), (0.0, 0.5))
 
   c.data = ml_collections.ConfigDict()
   c.data.length_buckets = (32, 64, 128)  # static padded lengths; the last is the max length
+  c.data.train_limit = 0  # > 0: keep the first N training examples
+  c.data.dev_limit = 0
+  c.data.skip_malformed = False  # False: a malformed row is an error naming file and line
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 5
+  c.train.batch_size = 32
+  c.train.learning_rate = 5e-5
+  c.train.warmup_fraction = 0.06
+  c.train.weight_decay = 0.01
+  c.train.router_loss_weight = 1.0
+  c.train.progress_bar = True
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 32
+  c.eval.batch_size = 64
 
-  if arg == "smoke":  # the whole pipeline in seconds, for tests
-    c.data.length_buckets = (16, 32)
-    c.eval.batch_size = 8
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.max_to_keep = 1
+
+  if arg == "smoke":  # the whole pipeline on a few hundred examples, for tests
+    c.data.length_buckets = (32, 64)
+    c.data.train_limit = 256
+    c.data.dev_limit = 128
+    c.model.reorder_batches = 2
+    c.hardness.window = 1
+    c.train.epochs = 2
+    c.train.learning_rate = 1e-4
+    c.eval.batch_size = 32
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; known: {', '.join(CONFIG_ARGS)}")
   return c
@@ -79,6 +109,14 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   if buckets[-1] > encoder.max_position_embeddings - encoder.position_offset:
     raise ValueError(f"config.data.length_buckets: {buckets[-1]} exceeds the backbone's "
                      f"{encoder.max_position_embeddings - encoder.position_offset} positions")
-  if config.eval.batch_size < 1:
-    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be >= 1")
+  for field in ("eval.batch_size", "train.batch_size", "train.epochs", "hardness.window"):
+    section, key = field.split(".")
+    if config[section][key] < 1:
+      raise ValueError(f"config.{field}={config[section][key]} must be >= 1")
+  try:
+    check_ranges(config.hardness.ranges, len(m.widths))
+  except ValueError as e:
+    raise ValueError(f"config.hardness.ranges: {e}") from None
+  get_task(config.task)
+  resolve_data_dir(config.data_dir)
   return encoder

@@ -31,3 +31,59 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
   return "\n".join(lines) + "\n"
+
+
+def accuracy_flops_plot(path: str, summary: dict) -> None:
+  """Accuracy against average GFLOPs per example: static widths as a line, SHARCS as a star."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  static = summary["static"]
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  xs = [static[w]["gflops"] for w in static]
+  ys = [100 * static[w]["accuracy"] for w in static]
+  ax.plot(xs, ys, "o-", color="tab:blue", label="fixed width (same weights, no router)")
+  for w, x, y in zip(static, xs, ys):
+    ax.annotate(f"w={w}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+  s = summary["sharcs"]
+  ax.plot([s["gflops"]], [100 * s["accuracy"]], "*", color="tab:red", markersize=14,
+          label=f"SHARCS ({s['flops_reduction']:.2f}x fewer FLOPs)")
+  ax.set_xlabel("average GFLOPs per example (XLA cost analysis)")
+  ax.set_ylabel("dev accuracy (%)")
+  ax.set_title(f"{summary['task']} / {summary['model']}, K={summary['router_layer']}")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+  os.close(fd)
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def write_run_report(workdir: str, summary: dict) -> None:
+  """report.json, report.md and report.png for one training run."""
+  write_json(os.path.join(workdir, "report.json"), summary)
+  has_f1 = "f1" in summary["full_width"]
+  header = ["model", "accuracy"] + (["F1"] if has_f1 else []) + ["GFLOPs/example", "reduction",
+                                                                  "share per width"]
+  full = summary["full_width"]["gflops"]
+
+  def row(name, r, share=""):
+    return ([name, 100 * r["accuracy"]] + ([100 * r["f1"]] if has_f1 else [])
+            + [r["gflops"], full / r["gflops"], share])
+
+  rows = [row("full width", summary["full_width"])]
+  rows += [row(f"static w={w}", r) for w, r in summary["static"].items() if w != "1"]
+  s = summary["sharcs"]
+  shares = ", ".join(f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], s["bucket_share"]))
+  rows.append(row("SHARCS", s, shares))
+  text = (f"# SHARCS on {summary['task']} ({summary['model']})\n\n"
+          f"Router after layer {summary['router_layer']}, widths {summary['widths']}, ranges "
+          f"{summary['ranges']}, window {summary['window']}; best epoch {summary['best_epoch']} "
+          f"of {summary['epochs']}; {summary['dev_examples']} dev examples; trained in "
+          f"{summary['train_seconds'] / 60:.1f} min.\n\n" + markdown_table(header, rows))
+  write_atomic(os.path.join(workdir, "report.md"), text)
+  accuracy_flops_plot(os.path.join(workdir, "report.png"), summary)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -16,6 +17,12 @@ import pytest
 from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Tests build the same small programs many times (a resumed run recompiles what the first run
+# compiled): a per-session persistent compilation cache keeps that to one XLA compile each.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sharcs-test-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def glue_data_dir() -> pathlib.Path | None:

@@ -46,14 +46,14 @@ def test_unknown_config_argument():
     _load("qqp.py:tiny")
 
 
-def test_main_job_smoke(tmp_path):
+def test_summary_mode(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "sharcs_jax.main", "--config=configs/qqp.py:smoke",
+      [sys.executable, "-m", "sharcs_jax.main", "--mode=summary", "--config=configs/qqp.py:smoke",
        f"--workdir={tmp_path}", "--config.model.widths=(0.25, 1.0)"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((tmp_path / "model_summary.json").read_text())
   rows = summary["flops_per_example"]
-  assert [(r["seq_len"], r["width"]) for r in rows] == [(16, 0.25), (16, 1.0), (32, 0.25), (32, 1.0)]
+  assert [(r["seq_len"], r["width"]) for r in rows] == [(32, 0.25), (32, 1.0), (64, 0.25), (64, 1.0)]
   assert all(r["reduction"] > 2.0 for r in rows if r["width"] == 0.25)
-  assert "| 32 | 0.25 |" in (tmp_path / "model_summary.md").read_text()
+  assert "| 64 | 0.25 |" in (tmp_path / "model_summary.md").read_text()

@@ -1,0 +1,110 @@
+"""Tokenisation, static length buckets and fixed-size batches.
+
+XLA compiles one program per shape, so every batch has a fixed batch size and one of a few padded
+lengths (the config's `length_buckets`). A short last batch is filled with dummy rows that carry
+weight 0 and the out-of-range id N, so they neither count in the loss nor write hardness state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from sharcs_jax.data.glue import Split
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Encoded:
+  """A tokenised split, padded to the longest bucket; rows are examples in id order."""
+
+  input_ids: np.ndarray  # int32 [N, max_len]
+  token_type_ids: np.ndarray  # int32 [N, max_len]
+  lengths: np.ndarray  # int32 [N] real tokens after truncation
+  labels: np.ndarray  # int32 [N]
+  ids: np.ndarray  # int32 [N] stable example ids
+  bucket_of: np.ndarray  # int32 [N] index into length_buckets
+  length_buckets: tuple[int, ...]
+  pad_id: int
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def load_tokenizer(model_dir: str):
+  from transformers import AutoTokenizer  # tokenizers only; no model code is used
+
+  return AutoTokenizer.from_pretrained(model_dir)
+
+
+def encode(split: Split, tokenizer, length_buckets: tuple[int, ...]) -> Encoded:
+  """Texts longer than the last bucket are truncated (longest sequence of a pair first)."""
+  max_len = length_buckets[-1]
+  columns = list(zip(*split.texts)) if split.texts else [[]]
+  kwargs = dict(truncation=True, max_length=max_len, padding="max_length", return_tensors="np",
+                return_token_type_ids=True)
+  if len(columns) == 2:
+    enc = tokenizer(list(columns[0]), list(columns[1]), **kwargs)
+  else:
+    enc = tokenizer(list(columns[0]), **kwargs)
+  mask = enc["attention_mask"].astype(np.int32)
+  lengths = mask.sum(axis=1).astype(np.int32)
+  bucket_of = np.searchsorted(np.asarray(length_buckets), lengths).astype(np.int32)
+  return Encoded(enc["input_ids"].astype(np.int32), enc["token_type_ids"].astype(np.int32),
+                 lengths, split.labels, split.ids, bucket_of, tuple(length_buckets),
+                 tokenizer.pad_token_id)
+
+
+def make_batch(data: Encoded, rows: np.ndarray, bucket: int, batch_size: int) -> Batch:
+  """Rows `rows` (at most batch_size) padded to length_buckets[bucket] and to batch_size."""
+  if len(rows) > batch_size:
+    raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+  length = data.length_buckets[bucket]
+  fill = batch_size - len(rows)
+  input_ids = np.full((batch_size, length), data.pad_id, np.int32)
+  input_ids[:len(rows)] = data.input_ids[rows, :length]
+  token_type_ids = np.zeros((batch_size, length), np.int32)
+  token_type_ids[:len(rows)] = data.token_type_ids[rows, :length]
+  attention_mask = (np.arange(length)[None, :] < data.lengths[rows][:, None]).astype(np.int32)
+  attention_mask = np.concatenate([attention_mask, np.zeros((fill, length), np.int32)])
+  attention_mask[len(rows):, 0] = 1  # dummy rows attend to one token: no empty softmax
+  return {
+      "input_ids": input_ids,
+      "attention_mask": attention_mask,
+      "token_type_ids": token_type_ids,
+      "label": np.concatenate([data.labels[rows], np.zeros(fill, np.int32)]),
+      "id": np.concatenate([data.ids[rows], np.full(fill, len(data), np.int32)]),
+      "weight": np.concatenate([np.ones(len(rows), np.float32), np.zeros(fill, np.float32)]),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedBatch:
+  width_index: int
+  bucket: int
+  rows: np.ndarray
+
+
+def plan_train_epoch(data: Encoded, width_index: np.ndarray, batch_size: int,
+                     rng: np.random.Generator) -> list[PlannedBatch]:
+  """Single-width, single-length batches, shuffled so that widths and lengths interleave."""
+  plan = []
+  for w in np.unique(width_index):
+    for b in range(len(data.length_buckets)):
+      rows = np.flatnonzero((width_index == w) & (data.bucket_of == b))
+      rng.shuffle(rows)
+      plan += [PlannedBatch(int(w), b, rows[i:i + batch_size])
+               for i in range(0, len(rows), batch_size)]
+  order = rng.permutation(len(plan))
+  return [plan[i] for i in order]
+
+
+def eval_batches(data: Encoded, batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
+  """(rows, batch) over every example once, grouped by length bucket."""
+  for b in range(len(data.length_buckets)):
+    rows = np.flatnonzero(data.bucket_of == b)
+    for i in range(0, len(rows), batch_size):
+      yield rows[i:i + batch_size], make_batch(data, rows[i:i + batch_size], b, batch_size)

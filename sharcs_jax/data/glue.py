@@ -1,0 +1,158 @@
+"""GLUE task registry and loading: local GLUE TSV files, or the Hugging Face hub.
+
+Every example keeps a stable integer id (its row in the split), which the hardness state is
+indexed by. Malformed rows are a clear error naming file and line, or a counted skip when the
+config says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import sys
+
+import numpy as np
+from absl import logging
+
+DATA_DIR_ENV = "SHARCS_DATA_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  directory: str  # folder inside the GLUE data directory
+  files: dict[str, str]  # split -> TSV file name
+  text_columns: tuple[str, ...]  # one column, or a pair
+  label_column: str
+  label_names: tuple[str, ...]  # index = class id (the hub's ClassLabel order)
+  tsv_labels: tuple[str, ...]  # how each class is written in the TSV, same order
+  metrics: tuple[str, ...]
+  hub_name: str
+  hub_splits: dict[str, str]
+  hub_text_columns: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.label_names)
+
+
+TASKS = {
+    t.name: t for t in [
+        Task("sst2", "SST-2", {"train": "train.tsv", "dev": "dev.tsv"}, ("sentence",), "label",
+             ("negative", "positive"), ("0", "1"), ("accuracy",), "sst2",
+             {"train": "train", "dev": "validation"}, ("sentence",)),
+        Task("qqp", "QQP", {"train": "train.tsv", "dev": "dev.tsv"}, ("question1", "question2"),
+             "is_duplicate", ("not_duplicate", "duplicate"), ("0", "1"), ("accuracy", "f1"), "qqp",
+             {"train": "train", "dev": "validation"}, ("question1", "question2")),
+        Task("mrpc", "MRPC", {"train": "train.tsv", "dev": "dev.tsv"}, ("#1 String", "#2 String"),
+             "Quality", ("not_equivalent", "equivalent"), ("0", "1"), ("accuracy", "f1"), "mrpc",
+             {"train": "train", "dev": "validation"}, ("sentence1", "sentence2")),
+        Task("rte", "RTE", {"train": "train.tsv", "dev": "dev.tsv"}, ("sentence1", "sentence2"),
+             "label", ("entailment", "not_entailment"), ("entailment", "not_entailment"),
+             ("accuracy",), "rte", {"train": "train", "dev": "validation"},
+             ("sentence1", "sentence2")),
+        Task("qnli", "QNLI", {"train": "train.tsv", "dev": "dev.tsv"}, ("question", "sentence"),
+             "label", ("entailment", "not_entailment"), ("entailment", "not_entailment"),
+             ("accuracy",), "qnli", {"train": "train", "dev": "validation"},
+             ("question", "sentence")),
+        Task("mnli", "MNLI", {"train": "train.tsv", "dev": "dev_matched.tsv"},
+             ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"),
+             ("entailment", "neutral", "contradiction"), ("accuracy",), "mnli",
+             {"train": "train", "dev": "validation_matched"}, ("premise", "hypothesis")),
+    ]
+}
+
+
+@dataclasses.dataclass
+class Split:
+  """Raw examples of one split; `ids[i]` is example i's stable id (its row among kept rows)."""
+
+  task: Task
+  name: str
+  texts: list[tuple[str, ...]]
+  labels: np.ndarray  # int32 [N]
+  ids: np.ndarray  # int32 [N], 0..N-1
+  skipped: int = 0
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def get_task(name: str) -> Task:
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+  return TASKS[name]
+
+
+def resolve_data_dir(setting: str | None) -> str | None:
+  """The config's directory, else $SHARCS_DATA_DIR, else None (load from the hub)."""
+  data_dir = setting or os.environ.get(DATA_DIR_ENV) or None
+  if data_dir is not None and not os.path.isdir(data_dir):
+    source = "config.data_dir" if setting else f"${DATA_DIR_ENV}"
+    raise FileNotFoundError(f"GLUE data directory {data_dir!r} (from {source}) does not exist")
+  return data_dir
+
+
+def read_tsv(path: str, task: Task, split: str, skip_malformed: bool = False) -> Split:
+  csv.field_size_limit(sys.maxsize)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{task.name} {split} split: {path} does not exist")
+  texts, labels, skipped = [], [], 0
+  label_index = {v: i for i, v in enumerate(task.tsv_labels)}
+  # GLUE TSVs carry raw quotes: quoting must be off. MRPC's header starts with a BOM.
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if header is None:
+      raise ValueError(f"{path}: empty file, expected a header row")
+    wanted = task.text_columns + (task.label_column,)
+    absent = [c for c in wanted if c not in header]
+    if absent:
+      raise ValueError(f"{path}: header lacks column(s) {absent}; it has {header}")
+    columns = [header.index(c) for c in wanted]
+    for row in reader:
+      line = reader.line_num
+      problem = None
+      if len(row) != len(header):
+        problem = f"{len(row)} fields, expected {len(header)}"
+      elif row[columns[-1]] not in label_index:
+        problem = f"label {row[columns[-1]]!r} is not one of {list(task.tsv_labels)}"
+      if problem:
+        if not skip_malformed:
+          raise ValueError(f"{path}:{line}: {problem} (set config.data.skip_malformed=True to "
+                           "skip such rows)")
+        skipped += 1
+        continue
+      texts.append(tuple(row[c] for c in columns[:-1]))
+      labels.append(label_index[row[columns[-1]]])
+  if skipped:
+    logging.warning("%s: skipped %d malformed rows", path, skipped)
+  return Split(task, split, texts, np.asarray(labels, np.int32),
+               np.arange(len(labels), dtype=np.int32), skipped)
+
+
+def read_hub(task: Task, split: str) -> Split:
+  import datasets  # only needed without a local copy
+
+  data = datasets.load_dataset("nyu-mll/glue", task.hub_name, split=task.hub_splits[split])
+  texts = list(zip(*(data[c] for c in task.hub_text_columns)))
+  labels = np.asarray(data["label"], np.int32)
+  return Split(task, split, texts, labels, np.arange(len(labels), dtype=np.int32))
+
+
+def load_split(task_name: str, split: str, data_dir: str | None,
+               skip_malformed: bool = False, limit: int = 0) -> Split:
+  """One labelled split (`train` or `dev`); `limit` > 0 keeps the first `limit` examples."""
+  task = get_task(task_name)
+  if split not in task.files:
+    raise ValueError(f"unknown split {split!r}; known: {sorted(task.files)}")
+  if data_dir is None:
+    data = read_hub(task, split)
+  else:
+    data = read_tsv(os.path.join(data_dir, task.directory, task.files[split]), task, split,
+                    skip_malformed)
+  if limit:
+    data = Split(task, split, data.texts[:limit], data.labels[:limit], data.ids[:limit],
+                 data.skipped)
+  return data

@@ -1,0 +1,256 @@
+"""SHARCS training: the train state, the pure train step, the epoch loop and its checkpoints.
+
+One optimiser step = one batch of a single width and a single length bucket; batches of different
+widths are interleaved in a shuffled order. The step is jitted once per (width, bucket) shape.
+Loss = CE(task logits at the batch's width) + router_loss_weight * BCE(router logits, the
+examples' multi-hot hardness labels). The hardness state rides in the train state: the step
+records p(true class) per example id, and the epoch loop relabels at each epoch's end.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm import tqdm
+
+from sharcs_jax import config as config_lib
+from sharcs_jax import evaluate, hardness, report
+from sharcs_jax.data import batching, glue
+from sharcs_jax.model.reorder import reorder_by_importance
+from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32: optimiser steps taken
+  epoch: Array  # int32: epochs completed
+  params: Any
+  opt_state: Any
+  hardness: hardness.HardnessState
+  rng: Array  # uint32[2]: dropout keys and each epoch's data order derive from it
+  train_seconds: Array  # float32: wall time spent in epochs so far, across restarts
+
+
+def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and linear decay, counted in optimiser steps (not samples)."""
+  warmup = int(train.warmup_fraction * total_steps)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, train.learning_rate, max(warmup, 1)),
+       optax.linear_schedule(train.learning_rate, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+  def decay_mask(params):  # no weight decay on biases and LayerNorms
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "word", "position", "token_type"),
+        params)
+
+  return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train.weight_decay,
+                     mask=decay_mask)
+
+
+def train_step(state: TrainState, batch: dict[str, Array], *, model: SharcsModel,
+               tx: optax.GradientTransformation, width: float,
+               router_loss_weight: float) -> tuple[TrainState, dict[str, Array]]:
+  """One optimiser step on a single-width batch; records each example's confidence."""
+  weight = batch["weight"]
+  count = jnp.maximum(weight.sum(), 1.0)
+  num_examples = state.hardness.labels.shape[0]
+  router_target = state.hardness.labels[jnp.minimum(batch["id"], num_examples - 1)]
+  dropout_key = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                      batch["token_type_ids"], width=width, deterministic=False,
+                      rngs={"dropout": dropout_key})
+    task = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["label"])
+    router = optax.sigmoid_binary_cross_entropy(out.router_logits, router_target).mean(-1)
+    task_loss, router_loss = (task * weight).sum() / count, (router * weight).sum() / count
+    return task_loss + router_loss_weight * router_loss, (out.logits, task_loss, router_loss)
+
+  (loss, (logits, task_loss, router_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  probs = jax.nn.softmax(jax.lax.stop_gradient(logits))
+  confidence = jnp.take_along_axis(probs, batch["label"][:, None], axis=1)[:, 0]
+  new_hardness = hardness.record(state.hardness, batch["id"], confidence, state.epoch)
+  correct = ((logits.argmax(-1) == batch["label"]) * weight).sum()
+  metrics = {"loss": loss, "task_loss": task_loss, "router_loss": router_loss,
+             "correct": correct, "count": weight.sum()}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       hardness=new_hardness), metrics
+
+
+def _copy(tree: Any) -> Any:
+  """The train step donates its state: what must outlive a step needs buffers of its own."""
+  return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
+  return np.random.default_rng([int(x) for x in np.asarray(state.rng)] + [epoch])
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json())
+
+
+class Checkpoints:
+  """orbax CheckpointManager holding the train state, the best epoch so far and the config."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.config = _config_json(config)
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep,
+                                             create=True))
+
+  def save(self, state: TrainState, best: dict[str, Any]) -> None:
+    self.manager.save(int(state.epoch), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
+        config=ocp.args.JsonSave(self.config)))
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, state: TrainState, best: dict[str, Any]):
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    if saved.config != self.config:
+      changed = sorted(k for k in set(saved.config) | set(self.config)
+                       if saved.config.get(k) != self.config.get(k))
+      raise ValueError(f"{self.manager.directory} holds checkpoints of a different config "
+                       f"(fields {changed} differ); use a new --workdir or the same config")
+    abstract = functools.partial(jax.tree_util.tree_map, ocp.utils.to_shape_dtype_struct)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract(state)),
+        best=ocp.args.StandardRestore(abstract(best))))
+    logging.info("Resumed from %s after epoch %d", self.manager.directory, step)
+    return restored.state, restored.best
+
+
+def _importance_batches(data: batching.Encoded, batch_size: int, count: int):
+  full = (b for rows, b in batching.eval_batches(data, batch_size) if len(rows) == batch_size)
+  for _, batch in zip(range(count), full):
+    yield {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "label")}
+
+
+def _log_eval(epoch: int, result: dict, widths: tuple[float, ...]) -> None:
+  static = ", ".join(f"w{w:g}={result['static'][i]['accuracy']:.4f}" for i, w in enumerate(widths))
+  s = result["sharcs"]
+  logging.info("epoch %d dev: %s | SHARCS %.4f at %.3f GFLOPs (%.2fx), share %s", epoch, static,
+               s["accuracy"], s["gflops"], s["flops_reduction"],
+               [round(x, 3) for x in s["bucket_share"]])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains SHARCS, keeps the best dev epoch (>= W), writes report.{json,md,png} in workdir."""
+  config_lib.validate(config)
+  task = glue.get_task(config.task)
+  m, h, t = config.model, config.hardness, config.train
+  widths = tuple(m.widths)
+  ranges = jnp.asarray(hardness.check_ranges(h.ranges, len(widths)))
+  data_dir = glue.resolve_data_dir(config.data_dir)
+  tokenizer = batching.load_tokenizer(resolve_model_dir(m.backbone))
+  buckets = tuple(config.data.length_buckets)
+  train_data, dev_data = (
+      batching.encode(glue.load_split(config.task, split, data_dir, config.data.skip_malformed,
+                                      limit), tokenizer, buckets)
+      for split, limit in (("train", config.data.train_limit), ("dev", config.data.dev_limit)))
+  logging.info("%s: %d train, %d dev examples; buckets %s hold %s of train", task.name,
+               len(train_data), len(dev_data), buckets,
+               np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
+
+  key = jax.random.PRNGKey(config.seed)
+  model, params = load_pretrained(m.backbone, num_classes=task.num_classes, widths=widths,
+                                  router_layer=m.router_layer,
+                                  router_hidden=m.router_hidden or None,
+                                  layernorm_init=m.layernorm_init, key=jax.random.fold_in(key, 1))
+  steps_per_epoch = -(-len(train_data) // t.batch_size) + len(widths) * len(buckets)
+  tx = make_optimizer(t, steps_per_epoch * t.epochs)
+  state = TrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
+                     opt_state=tx.init(params),
+                     hardness=hardness.init_hardness(len(train_data), h.window, len(widths)),
+                     rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0))
+  best = {"params": _copy(params), "epoch": jnp.int32(-1), "accuracy": jnp.float32(-1.0)}
+  checkpoints = Checkpoints(workdir, config)
+  restored = checkpoints.restore_latest(state, best)
+  if restored is not None:
+    state, best = restored
+  elif m.reorder:
+    start = time.time()
+    params = reorder_by_importance(model, params, _importance_batches(
+        train_data, t.batch_size, m.reorder_batches))
+    state = state.replace(params=params, opt_state=tx.init(params))
+    logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
+
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                      router_loss_weight=t.router_loss_weight),
+                    static_argnames="width", donate_argnums=0)
+  predictor = evaluate.Predictor(model)
+  flops = evaluate.flops_table(model, buckets)
+
+  for epoch in range(int(state.epoch), t.epochs):
+    start = time.time()
+    rng = _epoch_rng(state, epoch)
+    assigned = hardness.assign_widths(np.asarray(state.hardness.labels), rng)
+    plan = batching.plan_train_epoch(train_data, assigned, t.batch_size, rng)
+    seen = correct = 0
+    bar = tqdm(plan, desc=f"epoch {epoch}", unit="batch", mininterval=2.0,
+               disable=not t.progress_bar)
+    for planned in bar:
+      batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)
+      state, metrics = step_fn(state, batch, width=widths[planned.width_index])
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step "
+                                 f"{int(state.step)}; nothing of this epoch was saved")
+      seen += len(planned.rows)
+      correct += float(metrics["correct"])
+      bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{seen / (time.time() - start):.0f}")
+    train_time = time.time() - start
+    state = state.replace(hardness=hardness.relabel(state.hardness, ranges, jnp.int32(epoch)),
+                          epoch=jnp.int32(epoch + 1))
+    share = np.asarray(state.hardness.labels).mean(0)
+    logging.info("epoch %d: %d examples in %.0fs (%.1f ex/s), train acc %.4f, "
+                 "labels per width %s, width share trained %s", epoch, seen, train_time,
+                 seen / train_time, correct / max(seen, 1), np.round(share, 3).tolist(),
+                 np.round(np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
+    result = evaluate.summarize(*predictor(state.params, dev_data, config.eval.batch_size),
+                                dev_data, flops, task.metrics)
+    _log_eval(epoch, result, widths)
+    if epoch >= h.window and result["sharcs"]["accuracy"] > float(best["accuracy"]):
+      best = {"params": _copy(state.params), "epoch": jnp.int32(epoch),
+              "accuracy": jnp.float32(result["sharcs"]["accuracy"])}
+    state = state.replace(train_seconds=state.train_seconds + (time.time() - start))
+    checkpoints.save(state, best)
+
+  if int(best["epoch"]) < 0:  # too few epochs to pass the warm-up: keep the last
+    best = {"params": state.params, "epoch": jnp.int32(t.epochs - 1), "accuracy": best["accuracy"]}
+  result = evaluate.summarize(*predictor(best["params"], dev_data, config.eval.batch_size),
+                              dev_data, flops, task.metrics)
+  summary = {
+      "task": task.name, "model": m.backbone, "widths": list(widths),
+      "router_layer": m.router_layer, "ranges": [list(map(float, r)) for r in h.ranges],
+      "window": h.window, "epochs": t.epochs, "best_epoch": int(best["epoch"]),
+      "train_examples": len(train_data), "dev_examples": len(dev_data),
+      "full_width": result["full_width"],
+      "static": {f"{w:g}": result["static"][i] for i, w in enumerate(widths)},
+      "sharcs": result["sharcs"],
+      "train_seconds": float(state.train_seconds),
+  }
+  report.write_run_report(workdir, summary)
+  return summary

@@ -1,0 +1,121 @@
+"""GLUE loading (TSV layout, clear errors on malformed rows) and static-shape batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import glue_data_dir
+from sharcs_jax.data import batching, glue
+from sharcs_jax.model.weights import resolve_model_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return batching.load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
+
+
+def _write(tmp_path, task, text, name="train.tsv"):
+  folder = tmp_path / glue.get_task(task).directory
+  folder.mkdir(exist_ok=True)
+  (folder / name).write_text(text)
+  return tmp_path
+
+
+@pytest.mark.skipif(glue_data_dir() is None, reason="needs the local GLUE copy (network otherwise)")
+@pytest.mark.parametrize("task, split, size", [("qqp", "dev", 4000), ("mrpc", "dev", 408),
+                                               ("sst2", "dev", 872), ("rte", "dev", 277),
+                                               ("mnli", "dev", 1000), ("qnli", "dev", 5463)])
+def test_real_splits_load(task, split, size):
+  data = glue.load_split(task, split, str(glue_data_dir()))
+  assert len(data) == size and data.skipped == 0
+  assert list(data.ids[:3]) == [0, 1, 2]
+  assert set(np.unique(data.labels)) == set(range(data.task.num_classes))
+  assert all(len(t) == len(data.task.text_columns) for t in data.texts[:5])
+
+
+def test_raw_quotes_are_kept(tmp_path):
+  _write(tmp_path, "qqp", 'id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n'
+                          '1\t2\t3\tWhat is "AI""?\tIs "AI" hard?\t1\n')
+  data = glue.load_split("qqp", "train", str(tmp_path))
+  assert data.texts == [('What is "AI""?', 'Is "AI" hard?')]
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+  _write(tmp_path, "sst2", "sentence\tlabel\ngood\t1\nbad row without label\nfine\t0\n")
+  with pytest.raises(ValueError, match=r"SST-2/train\.tsv:3: 1 fields, expected 2"):
+    glue.load_split("sst2", "train", str(tmp_path))
+  data = glue.load_split("sst2", "train", str(tmp_path), skip_malformed=True)
+  assert (len(data), data.skipped) == (2, 1)
+  assert list(data.ids) == [0, 1]
+
+
+def test_unknown_label_and_missing_column(tmp_path):
+  _write(tmp_path, "sst2", "sentence\tlabel\ngood\tmaybe\n")
+  with pytest.raises(ValueError, match=r"train\.tsv:2: label 'maybe' is not one of \['0', '1'\]"):
+    glue.load_split("sst2", "train", str(tmp_path))
+  _write(tmp_path, "sst2", "text\tlabel\ngood\t1\n")
+  with pytest.raises(ValueError, match=r"header lacks column\(s\) \['sentence'\]"):
+    glue.load_split("sst2", "train", str(tmp_path))
+
+
+def test_missing_files_and_directories(tmp_path, monkeypatch):
+  with pytest.raises(FileNotFoundError, match=r"qqp train split: .*QQP/train\.tsv does not exist"):
+    glue.load_split("qqp", "train", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"'/no/glue' \(from config\.data_dir\) does not exist"):
+    glue.resolve_data_dir("/no/glue")
+  monkeypatch.setenv(glue.DATA_DIR_ENV, "/no/env/glue")
+  with pytest.raises(FileNotFoundError, match=r"\$SHARCS_DATA_DIR"):
+    glue.resolve_data_dir("")
+  with pytest.raises(ValueError, match="unknown task 'cola'"):
+    glue.get_task("cola")
+
+
+def test_encode_buckets_and_truncates(tokenizer, tmp_path):
+  long = " ".join(["word"] * 100)
+  _write(tmp_path, "mrpc", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                           f"1\t1\t2\tshort one\tshort two\n0\t3\t4\t{long}\t{long}\n"
+                           "1\t5\t6\t\tempty first\n")
+  data = batching.encode(glue.load_split("mrpc", "train", str(tmp_path)), tokenizer, (8, 16))
+  assert data.input_ids.shape == (3, 16)
+  assert list(data.bucket_of) == [0, 1, 0]
+  assert data.lengths[1] == 16  # truncated to the last bucket
+  assert data.input_ids[0, 0] == tokenizer.cls_token_id
+  assert set(data.token_type_ids[0, :data.lengths[0]]) == {0, 1}
+
+
+def _encoded(n=50, buckets=(8, 16)):
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(2, 17, n).astype(np.int32)
+  ids = np.where(np.arange(16)[None] < lengths[:, None], rng.integers(5, 100, (n, 16)), 0)
+  return batching.Encoded(ids.astype(np.int32), np.zeros((n, 16), np.int32), lengths,
+                          rng.integers(0, 2, n).astype(np.int32), np.arange(n, dtype=np.int32),
+                          np.searchsorted(np.asarray(buckets), lengths).astype(np.int32),
+                          buckets, 0)
+
+
+def test_make_batch_pads_with_dummy_rows():
+  data = _encoded()
+  rows = np.flatnonzero(data.bucket_of == 0)[:3]
+  batch = batching.make_batch(data, rows, 0, 4)
+  assert batch["input_ids"].shape == (4, 8)
+  np.testing.assert_array_equal(batch["weight"], [1, 1, 1, 0])
+  np.testing.assert_array_equal(batch["id"], list(rows) + [50])
+  np.testing.assert_array_equal(batch["attention_mask"].sum(1)[:3], data.lengths[rows])
+  with pytest.raises(ValueError, match="do not fit a batch of 2"):
+    batching.make_batch(data, rows, 0, 2)
+
+
+def test_epoch_plan_covers_every_example_once_in_single_width_batches():
+  data = _encoded(200)
+  widths = np.random.default_rng(1).integers(0, 3, 200).astype(np.int32)
+  plan = batching.plan_train_epoch(data, widths, 16, np.random.default_rng(2))
+  rows = np.concatenate([p.rows for p in plan])
+  assert sorted(rows.tolist()) == list(range(200))
+  for p in plan:
+    assert len(p.rows) <= 16
+    assert set(widths[p.rows]) == {p.width_index}
+    assert set(data.bucket_of[p.rows]) == {p.bucket}
+  assert len({p.width_index for p in plan[:6]}) > 1  # widths interleave
+  again = batching.plan_train_epoch(data, widths, 16, np.random.default_rng(2))
+  assert all((a.rows == b.rows).all() for a, b in zip(plan, again))
