@@ -49,7 +49,8 @@ def test_unknown_config_argument():
 def test_summary_mode(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "sharcs_jax.main", "--mode=summary", "--config=configs/qqp.py:smoke",
-       f"--workdir={tmp_path}", "--config.model.widths=(0.25, 1.0)"],
+       f"--workdir={tmp_path}", "--config.model.widths=(0.25, 1.0)",
+       "--config.hardness.ranges=((0.5, 1.0), (0.0, 0.5))"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((tmp_path / "model_summary.json").read_text())

@@ -39,11 +39,13 @@ def test_engine_matches_the_model_example_by_example(engine, tiny_model):
   data = _inputs()
   out = engine.run(data)
   assert len(set(out.widths.tolist())) >= 2, out.widths
+  reference = jax.jit(lambda ids, mask, width: tiny_model.apply(
+      engine.params, ids, mask, jnp.zeros_like(ids), width=width), static_argnames="width")
   for row in range(len(data)):
-    length = int(data.lengths[row])
+    length = data.length_buckets[data.bucket_of[row]]  # padding is masked (test_encoder)
     ids = jnp.asarray(data.input_ids[row:row + 1, :length])
-    ref = tiny_model.apply(engine.params, ids, jnp.ones_like(ids), jnp.zeros_like(ids),
-                           width=float(out.widths[row]))
+    mask = jnp.asarray(np.arange(length)[None] < data.lengths[row])
+    ref = reference(ids, mask, width=float(out.widths[row]))
     assert tiny_model.widths[int(ref.router_logits.argmax())] == out.widths[row]
     np.testing.assert_allclose(out.probabilities[row], jax.nn.softmax(ref.logits[0]), atol=1e-5)
   np.testing.assert_array_equal(out.labels, out.probabilities.argmax(-1))
