@@ -2,8 +2,8 @@
 
 At start-up the engine compiles (`jit(...).lower(...).compile()`) one executable for the prefix
 and router per (batch bucket, length bucket), and one for each width's adaptive part per
-(width, batch bucket, length bucket). Serving then never traces or compiles: it tokenises, runs
-the prefix once per input, groups the inputs by routed width, runs each group on its width's
+(width, batch bucket, length bucket). Serving then never traces or compiles: on tokenised,
+length-bucketed inputs it runs the prefix once per input, groups the inputs by routed width, runs each group on its width's
 executable and puts the results back in input order.
 
 Per-executable FLOPs come from `compiled.cost_analysis()`; an example's FLOPs are its share of the

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 from sharcs_jax.data.batching import Encoded, eval_batches
-from sharcs_jax.flops import forward_flops
 from sharcs_jax.model.sharcs import SharcsModel
 
 
@@ -57,12 +56,6 @@ class Predictor:
         logits[i, rows] = np.asarray(self._adaptive(variables, hidden, batch["attention_mask"],
                                                     width=w))[:n]
     return logits, router
-
-
-def flops_table(model: SharcsModel, length_buckets: tuple[int, ...]) -> np.ndarray:
-  """XLA FLOPs per example [m, num_buckets] of the whole forward at each width and length."""
-  return np.array([[forward_flops(model, w, 1, length) for length in length_buckets]
-                   for w in model.widths])
 
 
 def summarize(logits: np.ndarray, router: np.ndarray, data: Encoded, flops: np.ndarray,

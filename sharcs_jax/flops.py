@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import SharcsModel
@@ -49,6 +50,12 @@ def forward_flops(model: SharcsModel, width: float, batch_size: int, seq_len: in
 # FLOPs per element that XLA's CPU cost analysis counts for each elementwise piece.
 _LAYER_NORM, _SOFTMAX, _ACTIVATION = 8, 5, {"gelu": 64, "gelu_new": 8, "gelu_pytorch_tanh": 8,
                                             "relu": 1}
+
+
+def flops_table(model: SharcsModel, length_buckets: tuple[int, ...]) -> np.ndarray:
+  """XLA FLOPs per example [m, num_buckets] of the whole forward at each width and length."""
+  return np.array([[forward_flops(model, w, 1, length) for length in length_buckets]
+                   for w in model.widths])
 
 
 def _layer_elementwise_flops(cfg: EncoderConfig, width: float, batch_size: int,

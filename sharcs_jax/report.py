@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 
-def write_atomic(path: str, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """A temporary path beside `path` that replaces it only once the body has finished."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  os.close(fd)
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def write_atomic(path: str, text: str) -> None:
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    f.write(text)
 
 
 def write_json(path: str, data: Any) -> None:
@@ -55,12 +63,9 @@ def accuracy_flops_plot(path: str, summary: dict) -> None:
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-  os.close(fd)
-  fig.savefig(tmp, dpi=120)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=120, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def write_run_report(workdir: str, summary: dict) -> None:

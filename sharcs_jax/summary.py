@@ -16,7 +16,7 @@ from absl import logging
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import report
-from sharcs_jax.flops import analytic_flops, forward_flops
+from sharcs_jax.flops import analytic_flops, flops_table
 from sharcs_jax.model.weights import load_pretrained
 
 
@@ -29,11 +29,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              layernorm_init=m.layernorm_init, key=jax.random.key(config.seed))
   logging.info("Loaded %s (%s, %d layers, hidden %d) in %.1fs", m.backbone, encoder.layout,
                encoder.num_layers, encoder.hidden_size, time.time() - start)
+  table = flops_table(model, tuple(config.data.length_buckets))  # [width, length]
   rows = []
-  for seq_len in config.data.length_buckets:
-    full = forward_flops(model, 1.0, 1, seq_len)
-    for w in m.widths:
-      xla = full if w == 1.0 else forward_flops(model, w, 1, seq_len)
+  for j, seq_len in enumerate(config.data.length_buckets):
+    for i, w in enumerate(m.widths):
+      xla, full = table[i, j], table[-1, j]
       counted = analytic_flops(model, w, 1, seq_len)["total"]
       rows.append({"seq_len": seq_len, "width": w, "xla_gflops": xla / 1e9,
                    "analytic_gflops": counted / 1e9, "reduction": full / xla})

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from sharcs_jax import config as config_lib
 from sharcs_jax import evaluate, hardness, report
 from sharcs_jax.data import batching, glue
+from sharcs_jax.flops import flops_table
 from sharcs_jax.model.reorder import reorder_by_importance
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
@@ -201,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       router_loss_weight=t.router_loss_weight),
                     static_argnames="width", donate_argnums=0)
   predictor = evaluate.Predictor(model)
-  flops = evaluate.flops_table(model, buckets)
+  flops = flops_table(model, buckets)
 
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
