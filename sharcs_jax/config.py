@@ -18,6 +18,7 @@ from sharcs_jax.model.sharcs import check_model_settings
 from sharcs_jax.model.weights import LAYERNORM_INITS, resolve_model_dir
 
 CONFIG_ARGS = ("smoke",)
+SELECTION_RULES = ("accuracy", "reduction")
 
 
 def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -61,6 +62,10 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 1
+  # Which epoch (>= W) is kept: "accuracy" (the paper: best SHARCS dev accuracy) or "reduction"
+  # (most FLOPs saved while SHARCS stays within max_drop of that epoch's full-width accuracy).
+  c.checkpoint.select = "accuracy"
+  c.checkpoint.max_drop = 0.01
 
   if arg == "smoke":  # the whole pipeline on a few hundred examples, for tests
     c.data.length_buckets = (32, 64)
@@ -117,6 +122,12 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
     check_ranges(config.hardness.ranges, len(m.widths))
   except ValueError as e:
     raise ValueError(f"config.hardness.ranges: {e}") from None
+  if config.checkpoint.select not in SELECTION_RULES:
+    raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
+                     f"{SELECTION_RULES}")
+  if not 0.0 <= config.checkpoint.max_drop <= 1.0:
+    raise ValueError(f"config.checkpoint.max_drop={config.checkpoint.max_drop} must be a "
+                     "fraction of accuracy in [0, 1]")
   get_task(config.task)
   resolve_data_dir(config.data_dir)
   return encoder

@@ -1,28 +1,28 @@
-"""Inference engine: ahead-of-time compiled executables and dispatch grouped by routed width.
+"""Inference engine: routed dispatch over ahead-of-time compiled programs.
 
-At start-up the engine compiles (`jit(...).lower(...).compile()`) one executable for the prefix
-and router per (batch bucket, length bucket), and one for each width's adaptive part per
-(width, batch bucket, length bucket). Serving then never traces or compiles: on tokenised,
-length-bucketed inputs it runs the prefix once per input, groups the inputs by routed width, runs each group on its width's
-executable and puts the results back in input order.
+For a list of texts (or text pairs) the engine tokenises into the length buckets, runs the prefix
+and router once per input, groups the inputs by routed width and length bucket, runs each group on
+that width's program and returns labels, probabilities and widths in the input order. Programs are
+compiled (or loaded from disk, see `programs.py`) when the engine is built; serving never traces or
+compiles.
 
-Per-executable FLOPs come from `compiled.cost_analysis()`; an example's FLOPs are its share of the
-prefix executable plus its share of its width's executable.
+FLOPs per example are the XLA cost-analysis FLOPs of the batch-1 programs at the example's length
+bucket: prefix and router, plus the routed width's part.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import os
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sharcs_jax.data.batching import Encoded, make_batch
-from sharcs_jax.flops import compiled_flops
+from sharcs_jax.data import batching, glue
 from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.programs import Programs
+
+Text = str | Sequence[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,89 +33,137 @@ class Predictions:
   gflops: np.ndarray  # float64 [N] per example: prefix + router + routed part
 
 
-def _chunks(rows: np.ndarray, batch_buckets: Sequence[int]) -> list[tuple[np.ndarray, int]]:
-  """Rows split into full batches of the largest bucket, the rest into the smallest that fits."""
-  largest = batch_buckets[-1]
-  out = []
-  for start in range(0, len(rows), largest):
-    part = rows[start:start + largest]
-    out.append((part, next(b for b in batch_buckets if b >= len(part))))
+def split_into_batches(count: int, batch_buckets: Sequence[int]) -> list[tuple[int, int]]:
+  """(start, batch bucket) covering `count` rows with little padding and few calls.
+
+  Full batches of the largest bucket first; a remainder goes into the smallest bucket that holds
+  it when that at most doubles its rows, else it is split into the largest bucket that fits.
+  """
+  out, start = [], 0
+  while start < count:
+    left = count - start
+    fits = [b for b in batch_buckets if b >= left]
+    smaller = [b for b in batch_buckets if b <= left]
+    size = fits[0] if fits and (fits[0] <= 2 * left or not smaller) else max(smaller)
+    out.append((start, size))
+    start += min(size, left)
   return out
 
 
 class Engine:
-  """Precompiled SHARCS inference for one model and parameter tree."""
+  """SHARCS inference for one model and parameter tree, on precompiled programs."""
 
   def __init__(self, model: SharcsModel, params: Any, *, length_buckets: Sequence[int],
-               batch_buckets: Sequence[int] = (1, 8, 32)):
-    if list(batch_buckets) != sorted(set(batch_buckets)) or batch_buckets[0] < 1:
-      raise ValueError(f"batch_buckets must be increasing sizes >= 1, got {tuple(batch_buckets)}")
+               batch_buckets: Sequence[int] = (1, 8, 32), tokenizer: Any = None,
+               task: glue.Task | None = None, cache_dir: str | None = None):
     self.model = model
     self.params = {"params": params}
     self.length_buckets = tuple(length_buckets)
     self.batch_buckets = tuple(batch_buckets)
     self.widths = model.widths
-    d = model.encoder.hidden_size
-    variables = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       self.params)
+    self.tokenizer = tokenizer
+    self.task = task
+    # Rows per prefix-then-dispatch round: bounds the hidden states held between the two (about
+    # 20 MB at length 32 for MiniLM) while leaving each width a few full batches.
+    self.block_size = 16 * self.batch_buckets[-1]
+    self.programs = Programs(model, params, batch_buckets=batch_buckets,
+                             length_buckets=length_buckets, cache_dir=cache_dir)
 
-    def prefix(variables, ids, mask, types):
-      return model.apply(variables, ids, mask, types, method=SharcsModel.prefix)
+  @classmethod
+  def from_workdir(cls, workdir: str, *, batch_buckets: Sequence[int] = (1, 8, 32),
+                   cache_dir: str | None = None) -> "Engine":
+    """The kept model of a training run; programs are stored under `workdir/executables`."""
+    from sharcs_jax.checkpoint import load_trained  # orbax only where checkpoints are read
+    from sharcs_jax.model.weights import resolve_model_dir
 
-    def adaptive(variables, hidden, mask, width):
-      logits = model.apply(variables, hidden, mask, width=width, method=SharcsModel.adaptive).logits
-      return jax.nn.softmax(logits, axis=-1)
+    config, model, params = load_trained(workdir)
+    return cls(model, params, length_buckets=tuple(config.data.length_buckets),
+               batch_buckets=batch_buckets,
+               tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
+               task=glue.get_task(config.task),
+               cache_dir=cache_dir or os.path.join(workdir, "executables"))
 
-    self.prefix_exe, self.adaptive_exe, self.flops = {}, {}, {}
-    for b, s in itertools.product(self.batch_buckets, self.length_buckets):
-      ids = jax.ShapeDtypeStruct((b, s), jnp.int32)
-      exe = jax.jit(prefix).lower(variables, ids, ids, ids).compile()
-      self.prefix_exe[b, s] = exe
-      self.flops["prefix", b, s] = compiled_flops(exe)
-      hidden = jax.ShapeDtypeStruct((b, s, d), jnp.float32)
-      for w in self.widths:
-        exe = jax.jit(adaptive, static_argnames="width").lower(variables, hidden, ids,
-                                                               width=w).compile()
-        self.adaptive_exe[w, b, s] = exe
-        self.flops[w, b, s] = compiled_flops(exe)
+  def example_gflops(self, width: float, length: int) -> float:
+    """GFLOPs of one example routed to `width` at padded length `length`."""
+    return self.programs.example_flops(width, length) / 1e9
 
-  def example_gflops(self, width: float, length_bucket: int) -> float:
-    """FLOPs of one example at batch size 1: prefix and router, then its width's part."""
-    return (self.flops["prefix", 1, length_bucket] + self.flops[width, 1, length_bucket]) / 1e9
+  def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None) -> batching.Encoded:
+    """Tokenised inputs; a wrong number of fields is an error naming the input."""
+    if self.tokenizer is None or self.task is None:
+      raise ValueError("this engine has no tokenizer and task: build it with from_workdir, or "
+                       "pass tokenizer= and task=")
+    fields = len(self.task.text_columns)
+    rows = []
+    for i, text in enumerate(texts):
+      row = (text,) if isinstance(text, str) else tuple(text)
+      if len(row) != fields or not all(isinstance(t, str) for t in row):
+        raise ValueError(f"input {i} has {len(row)} field(s) {row!r:.120}; {self.task.name} "
+                         f"takes {fields} string(s): {', '.join(self.task.text_columns)}")
+      rows.append(row)
+    return batching.encode_texts(rows, self.tokenizer, self.length_buckets, labels)
 
-  def run(self, data: Encoded) -> Predictions:
+  def predict(self, texts: Sequence[Text]) -> Predictions:
+    return self.run(self.encode(texts))
+
+  def run(self, data: batching.Encoded) -> Predictions:
     """Predictions for every row of `data`, in row order."""
     if data.length_buckets != self.length_buckets:
       raise ValueError(f"inputs were bucketed to {data.length_buckets}, the engine was compiled "
                        f"for {self.length_buckets}")
-    n, d = len(data), self.model.encoder.hidden_size
-    classes = self.model.num_classes
-    hidden = {}  # row -> (prefix output [S, d], mask [S])
+    n = len(data)
+    probabilities = np.zeros((n, self.model.num_classes), np.float32)
     routed = np.zeros(n, np.int32)
-    for bucket, length in enumerate(self.length_buckets):
-      rows = np.flatnonzero(data.bucket_of == bucket)
-      for part, size in _chunks(rows, self.batch_buckets):
-        batch = make_batch(data, part, bucket, size)
-        h, router_logits = self.prefix_exe[size, length](
-            self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        h = np.asarray(h)
-        routed[part] = np.asarray(router_logits)[:len(part)].argmax(-1)
-        for i, row in enumerate(part):
-          hidden[row] = (h[i], batch["attention_mask"][i])
-    probabilities = np.zeros((n, classes), np.float32)
     gflops = np.zeros(n, np.float64)
-    for w_index, w in enumerate(self.widths):
-      for bucket, length in enumerate(self.length_buckets):
-        rows = np.flatnonzero((routed == w_index) & (data.bucket_of == bucket))
-        for part, size in _chunks(rows, self.batch_buckets):
-          h = np.zeros((size, length, d), np.float32)
-          mask = np.zeros((size, length), np.int32)
-          mask[:, 0] = 1
-          for i, row in enumerate(part):
-            h[i], mask[i] = hidden[row]
-          probs = self.adaptive_exe[w, size, length](self.params, h, mask)
-          probabilities[part] = np.asarray(probs)[:len(part)]
-        gflops[rows] = self.example_gflops(w, length)
+    for bucket, length in enumerate(self.length_buckets):
+      for rows in _blocks(np.flatnonzero(data.bucket_of == bucket), self.block_size):
+        self._run_block(data, rows, bucket, probabilities, routed, gflops)
     return Predictions(labels=probabilities.argmax(-1).astype(np.int32),
                        probabilities=probabilities,
                        widths=np.asarray(self.widths, np.float32)[routed], gflops=gflops)
+
+  def _run_block(self, data: batching.Encoded, rows: np.ndarray, bucket: int,
+                 probabilities: np.ndarray, routed: np.ndarray, gflops: np.ndarray) -> None:
+    """Prefix and router for `rows` (one length bucket), then each width's group."""
+    length = self.length_buckets[bucket]
+    hidden, router, mask = self._prefix(data, rows, bucket)
+    routed[rows] = router.argmax(-1)
+    for w_index, width in enumerate(self.widths):
+      group = np.flatnonzero(routed[rows] == w_index)  # positions within this block
+      for start, size in split_into_batches(len(group), self.batch_buckets):
+        part = group[start:start + size]
+        program = self.programs("adaptive", width, size, length)
+        probs = program(self.params, _pad(hidden[part], size), _pad_mask(mask[part], size))
+        probabilities[rows[part]] = np.asarray(probs)[:len(part)]
+      gflops[rows[group]] = self.example_gflops(width, length)
+
+  def _prefix(self, data: batching.Encoded, rows: np.ndarray, bucket: int):
+    """Prefix outputs for `rows` (all in one length bucket): hidden [n,S,d], router [n,m], mask."""
+    length = self.length_buckets[bucket]
+    hidden = np.zeros((len(rows), length, self.model.encoder.hidden_size), np.float32)
+    router = np.zeros((len(rows), len(self.widths)), np.float32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for start, size in split_into_batches(len(rows), self.batch_buckets):
+      part = rows[start:start + size]
+      batch = batching.make_batch(data, part, bucket, size)
+      h, r = self.programs("prefix", None, size, length)(
+          self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+      end = start + len(part)
+      hidden[start:end], router[start:end] = np.asarray(h)[:len(part)], np.asarray(r)[:len(part)]
+      mask[start:end] = batch["attention_mask"][:len(part)]
+    return hidden, router, mask
+
+
+def _blocks(rows: np.ndarray, size: int) -> list[np.ndarray]:
+  return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+  return x if len(x) == size else np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:],
+                                                              x.dtype)])
+
+
+def _pad_mask(mask: np.ndarray, size: int) -> np.ndarray:
+  """Padding rows attend to one token, so that no softmax is empty."""
+  padded = _pad(mask, size)
+  padded[len(mask):, 0] = 1
+  return padded

@@ -1,21 +1,20 @@
 """Dev-set evaluation at full width, at each static width, and with SHARCS routing.
 
-The prefix (layers 1..K + router) runs once per batch; each width's adaptive part then runs on the
-same hidden states. Routed predictions take, per example, the width the router's argmax picks.
-FLOPs per example are XLA cost-analysis figures of the compiled forward at the example's width and
-length bucket (prefix, router and head included).
+It runs on the same precompiled programs as the inference engine. The prefix (layers 1..K and the
+router) runs once per batch; each width's adaptive part then runs on the same hidden states.
+Routed predictions take, per example, the width the router's argmax picks. FLOPs per example are
+XLA cost-analysis figures of those programs at the example's length bucket: prefix and router,
+plus the width's part (head included).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import jax
 import numpy as np
 
 from sharcs_jax.data.batching import Encoded, eval_batches
-from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.programs import Programs
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
@@ -30,39 +29,38 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
   return result
 
 
-class Predictor:
-  """Jitted prefix and per-width adaptive functions, compiled once per (width, bucket)."""
+def predict_all_widths(programs: Programs, params: Any, data: Encoded,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Probabilities at every width [m, N, C] and router logits [N, m], rows in data order.
 
-  def __init__(self, model: SharcsModel):
-    self.model = model
-    self._prefix = jax.jit(functools.partial(model.apply, method=SharcsModel.prefix))
-    self._adaptive = jax.jit(
-        lambda params, hidden, mask, width: model.apply(
-            params, hidden, mask, width=width, method=SharcsModel.adaptive).logits,
-        static_argnames="width")
-
-  def __call__(self, params: Any, data: Encoded, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits at every width [m, N, C] and router logits [N, m], rows in data order."""
-    variables = {"params": params}
-    widths = self.model.widths
-    logits = np.zeros((len(widths), len(data), self.model.num_classes), np.float32)
-    router = np.zeros((len(data), len(widths)), np.float32)
-    for rows, batch in eval_batches(data, batch_size):
-      n = len(rows)
-      hidden, router_logits = self._prefix(variables, batch["input_ids"], batch["attention_mask"],
-                                           batch["token_type_ids"])
-      router[rows] = np.asarray(router_logits)[:n]
-      for i, w in enumerate(widths):
-        logits[i, rows] = np.asarray(self._adaptive(variables, hidden, batch["attention_mask"],
-                                                    width=w))[:n]
-    return logits, router
+  The prefix runs once per batch; every width's adaptive program then runs on its output.
+  """
+  variables = {"params": params}
+  widths = programs.model.widths
+  probabilities = np.zeros((len(widths), len(data), programs.model.num_classes), np.float32)
+  router = np.zeros((len(data), len(widths)), np.float32)
+  for rows, batch in eval_batches(data, batch_size):
+    n, length = len(rows), batch["input_ids"].shape[1]
+    hidden, router_logits = programs("prefix", None, batch_size, length)(
+        variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    router[rows] = np.asarray(router_logits)[:n]
+    for i, w in enumerate(widths):
+      probs = programs("adaptive", w, batch_size, length)(variables, hidden, batch["attention_mask"])
+      probabilities[i, rows] = np.asarray(probs)[:n]
+  return probabilities, router
 
 
-def summarize(logits: np.ndarray, router: np.ndarray, data: Encoded, flops: np.ndarray,
+def example_flops_table(programs: Programs) -> np.ndarray:
+  """FLOPs per example [m, num_length_buckets]: prefix, router and each width's part."""
+  return np.array([[programs.example_flops(w, s) for s in programs.length_buckets]
+                   for w in programs.model.widths])
+
+
+def summarize(probabilities: np.ndarray, router: np.ndarray, data: Encoded, flops: np.ndarray,
               metric_names: tuple[str, ...]) -> dict[str, Any]:
   """Metrics and average GFLOPs per example: full width, each static width, SHARCS routing."""
-  widths = len(logits)
-  predictions = logits.argmax(-1)  # [m, N]
+  widths = len(probabilities)
+  predictions = probabilities.argmax(-1)  # [m, N]
   per_width_flops = flops[:, data.bucket_of]  # [m, N]
   static = {}
   for i in range(widths):

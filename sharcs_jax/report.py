@@ -68,6 +68,21 @@ def accuracy_flops_plot(path: str, summary: dict) -> None:
   plt.close(fig)
 
 
+def _history_table(summary: dict) -> str:
+  """Dev results after every epoch: how the trade-off moved while the labels settled."""
+  if not summary.get("history"):
+    return ""
+  widths = summary["widths"]
+  header = (["epoch", "full width"] + [f"w={w:g}" for w in widths[:-1]]
+            + ["SHARCS", "reduction"] + [f"share {w:g}" for w in widths])
+  rows = [[h["epoch"], 100 * h["full_width"]["accuracy"]]
+          + [100 * h["static"][f"{w:g}"]["accuracy"] for w in widths[:-1]]
+          + [100 * h["sharcs"]["accuracy"], h["sharcs"]["flops_reduction"]]
+          + [f"{100 * x:.1f}%" for x in h["sharcs"]["bucket_share"]] for h in summary["history"]]
+  return (f"\nDev accuracy (%) after each epoch (kept: epoch {summary['best_epoch']}, by "
+          f"{summary.get('selection', 'accuracy')}):\n\n" + markdown_table(header, rows))
+
+
 def write_run_report(workdir: str, summary: dict) -> None:
   """report.json, report.md and report.png for one training run."""
   write_json(os.path.join(workdir, "report.json"), summary)
@@ -89,6 +104,7 @@ def write_run_report(workdir: str, summary: dict) -> None:
           f"Router after layer {summary['router_layer']}, widths {summary['widths']}, ranges "
           f"{summary['ranges']}, window {summary['window']}; best epoch {summary['best_epoch']} "
           f"of {summary['epochs']}; {summary['dev_examples']} dev examples; trained in "
-          f"{summary['train_seconds'] / 60:.1f} min.\n\n" + markdown_table(header, rows))
+          f"{summary['train_seconds'] / 60:.1f} min.\n\n" + markdown_table(header, rows)
+          + _history_table(summary))
   write_atomic(os.path.join(workdir, "report.md"), text)
   accuracy_flops_plot(os.path.join(workdir, "report.png"), summary)

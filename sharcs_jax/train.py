@@ -10,7 +10,6 @@ records p(true class) per example id, and the epoch loop relabels at each epoch'
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -21,16 +20,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import evaluate, hardness, report
+from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
-from sharcs_jax.flops import flops_table
+from sharcs_jax.flops import param_shapes
 from sharcs_jax.model.reorder import reorder_by_importance
 from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.programs import Programs
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
 
 Array = jax.Array
@@ -47,20 +47,30 @@ class TrainState:
   train_seconds: Array  # float32: wall time spent in epochs so far, across restarts
 
 
-def make_optimizer(train: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and linear decay, counted in optimiser steps (not samples)."""
-  warmup = int(train.warmup_fraction * total_steps)
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, train.learning_rate, max(warmup, 1)),
-       optax.linear_schedule(train.learning_rate, 0.0, max(total_steps - warmup, 1))], [warmup])
+def learning_rate(train: ml_collections.ConfigDict, progress: float) -> float:
+  """Linear warm-up then linear decay to 0 over training progress in [0, 1].
 
-  def decay_mask(params):  # no weight decay on biases and LayerNorms
+  Progress is (epoch + step / steps in that epoch) / epochs, advanced once per optimiser step
+  (never per sample). Epoch lengths depend on the hardness labels (rare widths repeat their
+  batches), so the schedule cannot be a fixed count of steps known before training.
+  """
+  warmup = train.warmup_fraction
+  if progress < warmup:
+    return train.learning_rate * progress / warmup
+  return train.learning_rate * max(0.0, 1.0 - progress) / (1.0 - warmup)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW whose learning rate each step sets (see `learning_rate`); decay spares biases and
+  LayerNorms."""
+  def decay_mask(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) in ("kernel", "word", "position", "token_type"),
         params)
 
-  return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train.weight_decay,
-                     mask=decay_mask)
+  return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+      learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train.weight_decay,
+      mask=decay_mask)
 
 
 def train_step(state: TrainState, batch: dict[str, Array], *, model: SharcsModel,
@@ -84,7 +94,9 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: SharcsModel
 
   (loss, (logits, task_loss, router_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  opt_state = state.opt_state._replace(
+      hyperparams={**state.opt_state.hyperparams, "learning_rate": batch["learning_rate"]})
+  updates, opt_state = tx.update(grads, opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   probs = jax.nn.softmax(jax.lax.stop_gradient(logits))
   confidence = jnp.take_along_axis(probs, batch["label"][:, None], axis=1)[:, 0]
@@ -105,42 +117,20 @@ def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
   return np.random.default_rng([int(x) for x in np.asarray(state.rng)] + [epoch])
 
 
-def _config_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json())
+def selection_score(result: dict[str, Any], rule: str, max_drop: float) -> tuple[float, float]:
+  """Orders dev results for keeping the best epoch (higher is better, compared as a tuple).
 
-
-class Checkpoints:
-  """orbax CheckpointManager holding the train state, the best epoch so far and the config."""
-
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.config = _config_json(config)
-    self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep,
-                                             create=True))
-
-  def save(self, state: TrainState, best: dict[str, Any]) -> None:
-    self.manager.save(int(state.epoch), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
-        config=ocp.args.JsonSave(self.config)))
-    self.manager.wait_until_finished()
-
-  def restore_latest(self, state: TrainState, best: dict[str, Any]):
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    if saved.config != self.config:
-      changed = sorted(k for k in set(saved.config) | set(self.config)
-                       if saved.config.get(k) != self.config.get(k))
-      raise ValueError(f"{self.manager.directory} holds checkpoints of a different config "
-                       f"(fields {changed} differ); use a new --workdir or the same config")
-    abstract = functools.partial(jax.tree_util.tree_map, ocp.utils.to_shape_dtype_struct)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(state)),
-        best=ocp.args.StandardRestore(abstract(best))))
-    logging.info("Resumed from %s after epoch %d", self.manager.directory, step)
-    return restored.state, restored.best
+  "accuracy": the paper's rule, highest SHARCS accuracy. "reduction": highest FLOPs reduction
+  among epochs whose SHARCS accuracy is within `max_drop` of the same epoch's full width; epochs
+  outside that bound rank below, by accuracy.
+  """
+  sharcs = result["sharcs"]
+  if rule == "accuracy":
+    return (0.0, sharcs["accuracy"])
+  if rule == "reduction":
+    within = result["full_width"]["accuracy"] - sharcs["accuracy"] <= max_drop
+    return (1.0, sharcs["flops_reduction"]) if within else (0.0, sharcs["accuracy"])
+  raise ValueError(f"unknown selection rule {rule!r}; known: {config_lib.SELECTION_RULES}")
 
 
 def _importance_batches(data: batching.Encoded, batch_size: int, count: int):
@@ -155,6 +145,12 @@ def _log_eval(epoch: int, result: dict, widths: tuple[float, ...]) -> None:
   logging.info("epoch %d dev: %s | SHARCS %.4f at %.3f GFLOPs (%.2fx), share %s", epoch, static,
                s["accuracy"], s["gflops"], s["flops_reduction"],
                [round(x, 3) for x in s["bucket_share"]])
+
+
+def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str, Any]:
+  return {"full_width": result["full_width"],
+          "static": {f"{w:g}": result["static"][i] for i, w in enumerate(widths)},
+          "sharcs": result["sharcs"]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -180,17 +176,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   router_layer=m.router_layer,
                                   router_hidden=m.router_hidden or None,
                                   layernorm_init=m.layernorm_init, key=jax.random.fold_in(key, 1))
-  steps_per_epoch = -(-len(train_data) // t.batch_size) + len(widths) * len(buckets)
-  tx = make_optimizer(t, steps_per_epoch * t.epochs)
+  tx = make_optimizer(t)
   state = TrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
                      opt_state=tx.init(params),
                      hardness=hardness.init_hardness(len(train_data), h.window, len(widths)),
                      rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0))
-  best = {"params": _copy(params), "epoch": jnp.int32(-1), "accuracy": jnp.float32(-1.0)}
+  best = {"params": _copy(params), "epoch": jnp.int32(-1), "score": jnp.full((2,), -1.0)}
+  history = []  # per-epoch dev results, checkpointed with the state
   checkpoints = Checkpoints(workdir, config)
   restored = checkpoints.restore_latest(state, best)
   if restored is not None:
-    state, best = restored
+    state, best, history = restored
   elif m.reorder:
     start = time.time()
     params = reorder_by_importance(model, params, _importance_batches(
@@ -201,8 +197,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
                                       router_loss_weight=t.router_loss_weight),
                     static_argnames="width", donate_argnums=0)
-  predictor = evaluate.Predictor(model)
-  flops = flops_table(model, buckets)
+  # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
+  programs = Programs(model, param_shapes(model),
+                      batch_buckets=tuple(sorted({1, config.eval.batch_size})),
+                      length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"))
+  flops = evaluate.example_flops_table(programs)
+
+  def evaluate_dev(params):
+    return evaluate.summarize(*evaluate.predict_all_widths(programs, params, dev_data,
+                                                           config.eval.batch_size),
+                              dev_data, flops, task.metrics)
 
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
@@ -212,8 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     seen = correct = 0
     bar = tqdm(plan, desc=f"epoch {epoch}", unit="batch", mininterval=2.0,
                disable=not t.progress_bar)
-    for planned in bar:
+    for i, planned in enumerate(bar):
       batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)
+      batch["learning_rate"] = np.float32(learning_rate(t, (epoch + i / len(plan)) / t.epochs))
       state, metrics = step_fn(state, batch, width=widths[planned.width_index])
       loss = float(metrics["loss"])
       if not np.isfinite(loss):
@@ -230,28 +235,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "labels per width %s, width share trained %s", epoch, seen, train_time,
                  seen / train_time, correct / max(seen, 1), np.round(share, 3).tolist(),
                  np.round(np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
-    result = evaluate.summarize(*predictor(state.params, dev_data, config.eval.batch_size),
-                                dev_data, flops, task.metrics)
+    result = evaluate_dev(state.params)
     _log_eval(epoch, result, widths)
-    if epoch >= h.window and result["sharcs"]["accuracy"] > float(best["accuracy"]):
+    history.append({"epoch": epoch, **_json_result(result, widths)})
+    score = selection_score(result, config.checkpoint.select, config.checkpoint.max_drop)
+    if epoch >= h.window and score > tuple(np.asarray(best["score"]).tolist()):
       best = {"params": _copy(state.params), "epoch": jnp.int32(epoch),
-              "accuracy": jnp.float32(result["sharcs"]["accuracy"])}
+              "score": jnp.asarray(score, jnp.float32)}
     state = state.replace(train_seconds=state.train_seconds + (time.time() - start))
-    checkpoints.save(state, best)
+    checkpoints.save(state, best, history)
 
   if int(best["epoch"]) < 0:  # too few epochs to pass the warm-up: keep the last
-    best = {"params": state.params, "epoch": jnp.int32(t.epochs - 1), "accuracy": best["accuracy"]}
-  result = evaluate.summarize(*predictor(best["params"], dev_data, config.eval.batch_size),
-                              dev_data, flops, task.metrics)
+    best = {"params": state.params, "epoch": jnp.int32(t.epochs - 1), "score": best["score"]}
+  result = evaluate_dev(best["params"])
   summary = {
       "task": task.name, "model": m.backbone, "widths": list(widths),
       "router_layer": m.router_layer, "ranges": [list(map(float, r)) for r in h.ranges],
       "window": h.window, "epochs": t.epochs, "best_epoch": int(best["epoch"]),
       "train_examples": len(train_data), "dev_examples": len(dev_data),
-      "full_width": result["full_width"],
-      "static": {f"{w:g}": result["static"][i] for i, w in enumerate(widths)},
-      "sharcs": result["sharcs"],
-      "train_seconds": float(state.train_seconds),
+      "selection": config.checkpoint.select, **_json_result(result, widths),
+      "train_seconds": float(state.train_seconds), "history": history,
   }
   report.write_run_report(workdir, summary)
   return summary

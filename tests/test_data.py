@@ -106,16 +106,29 @@ def test_make_batch_pads_with_dummy_rows():
     batching.make_batch(data, rows, 0, 2)
 
 
-def test_epoch_plan_covers_every_example_once_in_single_width_batches():
+def test_epoch_plan_trains_every_width_every_round():
   data = _encoded(200)
-  widths = np.random.default_rng(1).integers(0, 3, 200).astype(np.int32)
+  rng = np.random.default_rng(1)
+  widths = np.where(rng.random(200) < 0.8, 0, rng.integers(1, 3, 200)).astype(np.int32)
   plan = batching.plan_train_epoch(data, widths, 16, np.random.default_rng(2))
   rows = np.concatenate([p.rows for p in plan])
-  assert sorted(rows.tolist()) == list(range(200))
+  assert set(rows.tolist()) == set(range(200))  # every example at least once
   for p in plan:
-    assert len(p.rows) <= 16
+    assert 0 < len(p.rows) <= 16
     assert set(widths[p.rows]) == {p.width_index}
     assert set(data.bucket_of[p.rows]) == {p.bucket}
-  assert len({p.width_index for p in plan[:6]}) > 1  # widths interleave
+  # Rounds of one batch per width; the rare widths repeat, the common one is used once.
+  assert [p.width_index for p in plan] == [0, 1, 2] * (len(plan) // 3)
+  common = np.concatenate([p.rows for p in plan if p.width_index == 0])
+  assert sorted(common.tolist()) == np.flatnonzero(widths == 0).tolist()
+  rare = np.concatenate([p.rows for p in plan if p.width_index == 2])
+  assert len(rare) > 2 * np.sum(widths == 2)
   again = batching.plan_train_epoch(data, widths, 16, np.random.default_rng(2))
   assert all((a.rows == b.rows).all() for a, b in zip(plan, again))
+
+
+def test_epoch_plan_with_one_width_is_one_pass():
+  data = _encoded(50)
+  plan = batching.plan_train_epoch(data, np.zeros(50, np.int32), 16, np.random.default_rng(0))
+  rows = np.concatenate([p.rows for p in plan])
+  assert sorted(rows.tolist()) == list(range(50))

@@ -1,14 +1,37 @@
-"""The AOT engine: same predictions as the model, input order kept, nothing compiled at serving."""
+"""The AOT engine: same predictions as the model, input order kept, nothing compiled at serving,
+stored executables reused after a restart, text inputs checked."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
+from sharcs_jax import evaluate
+from sharcs_jax.data import batching, glue
 from sharcs_jax.data.batching import Encoded
-from sharcs_jax.engine import Engine
+from sharcs_jax.engine import Engine, split_into_batches
+from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
+from sharcs_jax.model.weights import resolve_model_dir
+from sharcs_jax.programs import ProgramKey
+
+
+class CompileCounter:
+  """Counts XLA compiles and traces (jax.monitoring events) inside a `with` block."""
+
+  def __enter__(self):
+    self.events = []
+    self._listener = lambda event, duration, **kw: self.events.append(event) if (
+        "compile" in event or "trac" in event) else None
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 def _inputs(n=23, buckets=(8, 16), seed=0):
@@ -22,7 +45,7 @@ def _inputs(n=23, buckets=(8, 16), seed=0):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model, tiny_params):
+def split_params(tiny_model, tiny_params):
   """A router biased so that the test inputs split between widths 0.25 and 1.0."""
   params = jax.tree_util.tree_map(lambda x: x, tiny_params)
   data = _inputs()
@@ -32,7 +55,12 @@ def engine(tiny_model, tiny_params):
   gap = np.asarray(logits[:, 0] - logits[:, 2])
   params["router"]["out"]["bias"] = params["router"]["out"]["bias"] + jnp.array(
       [-float(np.median(gap)), -100.0, 0.0])
-  return Engine(tiny_model, params, length_buckets=(8, 16), batch_buckets=(1, 4, 8))
+  return params
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, split_params):
+  return Engine(tiny_model, split_params, length_buckets=(8, 16), batch_buckets=(1, 4, 8))
 
 
 def test_engine_matches_the_model_example_by_example(engine, tiny_model):
@@ -62,27 +90,84 @@ def test_input_order_is_kept(engine):
   np.testing.assert_array_equal(b.widths, a.widths[order])
 
 
+def test_engine_matches_training_time_evaluation(engine, tiny_model, split_params):
+  """The engine's routed predictions are those the training loop's dev evaluation reports."""
+  data = _inputs()
+  probabilities, router = evaluate.predict_all_widths(engine.programs, split_params, data, 8)
+  chosen = router.argmax(-1)
+  out = engine.run(data)
+  np.testing.assert_array_equal(out.widths, np.asarray(tiny_model.widths)[chosen])
+  np.testing.assert_allclose(out.probabilities, probabilities[chosen, np.arange(len(data))],
+                             atol=1e-5)
+
+
+def test_blocks_do_not_change_results(engine, monkeypatch):
+  data = _inputs(n=40, seed=4)
+  whole = engine.run(data)
+  monkeypatch.setattr(engine, "block_size", 5)
+  np.testing.assert_allclose(engine.run(data).probabilities, whole.probabilities, atol=1e-6)
+
+
 def test_serving_never_compiles(engine):
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    if "compile" in event:
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  engine.run(_inputs(n=5, seed=2))  # warm-up
+  with CompileCounter() as counter:
     engine.run(_inputs(n=40, seed=3))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert compiles == []
+  assert counter.events == []
 
 
-def test_flops_per_example(engine):
+def test_restart_reuses_stored_executables(tiny_model, split_params, tmp_path):
+  first = Engine(tiny_model, split_params, length_buckets=(8, 16), batch_buckets=(1, 8),
+                 cache_dir=str(tmp_path))
+  total = len(first.programs.executables)
+  assert (first.programs.compiled, first.programs.loaded) == (total, 0)
+  with CompileCounter() as counter:  # a new engine in the same process stands for a restart
+    second = Engine(tiny_model, split_params, length_buckets=(8, 16), batch_buckets=(1, 8),
+                    cache_dir=str(tmp_path))
+    out = second.run(_inputs())
+  assert (second.programs.compiled, second.programs.loaded) == (0, total)
+  assert counter.events == [], counter.events
+  np.testing.assert_allclose(out.probabilities, first.run(_inputs()).probabilities, atol=1e-6)
+  assert second.programs.flops == first.programs.flops
+
+  # A damaged file is compiled again and replaced, with a warning rather than a crash.
+  damaged = os.path.join(second.programs.directory, ProgramKey("prefix", None, 1, 8).file_name)
+  with open(damaged, "wb") as f:
+    f.write(b"not an executable")
+  third = Engine(tiny_model, split_params, length_buckets=(8, 16), batch_buckets=(1, 8),
+                 cache_dir=str(tmp_path))
+  assert (third.programs.compiled, third.programs.loaded) == (1, total - 1)
+  np.testing.assert_allclose(third.run(_inputs()).probabilities, out.probabilities, atol=1e-6)
+
+
+def test_other_shapes_get_other_executables(tiny_model, tiny_config, split_params, tmp_path):
+  """A model of another size must not pick up this one's stored programs."""
+  Engine(tiny_model, split_params, length_buckets=(8,), batch_buckets=(1,), cache_dir=str(tmp_path))
+  other = SharcsModel(tiny_config, num_classes=2, widths=(0.25, 0.5, 1.0), router_layer=2,
+                      router_hidden=16)
+  engine = Engine(other, init_params(other, jax.random.key(3)), length_buckets=(8,),
+                  batch_buckets=(1,), cache_dir=str(tmp_path))
+  assert engine.programs.loaded == 0
+  assert len(os.listdir(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("count, buckets, expected", [
+    (0, (1, 8, 32), []),
+    (70, (1, 8, 32), [(0, 32), (32, 32), (64, 8)]),  # 6 left: 8 holds them at < 2x
+    (41, (1, 8, 32), [(0, 32), (32, 8), (40, 1)]),
+    (20, (1, 8, 32), [(0, 32)]),
+    (3, (8, 32), [(0, 8)]),  # nothing smaller: pad up
+])
+def test_split_into_batches(count, buckets, expected):
+  assert split_into_batches(count, buckets) == expected
+
+
+def test_flops_per_example(engine, tiny_model):
   out = engine.run(_inputs())
   narrow = engine.example_gflops(0.25, 16)
   full = engine.example_gflops(1.0, 16)
   assert narrow < full
-  assert engine.flops["prefix", 8, 16] > engine.flops["prefix", 1, 16]
+  flops = engine.programs.flops
+  assert flops[ProgramKey("prefix", None, 8, 16)] > flops[ProgramKey("prefix", None, 1, 16)]
   assert set(np.round(out.gflops, 12)) <= {round(engine.example_gflops(w, s), 12)
                                            for w in (0.25, 0.5, 1.0) for s in (8, 16)}
 
@@ -90,3 +175,53 @@ def test_flops_per_example(engine):
 def test_bad_buckets(tiny_model, tiny_params):
   with pytest.raises(ValueError, match="batch_buckets must be increasing"):
     Engine(tiny_model, tiny_params, length_buckets=(8,), batch_buckets=(8, 4))
+
+
+@pytest.fixture(scope="module")
+def text_engine():
+  """A tiny random model over all-MiniLM-L6-v2's real vocabulary, serving QQP-style pairs."""
+  cfg = EncoderConfig(layout="bert", vocab_size=30522, hidden_size=32, num_layers=3, num_heads=4,
+                      intermediate_size=48, max_position_embeddings=64, type_vocab_size=2)
+  model = SharcsModel(cfg, num_classes=2, widths=(0.25, 1.0), router_layer=1, router_hidden=16)
+  tokenizer = batching.load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
+  return Engine(model, init_params(model, jax.random.key(4)), length_buckets=(16, 32),
+                batch_buckets=(1, 4), tokenizer=tokenizer, task=glue.get_task("qqp"))
+
+
+def test_text_inputs_empty_and_overlong(text_engine):
+  long = " ".join(["word"] * 500)
+  texts = [("How do I learn JAX?", "What is the best way to learn JAX?"), ("", ""),
+           (long, "short"), ["a list works too", long]]
+  data = text_engine.encode(texts)
+  assert data.lengths.max() == 32  # truncated to the last bucket
+  assert data.lengths[1] == 3  # [CLS] [SEP] [SEP]
+  out = text_engine.predict(texts)
+  assert out.probabilities.shape == (4, 2)
+  np.testing.assert_allclose(out.probabilities.sum(1), 1.0, atol=1e-5)
+  # Each example alone gives the same answer as in the mixed batch.
+  for i, text in enumerate(texts):
+    np.testing.assert_allclose(text_engine.predict([text]).probabilities[0], out.probabilities[i],
+                               atol=1e-5)
+
+
+def test_text_inputs_match_the_tokenizer(text_engine):
+  pair = ("Why is the sky blue?", "What makes the sky blue?")
+  data = text_engine.encode([pair])
+  expected = transformers.AutoTokenizer.from_pretrained(resolve_model_dir("all-MiniLM-L6-v2"))(
+      *pair)
+  n = len(expected["input_ids"])
+  assert data.lengths[0] == n
+  np.testing.assert_array_equal(data.input_ids[0, :n], expected["input_ids"])
+  np.testing.assert_array_equal(data.token_type_ids[0, :n], expected["token_type_ids"])
+  assert 0 < data.token_type_ids[0].sum() < n
+
+
+@pytest.mark.parametrize("texts, message", [
+    ([("one", "two"), ("only one",)], r"input 1 has 1 field"),
+    (["a single string"], r"input 0 has 1 field.*qqp takes 2"),
+    ([("a", "b", "c")], r"input 0 has 3 field"),
+    ([("a", 5)], r"input 0 has 2 field"),
+])
+def test_wrong_number_of_fields_is_a_clear_error(text_engine, texts, message):
+  with pytest.raises(ValueError, match=message):
+    text_engine.predict(texts)

@@ -40,3 +40,15 @@ def test_narrow_layer_costs_about_w_squared(minilm):
   parts = {w: analytic_flops(minilm, w, 1, 32)["adaptive_layers"] for w in WIDTHS}
   for w in (0.25, 0.5, 0.75):
     assert 0.8 * w**2 < parts[w] / parts[1.0] < 1.5 * w**2
+
+
+def test_engine_example_flops_match_analytic(minilm):
+  """Per-example FLOPs as the engine counts them (prefix + router program, plus the routed
+  width's program) agree with the analytic count of the whole forward."""
+  from sharcs_jax.flops import param_shapes
+  from sharcs_jax.programs import Programs
+
+  programs = Programs(minilm, param_shapes(minilm), batch_buckets=(1,), length_buckets=(32,))
+  for w in WIDTHS:
+    counted = analytic_flops(minilm, w, 1, 32)["total"]
+    assert abs(programs.example_flops(w, 32) / counted - 1) < 0.02, w

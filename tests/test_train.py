@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import transformers
 
 from conftest import REPO_ROOT, glue_data_dir
 from sharcs_jax import config as config_lib
-from sharcs_jax import train
+from sharcs_jax import predict, train
+from sharcs_jax.data import glue
+from sharcs_jax.engine import Engine
 from sharcs_jax.model.weights import resolve_model_dir
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,
@@ -63,14 +66,21 @@ def _without_time(report):
   return {k: v for k, v in report.items() if k != "train_seconds"}
 
 
-def test_resumed_run_equals_uninterrupted(tiny_backbone, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, tmp_path_factory):
+  """(workdir, report) of one uninterrupted tiny run, shared by the tests that read it."""
+  workdir = tmp_path_factory.mktemp("trained")
+  return workdir, train.train_and_evaluate(_tiny_config(tiny_backbone), str(workdir))
+
+
+def test_resumed_run_equals_uninterrupted(tiny_backbone, trained, tmp_path, monkeypatch):
   config = _tiny_config(tiny_backbone)
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight_dir, straight = trained
 
   original_save = train.Checkpoints.save
 
-  def save_then_crash(self, state, best):
-    original_save(self, state, best)
+  def save_then_crash(self, state, best, history):
+    original_save(self, state, best, history)
     raise KeyboardInterrupt("simulated kill after the first epoch's checkpoint")
 
   monkeypatch.setattr(train.Checkpoints, "save", save_then_crash)
@@ -81,7 +91,7 @@ def test_resumed_run_equals_uninterrupted(tiny_backbone, tmp_path, monkeypatch):
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
   assert _without_time(resumed) == _without_time(straight)
-  step_a, state_a = _final_checkpoint(tmp_path / "straight")
+  step_a, state_a = _final_checkpoint(straight_dir)
   step_b, state_b = _final_checkpoint(tmp_path / "resumed")
   assert step_a == step_b == 2
   jax.tree_util.tree_map(np.testing.assert_array_equal, state_a["params"], state_b["params"])
@@ -89,6 +99,67 @@ def test_resumed_run_equals_uninterrupted(tiny_backbone, tmp_path, monkeypatch):
   assert state_a["step"] == state_b["step"]
   labels = np.asarray(state_a["hardness"]["labels"])
   assert labels.sum(1).min() >= 1  # every example has at least one admissible width
+
+
+def test_engine_from_workdir_reproduces_the_report(trained):
+  """The deployed engine, loaded from the checkpoint, scores dev as the training report did."""
+  workdir, report = trained
+  engine = Engine.from_workdir(str(workdir), batch_buckets=(1, 8))
+  assert engine.programs.compiled > 0 and os.listdir(workdir / "executables")
+  config = _tiny_config(report["model"])
+  dev = glue.load_split("qqp", "dev", config.data_dir, limit=config.data.dev_limit)
+  out = engine.predict(dev.texts)
+  assert np.mean(out.labels == dev.labels) == pytest.approx(report["sharcs"]["accuracy"])
+  assert out.gflops.mean() == pytest.approx(report["sharcs"]["gflops"], rel=1e-3)
+  shares = [np.mean(out.widths == w) for w in report["widths"]]
+  np.testing.assert_allclose(shares, report["sharcs"]["bucket_share"])
+  again = Engine.from_workdir(str(workdir), batch_buckets=(1, 8))  # a restart: nothing compiles
+  assert again.programs.compiled == 0
+
+
+def test_predict_mode_on_tsv_and_jsonl(trained, tmp_path):
+  workdir, report = trained
+  dev_tsv = glue_data_dir() / "QQP" / "dev.tsv"
+  lines = dev_tsv.read_text(encoding="utf-8").splitlines()[:49]  # header + the 48 dev rows
+  (tmp_path / "in.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  summary = predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"))
+  rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert len(rows) == summary["examples"] == 48
+  assert summary["accuracy"] == pytest.approx(report["sharcs"]["accuracy"])
+  assert {r["label"] for r in rows} <= {"not_duplicate", "duplicate"}
+  assert summary["flops_reduction"] == pytest.approx(report["sharcs"]["flops_reduction"], rel=1e-3)
+  assert (tmp_path / "out.jsonl.summary.md").exists()
+
+  header = lines[0].split("\t")
+  items = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+  with open(tmp_path / "in.jsonl", "w") as f:
+    for item in items[:10]:
+      f.write(json.dumps({"text": item["question1"], "text_pair": item["question2"]}) + "\n")
+    f.write("\n")  # blank lines are allowed
+  predict.run(str(workdir), str(tmp_path / "in.jsonl"), str(tmp_path / "out2.jsonl"))
+  assert [json.loads(x) for x in (tmp_path / "out2.jsonl").read_text().splitlines()] == rows[:10]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.tsv", "id\tquestion1\tquestion2\n1\tonly two\n", r"bad.tsv:2: 2 fields, expected 3"),
+    ("bad.tsv", "id\tquestion\n1\tq\n", r"lacks the qqp text columns"),
+    ("bad.jsonl", '{"question1": "a", "question2": "b"}\n{"question1": "a"}\n',
+     r"bad.jsonl:2: qqp needs keys \['question1', 'question2'\]"),
+    ("bad.jsonl", '{"text": "a", "text_pair": "b"}\n{oops\n', r"bad.jsonl:2: not valid JSON"),
+    ("bad.jsonl", '{"text": "a", "text_pair": "b", "label": "maybe"}\n', r"label 'maybe'"),
+    ("bad.csv", "a,b\n", r"unknown input format"),
+])
+def test_predict_mode_bad_inputs(trained, tmp_path, name, content, message):
+  workdir, _ = trained
+  (tmp_path / name).write_text(content)
+  with pytest.raises(ValueError, match=message):
+    predict.run(str(workdir), str(tmp_path / name), str(tmp_path / "out.jsonl"))
+  assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_predict_mode_needs_a_trained_workdir(tmp_path):
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    predict.run(str(tmp_path), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"))
 
 
 def test_checkpoint_of_another_config_is_refused(tiny_backbone, tmp_path):
@@ -112,6 +183,18 @@ def test_one_compile_per_width_and_bucket(tiny_backbone, tmp_path, monkeypatch):
   train.train_and_evaluate(config, str(tmp_path))
   assert len(traces) == len(set(traces)), traces
   assert {w for w, _ in traces} == set(config.model.widths)  # every width was trained
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+  config = config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py"))
+  t = config.train
+  lr = [train.learning_rate(t, p) for p in np.linspace(0, 1, 101)]
+  peak = int(np.argmax(lr))
+  assert lr[0] == 0.0 and lr[-1] == 0.0
+  assert lr[peak] == pytest.approx(t.learning_rate, rel=0.05)
+  assert peak == pytest.approx(100 * t.warmup_fraction, abs=1)
+  assert all(a <= b for a, b in zip(lr[:peak], lr[1:peak + 1]))
+  assert all(a >= b for a, b in zip(lr[peak:], lr[peak + 1:]))
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -8,7 +8,7 @@ weight 0 and the out-of-range id N, so they neither count in the loss nor write 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -41,21 +41,32 @@ def load_tokenizer(model_dir: str):
 
 
 def encode(split: Split, tokenizer, length_buckets: tuple[int, ...]) -> Encoded:
-  """Texts longer than the last bucket are truncated (longest sequence of a pair first)."""
+  return encode_texts(split.texts, tokenizer, length_buckets, split.labels, split.ids)
+
+
+def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tuple[int, ...],
+                 labels: Sequence[int] | None = None, ids: Sequence[int] | None = None) -> Encoded:
+  """Texts longer than the last bucket are truncated (longest sequence of a pair first).
+
+  Unlabelled inputs get label 0; ids default to the row numbers.
+  """
   max_len = length_buckets[-1]
-  columns = list(zip(*split.texts)) if split.texts else [[]]
+  columns = list(zip(*texts)) if texts else [[]]
   kwargs = dict(truncation=True, max_length=max_len, padding="max_length", return_tensors="np",
                 return_token_type_ids=True)
   if len(columns) == 2:
     enc = tokenizer(list(columns[0]), list(columns[1]), **kwargs)
   else:
     enc = tokenizer(list(columns[0]), **kwargs)
-  mask = enc["attention_mask"].astype(np.int32)
-  lengths = mask.sum(axis=1).astype(np.int32)
+  n = len(texts)
+  input_ids = enc["input_ids"].astype(np.int32).reshape(n, max_len)
+  token_type_ids = enc["token_type_ids"].astype(np.int32).reshape(n, max_len)
+  lengths = enc["attention_mask"].astype(np.int32).reshape(n, max_len).sum(axis=1).astype(np.int32)
   bucket_of = np.searchsorted(np.asarray(length_buckets), lengths).astype(np.int32)
-  return Encoded(enc["input_ids"].astype(np.int32), enc["token_type_ids"].astype(np.int32),
-                 lengths, split.labels, split.ids, bucket_of, tuple(length_buckets),
-                 tokenizer.pad_token_id)
+  return Encoded(input_ids, token_type_ids, lengths,
+                 np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32),
+                 np.arange(n, dtype=np.int32) if ids is None else np.asarray(ids, np.int32),
+                 bucket_of, tuple(length_buckets), tokenizer.pad_token_id)
 
 
 def make_batch(data: Encoded, rows: np.ndarray, bucket: int, batch_size: int) -> Batch:
@@ -88,18 +99,36 @@ class PlannedBatch:
   rows: np.ndarray
 
 
+def _width_batches(data: Encoded, rows: np.ndarray, width_index: int, batch_size: int,
+                   rng: np.random.Generator) -> list[PlannedBatch]:
+  """One shuffled pass over `rows` in single-length batches, the buckets mixed."""
+  batches = []
+  for b in range(len(data.length_buckets)):
+    in_bucket = rows[data.bucket_of[rows] == b]
+    rng.shuffle(in_bucket)
+    batches += [PlannedBatch(width_index, b, in_bucket[i:i + batch_size])
+                for i in range(0, len(in_bucket), batch_size)]
+  return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def plan_train_epoch(data: Encoded, width_index: np.ndarray, batch_size: int,
                      rng: np.random.Generator) -> list[PlannedBatch]:
-  """Single-width, single-length batches, shuffled so that widths and lengths interleave."""
-  plan = []
+  """Single-width, single-length batches in rounds that hold one batch of every width.
+
+  As the method prescribes, every width trains in every round: a width with fewer examples
+  repeats its own batches (reshuffled) until the most populous width has used all of its.
+  Without that, once most examples are labelled easy the full width gets few updates and loses
+  accuracy. Every example is trained at least once.
+  """
+  per_width = {}
   for w in np.unique(width_index):
-    for b in range(len(data.length_buckets)):
-      rows = np.flatnonzero((width_index == w) & (data.bucket_of == b))
-      rng.shuffle(rows)
-      plan += [PlannedBatch(int(w), b, rows[i:i + batch_size])
-               for i in range(0, len(rows), batch_size)]
-  order = rng.permutation(len(plan))
-  return [plan[i] for i in order]
+    rows = np.flatnonzero(width_index == w)
+    per_width[int(w)] = (rows, _width_batches(data, rows, int(w), batch_size, rng))
+  rounds = max((len(batches) for _, batches in per_width.values()), default=0)
+  for w, (rows, batches) in per_width.items():
+    while len(batches) < rounds:
+      batches += _width_batches(data, rows, w, batch_size, rng)
+  return [per_width[w][1][i] for i in range(rounds) for w in sorted(per_width)]
 
 
 def eval_batches(data: Encoded, batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:

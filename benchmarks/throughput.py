@@ -1,0 +1,117 @@
+"""QQP dev end to end (token ids to labels): the SHARCS engine against the full-width program.
+
+    python benchmarks/throughput.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rounds=3]
+
+Both paths use the trained model in --workdir, the same length buckets and the same batch
+buckets (full batches of 32, remainders as the engine splits them), and run in interleaved rounds
+in one process. Writes throughput.json, throughput.md and throughput.png into --out.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags
+
+import common
+from sharcs_jax import evaluate
+from sharcs_jax.data import batching
+from sharcs_jax.engine import Engine, split_into_batches
+from sharcs_jax.programs import Programs
+
+flags.DEFINE_string("workdir", None, "A trained QQP run (its checkpoints).", required=True)
+flags.DEFINE_string("out", None, "Output directory.", required=True)
+flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "Batch sizes compiled for both paths.")
+flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
+flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
+FLAGS = flags.FLAGS
+
+
+def full_width_labels(programs: Programs, params, data: batching.Encoded) -> np.ndarray:
+  """The baseline: every example through the whole model at width 1.0, no router."""
+  variables = {"params": params}
+  labels = np.zeros(len(data), np.int32)
+  for bucket, length in enumerate(data.length_buckets):
+    rows = np.flatnonzero(data.bucket_of == bucket)
+    for start, size in split_into_batches(len(rows), programs.batch_buckets):
+      part = rows[start:start + size]
+      batch = batching.make_batch(data, part, bucket, size)
+      probs = programs("forward", 1.0, size, length)(
+          variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+      labels[part] = np.asarray(probs)[:len(part)].argmax(-1)
+  return labels
+
+
+def main(argv):
+  del argv
+  batch_buckets = tuple(int(b) for b in FLAGS.batch_buckets)
+  engine = Engine.from_workdir(FLAGS.workdir, batch_buckets=batch_buckets)
+  full = Programs(engine.model, engine.params["params"], batch_buckets=batch_buckets,
+                  length_buckets=engine.length_buckets, kinds=("forward",),
+                  cache_dir=os.path.join(FLAGS.workdir, "executables"))
+  dev = common.qqp_dev(FLAGS.data_dir, engine.length_buckets, engine.tokenizer)
+  outputs = {}
+  candidates = {
+      "SHARCS engine": lambda: outputs.__setitem__("SHARCS engine", engine.run(dev).labels),
+      "full width": lambda: outputs.__setitem__(
+          "full width", full_width_labels(full, engine.params["params"], dev)),
+  }
+  print(f"{len(dev)} QQP dev examples, {FLAGS.rounds} rounds per path", flush=True)
+  times = common.time_side_by_side(candidates, FLAGS.rounds, warmup=1)
+  predictions = engine.run(dev)
+  full_gflops = np.array([engine.example_gflops(1.0, engine.length_buckets[b])
+                          for b in dev.bucket_of])
+  data = {"examples": len(dev), "batch_buckets": list(batch_buckets), "rounds": FLAGS.rounds,
+          "workdir": FLAGS.workdir, "paths": {}}
+  rows = []
+  for name, t in times.items():
+    metrics = evaluate.classification_metrics(outputs[name], dev.labels, ("accuracy", "f1"))
+    gflops = predictions.gflops.mean() if name == "SHARCS engine" else full_gflops.mean()
+    entry = {"median_seconds": float(np.median(t)), "seconds": t.tolist(),
+             "examples_per_second": len(dev) / float(np.median(t)), "gflops_per_example": gflops,
+             **metrics}
+    data["paths"][name] = entry
+    rows.append([name, entry["examples_per_second"], 100 * metrics["accuracy"],
+                 100 * metrics["f1"], gflops])
+  sharcs, base = data["paths"]["SHARCS engine"], data["paths"]["full width"]
+  data["speedup"] = sharcs["examples_per_second"] / base["examples_per_second"]
+  data["flops_reduction"] = base["gflops_per_example"] / sharcs["gflops_per_example"]
+  data["accuracy_drop_points"] = 100 * (base["accuracy"] - sharcs["accuracy"])
+  data["share_per_width"] = {f"{w:g}": float(np.mean(predictions.widths == w))
+                             for w in engine.widths}
+  notes = (f"{len(dev)} QQP dev examples, token ids to labels, batch buckets {batch_buckets}, "
+           f"median of {FLAGS.rounds} interleaved passes. SHARCS is {data['speedup']:.2f}x the "
+           f"full-width throughput at {data['flops_reduction']:.2f}x fewer FLOPs, "
+           f"{data['accuracy_drop_points']:+.2f} points accuracy drop; routed "
+           + ", ".join(f"{w}: {100 * s:.1f}%" for w, s in data["share_per_width"].items()) + ".")
+  common.write_outputs(FLAGS.out, "throughput", data, "QQP dev throughput", [
+      "path", "examples/s", "accuracy", "F1", "GFLOPs/example"], rows, notes)
+  plot(os.path.join(FLAGS.out, "throughput.png"), data)
+  print(open(os.path.join(FLAGS.out, "throughput.md")).read())
+
+
+def plot(path: str, data: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from sharcs_jax.report import atomic_path
+  names = list(data["paths"])
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+  axes[0].bar(names, [data["paths"][n]["examples_per_second"] for n in names],
+              color=["tab:red", "tab:blue"])
+  axes[0].set_ylabel("examples / s")
+  axes[0].set_title(f"speed-up {data['speedup']:.2f}x")
+  axes[1].bar(names, [100 * data["paths"][n]["accuracy"] for n in names],
+              color=["tab:red", "tab:blue"])
+  axes[1].set_ylim(min(100 * data["paths"][n]["accuracy"] for n in names) - 5, None)
+  axes[1].set_ylabel("dev accuracy (%)")
+  fig.tight_layout()
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,134 @@
+"""Predict mode: a TSV or JSONL file of inputs -> predictions (JSONL) and a summary, via the engine.
+
+Inputs name their texts the way GLUE does: a TSV with a header holding the task's columns (a GLUE
+dev file works as is), or JSONL objects with the Hugging Face column names (`question1`,
+`question2` for QQP; `sentence` for SST-2) or `text` / `text_pair`. A label, when present
+(`label`, or the TSV's label column), adds accuracy to the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from sharcs_jax import report
+from sharcs_jax.data.glue import Task
+from sharcs_jax.engine import Engine
+
+
+def _label_id(value: Any, task: Task, where: str) -> int:
+  for names in (task.tsv_labels, task.label_names):
+    if str(value) in names:
+      return names.index(str(value))
+  raise ValueError(f"{where}: label {value!r} is not one of {list(task.tsv_labels)} or "
+                   f"{list(task.label_names)}")
+
+
+def read_tsv_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int] | None]:
+  csv.field_size_limit(sys.maxsize)
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader, None)
+    if header is None:
+      raise ValueError(f"{path}: empty file, expected a header row")
+    for names in (task.text_columns, task.hub_text_columns):
+      if all(c in header for c in names):
+        text_columns = [header.index(c) for c in names]
+        break
+    else:
+      raise ValueError(f"{path}: header {header} lacks the {task.name} text columns "
+                       f"{list(task.text_columns)} (or {list(task.hub_text_columns)})")
+    label_column = next((header.index(c) for c in (task.label_column, "label") if c in header),
+                        None)
+    texts, labels = [], []
+    for row in reader:
+      where = f"{path}:{reader.line_num}"
+      if len(row) != len(header):
+        raise ValueError(f"{where}: {len(row)} fields, expected {len(header)} as in the header")
+      texts.append(tuple(row[c] for c in text_columns))
+      if label_column is not None:
+        labels.append(_label_id(row[label_column], task, where))
+  return texts, labels if label_column is not None else None
+
+
+def read_jsonl_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int] | None]:
+  generic = ("text", "text_pair")[:len(task.hub_text_columns)]
+  texts, labels = [], []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        item = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+      if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+      names = next((n for n in (task.hub_text_columns, generic) if all(k in item for k in n)),
+                   None)
+      if names is None:
+        raise ValueError(f"{where}: {task.name} needs keys {list(task.hub_text_columns)} (or "
+                         f"{list(generic)}); the object has {sorted(item)}")
+      if not all(isinstance(item[k], str) for k in names):
+        raise ValueError(f"{where}: {list(names)} must be strings")
+      texts.append(tuple(item[k] for k in names))
+      if "label" in item:
+        labels.append(_label_id(item["label"], task, where))
+  if labels and len(labels) != len(texts):
+    raise ValueError(f"{path}: {len(labels)} of {len(texts)} inputs have a label; give all or none")
+  return texts, labels or None
+
+
+def read_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int] | None]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"input file {path!r} does not exist")
+  if path.endswith(".tsv"):
+    return read_tsv_inputs(path, task)
+  if path.endswith(".jsonl"):
+    return read_jsonl_inputs(path, task)
+  raise ValueError(f"{path}: unknown input format; use a .tsv or a .jsonl file")
+
+
+def run(workdir: str, input_path: str, output_path: str,
+        batch_buckets: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
+  """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`)."""
+  engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets)
+  task = engine.task
+  texts, labels = read_inputs(input_path, task)
+  start = time.perf_counter()
+  data = engine.encode(texts, labels)
+  predictions = engine.run(data)
+  seconds = time.perf_counter() - start
+  with report.atomic_path(output_path) as tmp, open(tmp, "w") as f:
+    for i in range(len(texts)):
+      f.write(json.dumps({
+          "index": i, "label": task.label_names[predictions.labels[i]],
+          "probabilities": [round(float(p), 6) for p in predictions.probabilities[i]],
+          "width": float(predictions.widths[i]), "gflops": float(predictions.gflops[i])}) + "\n")
+  full = np.array([engine.example_gflops(1.0, engine.length_buckets[b]) for b in data.bucket_of])
+  summary = {
+      "task": task.name, "examples": len(texts), "seconds": seconds,
+      "examples_per_second": len(texts) / seconds if seconds else 0.0,
+      "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w)) for w in engine.widths},
+      "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,
+      "full_width_gflops_per_example": float(full.mean()) if len(texts) else 0.0,
+  }
+  if len(texts):
+    summary["flops_reduction"] = summary["full_width_gflops_per_example"] / summary[
+        "gflops_per_example"]
+  if labels is not None and len(texts):
+    summary["accuracy"] = float(np.mean(predictions.labels == np.asarray(labels)))
+  report.write_json(output_path + ".summary.json", summary)
+  rows = [[k, v if not isinstance(v, dict) else
+           ", ".join(f"{w}: {100 * s:.1f}%" for w, s in v.items())] for k, v in summary.items()]
+  report.write_atomic(output_path + ".summary.md",
+                      f"# Predictions for {input_path}\n\n" + report.markdown_table(
+                          ["", "value"], rows))
+  return summary

@@ -1,0 +1,187 @@
+"""Ahead-of-time compiled SHARCS programs, kept on disk so that a restart compiles nothing.
+
+Three kinds of program, each compiled with `jit(...).lower(...).compile()` for fixed shapes:
+  prefix   (batch, length)         embeddings, layers 1..K and the router -> (hidden, router logits)
+  adaptive (width, batch, length)  layers K+1..L and the head at `width` -> class probabilities
+  forward  (width, batch, length)  the whole model at one width, no router -> class probabilities
+Parameters are arguments, not constants, so one program serves any parameter values of the same
+shapes (every epoch of a training run, any checkpoint of a config).
+
+Persistence uses `jax.experimental.serialize_executable`, not the persistent compilation cache:
+the cache still traces and lowers every function at start-up and only skips the XLA compile,
+whereas a deserialised executable is loaded as is, so a restarted server neither traces nor
+compiles. A stored program is found by a fingerprint of everything that shapes it: jax and jaxlib
+versions, the device, the model's settings, the parameter shapes and the source of the model
+code. Files are pickles (as `serialize_executable` makes them): load only directories you wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+import pickle
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from absl import logging
+from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
+
+from sharcs_jax import report
+from sharcs_jax.flops import compiled_flops
+from sharcs_jax.model import config as model_config
+from sharcs_jax.model import encoder, sharcs, widths
+from sharcs_jax.model.sharcs import SharcsModel
+
+_MODEL_SOURCES = (model_config, encoder, sharcs, widths)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramKey:
+  kind: str  # "prefix", "adaptive" or "forward"
+  width: float | None  # None for the prefix
+  batch: int
+  length: int
+
+  @property
+  def file_name(self) -> str:
+    width = "" if self.width is None else f"_{widths.width_tag(self.width)}"
+    return f"{self.kind}{width}_b{self.batch}_s{self.length}.xla"
+
+
+def fingerprint(model: SharcsModel, shapes: Any) -> str:
+  """What a stored executable depends on; a change of any part gives a new directory."""
+  h = hashlib.sha256()
+  device = jax.devices()[0]
+  for part in (jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+               repr(dataclasses.asdict(model.encoder)), repr(model.num_classes),
+               repr(model.widths), repr(model.router_layer), repr(model.router_hidden),
+               repr(jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), shapes))):
+    h.update(part.encode())
+  for source in [m.__file__ for m in _MODEL_SOURCES] + [__file__]:
+    with open(source, "rb") as f:
+      h.update(f.read())
+  return h.hexdigest()[:20]
+
+
+def _functions(model: SharcsModel) -> dict[str, Callable[..., Any]]:
+  def prefix(variables, ids, mask, types):
+    return model.apply(variables, ids, mask, types, method=SharcsModel.prefix)
+
+  def adaptive(variables, hidden, mask, *, width):
+    out = model.apply(variables, hidden, mask, width=width, method=SharcsModel.adaptive)
+    return jax.nn.softmax(out.logits, axis=-1)
+
+  def forward(variables, ids, mask, types, *, width):
+    return jax.nn.softmax(model.apply(variables, ids, mask, types, width=width).logits, axis=-1)
+
+  return {"prefix": prefix, "adaptive": adaptive, "forward": forward}
+
+
+@contextlib.contextmanager
+def _without_compilation_cache() -> Iterator[None]:
+  """Compiles afresh even where jax's persistent compilation cache is on.
+
+  An executable that the persistent cache hands back serialises incompletely on jax 0.10 CPU
+  (its fused functions are missing after loading: "Function ... not found"), so programs that
+  are to be stored must not come from there. jax decides once per process whether the cache is
+  used, hence the resets around the switch.
+  """
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
+class Programs:
+  """Compiled programs by `ProgramKey`, with their FLOPs, loaded from `cache_dir` when stored."""
+
+  def __init__(self, model: SharcsModel, params: Any, *, batch_buckets: Sequence[int],
+               length_buckets: Sequence[int], kinds: Sequence[str] = ("prefix", "adaptive"),
+               cache_dir: str | None = None):
+    if list(batch_buckets) != sorted(set(batch_buckets)) or batch_buckets[0] < 1:
+      raise ValueError(f"batch_buckets must be increasing sizes >= 1, got {tuple(batch_buckets)}")
+    unknown = set(kinds) - {"prefix", "adaptive", "forward"}
+    if unknown:
+      raise ValueError(f"unknown program kinds {sorted(unknown)}")
+    self.model = model
+    self.batch_buckets = tuple(batch_buckets)
+    self.length_buckets = tuple(length_buckets)
+    self.variables = {"params": jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)}
+    self.directory = (None if cache_dir is None
+                      else os.path.join(cache_dir, fingerprint(model, params)))
+    self._functions = _functions(model)
+    self.executables: dict[ProgramKey, Any] = {}
+    self.flops: dict[ProgramKey, float] = {}
+    self.compiled = self.loaded = 0  # how each program was obtained, for tests and logs
+    for b, s in itertools.product(self.batch_buckets, self.length_buckets):
+      keys = [ProgramKey("prefix", None, b, s)] if "prefix" in kinds else []
+      keys += [ProgramKey(kind, w, b, s) for kind in ("adaptive", "forward") if kind in kinds
+               for w in model.widths]
+      for key in keys:
+        self.executables[key], self.flops[key] = self._obtain(key)
+    logging.info("%d programs: %d compiled, %d loaded from %s", len(self.executables),
+                 self.compiled, self.loaded, self.directory)
+
+  def __call__(self, kind: str, width: float | None, batch: int, length: int) -> Any:
+    return self.executables[ProgramKey(kind, width, batch, length)]
+
+  def example_flops(self, width: float, length: int) -> float:
+    """One example's FLOPs: prefix and router, then `width`'s part.
+
+    Read at the smallest batch bucket (1 by default), divided by its size: a few costs do not grow
+    with the batch, so per-example figures are only comparable at the same batch size.
+    """
+    b = self.batch_buckets[0]
+    return (self.flops[ProgramKey("prefix", None, b, length)]
+            + self.flops[ProgramKey("adaptive", width, b, length)]) / b
+
+  def _obtain(self, key: ProgramKey) -> tuple[Any, float]:
+    path = None if self.directory is None else os.path.join(self.directory, key.file_name)
+    if path is not None and os.path.isfile(path):
+      try:
+        with open(path, "rb") as f:
+          payload, in_tree, out_tree, flops = pickle.load(f)
+        executable = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        self.loaded += 1
+        return executable, flops
+      except Exception as e:  # a truncated or foreign file: compile afresh and replace it
+        logging.warning("could not load %s (%s: %s); compiling it again", path,
+                        type(e).__name__, e)
+    executable = self._compile(key)
+    flops = compiled_flops(executable)
+    self.compiled += 1
+    if path is not None:
+      os.makedirs(self.directory, exist_ok=True)
+      with report.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump((*serialize_executable.serialize(executable), flops), f)
+    return executable, flops
+
+  def _compile(self, key: ProgramKey) -> Any:
+    if self.directory is None:
+      return self._lower(key).compile()
+    with _without_compilation_cache():
+      return self._lower(key).compile()
+
+  def _lower(self, key: ProgramKey) -> Any:
+    ids = jax.ShapeDtypeStruct((key.batch, key.length), jnp.int32)
+    function = self._functions[key.kind]
+    if key.kind == "prefix":
+      return jax.jit(function).lower(self.variables, ids, ids, ids)
+    if key.kind == "adaptive":
+      hidden = jax.ShapeDtypeStruct((key.batch, key.length, self.model.encoder.hidden_size),
+                                    jnp.float32)
+      return jax.jit(function, static_argnames="width").lower(
+          self.variables, hidden, ids, width=key.width)
+    return jax.jit(function, static_argnames="width").lower(
+        self.variables, ids, ids, ids, width=key.width)
