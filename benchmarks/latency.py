@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 import common
+from sharcs_jax import report
 from sharcs_jax.data import batching
 from sharcs_jax.engine import Engine
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
@@ -137,12 +138,7 @@ def main(argv):
 
 
 def plot(path: str, data: dict, widths: tuple[float, ...]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  from sharcs_jax.report import atomic_path
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = report.pyplot().subplots(1, 2, figsize=(10, 4))
   for ax, b in zip(axes, BATCHES):
     rows = [r for r in data["rows"] if r["batch"] == b]
     ax.bar([r["name"] for r in rows], [r["median_ms"] for r in rows], color=[
@@ -155,10 +151,7 @@ def plot(path: str, data: dict, widths: tuple[float, ...]) -> None:
       if r["flops_ratio_vs_full"] is not None:
         ax.annotate(f"FLOPs {r['flops_ratio_vs_full']:.2f}\nlat {r['latency_ratio_vs_jax_full']:.2f}",
                     (r["name"], r["median_ms"]), ha="center", va="bottom", fontsize=7)
-  fig.tight_layout()
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
+  report.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 
 import common
-from sharcs_jax import evaluate
+from sharcs_jax import evaluate, report
 from sharcs_jax.data import batching
 from sharcs_jax.engine import Engine, split_into_batches
 from sharcs_jax.programs import Programs
@@ -25,6 +25,7 @@ flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "Batch sizes compiled for both paths.")
 flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
 flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
+flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 FLAGS = flags.FLAGS
 
 
@@ -50,7 +51,7 @@ def main(argv):
   full = Programs(engine.model, engine.params["params"], batch_buckets=batch_buckets,
                   length_buckets=engine.length_buckets, kinds=("forward",),
                   cache_dir=os.path.join(FLAGS.workdir, "executables"))
-  dev = common.qqp_dev(FLAGS.data_dir, engine.length_buckets, engine.tokenizer)
+  dev = common.qqp_dev(FLAGS.data_dir, engine.length_buckets, engine.tokenizer, FLAGS.limit)
   outputs = {}
   candidates = {
       "SHARCS engine": lambda: outputs.__setitem__("SHARCS engine", engine.run(dev).labels),
@@ -92,13 +93,8 @@ def main(argv):
 
 
 def plot(path: str, data: dict) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  from sharcs_jax.report import atomic_path
   names = list(data["paths"])
-  fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+  fig, axes = report.pyplot().subplots(1, 2, figsize=(8, 3.5))
   axes[0].bar(names, [data["paths"][n]["examples_per_second"] for n in names],
               color=["tab:red", "tab:blue"])
   axes[0].set_ylabel("examples / s")
@@ -107,10 +103,7 @@ def plot(path: str, data: dict) -> None:
               color=["tab:red", "tab:blue"])
   axes[1].set_ylim(min(100 * data["paths"][n]["accuracy"] for n in names) - 5, None)
   axes[1].set_ylabel("dev accuracy (%)")
-  fig.tight_layout()
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
+  report.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

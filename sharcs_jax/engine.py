@@ -127,14 +127,17 @@ class Engine:
     length = self.length_buckets[bucket]
     hidden, router, mask = self._prefix(data, rows, bucket)
     routed[rows] = router.argmax(-1)
+    pending = []  # dispatch every group before reading any result: host work overlaps compute
     for w_index, width in enumerate(self.widths):
       group = np.flatnonzero(routed[rows] == w_index)  # positions within this block
       for start, size in split_into_batches(len(group), self.batch_buckets):
         part = group[start:start + size]
         program = self.programs("adaptive", width, size, length)
-        probs = program(self.params, _pad(hidden[part], size), _pad_mask(mask[part], size))
-        probabilities[rows[part]] = np.asarray(probs)[:len(part)]
+        pending.append((rows[part], program(self.params, _pad(hidden[part], size),
+                                            _pad_mask(mask[part], size))))
       gflops[rows[group]] = self.example_gflops(width, length)
+    for targets, probs in pending:
+      probabilities[targets] = np.asarray(probs)[:len(targets)]
 
   def _prefix(self, data: batching.Encoded, rows: np.ndarray, bucket: int):
     """Prefix outputs for `rows` (all in one length bucket): hidden [n,S,d], router [n,m], mask."""
@@ -142,14 +145,16 @@ class Engine:
     hidden = np.zeros((len(rows), length, self.model.encoder.hidden_size), np.float32)
     router = np.zeros((len(rows), len(self.widths)), np.float32)
     mask = np.zeros((len(rows), length), np.int32)
+    pending = []
     for start, size in split_into_batches(len(rows), self.batch_buckets):
       part = rows[start:start + size]
       batch = batching.make_batch(data, part, bucket, size)
-      h, r = self.programs("prefix", None, size, length)(
-          self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
       end = start + len(part)
-      hidden[start:end], router[start:end] = np.asarray(h)[:len(part)], np.asarray(r)[:len(part)]
       mask[start:end] = batch["attention_mask"][:len(part)]
+      pending.append((start, end, self.programs("prefix", None, size, length)(
+          self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])))
+    for start, end, (h, r) in pending:
+      hidden[start:end], router[start:end] = np.asarray(h)[:end - start], np.asarray(r)[:end - start]
     return hidden, router, mask
 
 

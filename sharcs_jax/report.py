@@ -41,14 +41,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def accuracy_flops_plot(path: str, summary: dict) -> None:
-  """Accuracy against average GFLOPs per example: static widths as a line, SHARCS as a star."""
+def pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (no display on servers)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
 
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+  fig.tight_layout()
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=dpi, format="png")
+  pyplot().close(fig)
+
+
+def accuracy_flops_plot(path: str, summary: dict) -> None:
+  """Accuracy against average GFLOPs per example: static widths as a line, SHARCS as a star."""
   static = summary["static"]
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+  fig, ax = pyplot().subplots(figsize=(5.5, 4))
   xs = [static[w]["gflops"] for w in static]
   ys = [100 * static[w]["accuracy"] for w in static]
   ax.plot(xs, ys, "o-", color="tab:blue", label="fixed width (same weights, no router)")
@@ -62,10 +73,7 @@ def accuracy_flops_plot(path: str, summary: dict) -> None:
   ax.set_title(f"{summary['task']} / {summary['model']}, K={summary['router_layer']}")
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
-  fig.tight_layout()
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=120, format="png")
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def _history_table(summary: dict) -> str:

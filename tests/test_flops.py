@@ -25,7 +25,7 @@ def test_xla_flops_fall_with_width_and_match_analytic(minilm, batch_size, seq_le
   assert all(a < b for a, b in zip(xla, xla[1:])), xla
   for w, measured in zip(WIDTHS, xla):
     counted = analytic_flops(minilm, w, batch_size, seq_len)["total"]
-    assert abs(measured / counted - 1) < 0.05, (w, measured, counted)
+    assert abs(measured / counted - 1) < 0.01, (w, measured, counted)
 
 
 def test_flops_scale_with_batch_and_router_layer(minilm):
@@ -51,4 +51,4 @@ def test_engine_example_flops_match_analytic(minilm):
   programs = Programs(minilm, param_shapes(minilm), batch_buckets=(1,), length_buckets=(32,))
   for w in WIDTHS:
     counted = analytic_flops(minilm, w, 1, 32)["total"]
-    assert abs(programs.example_flops(w, 32) / counted - 1) < 0.02, w
+    assert abs(programs.example_flops(w, 32) / counted - 1) < 0.01, w

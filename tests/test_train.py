@@ -157,6 +157,20 @@ def test_predict_mode_bad_inputs(trained, tmp_path, name, content, message):
   assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_throughput_benchmark_writes_its_reports(trained, tmp_path):
+  workdir, _ = trained
+  result = subprocess.run(
+      [sys.executable, "benchmarks/throughput.py", f"--workdir={workdir}", f"--out={tmp_path}",
+       "--rounds=1", "--limit=48", f"--data_dir={glue_data_dir()}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads((tmp_path / "throughput.json").read_text())
+  assert data["examples"] == 48 and data["speedup"] > 0
+  assert set(data["paths"]) == {"SHARCS engine", "full width"}
+  assert (tmp_path / "throughput.png").stat().st_size > 1000
+  assert "examples/s" in (tmp_path / "throughput.md").read_text()
+
+
 def test_predict_mode_needs_a_trained_workdir(tmp_path):
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     predict.run(str(tmp_path), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"))
