@@ -18,7 +18,7 @@ def get_config(arg=None):
     c.data.length_buckets = (24, 32, 48, 64, 128)  # QQP pairs: median 27, p95 55 tokens
     c.train.learning_rate = 1e-4
     c.train.epochs = 7  # the share labelled easy keeps growing after the W=2 warm-up epochs
-    # Keep the epoch that saves the most FLOPs with SHARCS within 1 point of its full width
+    # Keep the epoch that saves the most FLOPs with SHARCS within 1 point of the best full width
     # (every epoch's trade-off is in the report); "accuracy" keeps the paper's rule.
     c.checkpoint.select = "reduction"
   return c

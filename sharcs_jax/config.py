@@ -63,7 +63,7 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 1
   # Which epoch (>= W) is kept: "accuracy" (the paper: best SHARCS dev accuracy) or "reduction"
-  # (most FLOPs saved while SHARCS stays within max_drop of that epoch's full-width accuracy).
+  # (most FLOPs saved while SHARCS stays within max_drop of the best full-width accuracy so far).
   c.checkpoint.select = "accuracy"
   c.checkpoint.max_drop = 0.01
 

@@ -103,7 +103,10 @@ def _without_compilation_cache() -> Iterator[None]:
 
 
 class Programs:
-  """Compiled programs by `ProgramKey`, with their FLOPs, loaded from `cache_dir` when stored."""
+  """Compiled programs by `ProgramKey`, with their FLOPs, loaded from `cache_dir` when stored.
+
+  `params` may be the parameters or their `jax.ShapeDtypeStruct`s: only shapes and dtypes count.
+  """
 
   def __init__(self, model: SharcsModel, params: Any, *, batch_buckets: Sequence[int],
                length_buckets: Sequence[int], kinds: Sequence[str] = ("prefix", "adaptive"),

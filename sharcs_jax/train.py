@@ -117,18 +117,20 @@ def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
   return np.random.default_rng([int(x) for x in np.asarray(state.rng)] + [epoch])
 
 
-def selection_score(result: dict[str, Any], rule: str, max_drop: float) -> tuple[float, float]:
+def selection_score(result: dict[str, Any], rule: str, max_drop: float,
+                    best_full_width: float) -> tuple[float, float]:
   """Orders dev results for keeping the best epoch (higher is better, compared as a tuple).
 
   "accuracy": the paper's rule, highest SHARCS accuracy. "reduction": highest FLOPs reduction
-  among epochs whose SHARCS accuracy is within `max_drop` of the same epoch's full width; epochs
-  outside that bound rank below, by accuracy.
+  among epochs whose SHARCS accuracy is within `max_drop` of the best full-width accuracy of any
+  epoch so far (not of the same epoch: a full width that has itself lost accuracy would excuse a
+  router that sends everything to the narrowest width); other epochs rank below, by accuracy.
   """
   sharcs = result["sharcs"]
   if rule == "accuracy":
     return (0.0, sharcs["accuracy"])
   if rule == "reduction":
-    within = result["full_width"]["accuracy"] - sharcs["accuracy"] <= max_drop
+    within = best_full_width - sharcs["accuracy"] <= max_drop
     return (1.0, sharcs["flops_reduction"]) if within else (0.0, sharcs["accuracy"])
   raise ValueError(f"unknown selection rule {rule!r}; known: {config_lib.SELECTION_RULES}")
 
@@ -238,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     result = evaluate_dev(state.params)
     _log_eval(epoch, result, widths)
     history.append({"epoch": epoch, **_json_result(result, widths)})
-    score = selection_score(result, config.checkpoint.select, config.checkpoint.max_drop)
+    score = selection_score(result, config.checkpoint.select, config.checkpoint.max_drop,
+                            max(h["full_width"]["accuracy"] for h in history))
     if epoch >= h.window and score > tuple(np.asarray(best["score"]).tolist()):
       best = {"params": _copy(state.params), "epoch": jnp.int32(epoch),
               "score": jnp.asarray(score, jnp.float32)}

@@ -199,6 +199,25 @@ def test_one_compile_per_width_and_bucket(tiny_backbone, tmp_path, monkeypatch):
   assert {w for w, _ in traces} == set(config.model.widths)  # every width was trained
 
 
+def _result(full, sharcs, reduction):
+  return {"full_width": {"accuracy": full},
+          "sharcs": {"accuracy": sharcs, "flops_reduction": reduction}}
+
+
+def test_selection_rules():
+  early, late = _result(0.84, 0.835, 1.4), _result(0.82, 0.82, 2.6)
+  # The paper's rule: accuracy. The budget rule: most reduction within 1 point of the best full
+  # width so far, so a late epoch whose full width has itself decayed does not qualify.
+  assert train.selection_score(early, "accuracy", 0.01, 0.84) > train.selection_score(
+      late, "accuracy", 0.01, 0.84)
+  assert train.selection_score(early, "reduction", 0.01, 0.84) > train.selection_score(
+      late, "reduction", 0.01, 0.84)
+  assert train.selection_score(late, "reduction", 0.03, 0.84) > train.selection_score(
+      early, "reduction", 0.03, 0.84)
+  with pytest.raises(ValueError, match="unknown selection rule 'loss'"):
+    train.selection_score(early, "loss", 0.01, 0.84)
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
   config = config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py"))
   t = config.train
