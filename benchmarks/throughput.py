@@ -61,8 +61,7 @@ def main(argv):
   print(f"{len(dev)} QQP dev examples, {FLAGS.rounds} rounds per path", flush=True)
   times = common.time_side_by_side(candidates, FLAGS.rounds, warmup=1)
   predictions = engine.run(dev)
-  full_gflops = np.array([engine.example_gflops(1.0, engine.length_buckets[b])
-                          for b in dev.bucket_of])
+  full_gflops = engine.full_width_gflops(dev)
   data = {"examples": len(dev), "batch_buckets": list(batch_buckets), "rounds": FLAGS.rounds,
           "workdir": FLAGS.workdir, "paths": {}}
   rows = []

@@ -12,15 +12,15 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from sharcs_jax import config as config_lib
 from sharcs_jax.data import glue
 from sharcs_jax.flops import param_shapes
-from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import SharcsModel, default_router_hidden
-from sharcs_jax.model.weights import resolve_model_dir
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -64,10 +64,15 @@ def _manager(workdir: str, **options) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(**options))
 
 
+def initial_best(params: Any) -> dict[str, Any]:
+  """The kept-epoch record before any epoch qualifies; its structure is what checkpoints hold."""
+  return {"params": params, "epoch": jnp.int32(-1), "score": jnp.full((2,), -1.0, jnp.float32)}
+
+
 def model_from_config(config: ml_collections.ConfigDict) -> SharcsModel:
   """The model a config trains, without reading any weights."""
   m = config.model
-  cfg = EncoderConfig.from_json_file(os.path.join(resolve_model_dir(m.backbone), "config.json"))
+  cfg = config_lib.backbone_config(config)
   return SharcsModel(cfg, num_classes=glue.get_task(config.task).num_classes,
                      widths=tuple(m.widths), router_layer=m.router_layer,
                      router_hidden=m.router_hidden or default_router_hidden(cfg))
@@ -83,9 +88,7 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, 
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   config = ml_collections.ConfigDict(saved.config)
   model = model_from_config(config)
-  abstract = {"params": param_shapes(model),
-              "epoch": jax.ShapeDtypeStruct((), "int32"),
-              "score": jax.ShapeDtypeStruct((2,), "float32")}
+  abstract = jax.eval_shape(initial_best, param_shapes(model))
   best = manager.restore(step, args=ocp.args.Composite(best=ocp.args.StandardRestore(abstract))).best
   logging.info("Loaded %s: epoch %d of the run (checkpoint %d)", workdir, int(best["epoch"]), step)
   return config, model, best["params"]

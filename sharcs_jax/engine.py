@@ -87,6 +87,11 @@ class Engine:
     """GFLOPs of one example routed to `width` at padded length `length`."""
     return self.programs.example_flops(width, length) / 1e9
 
+  def full_width_gflops(self, data: batching.Encoded) -> np.ndarray:
+    """Per-example GFLOPs [N] had every example run at full width: the reduction's baseline."""
+    per_bucket = np.array([self.example_gflops(1.0, length) for length in self.length_buckets])
+    return per_bucket[data.bucket_of]
+
   def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None) -> batching.Encoded:
     """Tokenised inputs; a wrong number of fields is an error naming the input."""
     if self.tokenizer is None or self.task is None:

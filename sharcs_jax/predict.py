@@ -112,7 +112,7 @@ def run(workdir: str, input_path: str, output_path: str,
           "index": i, "label": task.label_names[predictions.labels[i]],
           "probabilities": [round(float(p), 6) for p in predictions.probabilities[i]],
           "width": float(predictions.widths[i]), "gflops": float(predictions.gflops[i])}) + "\n")
-  full = np.array([engine.example_gflops(1.0, engine.length_buckets[b]) for b in data.bucket_of])
+  full = engine.full_width_gflops(data)
   summary = {
       "task": task.name, "examples": len(texts), "seconds": seconds,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,

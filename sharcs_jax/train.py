@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import evaluate, hardness, report
-from sharcs_jax.checkpoint import Checkpoints
+from sharcs_jax.checkpoint import Checkpoints, initial_best
 from sharcs_jax.data import batching, glue
 from sharcs_jax.flops import param_shapes
 from sharcs_jax.model.reorder import reorder_by_importance
 from sharcs_jax.model.sharcs import SharcsModel
-from sharcs_jax.programs import Programs
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
+from sharcs_jax.programs import Programs
 
 Array = jax.Array
 
@@ -183,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      opt_state=tx.init(params),
                      hardness=hardness.init_hardness(len(train_data), h.window, len(widths)),
                      rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0))
-  best = {"params": _copy(params), "epoch": jnp.int32(-1), "score": jnp.full((2,), -1.0)}
+  best = initial_best(_copy(params))
   history = []  # per-epoch dev results, checkpointed with the state
   checkpoints = Checkpoints(workdir, config)
   restored = checkpoints.restore_latest(state, best)
