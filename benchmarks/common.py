@@ -30,15 +30,18 @@ def time_side_by_side(candidates: dict[str, Callable[[], object]], rounds: int,
   """Seconds per call of each candidate, measured in interleaved rounds.
 
   Interleaving spreads the machine's background noise over all candidates alike, so their
-  ratios hold even when absolute times drift.
+  ratios hold even when absolute times drift. The order is shuffled every round: a candidate
+  that always ran right after PyTorch would pay for its OpenMP threads still spinning.
   """
+  order = np.random.default_rng(0)
   for fn in candidates.values():
     for _ in range(warmup):
       fn()
   times = {name: [] for name in candidates}
   start = time.time()
   for r in range(rounds):
-    for name, fn in candidates.items():
+    for i in order.permutation(len(candidates)):
+      name, fn = list(candidates.items())[i]
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)

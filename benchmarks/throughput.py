@@ -25,6 +25,8 @@ flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "Batch sizes compiled for both paths.")
 flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
 flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
+flags.DEFINE_string("budget", "", "Route to this budget ('2.5x' or '0.4gflops'), calibrated on "
+                    "the run's held-out training examples; default: the run's own rule.")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 FLAGS = flags.FLAGS
 
@@ -47,7 +49,7 @@ def full_width_labels(programs: Programs, params, data: batching.Encoded) -> np.
 def main(argv):
   del argv
   batch_buckets = tuple(int(b) for b in FLAGS.batch_buckets)
-  engine = Engine.from_workdir(FLAGS.workdir, batch_buckets=batch_buckets)
+  engine = Engine.from_workdir(FLAGS.workdir, batch_buckets=batch_buckets, budget=FLAGS.budget)
   full = Programs(engine.model, engine.params["params"], batch_buckets=batch_buckets,
                   length_buckets=engine.length_buckets, kinds=("forward",),
                   cache_dir=os.path.join(FLAGS.workdir, "executables"))

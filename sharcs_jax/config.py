@@ -16,8 +16,10 @@ from sharcs_jax.hardness import check_ranges
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import check_model_settings
 from sharcs_jax.model.weights import LAYERNORM_INITS, resolve_model_dir
+from sharcs_jax.routing import parse_budget
 
 CONFIG_ARGS = ("smoke",)
+CALIBRATION_SPLITS = ("train", "dev")
 SELECTION_RULES = ("accuracy", "reduction")
 
 
@@ -60,6 +62,13 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
 
+  c.routing = ml_collections.ConfigDict()
+  # "" routes by the router's argmax (the paper). A budget ("2x" FLOPs reduction, or "0.4gflops"
+  # per example) routes by argmax(logits - lam * cost), lam calibrated on `calibrate_on` each epoch.
+  c.routing.budget = ""
+  c.routing.calibrate_on = "train"  # "train": examples held back from training; "dev": dev itself
+  c.routing.calibration_examples = 0  # held back from train when calibrate_on = "train"
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 1
   # Which epoch (>= W) is kept: "accuracy" (the paper: best SHARCS dev accuracy) or "reduction"
@@ -97,6 +106,23 @@ def backbone_config(config: ml_collections.ConfigDict) -> EncoderConfig:
       os.path.join(resolve_model_dir(config.model.backbone), "config.json"))
 
 
+def check_routing(routing: ml_collections.ConfigDict) -> None:
+  if routing.budget:
+    try:
+      parse_budget(routing.budget)
+    except ValueError as e:
+      raise ValueError(f"config.routing.budget: {e}") from None
+    if routing.calibrate_on not in CALIBRATION_SPLITS:
+      raise ValueError(f"config.routing.calibrate_on={routing.calibrate_on!r} is not one of "
+                       f"{CALIBRATION_SPLITS}")
+  if routing.calibration_examples < 0:
+    raise ValueError(f"config.routing.calibration_examples={routing.calibration_examples} must "
+                     "be >= 0")
+  if routing.budget and routing.calibrate_on == "train" and not routing.calibration_examples:
+    raise ValueError("config.routing.budget calibrates on held-back training examples: set "
+                     "config.routing.calibration_examples > 0 (or calibrate_on='dev')")
+
+
 def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   """Raises ValueError naming the bad field; returns the backbone's architecture."""
   encoder = backbone_config(config)
@@ -128,6 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   if not 0.0 <= config.checkpoint.max_drop <= 1.0:
     raise ValueError(f"config.checkpoint.max_drop={config.checkpoint.max_drop} must be a "
                      "fraction of accuracy in [0, 1]")
+  check_routing(config.routing)
   get_task(config.task)
   resolve_data_dir(config.data_dir)
   return encoder

@@ -7,20 +7,26 @@ compiled (or loaded from disk, see `programs.py`) when the engine is built; serv
 compiles.
 
 FLOPs per example are the XLA cost-analysis FLOPs of the batch-1 programs at the example's length
-bucket: prefix and router, plus the routed width's part.
+bucket: prefix and router, plus the routed width's part. The width comes from a routing rule
+(`routing.py`): the router's argmax, or argmax under a FLOPs budget calibrated on held-out inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from absl import logging
+
+from sharcs_jax import evaluate
 from sharcs_jax.data import batching, glue
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.programs import Programs
+from sharcs_jax.routing import Budget, Rule, calibrate, parse_budget
 
 Text = str | Sequence[str]
 
@@ -55,7 +61,8 @@ class Engine:
 
   def __init__(self, model: SharcsModel, params: Any, *, length_buckets: Sequence[int],
                batch_buckets: Sequence[int] = (1, 8, 32), tokenizer: Any = None,
-               task: glue.Task | None = None, cache_dir: str | None = None):
+               task: glue.Task | None = None, cache_dir: str | None = None,
+               rule: Rule = Rule()):
     self.model = model
     self.params = {"params": params}
     self.length_buckets = tuple(length_buckets)
@@ -68,20 +75,42 @@ class Engine:
     self.block_size = 16 * self.batch_buckets[-1]
     self.programs = Programs(model, params, batch_buckets=batch_buckets,
                              length_buckets=length_buckets, cache_dir=cache_dir)
+    self.flops = evaluate.example_flops_table(self.programs)  # [m, length buckets]
+    self.rule = rule
 
   @classmethod
   def from_workdir(cls, workdir: str, *, batch_buckets: Sequence[int] = (1, 8, 32),
-                   cache_dir: str | None = None) -> "Engine":
-    """The kept model of a training run; programs are stored under `workdir/executables`."""
+                   cache_dir: str | None = None, budget: str = "") -> "Engine":
+    """The kept model of a training run; programs are stored under `workdir/executables`.
+
+    Routing is the rule the run reported, or with `budget` ("2.5x", "0.4gflops") a rule
+    calibrated now on the run's calibration split (its held-out training examples).
+    """
     from sharcs_jax.checkpoint import load_trained  # orbax only where checkpoints are read
     from sharcs_jax.model.weights import resolve_model_dir
 
     config, model, params = load_trained(workdir)
-    return cls(model, params, length_buckets=tuple(config.data.length_buckets),
-               batch_buckets=batch_buckets,
-               tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
-               task=glue.get_task(config.task),
-               cache_dir=cache_dir or os.path.join(workdir, "executables"))
+    engine = cls(model, params, length_buckets=tuple(config.data.length_buckets),
+                 batch_buckets=batch_buckets,
+                 tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
+                 task=glue.get_task(config.task),
+                 cache_dir=cache_dir or os.path.join(workdir, "executables"),
+                 rule=trained_rule(workdir))
+    if budget:
+      split = glue.calibration_split(config)
+      engine.rule = engine.calibrate(budget, batching.encode(split, engine.tokenizer,
+                                                             engine.length_buckets))
+      logging.info("Routing to budget %s: cost weight %.4f, %.3fx on %d %s examples", budget,
+                   engine.rule.cost_weight, engine.rule.calibration_reduction, len(split),
+                   split.name)
+    return engine
+
+  def calibrate(self, budget: Budget | str, data: batching.Encoded) -> Rule:
+    """The budget rule calibrated on `data` (inputs the model did not train on); not applied."""
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    router = evaluate.router_logits(self.programs, self.params["params"], data,
+                                    self.batch_buckets[-1])
+    return calibrate(router, evaluate.per_example_flops(self.flops, data), budget)
 
   def example_gflops(self, width: float, length: int) -> float:
     """GFLOPs of one example routed to `width` at padded length `length`."""
@@ -89,8 +118,7 @@ class Engine:
 
   def full_width_gflops(self, data: batching.Encoded) -> np.ndarray:
     """Per-example GFLOPs [N] had every example run at full width: the reduction's baseline."""
-    per_bucket = np.array([self.example_gflops(1.0, length) for length in self.length_buckets])
-    return per_bucket[data.bucket_of]
+    return self.flops[-1, data.bucket_of] / 1e9
 
   def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None) -> batching.Encoded:
     """Tokenised inputs; a wrong number of fields is an error naming the input."""
@@ -131,7 +159,7 @@ class Engine:
     """Prefix and router for `rows` (one length bucket), then each width's group."""
     length = self.length_buckets[bucket]
     hidden, router, mask = self._prefix(data, rows, bucket)
-    routed[rows] = router.argmax(-1)
+    routed[rows] = self.rule.choose(router, np.broadcast_to(self.flops[:, bucket], router.shape))
     pending = []  # dispatch every group before reading any result: host work overlaps compute
     for w_index, width in enumerate(self.widths):
       group = np.flatnonzero(routed[rows] == w_index)  # positions within this block
@@ -140,7 +168,7 @@ class Engine:
         program = self.programs("adaptive", width, size, length)
         pending.append((rows[part], program(self.params, _pad(hidden[part], size),
                                             _pad_mask(mask[part], size))))
-      gflops[rows[group]] = self.example_gflops(width, length)
+      gflops[rows[group]] = self.flops[w_index, bucket] / 1e9
     for targets, probs in pending:
       probabilities[targets] = np.asarray(probs)[:len(targets)]
 
@@ -161,6 +189,20 @@ class Engine:
     for start, end, (h, r) in pending:
       hidden[start:end], router[start:end] = np.asarray(h)[:end - start], np.asarray(r)[:end - start]
     return hidden, router, mask
+
+
+def trained_rule(workdir: str) -> Rule:
+  """The routing rule the run in `workdir` reported for its kept epoch (argmax when none)."""
+  path = os.path.join(workdir, "report.json")
+  if not os.path.isfile(path):
+    return Rule()
+  with open(path) as f:
+    routing = json.load(f).get("sharcs", {}).get("routing")
+  if not routing:
+    return Rule()
+  logging.info("Routing as trained: budget %s, cost weight %.4f", routing["budget"],
+               routing["cost_weight"])
+  return Rule(routing["cost_weight"], routing["budget"], routing["calibration_reduction"])
 
 
 def _blocks(rows: np.ndarray, size: int) -> list[np.ndarray]:

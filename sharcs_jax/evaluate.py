@@ -2,7 +2,8 @@
 
 It runs on the same precompiled programs as the inference engine. The prefix (layers 1..K and the
 router) runs once per batch; each width's adaptive part then runs on the same hidden states.
-Routed predictions take, per example, the width the router's argmax picks. FLOPs per example are
+Routed predictions take, per example, the width a routing rule picks from the router's logits
+(the paper's argmax, or argmax under a calibrated FLOPs budget). FLOPs per example are
 XLA cost-analysis figures of those programs at the example's length bucket: prefix and router,
 plus the width's part (head included).
 """
@@ -15,6 +16,7 @@ import numpy as np
 
 from sharcs_jax.data.batching import Encoded, eval_batches
 from sharcs_jax.programs import Programs
+from sharcs_jax.routing import Rule
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
@@ -50,6 +52,22 @@ def predict_all_widths(programs: Programs, params: Any, data: Encoded,
   return probabilities, router
 
 
+def router_logits(programs: Programs, params: Any, data: Encoded, batch_size: int) -> np.ndarray:
+  """Router logits [N, m] from the prefix alone: all a routing rule is calibrated on."""
+  variables = {"params": params}
+  router = np.zeros((len(data), len(programs.model.widths)), np.float32)
+  for rows, batch in eval_batches(data, batch_size):
+    _, logits = programs("prefix", None, batch_size, batch["input_ids"].shape[1])(
+        variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    router[rows] = np.asarray(logits)[:len(rows)]
+  return router
+
+
+def per_example_flops(flops: np.ndarray, data: Encoded) -> np.ndarray:
+  """[N, m]: what each width costs for each example, at its length bucket."""
+  return flops[:, data.bucket_of].T
+
+
 def example_flops_table(programs: Programs) -> np.ndarray:
   """FLOPs per example [m, num_length_buckets]: prefix, router and each width's part."""
   return np.array([[programs.example_flops(w, s) for s in programs.length_buckets]
@@ -57,8 +75,11 @@ def example_flops_table(programs: Programs) -> np.ndarray:
 
 
 def summarize(probabilities: np.ndarray, router: np.ndarray, data: Encoded, flops: np.ndarray,
-              metric_names: tuple[str, ...]) -> dict[str, Any]:
-  """Metrics and average GFLOPs per example: full width, each static width, SHARCS routing."""
+              metric_names: tuple[str, ...], rule: Rule = Rule()) -> dict[str, Any]:
+  """Metrics and average GFLOPs per example: full width, each static width, SHARCS routing.
+
+  With a budget rule, "sharcs" is routed by it and "sharcs_argmax" keeps the paper's rule.
+  """
   widths = len(probabilities)
   predictions = probabilities.argmax(-1)  # [m, N]
   per_width_flops = flops[:, data.bucket_of]  # [m, N]
@@ -66,12 +87,19 @@ def summarize(probabilities: np.ndarray, router: np.ndarray, data: Encoded, flop
   for i in range(widths):
     static[i] = {**classification_metrics(predictions[i], data.labels, metric_names),
                  "gflops": float(per_width_flops[i].mean() / 1e9)}
-  chosen = router.argmax(-1)
   rows = np.arange(len(data))
-  routed_gflops = float(per_width_flops[chosen, rows].mean() / 1e9)
   full_gflops = static[widths - 1]["gflops"]
-  sharcs = {**classification_metrics(predictions[chosen, rows], data.labels, metric_names),
-            "gflops": routed_gflops,
-            "flops_reduction": full_gflops / routed_gflops,
+
+  def routed(chosen: np.ndarray) -> dict[str, Any]:
+    gflops = float(per_width_flops[chosen, rows].mean() / 1e9)
+    return {**classification_metrics(predictions[chosen, rows], data.labels, metric_names),
+            "gflops": gflops, "flops_reduction": full_gflops / gflops,
             "bucket_share": [float(np.mean(chosen == i)) for i in range(widths)]}
-  return {"full_width": static[widths - 1], "static": static, "sharcs": sharcs}
+
+  result = {"full_width": static[widths - 1], "static": static,
+            "sharcs": routed(rule.choose(router, per_width_flops.T))}
+  if rule.budget:
+    result["sharcs"]["routing"] = {"budget": rule.budget, "cost_weight": rule.cost_weight,
+                                   "calibration_reduction": rule.calibration_reduction}
+    result["sharcs_argmax"] = routed(router.argmax(-1))
+  return result

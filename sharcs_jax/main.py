@@ -23,6 +23,9 @@ flags.DEFINE_enum("mode", "train", ["train", "summary", "predict"],
                   "predict: run the model trained in --workdir on --input.")
 flags.DEFINE_string("input", None, "predict: a .tsv (GLUE columns) or .jsonl file of inputs.")
 flags.DEFINE_string("output", None, "predict: where to write predictions (JSONL).")
+flags.DEFINE_string("budget", "", "predict: route to this FLOPs budget, e.g. 2.5x (reduction) or "
+                    "0.4gflops (per example), calibrated on the run's held-out training examples; "
+                    "default: the rule the run was trained and reported with.")
 flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "predict: batch sizes to precompile.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS.input or not FLAGS.output:
       raise app.UsageError("--mode=predict needs --input and --output")
     result = predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output,
-                         tuple(int(b) for b in FLAGS.batch_buckets))
+                         tuple(int(b) for b in FLAGS.batch_buckets), FLAGS.budget)
     print(open(f"{FLAGS.output}.summary.md").read(), end="")
     logging.info("%d predictions in %s (%.1f examples/s)", result["examples"], FLAGS.output,
                  result["examples_per_second"])

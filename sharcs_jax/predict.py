@@ -97,9 +97,12 @@ def read_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int]
 
 
 def run(workdir: str, input_path: str, output_path: str,
-        batch_buckets: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
-  """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`)."""
-  engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets)
+        batch_buckets: tuple[int, ...] = (1, 8, 32), budget: str = "") -> dict[str, Any]:
+  """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`).
+
+  `budget` ("2.5x", "0.4gflops"): route by a rule calibrated on the run's held-out examples.
+  """
+  engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget)
   task = engine.task
   texts, labels = read_inputs(input_path, task)
   start = time.perf_counter()
@@ -115,6 +118,7 @@ def run(workdir: str, input_path: str, output_path: str,
   full = engine.full_width_gflops(data)
   summary = {
       "task": task.name, "examples": len(texts), "seconds": seconds,
+      "routing": engine.rule.budget or "router argmax",
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
       "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w)) for w in engine.widths},
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,

@@ -66,8 +66,13 @@ def accuracy_flops_plot(path: str, summary: dict) -> None:
   for w, x, y in zip(static, xs, ys):
     ax.annotate(f"w={w}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
   s = summary["sharcs"]
+  budget = f", budget {s['routing']['budget']}" if "routing" in s else ""
   ax.plot([s["gflops"]], [100 * s["accuracy"]], "*", color="tab:red", markersize=14,
-          label=f"SHARCS ({s['flops_reduction']:.2f}x fewer FLOPs)")
+          label=f"SHARCS{budget} ({s['flops_reduction']:.2f}x fewer FLOPs)")
+  if "sharcs_argmax" in summary:
+    a = summary["sharcs_argmax"]
+    ax.plot([a["gflops"]], [100 * a["accuracy"]], "P", color="tab:orange", markersize=10,
+            label=f"SHARCS, router argmax ({a['flops_reduction']:.2f}x)")
   ax.set_xlabel("average GFLOPs per example (XLA cost analysis)")
   ax.set_ylabel("dev accuracy (%)")
   ax.set_title(f"{summary['task']} / {summary['model']}, K={summary['router_layer']}")
@@ -83,12 +88,28 @@ def _history_table(summary: dict) -> str:
   widths = summary["widths"]
   header = (["epoch", "full width"] + [f"w={w:g}" for w in widths[:-1]]
             + ["SHARCS", "reduction"] + [f"share {w:g}" for w in widths])
+  argmax = any("sharcs_argmax" in h for h in summary["history"])
+  if argmax:
+    header += ["argmax SHARCS", "argmax reduction"]
   rows = [[h["epoch"], 100 * h["full_width"]["accuracy"]]
           + [100 * h["static"][f"{w:g}"]["accuracy"] for w in widths[:-1]]
           + [100 * h["sharcs"]["accuracy"], h["sharcs"]["flops_reduction"]]
-          + [f"{100 * x:.1f}%" for x in h["sharcs"]["bucket_share"]] for h in summary["history"]]
+          + [f"{100 * x:.1f}%" for x in h["sharcs"]["bucket_share"]]
+          + ([100 * h["sharcs_argmax"]["accuracy"], h["sharcs_argmax"]["flops_reduction"]]
+             if argmax else []) for h in summary["history"]]
   return (f"\nDev accuracy (%) after each epoch (kept: epoch {summary['best_epoch']}, by "
           f"{summary.get('selection', 'accuracy')}):\n\n" + markdown_table(header, rows))
+
+
+def _routing_note(summary: dict) -> str:
+  routing = summary.get("routing", {})
+  if routing.get("budget", "argmax") == "argmax":
+    return " Routing: the router's argmax."
+  r = summary["sharcs"]["routing"]
+  return (f" Routing: argmax(router logits - {r['cost_weight']:.3f} x relative FLOPs), calibrated "
+          f"for {r['budget']} on {routing['calibration_examples']} {routing['calibrate_on']}"
+          f"{' held-out' if routing['calibrate_on'] == 'train' else ''} examples "
+          f"({r['calibration_reduction']:.2f}x there).")
 
 
 def write_run_report(workdir: str, summary: dict) -> None:
@@ -107,12 +128,18 @@ def write_run_report(workdir: str, summary: dict) -> None:
   rows += [row(f"static w={w}", r) for w, r in summary["static"].items() if w != "1"]
   s = summary["sharcs"]
   shares = ", ".join(f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], s["bucket_share"]))
-  rows.append(row("SHARCS", s, shares))
+  name = f"SHARCS, budget {s['routing']['budget']}" if "routing" in s else "SHARCS"
+  rows.append(row(name, s, shares))
+  if "sharcs_argmax" in summary:
+    a = summary["sharcs_argmax"]
+    rows.append(row("SHARCS, router argmax (paper)", a, ", ".join(
+        f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], a["bucket_share"]))))
   text = (f"# SHARCS on {summary['task']} ({summary['model']})\n\n"
           f"Router after layer {summary['router_layer']}, widths {summary['widths']}, ranges "
           f"{summary['ranges']}, window {summary['window']}; best epoch {summary['best_epoch']} "
           f"of {summary['epochs']}; {summary['dev_examples']} dev examples; trained in "
-          f"{summary['train_seconds'] / 60:.1f} min.\n\n" + markdown_table(header, rows)
+          f"{summary['train_seconds'] / 60:.1f} min.{_routing_note(summary)}\n\n"
+          + markdown_table(header, rows)
           + _history_table(summary))
   write_atomic(os.path.join(workdir, "report.md"), text)
   accuracy_flops_plot(os.path.join(workdir, "report.png"), summary)

@@ -32,6 +32,7 @@ from sharcs_jax.model.reorder import reorder_by_importance
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
 from sharcs_jax.programs import Programs
+from sharcs_jax.routing import Rule, calibrate, parse_budget
 
 Array = jax.Array
 
@@ -147,12 +148,18 @@ def _log_eval(epoch: int, result: dict, widths: tuple[float, ...]) -> None:
   logging.info("epoch %d dev: %s | SHARCS %.4f at %.3f GFLOPs (%.2fx), share %s", epoch, static,
                s["accuracy"], s["gflops"], s["flops_reduction"],
                [round(x, 3) for x in s["bucket_share"]])
+  if "sharcs_argmax" in result:
+    a = result["sharcs_argmax"]
+    logging.info("epoch %d dev: budget %s (cost weight %.3f, %.2fx on calibration) | argmax "
+                 "routing %.4f at %.2fx", epoch, s["routing"]["budget"],
+                 s["routing"]["cost_weight"], s["routing"]["calibration_reduction"],
+                 a["accuracy"], a["flops_reduction"])
 
 
 def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str, Any]:
   return {"full_width": result["full_width"],
           "static": {f"{w:g}": result["static"][i] for i, w in enumerate(widths)},
-          "sharcs": result["sharcs"]}
+          **{k: result[k] for k in ("sharcs", "sharcs_argmax") if k in result}}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -165,12 +172,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_dir = glue.resolve_data_dir(config.data_dir)
   tokenizer = batching.load_tokenizer(resolve_model_dir(m.backbone))
   buckets = tuple(config.data.length_buckets)
-  train_data, dev_data = (
-      batching.encode(glue.load_split(config.task, split, data_dir, config.data.skip_malformed,
-                                      limit), tokenizer, buckets)
+  train_split, dev_split = (
+      glue.load_split(config.task, split, data_dir, config.data.skip_malformed, limit)
       for split, limit in (("train", config.data.train_limit), ("dev", config.data.dev_limit)))
-  logging.info("%s: %d train, %d dev examples; buckets %s hold %s of train", task.name,
-               len(train_data), len(dev_data), buckets,
+  routing = config.routing
+  held_split = None
+  if routing.calibration_examples:
+    train_split, held_split = glue.hold_out(train_split, routing.calibration_examples, config.seed)
+  train_data, dev_data = (batching.encode(s, tokenizer, buckets) for s in (train_split, dev_split))
+  calibration_data = dev_data if routing.calibrate_on == "dev" else (
+      held_split and batching.encode(held_split, tokenizer, buckets))
+  logging.info("%s: %d train, %d dev, %d held-out examples; buckets %s hold %s of train",
+               task.name, len(train_data), len(dev_data), len(held_split or ()), buckets,
                np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
 
   key = jax.random.PRNGKey(config.seed)
@@ -205,10 +218,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"))
   flops = evaluate.example_flops_table(programs)
 
+  def routing_rule(params) -> Rule:
+    if not routing.budget:
+      return Rule()
+    return calibrate(evaluate.router_logits(programs, params, calibration_data,
+                                            config.eval.batch_size),
+                     evaluate.per_example_flops(flops, calibration_data),
+                     parse_budget(routing.budget))
+
   def evaluate_dev(params):
     return evaluate.summarize(*evaluate.predict_all_widths(programs, params, dev_data,
                                                            config.eval.batch_size),
-                              dev_data, flops, task.metrics)
+                              dev_data, flops, task.metrics, routing_rule(params))
 
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
@@ -256,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "router_layer": m.router_layer, "ranges": [list(map(float, r)) for r in h.ranges],
       "window": h.window, "epochs": t.epochs, "best_epoch": int(best["epoch"]),
       "train_examples": len(train_data), "dev_examples": len(dev_data),
+      "routing": {"budget": routing.budget or "argmax", "calibrate_on": routing.calibrate_on,
+                  "calibration_examples": len(calibration_data) if routing.budget else 0},
       "selection": config.checkpoint.select, **_json_result(result, widths),
       "train_seconds": float(state.train_seconds), "history": history,
   }

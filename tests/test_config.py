@@ -32,6 +32,10 @@ def test_task_configs_are_valid(task):
     ("model.backbone", "/no/such/dir", "neither a local directory nor a packaged model"),
     ("data.length_buckets", (64, 32), "must be increasing"),
     ("data.length_buckets", (32, 1024), "exceeds the backbone's 512 positions"),
+    ("routing.budget", "fast", "config.routing.budget: budget 'fast': expected a reduction"),
+    ("routing.budget", "0x", "must be positive"),
+    ("routing.calibrate_on", "test", "calibrate_on='test' is not one of"),
+    ("routing.calibration_examples", 0, "set config.routing.calibration_examples > 0"),
 ])
 def test_bad_config_fails_before_work(field, value, message):
   config = _load("qqp.py")

@@ -132,3 +132,21 @@ def test_epoch_plan_with_one_width_is_one_pass():
   plan = batching.plan_train_epoch(data, np.zeros(50, np.int32), 16, np.random.default_rng(0))
   rows = np.concatenate([p.rows for p in plan])
   assert sorted(rows.tolist()) == list(range(50))
+
+
+def test_hold_out_is_disjoint_deterministic_and_renumbered():
+  task = glue.get_task("sst2")
+  texts = [(f"sentence {i}",) for i in range(50)]
+  split = glue.Split(task, "train", texts, np.arange(50, dtype=np.int32) % 2,
+                     np.arange(50, dtype=np.int32))
+  rest, held = glue.hold_out(split, 10, seed=3)
+  assert (len(rest), len(held)) == (40, 10)
+  assert not set(rest.texts) & set(held.texts)
+  assert sorted(rest.texts + held.texts) == sorted(texts)
+  np.testing.assert_array_equal(rest.ids, np.arange(40))  # the hardness state is indexed by id
+  np.testing.assert_array_equal(held.ids, np.arange(10))
+  assert [int(t[0].split()[1]) % 2 for t in held.texts] == held.labels.tolist()
+  assert glue.hold_out(split, 10, seed=3)[1].texts == held.texts
+  assert glue.hold_out(split, 10, seed=4)[1].texts != held.texts
+  with pytest.raises(ValueError, match="cannot hold out 50 of the 50 sst2 train examples"):
+    glue.hold_out(split, 50, seed=0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
-from sharcs_jax import evaluate
+from sharcs_jax import evaluate, routing
 from sharcs_jax.data import batching, glue
 from sharcs_jax.data.batching import Encoded
 from sharcs_jax.engine import Engine, split_into_batches
@@ -99,6 +99,27 @@ def test_engine_matches_training_time_evaluation(engine, tiny_model, split_param
   np.testing.assert_array_equal(out.widths, np.asarray(tiny_model.widths)[chosen])
   np.testing.assert_allclose(out.probabilities, probabilities[chosen, np.arange(len(data))],
                              atol=1e-5)
+
+
+def test_budget_routing_in_the_engine(engine, split_params):
+  """A rule calibrated on inputs reaches its reduction when the engine serves those inputs, and
+  routes as the training-time evaluation does under the same rule."""
+  data = _inputs(n=40, seed=6)
+  rule = engine.calibrate("1.6x", data)
+  try:
+    engine.rule = rule
+    out = engine.run(data)
+  finally:
+    engine.rule = routing.Rule()
+  full = engine.full_width_gflops(data).mean()
+  assert full / out.gflops.mean() == pytest.approx(rule.calibration_reduction)
+  assert 1.6 <= rule.calibration_reduction <= 1.6 * 1.05
+  probabilities, router = evaluate.predict_all_widths(engine.programs, split_params, data, 8)
+  result = evaluate.summarize(probabilities, router, data, engine.flops, ("accuracy",), rule)
+  assert result["sharcs"]["flops_reduction"] == pytest.approx(rule.calibration_reduction)
+  assert result["sharcs_argmax"]["flops_reduction"] < result["sharcs"]["flops_reduction"]
+  with pytest.raises(ValueError, match="out of reach"):
+    engine.calibrate("9x", data)
 
 
 def test_blocks_do_not_change_results(engine, monkeypatch):

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import os
 import sys
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -141,6 +142,26 @@ def read_hub(task: Task, split: str) -> Split:
   return Split(task, split, texts, labels, np.arange(len(labels), dtype=np.int32))
 
 
+def _subset(split: Split, rows: np.ndarray, name: str) -> Split:
+  return Split(split.task, name, [split.texts[i] for i in rows], split.labels[rows],
+               np.arange(len(rows), dtype=np.int32), split.skipped)
+
+
+def hold_out(split: Split, count: int, seed: int) -> tuple[Split, Split]:
+  """(the rest, `count` examples drawn at random): a calibration set the model never trains on.
+
+  Both parts keep file order and are renumbered 0..n-1 (the hardness state is indexed by id);
+  the same seed holds out the same rows on every run.
+  """
+  if not 0 < count < len(split):
+    raise ValueError(f"cannot hold out {count} of the {len(split)} {split.task.name} "
+                     f"{split.name} examples")
+  held = np.zeros(len(split), bool)
+  held[np.random.default_rng(seed).choice(len(split), count, replace=False)] = True
+  return (_subset(split, np.flatnonzero(~held), split.name),
+          _subset(split, np.flatnonzero(held), f"{split.name}-heldout"))
+
+
 def load_split(task_name: str, split: str, data_dir: str | None,
                skip_malformed: bool = False, limit: int = 0) -> Split:
   """One labelled split (`train` or `dev`); `limit` > 0 keeps the first `limit` examples."""
@@ -156,3 +177,18 @@ def load_split(task_name: str, split: str, data_dir: str | None,
     data = Split(task, split, data.texts[:limit], data.labels[:limit], data.ids[:limit],
                  data.skipped)
   return data
+
+
+def calibration_split(config: Any) -> Split:
+  """The examples a run calibrates its routing budget on: its held-out training examples, or dev
+  when `config.routing.calibrate_on` says so. The same rows the training run held back."""
+  routing, data = config.get("routing", {}), config.data  # runs older than routing have none
+  data_dir = resolve_data_dir(config.data_dir)
+  if routing.get("calibrate_on") == "dev":
+    return load_split(config.task, "dev", data_dir, data.skip_malformed, data.dev_limit)
+  if not routing.get("calibration_examples"):
+    raise ValueError("this run held back no training examples to calibrate a budget on "
+                     "(config.routing.calibration_examples = 0); retrain with some, or calibrate "
+                     "on dev (config.routing.calibrate_on = 'dev')")
+  train = load_split(config.task, "train", data_dir, data.skip_malformed, data.train_limit)
+  return hold_out(train, routing.calibration_examples, config.seed)[1]
