@@ -78,6 +78,13 @@ def model_from_config(config: ml_collections.ConfigDict) -> SharcsModel:
                      router_hidden=m.router_hidden or default_router_hidden(cfg))
 
 
+def on_one_device(abstract: Any) -> Any:
+  """Restore targets on this process's first device, whatever mesh wrote the checkpoint."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+
 def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any]:
   """(config, model, kept parameters) of the training run in `workdir`."""
   manager = _manager(workdir, create=False, read_only=True)
@@ -88,7 +95,7 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, 
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   config = ml_collections.ConfigDict(saved.config)
   model = model_from_config(config)
-  abstract = jax.eval_shape(initial_best, param_shapes(model))
+  abstract = on_one_device(jax.eval_shape(initial_best, param_shapes(model)))
   best = manager.restore(step, args=ocp.args.Composite(best=ocp.args.StandardRestore(abstract))).best
   logging.info("Loaded %s: epoch %d of the run (checkpoint %d)", workdir, int(best["epoch"]), step)
   return config, model, best["params"]

@@ -77,6 +77,7 @@ class Engine:
                              length_buckets=length_buckets, cache_dir=cache_dir)
     self.flops = evaluate.example_flops_table(self.programs)  # [m, length buckets]
     self.rule = rule
+    self.config = None  # the training run's config, when loaded from a workdir
 
   @classmethod
   def from_workdir(cls, workdir: str, *, batch_buckets: Sequence[int] = (1, 8, 32),
@@ -96,6 +97,7 @@ class Engine:
                  task=glue.get_task(config.task),
                  cache_dir=cache_dir or os.path.join(workdir, "executables"),
                  rule=trained_rule(workdir))
+    engine.config = config
     if budget:
       split = glue.calibration_split(config)
       engine.rule = engine.calibrate(budget, batching.encode(split, engine.tokenizer,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sharcs_jax.data.batching import Encoded, eval_batches
+from sharcs_jax.parallel import to_host
 from sharcs_jax.programs import Programs
 from sharcs_jax.routing import Rule
 
@@ -45,10 +46,10 @@ def predict_all_widths(programs: Programs, params: Any, data: Encoded,
     n, length = len(rows), batch["input_ids"].shape[1]
     hidden, router_logits = programs("prefix", None, batch_size, length)(
         variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    router[rows] = np.asarray(router_logits)[:n]
+    router[rows] = to_host(router_logits)[:n]
     for i, w in enumerate(widths):
       probs = programs("adaptive", w, batch_size, length)(variables, hidden, batch["attention_mask"])
-      probabilities[i, rows] = np.asarray(probs)[:n]
+      probabilities[i, rows] = to_host(probs)[:n]
   return probabilities, router
 
 
@@ -59,7 +60,7 @@ def router_logits(programs: Programs, params: Any, data: Encoded, batch_size: in
   for rows, batch in eval_batches(data, batch_size):
     _, logits = programs("prefix", None, batch_size, batch["input_ids"].shape[1])(
         variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    router[rows] = np.asarray(logits)[:len(rows)]
+    router[rows] = to_host(logits)[:len(rows)]
   return router
 
 

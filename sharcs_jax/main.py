@@ -3,6 +3,7 @@
     python -m sharcs_jax.main --config=configs/qqp.py --workdir=/tmp/sharcs_qqp
     python -m sharcs_jax.main --mode=predict --workdir=/tmp/sharcs_qqp \
         --input=dev.tsv --output=/tmp/predictions.jsonl
+    python -m sharcs_jax.main --config=... --workdir=... --distributed   # one per host (launch/)
 """
 
 from __future__ import annotations
@@ -11,22 +12,31 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sharcs_jax import predict, summary, train
+from sharcs_jax import parallel, predict, summary, train
+from sharcs_jax.engine import Engine
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/qqp.py or "
                                 "configs/qqp.py:smoke.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and reports; re-running the "
                     "same command resumes from its latest checkpoint.")
-flags.DEFINE_enum("mode", "train", ["train", "summary", "predict"],
+flags.DEFINE_enum("mode", "train", ["train", "summary", "predict", "export"],
                   "train: train SHARCS and report on dev; summary: FLOPs per width only; "
-                  "predict: run the model trained in --workdir on --input.")
+                  "predict: run the model trained in --workdir on --input; export: write the "
+                  "model trained in --workdir to --output as jax.export parts + manifest.")
 flags.DEFINE_string("input", None, "predict: a .tsv (GLUE columns) or .jsonl file of inputs.")
-flags.DEFINE_string("output", None, "predict: where to write predictions (JSONL).")
-flags.DEFINE_string("budget", "", "predict: route to this FLOPs budget, e.g. 2.5x (reduction) or "
-                    "0.4gflops (per example), calibrated on the run's held-out training examples; "
-                    "default: the rule the run was trained and reported with.")
+flags.DEFINE_string("output", None, "predict: where to write predictions (JSONL); export: the "
+                    "export directory.")
+flags.DEFINE_string("budget", "", "predict, export: route to this FLOPs budget, e.g. 2.5x "
+                    "(reduction) or 0.4gflops (per example), calibrated on the run's held-out "
+                    "training examples; default: the rule the run was trained and reported with.")
 flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "predict: batch sizes to precompile.")
+flags.DEFINE_bool("distributed", False, "Join a jax.distributed job: coordinator and process ids "
+                  "from the flags below, else detected from SLURM, Cloud TPU or JAX_COORDINATOR_* "
+                  "environment variables.")
+flags.DEFINE_string("coordinator_address", None, "distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "distributed: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -35,6 +45,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # orbax logs every file it writes at INFO; keep the run's own progress readable.
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX %s on %s", jax.__version__, jax.devices())
   if FLAGS.mode == "predict":
     if not FLAGS.input or not FLAGS.output:
@@ -45,6 +57,15 @@ def main(argv: list[str]) -> None:
     logging.info("%d predictions in %s (%.1f examples/s)", result["examples"], FLAGS.output,
                  result["examples_per_second"])
     return
+  if FLAGS.mode == "export":
+    if not FLAGS.output:
+      raise app.UsageError("--mode=export needs --output (a directory)")
+    from sharcs_jax import export  # jax.export only where it is used
+    engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget)
+    manifest = export.export_engine(engine, FLAGS.output)
+    logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
+                 manifest["routing"]["budget"], FLAGS.output)
+    return
   if FLAGS.config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config")
   if FLAGS.mode == "summary":
@@ -52,7 +73,8 @@ def main(argv: list[str]) -> None:
     print(open(f"{FLAGS.workdir}/model_summary.md").read(), end="")
   else:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    print(open(f"{FLAGS.workdir}/report.md").read(), end="")
+    if parallel.is_primary():
+      print(open(f"{FLAGS.workdir}/report.md").read(), end="")
   logging.info("Reports in %s", FLAGS.workdir)
 
 

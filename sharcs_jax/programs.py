@@ -5,7 +5,10 @@ Three kinds of program, each compiled with `jit(...).lower(...).compile()` for f
   adaptive (width, batch, length)  layers K+1..L and the head at `width` -> class probabilities
   forward  (width, batch, length)  the whole model at one width, no router -> class probabilities
 Parameters are arguments, not constants, so one program serves any parameter values of the same
-shapes (every epoch of a training run, any checkpoint of a config).
+shapes (every epoch of a training run, any checkpoint of a config). Given a mesh (training on
+several devices), programs whose batch divides over it are compiled SPMD: parameters replicated,
+batch rows sharded; their inputs become global arrays and their outputs stay global arrays.
+FLOPs are read from single-device programs, so they are per example whatever the mesh.
 
 Persistence uses `jax.experimental.serialize_executable`, not the persistent compilation cache:
 the cache still traces and lowers every function at start-up and only skips the XLA compile,
@@ -32,7 +35,7 @@ from absl import logging
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
-from sharcs_jax import report
+from sharcs_jax import parallel, report
 from sharcs_jax.flops import compiled_flops
 from sharcs_jax.model import config as model_config
 from sharcs_jax.model import encoder, sharcs, widths
@@ -69,7 +72,7 @@ def fingerprint(model: SharcsModel, shapes: Any) -> str:
   return h.hexdigest()[:20]
 
 
-def _functions(model: SharcsModel) -> dict[str, Callable[..., Any]]:
+def functions(model: SharcsModel) -> dict[str, Callable[..., Any]]:
   def prefix(variables, ids, mask, types):
     return model.apply(variables, ids, mask, types, method=SharcsModel.prefix)
 
@@ -110,7 +113,7 @@ class Programs:
 
   def __init__(self, model: SharcsModel, params: Any, *, batch_buckets: Sequence[int],
                length_buckets: Sequence[int], kinds: Sequence[str] = ("prefix", "adaptive"),
-               cache_dir: str | None = None):
+               cache_dir: str | None = None, mesh: jax.sharding.Mesh | None = None):
     if list(batch_buckets) != sorted(set(batch_buckets)) or batch_buckets[0] < 1:
       raise ValueError(f"batch_buckets must be increasing sizes >= 1, got {tuple(batch_buckets)}")
     unknown = set(kinds) - {"prefix", "adaptive", "forward"}
@@ -121,9 +124,11 @@ class Programs:
     self.length_buckets = tuple(length_buckets)
     self.variables = {"params": jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)}
-    self.directory = (None if cache_dir is None
+    self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+    # SPMD executables are not stored: they depend on the whole cluster's device assignment.
+    self.directory = (None if cache_dir is None or self.mesh is not None
                       else os.path.join(cache_dir, fingerprint(model, params)))
-    self._functions = _functions(model)
+    self._functions = functions(model)
     self.executables: dict[ProgramKey, Any] = {}
     self.flops: dict[ProgramKey, float] = {}
     self.compiled = self.loaded = 0  # how each program was obtained, for tests and logs
@@ -137,7 +142,18 @@ class Programs:
                  self.compiled, self.loaded, self.directory)
 
   def __call__(self, kind: str, width: float | None, batch: int, length: int) -> Any:
-    return self.executables[ProgramKey(kind, width, batch, length)]
+    executable = self.executables[ProgramKey(kind, width, batch, length)]
+    if not self._sharded(batch):
+      return executable
+    sharding = parallel.batch_sharded(self.mesh)
+
+    def call(variables, *rows):  # rows: host arrays or global arrays, split over the data axis
+      return executable(variables, *(x if isinstance(x, jax.Array) and x.sharding == sharding
+                                     else parallel.to_global(x, sharding) for x in rows))
+    return call
+
+  def _sharded(self, batch: int) -> bool:
+    return self.mesh is not None and batch % self.mesh.size == 0
 
   def example_flops(self, width: float, length: int) -> float:
     """One example's FLOPs: prefix and router, then `width`'s part.
@@ -177,14 +193,20 @@ class Programs:
       return self._lower(key).compile()
 
   def _lower(self, key: ProgramKey) -> Any:
-    ids = jax.ShapeDtypeStruct((key.batch, key.length), jnp.int32)
+    variables, rows = self.variables, None
+    if self._sharded(key.batch):
+      variables = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(self.mesh)),
+          variables)
+      rows = parallel.batch_sharded(self.mesh)
+    ids = jax.ShapeDtypeStruct((key.batch, key.length), jnp.int32, sharding=rows)
     function = self._functions[key.kind]
     if key.kind == "prefix":
-      return jax.jit(function).lower(self.variables, ids, ids, ids)
+      return jax.jit(function, out_shardings=rows).lower(variables, ids, ids, ids)
     if key.kind == "adaptive":
       hidden = jax.ShapeDtypeStruct((key.batch, key.length, self.model.encoder.hidden_size),
-                                    jnp.float32)
-      return jax.jit(function, static_argnames="width").lower(
-          self.variables, hidden, ids, width=key.width)
-    return jax.jit(function, static_argnames="width").lower(
-        self.variables, ids, ids, ids, width=key.width)
+                                    jnp.float32, sharding=rows)
+      return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
+          variables, hidden, ids, width=key.width)
+    return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
+        variables, ids, ids, ids, width=key.width)

@@ -24,7 +24,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sharcs_jax import config as config_lib
-from sharcs_jax import evaluate, hardness, report
+from sharcs_jax import evaluate, hardness, parallel, report
 from sharcs_jax.checkpoint import Checkpoints, initial_best
 from sharcs_jax.data import batching, glue
 from sharcs_jax.flops import param_shapes
@@ -165,6 +165,9 @@ def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains SHARCS, keeps the best dev epoch (>= W), writes report.{json,md,png} in workdir."""
   config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  parallel.check_divisible("config.train.batch_size", config.train.batch_size, mesh)
+  parallel.check_divisible("config.eval.batch_size", config.eval.batch_size, mesh)
   task = glue.get_task(config.task)
   m, h, t = config.model, config.hardness, config.train
   widths = tuple(m.widths)
@@ -196,26 +199,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      opt_state=tx.init(params),
                      hardness=hardness.init_hardness(len(train_data), h.window, len(widths)),
                      rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0))
-  best = initial_best(_copy(params))
   history = []  # per-epoch dev results, checkpointed with the state
   checkpoints = Checkpoints(workdir, config)
-  restored = checkpoints.restore_latest(state, best)
+  # Restored arrays take the shardings of this run's mesh, whatever mesh wrote them.
+  restored = checkpoints.restore_latest(parallel.replicate(state, mesh),
+                                        parallel.replicate(initial_best(params), mesh))
   if restored is not None:
     state, best, history = restored
-  elif m.reorder:
-    start = time.time()
-    params = reorder_by_importance(model, params, _importance_batches(
-        train_data, t.batch_size, m.reorder_batches))
-    state = state.replace(params=params, opt_state=tx.init(params))
-    logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
+  else:
+    if m.reorder:
+      start = time.time()
+      params = reorder_by_importance(model, params, _importance_batches(
+          train_data, t.batch_size, m.reorder_batches))
+      state = state.replace(params=params, opt_state=tx.init(params))
+      logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
+    state = parallel.replicate(state, mesh)
+    best = parallel.replicate(initial_best(_copy(state.params)), mesh)
 
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
                                       router_loss_weight=t.router_loss_weight),
-                    static_argnames="width", donate_argnums=0)
+                    static_argnames="width", donate_argnums=0,
+                    out_shardings=parallel.replicated(mesh) if mesh.size > 1 else None)
   # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
   programs = Programs(model, param_shapes(model),
                       batch_buckets=tuple(sorted({1, config.eval.batch_size})),
-                      length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"))
+                      length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"),
+                      mesh=mesh)
   flops = evaluate.example_flops_table(programs)
 
   def routing_rule(params) -> Rule:
@@ -238,12 +247,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     plan = batching.plan_train_epoch(train_data, assigned, t.batch_size, rng)
     seen = correct = 0
     bar = tqdm(plan, desc=f"epoch {epoch}", unit="batch", mininterval=2.0,
-               disable=not t.progress_bar)
+               disable=not (t.progress_bar and parallel.is_primary()))
+    losses = []
     for i, planned in enumerate(bar):
       batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)
       batch["learning_rate"] = np.float32(learning_rate(t, (epoch + i / len(plan)) / t.epochs))
-      state, metrics = step_fn(state, batch, width=widths[planned.width_index])
+      state, metrics = step_fn(state, parallel.shard_batch(batch, mesh),
+                               width=widths[planned.width_index])
       loss = float(metrics["loss"])
+      losses.append(loss)
       if not np.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step "
                                  f"{int(state.step)}; nothing of this epoch was saved")
@@ -251,8 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       correct += float(metrics["correct"])
       bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{seen / (time.time() - start):.0f}")
     train_time = time.time() - start
-    state = state.replace(hardness=hardness.relabel(state.hardness, ranges, jnp.int32(epoch)),
-                          epoch=jnp.int32(epoch + 1))
+    state = parallel.replicate(state.replace(
+        hardness=hardness.relabel(state.hardness, ranges, jnp.int32(epoch)),
+        epoch=jnp.int32(epoch + 1)), mesh)
     share = np.asarray(state.hardness.labels).mean(0)
     logging.info("epoch %d: %d examples in %.0fs (%.1f ex/s), train acc %.4f, "
                  "labels per width %s, width share trained %s", epoch, seen, train_time,
@@ -260,13 +273,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  np.round(np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
     result = evaluate_dev(state.params)
     _log_eval(epoch, result, widths)
-    history.append({"epoch": epoch, **_json_result(result, widths)})
+    history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                    **_json_result(result, widths)})
     score = selection_score(result, config.checkpoint.select, config.checkpoint.max_drop,
                             max(h["full_width"]["accuracy"] for h in history))
     if epoch >= h.window and score > tuple(np.asarray(best["score"]).tolist()):
-      best = {"params": _copy(state.params), "epoch": jnp.int32(epoch),
-              "score": jnp.asarray(score, jnp.float32)}
-    state = state.replace(train_seconds=state.train_seconds + (time.time() - start))
+      best = parallel.replicate({"params": _copy(state.params), "epoch": jnp.int32(epoch),
+                                 "score": jnp.asarray(score, jnp.float32)}, mesh)
+    state = parallel.replicate(
+        state.replace(train_seconds=state.train_seconds + (time.time() - start)), mesh)
     checkpoints.save(state, best, history)
 
   if int(best["epoch"]) < 0:  # too few epochs to pass the warm-up: keep the last
@@ -282,5 +297,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "selection": config.checkpoint.select, **_json_result(result, widths),
       "train_seconds": float(state.train_seconds), "history": history,
   }
-  report.write_run_report(workdir, summary)
+  if parallel.is_primary():
+    report.write_run_report(workdir, summary)
   return summary

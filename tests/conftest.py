@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import pathlib
 import tempfile
 
 import jax
 import pytest
 
-from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
+from sharcs_jax.model import EncoderConfig, SharcsModel, init_params, weights
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,51 @@ def real_sentences(count: int) -> list[str]:
   with open(data_dir / "SST-2" / "dev.tsv", newline="") as f:
     rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
   return [row["sentence"] for row in rows[:count]]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+  """A 3-layer, 32-wide random BERT with all-MiniLM-L6-v2's tokenizer: compiles in a second."""
+  import transformers  # the test extra's torch writes the checkpoint
+
+  path = tmp_path_factory.mktemp("tiny_bert")
+  cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
+                                num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=128)
+  transformers.BertModel(cfg).save_pretrained(path)
+  minilm = weights.resolve_model_dir("all-MiniLM-L6-v2")
+  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(f"{minilm}/{name}", path)
+  return str(path)
+
+
+def tiny_run_config(backbone: str, **overrides):
+  """The QQP smoke config on a tiny backbone and 96 examples: a whole training run in seconds."""
+  from sharcs_jax import config as config_lib
+
+  config = config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py:smoke"))
+  config.data_dir = str(glue_data_dir())
+  config.model.backbone = backbone
+  config.data.train_limit, config.data.dev_limit = 96, 48
+  config.train.batch_size = config.eval.batch_size = 16
+  config.train.epochs, config.hardness.window = 2, 1
+  config.hardness.ranges = ((0.5, 1.0), (0.3, 0.8), (0.0, 0.55))
+  config.model.reorder_batches = 1
+  config.train.progress_bar = False
+  config.routing.budget, config.routing.calibration_examples = "1.1x", 32
+  for field, value in overrides.items():
+    section, key = field.split("__")
+    config[section][key] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_backbone, tmp_path_factory):
+  """(workdir, report) of one uninterrupted tiny run, shared by the tests that read it."""
+  from sharcs_jax import train
+
+  workdir = tmp_path_factory.mktemp("trained")
+  return workdir, train.train_and_evaluate(tiny_run_config(tiny_backbone), str(workdir))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,47 +11,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import transformers
 
 from conftest import REPO_ROOT, glue_data_dir
+from conftest import tiny_run_config as _tiny_config
 from sharcs_jax import config as config_lib
 from sharcs_jax import predict, train
 from sharcs_jax.data import glue
 from sharcs_jax.engine import Engine
-from sharcs_jax.model.weights import resolve_model_dir
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,
                                 reason="needs the local GLUE copy (network otherwise)")
-
-
-@pytest.fixture(scope="session")
-def tiny_backbone(tmp_path_factory):
-  """A 3-layer, 32-wide random BERT with all-MiniLM-L6-v2's tokenizer: compiles in a second."""
-  path = tmp_path_factory.mktemp("tiny_bert")
-  cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
-                                num_attention_heads=4, intermediate_size=64,
-                                max_position_embeddings=128)
-  transformers.BertModel(cfg).save_pretrained(path)
-  minilm = resolve_model_dir("all-MiniLM-L6-v2")
-  for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    shutil.copy(f"{minilm}/{name}", path)
-  return str(path)
-
-
-def _tiny_config(backbone: str, **overrides):
-  config = config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py:smoke"))
-  config.data_dir = str(glue_data_dir())
-  config.model.backbone = backbone
-  config.data.train_limit, config.data.dev_limit = 96, 48
-  config.train.batch_size = config.eval.batch_size = 16
-  config.train.epochs, config.hardness.window = 2, 1
-  config.hardness.ranges = ((0.5, 1.0), (0.3, 0.8), (0.0, 0.55))
-  config.model.reorder_batches = 1
-  config.train.progress_bar = False
-  for field, value in overrides.items():
-    section, key = field.split("__")
-    config[section][key] = value
-  return config
 
 
 def _final_checkpoint(workdir):
@@ -64,13 +32,6 @@ def _final_checkpoint(workdir):
 
 def _without_time(report):
   return {k: v for k, v in report.items() if k != "train_seconds"}
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_backbone, tmp_path_factory):
-  """(workdir, report) of one uninterrupted tiny run, shared by the tests that read it."""
-  workdir = tmp_path_factory.mktemp("trained")
-  return workdir, train.train_and_evaluate(_tiny_config(tiny_backbone), str(workdir))
 
 
 def test_resumed_run_equals_uninterrupted(tiny_backbone, trained, tmp_path, monkeypatch):
@@ -169,6 +130,26 @@ def test_throughput_benchmark_writes_its_reports(trained, tmp_path):
   assert set(data["paths"]) == {"SHARCS engine", "full width"}
   assert (tmp_path / "throughput.png").stat().st_size > 1000
   assert "examples/s" in (tmp_path / "throughput.md").read_text()
+
+
+def test_pareto_benchmark_meets_its_budgets(trained, tmp_path):
+  workdir, report = trained
+  assert report["sharcs"]["routing"]["budget"] == "1.1x"
+  assert report["routing"]["calibration_examples"] == 32 and report["train_examples"] == 64
+  result = subprocess.run(
+      [sys.executable, "benchmarks/pareto.py", f"--workdir={workdir}", f"--out={tmp_path}",
+       "--rounds=1", "--limit=48", "--budgets=1x,1.1x,max,9x"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "SHARCS_DATA_DIR": str(glue_data_dir())})
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads((tmp_path / "pareto_qqp.json").read_text())
+  met = {b["budget"]: b for b in data["budgets"]}
+  assert met["1x"]["calibration_reduction"] == pytest.approx(1.0)
+  assert 1.1 <= met["1.1x"]["calibration_reduction"] <= 1.1 * 1.05
+  assert met["max"]["calibration_reduction"] == pytest.approx(data["reachable_reductions"][1])
+  assert "out of reach" in met["9x"]["error"] and "error" not in met["1.1x"]
+  assert met["1.1x"]["dev"]["flops_reduction"] > 1 and met["1.1x"]["examples_per_second"] > 0
+  assert (tmp_path / "pareto_qqp.png").stat().st_size > 1000
 
 
 def test_predict_mode_needs_a_trained_workdir(tmp_path):

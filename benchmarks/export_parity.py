@@ -1,0 +1,98 @@
+"""The exported model against the engine on QQP dev: same labels, probabilities within 1e-5.
+
+Exports the run in --workdir to --export_dir, then loads the export in a fresh process that may
+import only jax, numpy and tokenizers (checked through sys.modules) and predicts every dev pair;
+reports agreement, load time and directory size as JSON and Markdown.
+
+    python benchmarks/export_parity.py --workdir=/tmp/sharcs_qqp --export_dir=/tmp/qqp_export \
+        --out=/tmp/bench
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+import common
+from sharcs_jax import export
+from sharcs_jax.data import glue
+from sharcs_jax.engine import Engine
+
+flags.DEFINE_string("workdir", None, "A trained run.", required=True)
+flags.DEFINE_string("export_dir", None, "Where to write the export.", required=True)
+flags.DEFINE_string("out", None, "Output directory for the report.", required=True)
+flags.DEFINE_string("budget", "", "Route to this budget (default: the run's own rule).")
+flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
+FLAGS = flags.FLAGS
+
+FORBIDDEN = ("flax", "optax", "orbax", "transformers", "torch")
+LOADER = """
+import json, sys, time
+start = time.perf_counter()
+from sharcs_jax.exported import ExportedModel
+model = ExportedModel.load(sys.argv[1])
+loaded = time.perf_counter() - start
+texts = json.load(open(sys.argv[2]))
+start = time.perf_counter()
+out = model.predict(texts)
+seconds = time.perf_counter() - start
+forbidden = sorted(m for m in sys.modules if m.split(".")[0] in %r)
+json.dump({"labels": out.labels.tolist(), "probabilities": out.probabilities.tolist(),
+           "widths": out.widths.tolist(), "load_seconds": loaded, "predict_seconds": seconds,
+           "forbidden_modules": forbidden}, open(sys.argv[3], "w"))
+""" % (FORBIDDEN,)
+
+
+def directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+             for f in files)
+
+
+def main(argv):
+  del argv
+  engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget)
+  start = time.perf_counter()
+  manifest = export.export_engine(engine, FLAGS.export_dir)
+  export_seconds = time.perf_counter() - start
+  split = glue.load_split(engine.task.name, "dev", glue.resolve_data_dir(engine.config.data_dir),
+                          limit=FLAGS.limit)
+  reference = engine.predict(split.texts)
+  with tempfile.TemporaryDirectory() as tmp:
+    with open(os.path.join(tmp, "texts.json"), "w") as f:
+      json.dump(split.texts, f)
+    result = subprocess.run([sys.executable, "-c", LOADER, FLAGS.export_dir,
+                             os.path.join(tmp, "texts.json"), os.path.join(tmp, "out.json")],
+                            capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(f"the export loader failed:\n{result.stderr[-3000:]}")
+    with open(os.path.join(tmp, "out.json")) as f:
+      loaded = json.load(f)
+  probabilities = np.asarray(loaded["probabilities"], np.float32)
+  data = {
+      "task": engine.task.name, "examples": len(split), "routing": manifest["routing"],
+      "labels_equal": float(np.mean(np.asarray(loaded["labels"]) == reference.labels)),
+      "widths_equal": float(np.mean(np.asarray(loaded["widths"]) == reference.widths)),
+      "max_probability_difference": float(np.abs(probabilities - reference.probabilities).max()),
+      "forbidden_modules_imported": loaded["forbidden_modules"],
+      "load_seconds": loaded["load_seconds"], "predict_seconds": loaded["predict_seconds"],
+      "export_seconds": export_seconds, "directory_bytes": directory_bytes(FLAGS.export_dir),
+      "files": sorted(os.listdir(FLAGS.export_dir)),
+  }
+  rows = [[k, v if not isinstance(v, list) else ", ".join(map(str, v)) or "none"]
+          for k, v in data.items() if k != "routing"]
+  common.write_outputs(FLAGS.out, "export_parity", data, "Exported model against the engine",
+                       ["", "value"], rows,
+                       f"{engine.task.name} dev, routing {manifest['routing']['budget']}; the "
+                       "export ran in a fresh process importing only jax, numpy and tokenizers.")
+  print(open(os.path.join(FLAGS.out, "export_parity.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main)

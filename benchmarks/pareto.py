@@ -1,0 +1,120 @@
+"""Serve to a budget: accuracy, FLOPs and engine speed for a sweep of FLOPs-reduction targets.
+
+For each target the routing rule argmax(router logits - lam * relative cost) is calibrated on the
+run's held-out training examples (never on dev); the table gives the reduction reached there and,
+beside it, the dev figures: accuracy (F1 where defined), GFLOPs, reduction, share per width, and
+the engine's measured examples/s (token ids to labels, batch buckets up to 32). A target beyond
+the model's reach (below 1x, or cheaper than all-narrowest) is reported with the reachable range.
+
+    python benchmarks/pareto.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags
+
+import common
+from sharcs_jax import evaluate, routing
+from sharcs_jax.data import batching, glue
+from sharcs_jax.engine import Engine
+
+flags.DEFINE_string("workdir", None, "A trained run whose config held back calibration examples.",
+                    required=True)
+flags.DEFINE_string("out", None, "Output directory.", required=True)
+flags.DEFINE_list("budgets", ["1x", "1.25x", "1.5x", "1.75x", "2x", "2.25x", "2.5x", "3x", "max"],
+                  "Reduction targets ('2x') or GFLOPs per example ('0.4gflops'); 'max' is the "
+                  "narrowest width everywhere.")
+flags.DEFINE_integer("rounds", 2, "Timed engine passes over dev per budget (median).")
+flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  engine = Engine.from_workdir(FLAGS.workdir)
+  config, task = engine.config, engine.task
+  params, batch = engine.params["params"], engine.batch_buckets[-1]
+  calibration = batching.encode(glue.calibration_split(config), engine.tokenizer,
+                                engine.length_buckets)
+  dev = batching.encode(glue.load_split(config.task, "dev", glue.resolve_data_dir(config.data_dir),
+                                        limit=FLAGS.limit), engine.tokenizer, engine.length_buckets)
+  calibration_router = evaluate.router_logits(engine.programs, params, calibration, batch)
+  calibration_flops = evaluate.per_example_flops(engine.flops, calibration)
+  probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
+  reach = routing.reachable_reductions(calibration_flops)
+
+  rows, data = [], {"task": task.name, "workdir": FLAGS.workdir, "dev_examples": len(dev),
+                    "calibration_examples": len(calibration), "reachable_reductions": list(reach),
+                    "budgets": []}
+  for spec in FLAGS.budgets:
+    budget = routing.Budget(reduction=reach[1]) if spec == "max" else routing.parse_budget(spec)
+    try:
+      rule = routing.calibrate(calibration_router, calibration_flops, budget)
+    except ValueError as e:
+      data["budgets"].append({"budget": spec, "error": str(e)})
+      rows.append([spec, "out of reach", "", "", "", "", "", ""])
+      continue
+    dev_result = evaluate.summarize(probabilities, dev_router, dev, engine.flops, task.metrics,
+                                    rule)["sharcs"]
+    engine.rule = rule
+    times = common.time_side_by_side({"engine": lambda: engine.run(dev)}, FLAGS.rounds, warmup=1,
+                                     progress=False)["engine"]
+    entry = {"budget": spec, "cost_weight": rule.cost_weight,
+             "calibration_reduction": rule.calibration_reduction, "dev": dev_result,
+             "examples_per_second": len(dev) / float(np.median(times))}
+    data["budgets"].append(entry)
+    rows.append([spec, rule.calibration_reduction, 100 * dev_result["accuracy"],
+                 100 * dev_result["f1"] if "f1" in dev_result else "", dev_result["gflops"],
+                 dev_result["flops_reduction"],
+                 ", ".join(f"{w:g}: {100 * s:.1f}%" for w, s in zip(engine.widths,
+                                                                     dev_result["bucket_share"])),
+                 entry["examples_per_second"]])
+    print(f"budget {spec}: {rule.calibration_reduction:.2f}x on calibration, dev "
+          f"{100 * dev_result['accuracy']:.2f}% at {dev_result['flops_reduction']:.2f}x, "
+          f"{entry['examples_per_second']:.0f} ex/s", flush=True)
+  static = evaluate.summarize(probabilities, dev_router, dev, engine.flops, task.metrics)
+  data["full_width"], data["router_argmax"] = static["full_width"], static["sharcs"]
+  data["static"] = {f"{w:g}": static["static"][i] for i, w in enumerate(engine.widths)}
+  notes = (f"{task.name} dev ({len(dev)} examples), rules calibrated on {len(calibration)} "
+           f"held-out training examples; reachable reductions {reach[0]:g}x to {reach[1]:.2f}x. "
+           f"Full width: {100 * static['full_width']['accuracy']:.2f}% at "
+           f"{static['full_width']['gflops']:.3f} GFLOPs; the router's own argmax: "
+           f"{100 * static['sharcs']['accuracy']:.2f}% at {static['sharcs']['flops_reduction']:.2f}x.")
+  common.write_outputs(FLAGS.out, f"pareto_{task.name}", data, f"{task.name}: accuracy to a budget",
+                       ["budget", "reduction on calibration", "dev accuracy", "dev F1",
+                        "dev GFLOPs/example", "dev reduction", "share per width",
+                        "engine examples/s"], rows, notes)
+  plot(os.path.join(FLAGS.out, f"pareto_{task.name}.png"), data)
+  print(open(os.path.join(FLAGS.out, f"pareto_{task.name}.md")).read())
+
+
+def plot(path: str, data: dict) -> None:
+  met = [b for b in data["budgets"] if "dev" in b]
+  fig, ax = common.report.pyplot().subplots(figsize=(6, 4))
+  xs = [b["dev"]["flops_reduction"] for b in met]
+  ax.plot(xs, [100 * b["dev"]["accuracy"] for b in met], "o-", color="tab:red",
+          label="SHARCS, budget rule (calibrated on held-out train)")
+  for b, x in zip(met, xs):
+    ax.annotate(f"{b['budget']}\n{b['examples_per_second']:.0f}/s", (x, 100 * b["dev"]["accuracy"]),
+                textcoords="offset points", xytext=(3, 4), fontsize=7)
+  full = data["full_width"]
+  static = data["static"]
+  ax.plot([full["gflops"] / static[w]["gflops"] for w in static],
+          [100 * static[w]["accuracy"] for w in static], "s--", color="tab:blue",
+          label="fixed width (same weights)")
+  a = data["router_argmax"]
+  ax.plot([a["flops_reduction"]], [100 * a["accuracy"]], "P", color="tab:orange", markersize=10,
+          label="router argmax (paper)")
+  ax.set_xlabel("FLOPs reduction vs full width (dev)")
+  ax.set_ylabel("dev accuracy (%)")
+  ax.set_title(f"{data['task']}: accuracy to a FLOPs budget")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower left")
+  common.report.save_figure(fig, path)
+
+
+if __name__ == "__main__":
+  app.run(main)
