@@ -162,6 +162,26 @@ def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str,
           **{k: result[k] for k in ("sharcs", "sharcs_argmax") if k in result}}
 
 
+def _load_data(config: ml_collections.ConfigDict, tokenizer: Any
+               ) -> tuple[batching.Encoded, batching.Encoded, batching.Encoded | None]:
+  """(train, dev, calibration): calibration examples are held back from train (never trained
+  on), or are dev itself where config.routing.calibrate_on says so; None without a budget."""
+  data_dir, buckets = glue.resolve_data_dir(config.data_dir), tuple(config.data.length_buckets)
+  train, dev = (glue.load_split(config.task, split, data_dir, config.data.skip_malformed, limit)
+                for split, limit in (("train", config.data.train_limit),
+                                     ("dev", config.data.dev_limit)))
+  held = None
+  if config.routing.calibration_examples:
+    train, held = glue.hold_out(train, config.routing.calibration_examples, config.seed)
+  train_data, dev_data = (batching.encode(s, tokenizer, buckets) for s in (train, dev))
+  calibration = dev_data if config.routing.calibrate_on == "dev" else (
+      None if held is None else batching.encode(held, tokenizer, buckets))
+  logging.info("%s: %d train, %d dev, %d held-out examples; buckets %s hold %s of train",
+               config.task, len(train_data), len(dev_data), 0 if held is None else len(held),
+               buckets, np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
+  return train_data, dev_data, calibration
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains SHARCS, keeps the best dev epoch (>= W), writes report.{json,md,png} in workdir."""
   config_lib.validate(config)
@@ -172,22 +192,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   m, h, t = config.model, config.hardness, config.train
   widths = tuple(m.widths)
   ranges = jnp.asarray(hardness.check_ranges(h.ranges, len(widths)))
-  data_dir = glue.resolve_data_dir(config.data_dir)
-  tokenizer = batching.load_tokenizer(resolve_model_dir(m.backbone))
   buckets = tuple(config.data.length_buckets)
-  train_split, dev_split = (
-      glue.load_split(config.task, split, data_dir, config.data.skip_malformed, limit)
-      for split, limit in (("train", config.data.train_limit), ("dev", config.data.dev_limit)))
   routing = config.routing
-  held_split = None
-  if routing.calibration_examples:
-    train_split, held_split = glue.hold_out(train_split, routing.calibration_examples, config.seed)
-  train_data, dev_data = (batching.encode(s, tokenizer, buckets) for s in (train_split, dev_split))
-  calibration_data = dev_data if routing.calibrate_on == "dev" else (
-      held_split and batching.encode(held_split, tokenizer, buckets))
-  logging.info("%s: %d train, %d dev, %d held-out examples; buckets %s hold %s of train",
-               task.name, len(train_data), len(dev_data), len(held_split or ()), buckets,
-               np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
+  train_data, dev_data, calibration_data = _load_data(
+      config, batching.load_tokenizer(resolve_model_dir(m.backbone)))
 
   key = jax.random.PRNGKey(config.seed)
   model, params = load_pretrained(m.backbone, num_classes=task.num_classes, widths=widths,
