@@ -26,7 +26,9 @@ from sharcs_jax.routing import choose_widths
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-BATCH = 32  # rows per call; each distinct (rows, length) shape compiles once, on first use
+# Rows per call are padded up to one of these sizes: every distinct (rows, length) shape compiles
+# once on first use, so a few sizes bound the compiles while small groups waste little.
+ROW_BUCKETS = (1, 8, 32)
 
 
 def _sha256(path: str) -> str:
@@ -150,26 +152,37 @@ class ExportedModel:
         continue
       mask = (np.arange(size)[None] < lengths[rows, None]).astype(np.int32)
       hidden, router = [], []
-      for start in range(0, len(rows), BATCH):
-        part = slice(start, start + BATCH)
-        h, r = self._calls["prefix"](self._variables, ids[rows[part], :size], mask[part],
-                                     types[rows[part], :size])
-        hidden.append(h)
+      for part in _chunks(np.arange(len(rows))):
+        h, r = self._run("prefix", len(part), ids[rows[part], :size], mask[part],
+                         types[rows[part], :size])
+        hidden.append(np.asarray(h))
         router.append(np.asarray(r))
-      hidden = np.concatenate([np.asarray(h) for h in hidden])
-      router = np.concatenate(router)
+      hidden, router = np.concatenate(hidden), np.concatenate(router)
       chosen = choose_widths(router, np.broadcast_to(self.gflops[:, b], router.shape),
                              self.cost_weight)
       routed[rows] = chosen
       gflops[rows] = self.gflops[chosen, b]
       for w_index, width in enumerate(self.widths):
-        group = np.flatnonzero(chosen == w_index)
-        for start in range(0, len(group), BATCH):
-          part = group[start:start + BATCH]
-          probs = self._calls[adaptive_part_name(width)](self._variables, hidden[part], mask[part])
-          probabilities[rows[part]] = np.asarray(probs)
+        for part in _chunks(np.flatnonzero(chosen == w_index)):
+          probabilities[rows[part]] = np.asarray(
+              self._run(adaptive_part_name(width), len(part), hidden[part], mask[part]))
     return ExportedPredictions(probabilities.argmax(-1).astype(np.int32), probabilities,
                                np.asarray(self.widths, np.float32)[routed], gflops)
+
+
+  def _run(self, part: str, count: int, *rows: np.ndarray):
+    """One call on `count` rows padded to a row bucket; outputs cut back to `count` rows."""
+    size = next((b for b in ROW_BUCKETS if b >= count), ROW_BUCKETS[-1])
+    padded = [np.concatenate([x, np.zeros((size - count,) + x.shape[1:], x.dtype)]) for x in rows]
+    for x in padded[1:2]:  # the mask: padding rows attend to one position, no empty softmax
+      x[count:, 0] = 1
+    outputs = self._calls[part](self._variables, *padded)
+    return jax.tree_util.tree_map(lambda y: y[:count], outputs)
+
+
+def _chunks(rows: np.ndarray) -> list[np.ndarray]:
+  size = ROW_BUCKETS[-1]
+  return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
 def _check_parts(path: str, manifest: dict, parts: dict[str, export.Exported]) -> None:
