@@ -1,0 +1,65 @@
+"""Early-exit rules on hand-made per-layer logits, and the FLOPs of an exit at layer k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sharcs_jax import early_exit
+from sharcs_jax.model import EncoderConfig
+
+SURE, UNSURE = [4.0, -4.0], [0.1, 0.0]  # entropies ~0.0007 and ~0.69 nats
+
+
+def test_entropy_of_uniform_and_certain():
+  np.testing.assert_allclose(early_exit.prediction_entropy(np.zeros((1, 4))), [np.log(4)])
+  assert early_exit.prediction_entropy(np.array([[50.0, 0.0]]))[0] < 1e-15
+
+
+def test_entropy_threshold_exits_at_the_first_confident_layer():
+  logits = np.array([[UNSURE, UNSURE, SURE],  # layer 0
+                     [SURE, UNSURE, UNSURE],  # layer 1
+                     [UNSURE, UNSURE, SURE]])  # layer 2 (the last)
+  np.testing.assert_array_equal(early_exit.entropy_exit_layers(logits, 0.1), [1, 2, 0])
+  np.testing.assert_array_equal(early_exit.entropy_exit_layers(logits, 1.0), [0, 0, 0])
+  np.testing.assert_array_equal(early_exit.entropy_exit_layers(logits, 0.0), [2, 2, 2])
+  np.testing.assert_array_equal(
+      early_exit.exit_predictions(logits, np.array([1, 2, 0])), [0, 0, 0])
+
+
+def test_patience_counts_unchanged_predictions():
+  a, b = [1.0, 0.0], [0.0, 1.0]
+  logits = np.array([[a, a, a, b],
+                     [a, b, a, a],
+                     [b, b, a, a],
+                     [b, b, b, a],
+                     [b, a, b, a]])
+  # patience 1: exit at the first layer that repeats the previous prediction.
+  np.testing.assert_array_equal(early_exit.patience_exit_layers(logits, 1), [1, 2, 1, 2])
+  # patience 2: two repeats in a row; the counter restarts when the prediction changes.
+  np.testing.assert_array_equal(early_exit.patience_exit_layers(logits, 2), [4, 3, 2, 3])
+  # never reached: the last layer.
+  np.testing.assert_array_equal(early_exit.patience_exit_layers(logits, 9), [4, 4, 4, 4])
+  with pytest.raises(ValueError, match="patience must be >= 1"):
+    early_exit.patience_exit_layers(logits, 0)
+
+
+def test_bad_logits_shape():
+  with pytest.raises(ValueError, match=r"must be \[layers, examples, classes\]"):
+    early_exit.entropy_exit_layers(np.zeros((3, 2)), 0.5)
+
+
+def test_exit_flops_grow_by_one_layer_each_step():
+  cfg = EncoderConfig(layout="bert", vocab_size=30522, hidden_size=384, num_layers=6,
+                      num_heads=12, intermediate_size=1536, max_position_embeddings=512,
+                      type_vocab_size=2)
+  flops = [early_exit.exit_flops(cfg, k, 32, 2) for k in range(6)]
+  steps = np.diff(flops)
+  np.testing.assert_allclose(steps, steps[0])  # every layer costs the same at full width
+  # one MiniLM layer at 32 tokens: its projections alone are 2*32*(4*384^2 + 2*384*1536) FLOPs;
+  # attention scores, context and the elementwise work add a few percent
+  projections = 2 * 32 * (4 * 384**2 + 2 * 384 * 1536)
+  assert projections < steps[0] < 1.05 * projections
+  assert flops[-1] / flops[0] == pytest.approx(6, rel=0.05)
+  with pytest.raises(ValueError, match=r"exit layer 6 is outside 0..5"):
+    early_exit.exit_flops(cfg, 6, 32, 2)
