@@ -158,39 +158,61 @@ class Engine:
 
   def _run_block(self, data: batching.Encoded, rows: np.ndarray, bucket: int,
                  probabilities: np.ndarray, routed: np.ndarray, gflops: np.ndarray) -> None:
-    """Prefix and router for `rows` (one length bucket), then each width's group."""
+    """Prefix and router for `rows` (one length bucket), then each width's group.
+
+    A group that is exactly one prefix batch (the common case of a request routed to one width)
+    takes that batch's hidden states as they lie on the device; other groups are gathered on the
+    host from all of the block's prefix outputs.
+    """
     length = self.length_buckets[bucket]
-    hidden, router, mask = self._prefix(data, rows, bucket)
+    batches, router, mask = self._prefix(data, rows, bucket)
+    whole_batches = {(b.start, b.count, b.size): b for b in batches}
+    host_hidden = None
     routed[rows] = self.rule.choose(router, np.broadcast_to(self.flops[:, bucket], router.shape))
     pending = []  # dispatch every group before reading any result: host work overlaps compute
     for w_index, width in enumerate(self.widths):
-      group = np.flatnonzero(routed[rows] == w_index)  # positions within this block
+      group = np.flatnonzero(routed[rows] == w_index)  # positions within this block, ascending
       for start, size in split_into_batches(len(group), self.batch_buckets):
         part = group[start:start + size]
+        whole = whole_batches.get((int(part[0]), len(part), size))
+        if whole is not None and part[-1] - part[0] == len(part) - 1:
+          inputs = (whole.hidden, whole.mask)
+        else:
+          if host_hidden is None:
+            host_hidden = np.concatenate([np.asarray(b.hidden)[:b.count] for b in batches])
+          inputs = (_pad(host_hidden[part], size), _pad_mask(mask[part], size))
         program = self.programs("adaptive", width, size, length)
-        pending.append((rows[part], program(self.params, _pad(hidden[part], size),
-                                            _pad_mask(mask[part], size))))
+        pending.append((rows[part], program(self.params, *inputs)))
       gflops[rows[group]] = self.flops[w_index, bucket] / 1e9
     for targets, probs in pending:
       probabilities[targets] = np.asarray(probs)[:len(targets)]
 
-  def _prefix(self, data: batching.Encoded, rows: np.ndarray, bucket: int):
-    """Prefix outputs for `rows` (all in one length bucket): hidden [n,S,d], router [n,m], mask."""
+  def _prefix(self, data: batching.Encoded, rows: np.ndarray, bucket: int
+              ) -> tuple[list[_PrefixBatch], np.ndarray, np.ndarray]:
+    """Prefix outputs for `rows` (all in one length bucket): the batches as run (hidden states
+    left on the device), router logits [n, m] and attention masks [n, S] on the host."""
     length = self.length_buckets[bucket]
-    hidden = np.zeros((len(rows), length, self.model.encoder.hidden_size), np.float32)
-    router = np.zeros((len(rows), len(self.widths)), np.float32)
+    batches, pending = [], []
     mask = np.zeros((len(rows), length), np.int32)
-    pending = []
     for start, size in split_into_batches(len(rows), self.batch_buckets):
       part = rows[start:start + size]
       batch = batching.make_batch(data, part, bucket, size)
-      end = start + len(part)
-      mask[start:end] = batch["attention_mask"][:len(part)]
-      pending.append((start, end, self.programs("prefix", None, size, length)(
-          self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])))
-    for start, end, (h, r) in pending:
-      hidden[start:end], router[start:end] = np.asarray(h)[:end - start], np.asarray(r)[:end - start]
-    return hidden, router, mask
+      mask[start:start + len(part)] = batch["attention_mask"][:len(part)]
+      hidden, router = self.programs("prefix", None, size, length)(
+          self.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+      batches.append(_PrefixBatch(start, len(part), size, hidden, batch["attention_mask"]))
+      pending.append(router)
+    router = np.concatenate([np.asarray(r)[:b.count] for r, b in zip(pending, batches)])
+    return batches, router, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrefixBatch:
+  start: int  # first row within the block
+  count: int  # real rows; the rest of `size` is padding
+  size: int  # the batch bucket it ran at
+  hidden: Any  # jax.Array [size, S, d], on the device
+  mask: np.ndarray  # int32 [size, S], padding rows included
 
 
 def trained_rule(workdir: str) -> Rule:

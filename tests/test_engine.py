@@ -122,6 +122,19 @@ def test_budget_routing_in_the_engine(engine, split_params):
     engine.calibrate("9x", data)
 
 
+@pytest.mark.parametrize("forced", [0, 2])
+def test_a_request_routed_to_one_width(tiny_model, split_params, forced):
+  """Whole prefix batches feed their width's program directly: same results as gathering."""
+  params = jax.tree_util.tree_map(lambda x: x, split_params)
+  params["router"]["out"]["bias"] = params["router"]["out"]["bias"].at[forced].add(1e4)
+  engine = Engine(tiny_model, params, length_buckets=(8, 16), batch_buckets=(1, 4, 8))
+  data = _inputs(n=21, seed=8)
+  out = engine.run(data)
+  assert set(out.widths.tolist()) == {tiny_model.widths[forced]}
+  probabilities, _ = evaluate.predict_all_widths(engine.programs, params, data, 8)
+  np.testing.assert_allclose(out.probabilities, probabilities[forced], atol=1e-5)
+
+
 def test_blocks_do_not_change_results(engine, monkeypatch):
   data = _inputs(n=40, seed=4)
   whole = engine.run(data)
