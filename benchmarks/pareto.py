@@ -27,6 +27,8 @@ flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_list("budgets", ["1x", "1.25x", "1.5x", "1.75x", "2x", "2.25x", "2.5x", "3x", "max"],
                   "Reduction targets ('2x') or GFLOPs per example ('0.4gflops'); 'max' is the "
                   "narrowest width everywhere.")
+flags.DEFINE_bool("calibrate_on_dev", False, "Calibrate on dev itself (for runs that held back no "
+                  "training examples); the dev figures are then not held-out estimates.")
 flags.DEFINE_integer("rounds", 2, "Timed engine passes over dev per budget (median).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 FLAGS = flags.FLAGS
@@ -37,17 +39,19 @@ def main(argv):
   engine = Engine.from_workdir(FLAGS.workdir)
   config, task = engine.config, engine.task
   params, batch = engine.params["params"], engine.batch_buckets[-1]
-  calibration = batching.encode(glue.calibration_split(config), engine.tokenizer,
-                                engine.length_buckets)
   dev = batching.encode(glue.load_split(config.task, "dev", glue.resolve_data_dir(config.data_dir),
                                         limit=FLAGS.limit), engine.tokenizer, engine.length_buckets)
+  calibration = dev if FLAGS.calibrate_on_dev else batching.encode(
+      glue.calibration_split(config), engine.tokenizer, engine.length_buckets)
+  source = "dev itself" if FLAGS.calibrate_on_dev else "held-out training examples"
   calibration_router = evaluate.router_logits(engine.programs, params, calibration, batch)
   calibration_flops = evaluate.per_example_flops(engine.flops, calibration)
   probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
   reach = routing.reachable_reductions(calibration_flops)
 
   rows, data = [], {"task": task.name, "workdir": FLAGS.workdir, "dev_examples": len(dev),
-                    "calibration_examples": len(calibration), "reachable_reductions": list(reach),
+                    "calibration_examples": len(calibration), "calibration_source": source,
+                    "reachable_reductions": list(reach),
                     "budgets": []}
   for spec in FLAGS.budgets:
     budget = routing.Budget(reduction=reach[1]) if spec == "max" else routing.parse_budget(spec)
@@ -79,7 +83,7 @@ def main(argv):
   data["full_width"], data["router_argmax"] = static["full_width"], static["sharcs"]
   data["static"] = {f"{w:g}": static["static"][i] for i, w in enumerate(engine.widths)}
   notes = (f"{task.name} dev ({len(dev)} examples), rules calibrated on {len(calibration)} "
-           f"held-out training examples; reachable reductions {reach[0]:g}x to {reach[1]:.2f}x. "
+           f"{source}; reachable reductions {reach[0]:g}x to {reach[1]:.2f}x. "
            f"Full width: {100 * static['full_width']['accuracy']:.2f}% at "
            f"{static['full_width']['gflops']:.3f} GFLOPs; the router's own argmax: "
            f"{100 * static['sharcs']['accuracy']:.2f}% at {static['sharcs']['flops_reduction']:.2f}x.")
@@ -96,7 +100,7 @@ def plot(path: str, data: dict) -> None:
   fig, ax = common.report.pyplot().subplots(figsize=(6, 4))
   xs = [b["dev"]["flops_reduction"] for b in met]
   ax.plot(xs, [100 * b["dev"]["accuracy"] for b in met], "o-", color="tab:red",
-          label="SHARCS, budget rule (calibrated on held-out train)")
+          label=f"SHARCS, budget rule (calibrated on {data['calibration_source']})")
   for b, x in zip(met, xs):
     ax.annotate(f"{b['budget']}\n{b['examples_per_second']:.0f}/s", (x, 100 * b["dev"]["accuracy"]),
                 textcoords="offset points", xytext=(3, 4), fontsize=7)
