@@ -31,7 +31,7 @@ MANIFEST = "manifest.json"
 ROW_BUCKETS = (1, 8, 32)
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -104,7 +104,7 @@ class ExportedModel:
       file = os.path.join(directory, entry["file"])
       if not os.path.isfile(file):
         raise FileNotFoundError(f"{directory}: part {name!r} ({entry['file']}) is missing")
-      if _sha256(file) != entry["sha256"]:
+      if file_sha256(file) != entry["sha256"]:
         raise ValueError(f"{file}: contents do not match the manifest's SHA-256 for {name!r}")
     parts = {}
     for name, entry in manifest["parts"].items():
