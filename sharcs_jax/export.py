@@ -20,7 +20,7 @@ from jax import export
 
 from sharcs_jax import report
 from sharcs_jax.engine import Engine
-from sharcs_jax.exported import FORMAT_VERSION, MANIFEST, file_sha256, adaptive_part_name
+from sharcs_jax.exported import FORMAT_VERSION, MANIFEST, adaptive_part_name, file_sha256
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.programs import functions
 
@@ -59,7 +59,10 @@ def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
   np.savez(os.path.join(tmp, "params.npz"), **_flatten(engine.params["params"]))
   shutil.copy(os.path.join(resolve_model_dir(engine.config.model.backbone), "tokenizer.json"),
               os.path.join(tmp, "tokenizer.json"))
-  entry = lambda file: {"file": file, "sha256": file_sha256(os.path.join(tmp, file))}  # noqa: E731
+
+  def entry(file: str) -> dict[str, str]:
+    return {"file": file, "sha256": file_sha256(os.path.join(tmp, file))}
+
   manifest = {
       "format_version": FORMAT_VERSION, "task": engine.task.name,
       "label_names": list(engine.task.label_names), "text_fields": list(engine.task.text_columns),
