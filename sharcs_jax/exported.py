@@ -75,7 +75,6 @@ class ExportedModel:
     self.text_fields = tuple(manifest["text_fields"])
     self.gflops = np.asarray(manifest["gflops_per_example"], np.float64)  # [m, length buckets]
     self.cost_weight = float(manifest["routing"]["cost_weight"])
-    self._parts = parts
     self._variables = {"params": jax.device_put(params)}
     self._tokenizer = tokenizer
     self._calls = {name: jax.jit(part.call) for name, part in parts.items()}
@@ -169,13 +168,11 @@ class ExportedModel:
     return ExportedPredictions(probabilities.argmax(-1).astype(np.int32), probabilities,
                                np.asarray(self.widths, np.float32)[routed], gflops)
 
-
   def _run(self, part: str, count: int, *rows: np.ndarray):
     """One call on `count` rows padded to a row bucket; outputs cut back to `count` rows."""
     size = next((b for b in ROW_BUCKETS if b >= count), ROW_BUCKETS[-1])
     padded = [np.concatenate([x, np.zeros((size - count,) + x.shape[1:], x.dtype)]) for x in rows]
-    for x in padded[1:2]:  # the mask: padding rows attend to one position, no empty softmax
-      x[count:, 0] = 1
+    padded[1][count:, 0] = 1  # the mask (second in both parts): no empty softmax on padding rows
     outputs = self._calls[part](self._variables, *padded)
     return jax.tree_util.tree_map(lambda y: y[:count], outputs)
 

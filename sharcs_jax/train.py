@@ -164,22 +164,17 @@ def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str,
 
 def _load_data(config: ml_collections.ConfigDict, tokenizer: Any
                ) -> tuple[batching.Encoded, batching.Encoded, batching.Encoded | None]:
-  """(train, dev, calibration): calibration examples are held back from train (never trained
-  on), or are dev itself where config.routing.calibrate_on says so; None without a budget."""
-  data_dir, buckets = glue.resolve_data_dir(config.data_dir), tuple(config.data.length_buckets)
-  train, dev = (glue.load_split(config.task, split, data_dir, config.data.skip_malformed, limit)
-                for split, limit in (("train", config.data.train_limit),
-                                     ("dev", config.data.dev_limit)))
-  held = None
-  if config.routing.calibration_examples:
-    train, held = glue.hold_out(train, config.routing.calibration_examples, config.seed)
+  """(train, dev, calibration) encoded; calibration is None without held-out examples."""
+  buckets = tuple(config.data.length_buckets)
+  train, dev, calibration = glue.run_splits(config)
   train_data, dev_data = (batching.encode(s, tokenizer, buckets) for s in (train, dev))
-  calibration = dev_data if config.routing.calibrate_on == "dev" else (
-      None if held is None else batching.encode(held, tokenizer, buckets))
-  logging.info("%s: %d train, %d dev, %d held-out examples; buckets %s hold %s of train",
-               config.task, len(train_data), len(dev_data), 0 if held is None else len(held),
-               buckets, np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
-  return train_data, dev_data, calibration
+  calibration_data = (None if calibration is None else dev_data if calibration is dev
+                      else batching.encode(calibration, tokenizer, buckets))
+  logging.info("%s: %d train, %d dev, %d calibration examples; buckets %s hold %s of train",
+               config.task, len(train_data), len(dev_data),
+               0 if calibration is None else len(calibration), buckets,
+               np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
+  return train_data, dev_data, calibration_data
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

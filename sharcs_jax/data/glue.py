@@ -179,16 +179,27 @@ def load_split(task_name: str, split: str, data_dir: str | None,
   return data
 
 
-def calibration_split(config: Any) -> Split:
-  """The examples a run calibrates its routing budget on: its held-out training examples, or dev
-  when `config.routing.calibrate_on` says so. The same rows the training run held back."""
+def run_splits(config: Any) -> tuple[Split, Split, Split | None]:
+  """(train, dev, calibration) of a run's config. Calibration examples are held back from train
+  (the same rows for the same seed, never trained on), or are dev itself where
+  `config.routing.calibrate_on` says so; None when the run holds back nothing."""
   routing, data = config.get("routing", {}), config.data  # runs older than routing have none
   data_dir = resolve_data_dir(config.data_dir)
+  train, dev = (load_split(config.task, split, data_dir, data.skip_malformed, limit)
+                for split, limit in (("train", data.train_limit), ("dev", data.dev_limit)))
+  calibration = None
+  if routing.get("calibration_examples"):
+    train, calibration = hold_out(train, routing.calibration_examples, config.seed)
   if routing.get("calibrate_on") == "dev":
-    return load_split(config.task, "dev", data_dir, data.skip_malformed, data.dev_limit)
-  if not routing.get("calibration_examples"):
+    calibration = dev
+  return train, dev, calibration
+
+
+def calibration_split(config: Any) -> Split:
+  """The examples a run calibrates its routing budget on (see `run_splits`)."""
+  calibration = run_splits(config)[2]
+  if calibration is None:
     raise ValueError("this run held back no training examples to calibrate a budget on "
                      "(config.routing.calibration_examples = 0); retrain with some, or calibrate "
                      "on dev (config.routing.calibrate_on = 'dev')")
-  train = load_split(config.task, "train", data_dir, data.skip_malformed, data.train_limit)
-  return hold_out(train, routing.calibration_examples, config.seed)[1]
+  return calibration
