@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 from sharcs_jax.data.glue import get_task, resolve_data_dir
-from sharcs_jax.hardness import check_ranges
+from sharcs_jax.hardness import SIGNALS, check_ranges
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import check_model_settings
 from sharcs_jax.model.weights import LAYERNORM_INITS, resolve_model_dir
@@ -43,6 +43,8 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.hardness.window = 2  # W: warm-up epochs, and confidences per label decision
   # One [lo, hi) confidence range per width, in the order of model.widths.
   c.hardness.ranges = ((0.7, 1.0), (0.4, 0.9), (0.0, 0.5))
+  # What the ranges compare: "confidence" p(true class) (the paper) or "entropy" 1 - H(p)/log(C).
+  c.hardness.signal = "confidence"
 
   c.data = ml_collections.ConfigDict()
   c.data.length_buckets = (32, 64, 128)  # static padded lengths; the last is the max length
@@ -57,6 +59,8 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.warmup_fraction = 0.06
   c.train.weight_decay = 0.01
   c.train.router_loss_weight = 1.0
+  # > 0: the static-width baseline: every batch at this width (one of model.widths), no router.
+  c.train.static_width = 0.0
   c.train.progress_bar = True
 
   c.eval = ml_collections.ConfigDict()
@@ -148,6 +152,11 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
     check_ranges(config.hardness.ranges, len(m.widths))
   except ValueError as e:
     raise ValueError(f"config.hardness.ranges: {e}") from None
+  if config.hardness.signal not in SIGNALS:
+    raise ValueError(f"config.hardness.signal={config.hardness.signal!r} is not one of {SIGNALS}")
+  if config.train.static_width and config.train.static_width not in tuple(m.widths):
+    raise ValueError(f"config.train.static_width={config.train.static_width} is not one of "
+                     f"config.model.widths={tuple(m.widths)}")
   if config.checkpoint.select not in SELECTION_RULES:
     raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
                      f"{SELECTION_RULES}")

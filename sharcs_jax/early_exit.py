@@ -71,3 +71,31 @@ def exit_flops(cfg: EncoderConfig, layer: int, seq_len: int, num_classes: int) -
   embeddings = seq_len * d * (2 + _LAYER_NORM)
   classifier = 2.0 * (d * d + d * num_classes)  # pooler-style dense, then the class scores
   return float(embeddings + (layer + 1) * per_layer + classifier)
+
+
+def sweep_rules(logits: np.ndarray, labels: np.ndarray, exit_gflops: np.ndarray,
+                metric_names: tuple[str, ...], entropy_fractions: tuple[float, ...],
+                patiences: tuple[int, ...]) -> list[dict]:
+  """Dev metrics and average GFLOPs of each rule setting, from one pass's per-layer logits.
+
+  `exit_gflops` [L, N] is what leaving after each layer costs each example (at its length);
+  entropy thresholds are fractions of the largest possible entropy, log(classes).
+  """
+  from sharcs_jax.evaluate import classification_metrics  # numpy-only use of the metrics
+
+  logits = _check(logits)
+  rows = np.arange(logits.shape[1])
+  points = []
+
+  def point(rule: str, setting: float, exits: np.ndarray) -> dict:
+    return {"rule": rule, "setting": setting,
+            **classification_metrics(exit_predictions(logits, exits), labels, metric_names),
+            "gflops": float(exit_gflops[exits, rows].mean()),
+            "mean_exit_layer": float(exits.mean() + 1)}
+
+  for fraction in entropy_fractions:
+    threshold = fraction * np.log(logits.shape[-1])
+    points.append(point("entropy", fraction, entropy_exit_layers(logits, threshold)))
+  for patience in patiences:
+    points.append(point("patience", patience, patience_exit_layers(logits, patience)))
+  return points

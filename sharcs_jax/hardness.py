@@ -28,6 +28,24 @@ class HardnessState:
   labels: Array  # float32 [N, m]: multi-hot admissible widths (last = full width)
 
 
+SIGNALS = ("confidence", "entropy")
+
+
+def easiness(probabilities: Array, labels: Array, signal: str) -> Array:
+  """What the [lo, hi) ranges are compared with, per example; higher is easier.
+
+  "confidence": p(true class), the paper's rule. "entropy": 1 - H(p) / log(classes), the paper's
+  entropy-based variant, which ignores the label (a confidently wrong example counts as easy).
+  """
+  chex.assert_rank(probabilities, 2)
+  if signal == "confidence":
+    return jnp.take_along_axis(probabilities, labels[:, None], axis=1)[:, 0]
+  if signal == "entropy":
+    entropy = -jnp.sum(probabilities * jnp.log(jnp.maximum(probabilities, 1e-12)), axis=-1)
+    return jnp.clip(1.0 - entropy / jnp.log(probabilities.shape[-1]), 0.0, 1.0)
+  raise ValueError(f"unknown hardness signal {signal!r}; known: {SIGNALS}")
+
+
 def init_hardness(num_examples: int, window: int, num_widths: int) -> HardnessState:
   labels = jnp.zeros((num_examples, num_widths), jnp.float32).at[:, -1].set(1.0)
   return HardnessState(confidence=jnp.zeros((window, num_examples), jnp.float32), labels=labels)

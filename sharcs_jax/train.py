@@ -74,10 +74,18 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
       mask=decay_mask)
 
 
+def apply_gradients(tx: optax.GradientTransformation, opt_state: Any, params: Any, grads: Any,
+                    lr: Array) -> tuple[Any, Any]:
+  """One AdamW update at learning rate `lr` (a traced scalar: the schedule lives outside)."""
+  opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def train_step(state: TrainState, batch: dict[str, Array], *, model: SharcsModel,
-               tx: optax.GradientTransformation, width: float,
-               router_loss_weight: float) -> tuple[TrainState, dict[str, Array]]:
-  """One optimiser step on a single-width batch; records each example's confidence."""
+               tx: optax.GradientTransformation, width: float, router_loss_weight: float,
+               hardness_signal: str = "confidence") -> tuple[TrainState, dict[str, Array]]:
+  """One optimiser step on a single-width batch; records each example's easiness."""
   weight = batch["weight"]
   count = jnp.maximum(weight.sum(), 1.0)
   num_examples = state.hardness.labels.shape[0]
@@ -95,13 +103,12 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: SharcsModel
 
   (loss, (logits, task_loss, router_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  opt_state = state.opt_state._replace(
-      hyperparams={**state.opt_state.hyperparams, "learning_rate": batch["learning_rate"]})
-  updates, opt_state = tx.update(grads, opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state = apply_gradients(tx, state.opt_state, state.params, grads,
+                                      batch["learning_rate"])
   probs = jax.nn.softmax(jax.lax.stop_gradient(logits))
-  confidence = jnp.take_along_axis(probs, batch["label"][:, None], axis=1)[:, 0]
-  new_hardness = hardness.record(state.hardness, batch["id"], confidence, state.epoch)
+  new_hardness = hardness.record(state.hardness, batch["id"],
+                                 hardness.easiness(probs, batch["label"], hardness_signal),
+                                 state.epoch)
   correct = ((logits.argmax(-1) == batch["label"]) * weight).sum()
   metrics = {"loss": loss, "task_loss": task_loss, "router_loss": router_loss,
              "correct": correct, "count": weight.sum()}
@@ -119,14 +126,17 @@ def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
 
 
 def selection_score(result: dict[str, Any], rule: str, max_drop: float,
-                    best_full_width: float) -> tuple[float, float]:
+                    best_full_width: float, static_index: int | None = None) -> tuple[float, float]:
   """Orders dev results for keeping the best epoch (higher is better, compared as a tuple).
 
   "accuracy": the paper's rule, highest SHARCS accuracy. "reduction": highest FLOPs reduction
   among epochs whose SHARCS accuracy is within `max_drop` of the best full-width accuracy of any
   epoch so far (not of the same epoch: a full width that has itself lost accuracy would excuse a
   router that sends everything to the narrowest width); other epochs rank below, by accuracy.
+  A static-width run (`static_index`) keeps its width's best accuracy.
   """
+  if static_index is not None:
+    return (0.0, result["static"][static_index]["accuracy"])
   sharcs = result["sharcs"]
   if rule == "accuracy":
     return (0.0, sharcs["accuracy"])
@@ -189,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ranges = jnp.asarray(hardness.check_ranges(h.ranges, len(widths)))
   buckets = tuple(config.data.length_buckets)
   routing = config.routing
+  # A static-width baseline trains only `static_width` (no router, no warm-up at full width).
+  static_index = widths.index(t.static_width) if t.static_width else None
   train_data, dev_data, calibration_data = _load_data(
       config, batching.load_tokenizer(resolve_model_dir(m.backbone)))
 
@@ -219,8 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = parallel.replicate(state, mesh)
     best = parallel.replicate(initial_best(_copy(state.params)), mesh)
 
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                      router_loss_weight=t.router_loss_weight),
+  step_fn = jax.jit(functools.partial(
+      train_step, model=model, tx=tx, hardness_signal=h.signal,
+      router_loss_weight=0.0 if static_index is not None else t.router_loss_weight),
                     static_argnames="width", donate_argnums=0,
                     out_shardings=parallel.replicated(mesh) if mesh.size > 1 else None)
   # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
@@ -246,7 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
     rng = _epoch_rng(state, epoch)
-    assigned = hardness.assign_widths(np.asarray(state.hardness.labels), rng)
+    assigned = (np.full(len(train_data), static_index, np.int32) if static_index is not None
+                else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
     plan = batching.plan_train_epoch(train_data, assigned, t.batch_size, rng)
     seen = correct = 0
     bar = tqdm(plan, desc=f"epoch {epoch}", unit="batch", mininterval=2.0,
@@ -279,8 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
                     **_json_result(result, widths)})
     score = selection_score(result, config.checkpoint.select, config.checkpoint.max_drop,
-                            max(h["full_width"]["accuracy"] for h in history))
-    if epoch >= h.window and score > tuple(np.asarray(best["score"]).tolist()):
+                            max(h["full_width"]["accuracy"] for h in history), static_index)
+    may_keep = epoch >= h.window or static_index is not None
+    if may_keep and score > tuple(np.asarray(best["score"]).tolist()):
       best = parallel.replicate({"params": _copy(state.params), "epoch": jnp.int32(epoch),
                                  "score": jnp.asarray(score, jnp.float32)}, mesh)
     state = parallel.replicate(
@@ -293,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary = {
       "task": task.name, "model": m.backbone, "widths": list(widths),
       "router_layer": m.router_layer, "ranges": [list(map(float, r)) for r in h.ranges],
-      "window": h.window, "epochs": t.epochs, "best_epoch": int(best["epoch"]),
+      "window": h.window, "hardness_signal": h.signal, "static_width": t.static_width,
+      "epochs": t.epochs, "best_epoch": int(best["epoch"]),
       "train_examples": len(train_data), "dev_examples": len(dev_data),
       "routing": {"budget": routing.budget or "argmax", "calibrate_on": routing.calibrate_on,
                   "calibration_examples": len(calibration_data) if routing.budget else 0},

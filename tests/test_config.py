@@ -36,6 +36,8 @@ def test_task_configs_are_valid(task):
     ("routing.budget", "0x", "must be positive"),
     ("routing.calibrate_on", "test", "calibrate_on='test' is not one of"),
     ("routing.calibration_examples", 0, "set config.routing.calibration_examples > 0"),
+    ("hardness.signal", "margin", "hardness.signal='margin' is not one of"),
+    ("train.static_width", 0.5, r"static_width=0.5 is not one of config.model.widths=\(0.25, 1.0\)"),
 ])
 def test_bad_config_fails_before_work(field, value, message):
   config = _load("qqp.py")

@@ -63,3 +63,22 @@ def test_exit_flops_grow_by_one_layer_each_step():
   assert flops[-1] / flops[0] == pytest.approx(6, rel=0.05)
   with pytest.raises(ValueError, match=r"exit layer 6 is outside 0..5"):
     early_exit.exit_flops(cfg, 6, 32, 2)
+
+
+def test_sweep_rules_costs_and_extremes():
+  # 3 layers, 2 examples, 2 classes; example 0 is confident from layer 0, example 1 never.
+  logits = np.array([[[9.0, 0.0], [0.1, 0.0]],
+                     [[9.0, 0.0], [0.0, 0.1]],
+                     [[9.0, 0.0], [0.0, 0.2]]])
+  labels = np.array([0, 1])
+  gflops = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+  points = early_exit.sweep_rules(logits, labels, gflops, ("accuracy",), (0.0, 0.5, 1.0), (1,))
+  by = {(p["rule"], p["setting"]): p for p in points}
+  # Threshold 0 never fires: everyone pays for every layer and gets the last layer's answer.
+  assert by["entropy", 0.0]["gflops"] == 3.0 and by["entropy", 0.0]["accuracy"] == 1.0
+  # Half the largest entropy: example 0 leaves after layer 1 (cost 1), example 1 runs to the end.
+  assert by["entropy", 0.5]["gflops"] == 2.0 and by["entropy", 0.5]["mean_exit_layer"] == 2.0
+  # Any entropy below log(2) fires at once: example 1 leaves with layer 1's wrong answer.
+  assert by["entropy", 1.0]["gflops"] == 1.0 and by["entropy", 1.0]["accuracy"] == 0.5
+  # Patience 1: example 0 agrees at layer 2 (cost 2); example 1 changes its mind, then agrees.
+  assert by["patience", 1]["gflops"] == 2.5 and by["patience", 1]["accuracy"] == 1.0

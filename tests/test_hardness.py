@@ -79,3 +79,15 @@ def test_assign_widths_is_uniform_over_admissible():
 def test_bad_ranges(ranges, message):
   with pytest.raises(ValueError, match=message):
     hardness.check_ranges(ranges, 2)
+
+
+def test_easiness_signals():
+  probs = jnp.array([[0.5, 0.5], [1.0, 0.0], [0.2, 0.8]])
+  labels = jnp.array([0, 1, 1])
+  np.testing.assert_allclose(hardness.easiness(probs, labels, "confidence"), [0.5, 0.0, 0.8])
+  # Entropy ignores the label: a confidently wrong prediction is "easy" too.
+  expected_third = 1 + (0.2 * np.log(0.2) + 0.8 * np.log(0.8)) / np.log(2)
+  np.testing.assert_allclose(hardness.easiness(probs, labels, "entropy"),
+                             [0.0, 1.0, expected_third], atol=1e-6)
+  with pytest.raises(ValueError, match="unknown hardness signal 'margin'"):
+    hardness.easiness(probs, labels, "margin")

@@ -21,6 +21,7 @@ from flax.core import unfreeze
 from safetensors.numpy import load_file
 
 from sharcs_jax.model.config import EncoderConfig
+from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import (SharcsModel, check_model_settings, default_router_hidden,
                                      init_params)
 from sharcs_jax.model.torch_pickle import load_torch_state_dict
@@ -253,17 +254,25 @@ def narrow_norms_from_full(params: dict[str, Any], cfg: EncoderConfig, widths: I
   return params
 
 
+def _pretrained(name_or_path: str, check: Callable[[EncoderConfig], None] = lambda cfg: None
+                ) -> tuple[EncoderConfig, dict[tuple[str, ...], np.ndarray]]:
+  """(architecture, converted tensors) of a packaged name or a local HF model directory;
+  `check` sees the architecture before any tensor is read."""
+  model_dir = resolve_model_dir(name_or_path)
+  cfg = EncoderConfig.from_json_file(os.path.join(model_dir, "config.json"))
+  check(cfg)
+  tensors, source = read_checkpoint(model_dir)
+  return cfg, convert_checkpoint(cfg, tensors, source)
+
+
 def load_pretrained(name_or_path: str, *, num_classes: int, widths: tuple[float, ...],
                     router_layer: int, key: jax.Array, router_hidden: int | None = None,
                     layernorm_init: str = "pretrained") -> tuple[SharcsModel, dict[str, Any]]:
   """Builds the SHARCS model around a pretrained encoder; fresh parts come from `key`."""
   if layernorm_init not in LAYERNORM_INITS:
     raise ValueError(f"layernorm_init {layernorm_init!r} is not one of {LAYERNORM_INITS}")
-  model_dir = resolve_model_dir(name_or_path)
-  cfg = EncoderConfig.from_json_file(os.path.join(model_dir, "config.json"))
-  check_model_settings(cfg, tuple(widths), router_layer)
-  tensors, source = read_checkpoint(model_dir)
-  converted = convert_checkpoint(cfg, tensors, source)
+  cfg, converted = _pretrained(
+      name_or_path, lambda cfg: check_model_settings(cfg, tuple(widths), router_layer))
   model = SharcsModel(cfg, num_classes=num_classes, widths=tuple(widths),
                       router_layer=router_layer,
                       router_hidden=router_hidden or default_router_hidden(cfg))
@@ -272,4 +281,22 @@ def load_pretrained(name_or_path: str, *, num_classes: int, widths: tuple[float,
     _set_path(params, path, value)
   if layernorm_init == "pretrained":
     params = narrow_norms_from_full(params, cfg, widths, router_layer)
+  return model, jax.tree_util.tree_map(jax.numpy.asarray, params)
+
+
+def load_pretrained_early_exit(name_or_path: str, *, num_classes: int,
+                               key: jax.Array) -> tuple[EarlyExitModel, dict[str, Any]]:
+  """The early-exit baseline around the same pretrained encoder: every exit's pooler starts
+  from the checkpoint's pooler (fresh where it has none), every classifier fresh."""
+  cfg, converted = _pretrained(name_or_path)
+  model = EarlyExitModel(cfg, num_classes=num_classes)
+  ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
+  params = jax.tree_util.tree_map(np.asarray, unfreeze(jax.jit(
+      lambda k: model.init(k, ids, jax.numpy.ones_like(ids))["params"])(key)))
+  for path, value in converted.items():
+    if path[0] == "head":
+      for i in range(cfg.num_layers):
+        _set_path(params, (f"exits_{i}",) + path[1:], value)
+    else:
+      _set_path(params, path, value)
   return model, jax.tree_util.tree_map(jax.numpy.asarray, params)

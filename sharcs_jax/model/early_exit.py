@@ -1,0 +1,61 @@
+"""The early-exit baseline's network: the same encoder with a classifier after every layer.
+
+DeeBERT and PABEE attach an internal classifier ("exit") to each layer; an input leaves at the
+first exit whose rule fires (`sharcs_jax.early_exit`). Each exit is a pooler-style dense + tanh on
+the [CLS] vector and a classifier, the same head the SHARCS model ends with. `exit_layer` is a
+static Python int: the program for "leave after layer k" runs layers 1..k only, so XLA's cost
+analysis of it is what such an exit really costs.
+"""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sharcs_jax.model.config import EncoderConfig
+from sharcs_jax.model.encoder import ClassifierHead, Embeddings, EncoderLayer
+
+Array = jax.Array
+
+
+class EarlyExitModel(nn.Module):
+  """Logits of every exit; parameters `embeddings`, `layers_i` as in SharcsModel, `exits_i`."""
+
+  encoder: EncoderConfig
+  num_classes: int
+
+  def setup(self):
+    cfg = self.encoder
+    self.embeddings = Embeddings(cfg)
+    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
+    self.exits = [ClassifierHead(cfg.hidden_size, self.num_classes, cfg.hidden_dropout,
+                                 cfg.initializer_range) for _ in range(cfg.num_layers)]
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               *, exit_layer: int | None = None, deterministic: bool = True) -> Array:
+    """Logits [k + 1, B, C] of exits 0..k (0-based layers; k = the last layer by default)."""
+    cfg = self.encoder
+    last = cfg.num_layers - 1 if exit_layer is None else exit_layer
+    if not 0 <= last < cfg.num_layers:
+      raise ValueError(f"exit_layer {exit_layer} is outside 0..{cfg.num_layers - 1}")
+    chex.assert_rank(input_ids, 2)
+    chex.assert_equal_shape([input_ids, attention_mask])
+    mask = attention_mask.astype(bool)
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
+    logits = []
+    for layer, head in zip(self.layers[:last + 1], self.exits):
+      x = layer(x, mask, deterministic=deterministic)
+      logits.append(head(x[:, 0], deterministic=deterministic)[1])
+    return jnp.stack(logits)
+
+
+def exit_loss_weights(num_layers: int) -> Array:
+  """PABEE's weighting of the exits' losses: exit i (1-based) weighs i / sum(1..L).
+
+  Deeper exits, which see more of the input, count more; one joint stage trains them all
+  (DeeBERT's two stages would need the final classifier trained first, then frozen).
+  """
+  weights = jnp.arange(1, num_layers + 1, dtype=jnp.float32)
+  return weights / weights.sum()

@@ -1,0 +1,162 @@
+"""The early-exit baseline (DeeBERT / PABEE) trained and evaluated with the SHARCS run's budget.
+
+Same backbone, data splits, length buckets, batch size, epochs, optimiser and learning-rate
+schedule as `train.py`; the loss is PABEE's weighted mean of every exit's cross-entropy. After each
+epoch one dev pass keeps every exit's logits; the epoch whose last exit is most accurate is kept
+(SHARCS keeps its best dev epoch too), and every entropy threshold and patience is evaluated on it
+without running the model again. FLOPs of leaving after layer k are XLA's cost analysis of the
+program that runs layers 1..k and exits 1..k at batch 1, at each length bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from sharcs_jax import config as config_lib
+from sharcs_jax import early_exit, report
+from sharcs_jax.data import batching, glue
+from sharcs_jax.evaluate import classification_metrics
+from sharcs_jax.flops import compiled_flops
+from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
+from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
+from sharcs_jax.train import apply_gradients, learning_rate, make_optimizer
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class ExitTrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+  rng: Array
+
+
+def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: EarlyExitModel,
+                    tx: optax.GradientTransformation) -> tuple[ExitTrainState, Array]:
+  """One optimiser step on PABEE's weighted exit losses; returns the per-exit losses [L]."""
+  weight = batch["weight"]
+  count = jnp.maximum(weight.sum(), 1.0)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], deterministic=False,
+                         rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.broadcast_to(batch["label"], logits.shape[:2]))  # [L, B]
+    per_exit = (ce * weight).sum(-1) / count
+    return (per_exit * exit_loss_weights(logits.shape[0])).sum(), per_exit
+
+  (_, per_exit), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  params, opt_state = apply_gradients(tx, state.opt_state, state.params, grads,
+                                      batch["learning_rate"])
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), per_exit
+
+
+def exit_logits(model: EarlyExitModel, forward: Any, params: Any, data: batching.Encoded,
+                batch_size: int) -> np.ndarray:
+  """Every exit's logits [L, N, C] in data order, from one pass of the jitted `forward`."""
+  out = np.zeros((model.encoder.num_layers, len(data), model.num_classes), np.float32)
+  for rows, batch in batching.eval_batches(data, batch_size):
+    logits = forward(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    out[:, rows] = np.asarray(logits)[:, :len(rows)]
+  return out
+
+
+def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
+  """XLA FLOPs [L, num_buckets] of one example leaving after each layer, at each length."""
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda k, i: model.init(k, i, i)["params"], jax.random.key(0), ids)
+  table = np.zeros((model.encoder.num_layers, len(length_buckets)))
+  for j, length in enumerate(length_buckets):
+    row = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    for k in range(model.encoder.num_layers):
+      forward = jax.jit(functools.partial(
+          lambda p, i, m, t, layer: model.apply({"params": p}, i, m, t, exit_layer=layer), layer=k))
+      table[k, j] = compiled_flops(forward.lower(shapes, row, row, row).compile())
+  return table
+
+
+def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
+                     entropy_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
+                                                             0.7, 0.8, 0.9),
+                     patiences: tuple[int, ...] | None = None) -> dict[str, Any]:
+  """Trains the early-exit model on `config`'s task and budget; writes early_exit.{json,md}."""
+  config_lib.validate(config)
+  task = glue.get_task(config.task)
+  t = config.train
+  buckets = tuple(config.data.length_buckets)
+  tokenizer = batching.load_tokenizer(resolve_model_dir(config.model.backbone))
+  train, dev, _ = glue.run_splits(config)  # the same held-back rows as the SHARCS run
+  train_data, dev_data = (batching.encode(s, tokenizer, buckets) for s in (train, dev))
+  key = jax.random.PRNGKey(config.seed)
+  model, params = load_pretrained_early_exit(config.model.backbone,
+                                             num_classes=task.num_classes,
+                                             key=jax.random.fold_in(key, 1))
+  num_layers = model.encoder.num_layers
+  tx = make_optimizer(t)
+  state = ExitTrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                         rng=jax.random.fold_in(key, 2))
+  step_fn = jax.jit(functools.partial(exit_train_step, model=model, tx=tx), donate_argnums=0)
+  forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
+  history, best, best_accuracy = [], None, -1.0
+  start = time.time()
+  for epoch in range(t.epochs):
+    rng = np.random.default_rng([config.seed, epoch])
+    plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),
+                                     t.batch_size, rng)
+    bar = tqdm(plan, desc=f"early exit, epoch {epoch}", unit="batch", mininterval=2.0,
+               disable=not t.progress_bar)
+    epoch_start, losses = time.time(), []
+    for i, planned in enumerate(bar):
+      batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)
+      batch["learning_rate"] = np.float32(learning_rate(t, (epoch + i / len(plan)) / t.epochs))
+      state, per_exit = step_fn(state, batch)
+      losses.append(np.asarray(per_exit))
+      bar.set_postfix(loss=f"{float(losses[-1][-1]):.3f}",
+                      ex_s=f"{(i + 1) * t.batch_size / (time.time() - epoch_start):.0f}")
+    logits = exit_logits(model, forward, state.params, dev_data, config.eval.batch_size)
+    accuracy = [classification_metrics(l.argmax(-1), dev_data.labels, task.metrics)["accuracy"]
+                for l in logits]
+    history.append({"epoch": epoch, "train_loss_per_exit": np.mean(losses, 0).tolist(),
+                    "dev_accuracy_per_exit": accuracy})
+    logging.info("early exit epoch %d: dev accuracy per exit %s (%.0fs)", epoch,
+                 np.round(accuracy, 4).tolist(), time.time() - epoch_start)
+    if accuracy[-1] > best_accuracy:
+      best, best_accuracy = (epoch, logits), accuracy[-1]
+  best_epoch, logits = best
+  flops = exit_flops_table(model, buckets)  # [L, buckets]
+  exit_gflops = flops[:, dev_data.bucket_of] / 1e9  # [L, N]
+  points = early_exit.sweep_rules(logits, dev_data.labels, exit_gflops, task.metrics,
+                                  entropy_fractions,
+                                  patiences or tuple(range(1, num_layers)))
+  summary = {"task": task.name, "model": config.model.backbone, "method": "early exit",
+             "loss": "PABEE weighted mean of exit losses", "epochs": t.epochs,
+             "best_epoch": best_epoch, "train_examples": len(train_data),
+             "dev_examples": len(dev_data), "train_seconds": time.time() - start,
+             "exit_gflops_per_bucket": (flops / 1e9).tolist(), "length_buckets": list(buckets),
+             "per_exit": [{**classification_metrics(l.argmax(-1), dev_data.labels, task.metrics),
+                           "gflops": float(exit_gflops[k].mean())}
+                          for k, l in enumerate(logits)],
+             "points": points, "history": history}
+  report.write_json(os.path.join(workdir, "early_exit.json"), summary)
+  rows = [[p["rule"], p["setting"], 100 * p["accuracy"], p["gflops"], p["mean_exit_layer"]]
+          for p in points]
+  report.write_atomic(os.path.join(workdir, "early_exit.md"),
+                      f"# Early exit on {task.name} ({config.model.backbone})\n\nKept epoch "
+                      f"{best_epoch} of {t.epochs}.\n\n" + report.markdown_table(
+                          ["rule", "setting", "accuracy", "GFLOPs/example", "mean exit layer"],
+                          rows))
+  return summary

@@ -1,0 +1,110 @@
+"""Baselines for the trade-off curves: the early-exit model, static-width and entropy runs."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, glue_data_dir, tiny_run_config
+from sharcs_jax import config as config_lib
+from sharcs_jax import early_exit, train
+from sharcs_jax.model import EarlyExitModel, weights
+from sharcs_jax.model.weights import load_pretrained_early_exit
+from sharcs_jax.train_early_exit import exit_flops_table, train_early_exit
+
+needs_glue = pytest.mark.skipif(glue_data_dir() is None,
+                                reason="needs the local GLUE copy (network otherwise)")
+
+
+def test_early_exit_model_exits_agree_and_share_the_pretrained_encoder(tiny_backbone):
+  model, params = load_pretrained_early_exit(tiny_backbone, num_classes=2, key=jax.random.key(0))
+  sharcs, sharcs_params = weights.load_pretrained(tiny_backbone, num_classes=2, widths=(1.0,),
+                                                  router_layer=1, key=jax.random.key(0))
+  for name in ("embeddings", "layers_0", "layers_2"):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], sharcs_params[name])
+  for i in range(3):  # every exit's pooler starts from the checkpoint's pooler
+    np.testing.assert_array_equal(params[f"exits_{i}"]["pooler"]["kernel"],
+                                  sharcs_params["head"]["pooler"]["kernel"])
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 1, 1000)
+  mask = np.ones((2, 12), np.int32)
+  every = model.apply({"params": params}, ids, mask)
+  assert every.shape == (3, 2, 2)
+  first_two = model.apply({"params": params}, ids, mask, exit_layer=1)
+  np.testing.assert_allclose(first_two, every[:2], atol=1e-6)
+  # The last exit sees the same encoder output as the SHARCS model at full width.
+  hidden = sharcs.apply({"params": sharcs_params}, ids, mask, width=1.0).last_hidden_state
+  pooled = np.tanh(hidden[:, 0] @ params["exits_2"]["pooler"]["kernel"]
+                   + params["exits_2"]["pooler"]["bias"])
+  classifier = params["exits_2"]["classifier"]
+  np.testing.assert_allclose(pooled @ classifier["kernel"] + classifier["bias"], every[2],
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="exit_layer 3 is outside 0..2"):
+    model.apply({"params": params}, ids, mask, exit_layer=3)
+
+
+def test_exit_flops_follow_the_analytic_count():
+  cfg = config_lib.backbone_config(config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py")))
+  table = exit_flops_table(EarlyExitModel(cfg, num_classes=2), (32,))
+  assert table.shape == (6, 1) and np.all(np.diff(table[:, 0]) > 0)
+  head = 2.0 * (cfg.hidden_size ** 2 + cfg.hidden_size * 2)
+  for k in range(6):
+    # The program for "leave after layer k" also runs the exits before it (to decide).
+    analytic = early_exit.exit_flops(cfg, k, 32, 2) + k * head
+    assert table[k, 0] == pytest.approx(analytic, rel=0.01)  # MiniLM shapes: 0.03% measured
+
+
+@needs_glue
+def test_early_exit_baseline_end_to_end(tiny_backbone, tmp_path):
+  config = tiny_run_config(tiny_backbone)
+  summary = train_early_exit(config, str(tmp_path), entropy_fractions=(0.0, 0.5, 1.0),
+                             patiences=(1, 2))
+  saved = json.loads((tmp_path / "early_exit.json").read_text())
+  assert saved["points"] == summary["points"]
+  assert (tmp_path / "early_exit.md").exists()
+  assert [(p["rule"], p["setting"]) for p in summary["points"]] == [
+      ("entropy", 0.0), ("entropy", 0.5), ("entropy", 1.0), ("patience", 1), ("patience", 2)]
+  per_exit = summary["per_exit"]
+  assert len(per_exit) == 3 and len(summary["history"]) == config.train.epochs
+  cheapest, dearest = per_exit[0]["gflops"], per_exit[-1]["gflops"]
+  by = {(p["rule"], p["setting"]): p for p in summary["points"]}
+  # Threshold 0 never exits early: the last exit's accuracy at the full cost.
+  assert by["entropy", 0.0]["gflops"] == pytest.approx(dearest)
+  assert by["entropy", 0.0]["accuracy"] == per_exit[-1]["accuracy"]
+  assert by["entropy", 1.0]["gflops"] == pytest.approx(cheapest)
+  for p in summary["points"]:
+    assert cheapest - 1e-9 <= p["gflops"] <= dearest + 1e-9 and 0.0 <= p["accuracy"] <= 1.0
+  # Train data: the same held-back split as a SHARCS run of this config.
+  assert summary["train_examples"] == 96 - config.routing.calibration_examples
+
+
+@needs_glue
+def test_static_width_run_trains_only_its_slice(tiny_backbone, tmp_path):
+  config = tiny_run_config(tiny_backbone, train__static_width=0.5, train__weight_decay=0.0,
+                           model__reorder=False)
+  model, start = weights.load_pretrained(
+      tiny_backbone, num_classes=2, widths=tuple(config.model.widths),
+      router_layer=config.model.router_layer, key=jax.random.fold_in(jax.random.PRNGKey(0), 1))
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["static_width"] == 0.5
+  from sharcs_jax.checkpoint import load_trained
+  _, _, params = load_trained(str(tmp_path))
+  ffn = np.asarray(params["layers_2"]["ffn_in"]["kernel"])  # adaptive layer: [32, 64]
+  before = np.asarray(start["layers_2"]["ffn_in"]["kernel"])
+  assert not np.allclose(ffn[:16, :32], before[:16, :32])  # width 0.5's slice trained
+  np.testing.assert_array_equal(ffn[16:], before[16:])  # the rest never saw a gradient
+  np.testing.assert_array_equal(ffn[:, 32:], before[:, 32:])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params["router"], start["router"])
+  # The kept epoch is the one where width 0.5 was most accurate.
+  best = max(h["static"]["0.5"]["accuracy"] for h in summary["history"])
+  assert summary["static"]["0.5"]["accuracy"] == best
+
+
+@needs_glue
+def test_entropy_hardness_run(tiny_backbone, tmp_path):
+  summary = train.train_and_evaluate(
+      tiny_run_config(tiny_backbone, hardness__signal="entropy"), str(tmp_path))
+  assert summary["hardness_signal"] == "entropy"
+  assert 0.0 <= summary["sharcs"]["accuracy"] <= 1.0
