@@ -57,3 +57,13 @@ def write_outputs(out_dir: str, name: str, data: dict, title: str, header: list[
   report.write_json(os.path.join(out_dir, f"{name}.json"), data)
   report.write_atomic(os.path.join(out_dir, f"{name}.md"),
                       f"# {title}\n\n{notes}\n\n" + report.markdown_table(header, rows))
+
+
+def save_accuracy_plot(fig, ax, title: str, path: str) -> None:
+  """Finishes an accuracy-against-FLOPs-reduction figure the way every benchmark draws it."""
+  ax.set_xlabel("FLOPs reduction vs full width (dev average, XLA cost analysis)")
+  ax.set_ylabel("dev accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower left")
+  report.save_figure(fig, path)

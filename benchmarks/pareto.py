@@ -112,12 +112,7 @@ def plot(path: str, data: dict) -> None:
   a = data["router_argmax"]
   ax.plot([a["flops_reduction"]], [100 * a["accuracy"]], "P", color="tab:orange", markersize=10,
           label="router argmax (paper)")
-  ax.set_xlabel("FLOPs reduction vs full width (dev)")
-  ax.set_ylabel("dev accuracy (%)")
-  ax.set_title(f"{data['task']}: accuracy to a FLOPs budget")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="lower left")
-  common.report.save_figure(fig, path)
+  common.save_accuracy_plot(fig, ax, f"{data['task']}: accuracy to a FLOPs budget", path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,249 @@
+"""Accuracy against FLOPs: SHARCS and the paper's baselines, trained alike on one task.
+
+Every run starts from the same config (backbone, data, held-back rows, epochs, optimiser,
+schedule); only the method differs:
+  - SHARCS, two-bucket ranges {narrow: [t, 1], full: [0, t]} for each t, router argmax (the paper);
+  - SHARCS at other router layers K (t = the config's), and with the entropy hardness signal;
+  - SHARCS with the budget rule: the config's own SHARCS model routed to several FLOPs targets,
+    calibrated on the held-back training examples (no retraining);
+  - static width after layer K (no router) at every width of the config, trained only at it;
+  - early exit: an exit after every layer, DeeBERT's entropy threshold and PABEE's patience.
+Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the command is run
+again. Writes OUT/tradeoff_TASK.{json,md,png}.
+
+    python benchmarks/tradeoff.py --config=configs/mrpc.py --out=/tmp/tradeoff_mrpc
+    python benchmarks/tradeoff.py --config=configs/qqp.py --out=DIR --set=data.train_limit=8000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+import common
+from sharcs_jax import config as config_lib
+from sharcs_jax import evaluate, routing, train
+from sharcs_jax.data import batching, glue
+from sharcs_jax.engine import Engine
+from sharcs_jax.train_early_exit import train_early_exit
+
+flags.DEFINE_string("config", None, "Task config file, e.g. configs/qqp.py (two widths).",
+                    required=True)
+flags.DEFINE_string("out", None, "Output directory (runs are kept under OUT/runs).",
+                    required=True)
+flags.DEFINE_list("thresholds", ["0.3", "0.5", "0.7", "0.9"], "Two-bucket thresholds t.")
+flags.DEFINE_list("router_layers", [], "Other router layers K to train at the config's t.")
+flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x", "3x"], "Budget-rule targets for the "
+                  "config's SHARCS model (unreachable ones are reported as such).")
+flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. data.train_limit=8000.")
+flags.DEFINE_list("only", [], "Run only these methods (sharcs, router_layer, entropy, static, "
+                  "early_exit); default all.")
+FLAGS = flags.FLAGS
+
+METHODS = ("sharcs", "router_layer", "entropy", "static", "early_exit")
+
+
+def _override(config, spec: str) -> None:
+  field, sep, text = spec.partition("=")
+  if not sep or "." not in field:
+    raise app.UsageError(f"--set {spec!r}: expected section.key=value")
+  section, key = field.split(".", 1)
+  if section not in config or key not in config[section]:
+    raise app.UsageError(f"--set {spec!r}: config has no field {field}")
+  old = config[section][key]
+  config[section][key] = type(old)(json.loads(text)) if not isinstance(old, str) else text
+
+
+def base_config():
+  config = config_lib.load_config(FLAGS.config)
+  for spec in FLAGS.set:
+    _override(config, spec)
+  if len(config.model.widths) != 2:
+    raise app.UsageError(f"{FLAGS.config}: the two-bucket sweep needs two widths, the config "
+                         f"has {tuple(config.model.widths)}")
+  if not config.routing.calibration_examples:
+    raise app.UsageError(f"{FLAGS.config}: hold back training examples "
+                         "(routing.calibration_examples) so the budget rule can be calibrated")
+  config.train.progress_bar = False
+  return config
+
+
+def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
+  """name -> (method, setting, config) of every training run the sweep needs."""
+  t_default = float(config.hardness.ranges[0][0])
+  k_default = config.model.router_layer
+
+  def variant(t: float, k: int, signal: str = "confidence", static: float = 0.0):
+    c = config.copy_and_resolve_references()
+    c.hardness.ranges = ((t, 1.0), (0.0, t))
+    c.model.router_layer, c.hardness.signal, c.train.static_width = k, signal, static
+    c.routing.budget = ""  # the router's argmax, as the paper routes
+    return c
+
+  runs = {}
+  if "sharcs" in methods():
+    for t in sorted({*map(float, FLAGS.thresholds), t_default}):
+      runs[f"sharcs_K{k_default}_t{t:g}"] = ("sharcs", t, variant(t, k_default))
+  if "router_layer" in methods():
+    for k in map(int, FLAGS.router_layers):
+      runs[f"sharcs_K{k}_t{t_default:g}"] = (f"sharcs K={k}", t_default, variant(t_default, k))
+  if "entropy" in methods():
+    runs[f"sharcs_entropy_K{k_default}_t{t_default:g}"] = (
+        "sharcs entropy", t_default, variant(t_default, k_default, "entropy"))
+  if "static" in methods():
+    for w in config.model.widths:
+      runs[f"static_w{w:g}"] = ("static", float(w), variant(t_default, k_default, static=w))
+  return runs
+
+
+def methods() -> tuple[str, ...]:
+  unknown = set(FLAGS.only) - set(METHODS)
+  if unknown:
+    raise app.UsageError(f"--only: unknown methods {sorted(unknown)}; known: {METHODS}")
+  return tuple(FLAGS.only) or METHODS
+
+
+def run_or_load(name: str, config, out: str) -> dict:
+  workdir = os.path.join(out, "runs", name)
+  report_path = os.path.join(workdir, "report.json")
+  if os.path.exists(report_path):
+    logging.info("%s: finished earlier, reading %s", name, report_path)
+    return json.load(open(report_path))
+  start = time.time()
+  summary = train.train_and_evaluate(config, workdir)
+  logging.info("%s: trained and evaluated in %.1f min", name, (time.time() - start) / 60)
+  return summary
+
+
+def budget_points(workdir: str, eval_batch: int) -> list[dict]:
+  """The trained SHARCS model routed to each target of --budgets (held-out calibration)."""
+  engine = Engine.from_workdir(workdir, batch_buckets=(1, eval_batch))  # training's programs
+  config, params, batch = engine.config, engine.params["params"], engine.batch_buckets[-1]
+  dev = batching.encode(glue.run_splits(config)[1], engine.tokenizer, engine.length_buckets)
+  calibration = batching.encode(glue.calibration_split(config), engine.tokenizer,
+                                engine.length_buckets)
+  router = evaluate.router_logits(engine.programs, params, calibration, batch)
+  cost = evaluate.per_example_flops(engine.flops, calibration)
+  probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
+  points = []
+  for spec in FLAGS.budgets:
+    try:
+      rule = routing.calibrate(router, cost, routing.parse_budget(spec))
+    except ValueError as e:
+      points.append({"budget": spec, "error": str(e)})
+      continue
+    points.append({"budget": spec, "calibration_reduction": rule.calibration_reduction,
+                   **evaluate.summarize(probabilities, dev_router, dev, engine.flops,
+                                        engine.task.metrics, rule)["sharcs"]})
+  return points
+
+
+def collect(config, out: str) -> dict:
+  """Trains (or reads) every run; one record per point of the trade-off."""
+  points, reference = [], None
+  for name, (method, setting, run_config) in sharcs_runs(config).items():
+    summary = run_or_load(name, run_config, out)
+    reference = reference or summary["full_width"]["gflops"]
+    if method == "static":
+      result = summary["static"][f"{setting:g}"]
+    else:
+      result = summary["sharcs"]
+    points.append({"method": method, "setting": setting, "run": name,
+                   "best_epoch": summary["best_epoch"], "full_width_accuracy":
+                   summary["full_width"]["accuracy"], **_metrics(result)})
+  t_default = float(config.hardness.ranges[0][0])
+  main_run = os.path.join(out, "runs", f"sharcs_K{config.model.router_layer}_t{t_default:g}")
+  if "sharcs" in methods():
+    for p in budget_points(main_run, config.eval.batch_size):
+      if "error" in p:
+        points.append({"method": "sharcs budget rule", "setting": p["budget"], "error": p["error"]})
+      else:
+        points.append({"method": "sharcs budget rule", "setting": p["budget"],
+                       "run": os.path.basename(main_run),
+                       "calibration_reduction": p["calibration_reduction"], **_metrics(p)})
+  if "early_exit" in methods():
+    workdir = os.path.join(out, "runs", "early_exit")
+    path = os.path.join(workdir, "early_exit.json")
+    summary = json.load(open(path)) if os.path.exists(path) else train_early_exit(config, workdir)
+    for p in summary["points"]:
+      method = "early exit (DeeBERT entropy)" if p["rule"] == "entropy" else "early exit (PABEE)"
+      points.append({"method": method, "setting": p["setting"], "run": "early_exit",
+                     "best_epoch": summary["best_epoch"], **_metrics(p)})
+  if reference is None:
+    raise app.UsageError("--only must include a SHARCS or static run: they give the full-width "
+                         "GFLOPs that reductions are measured against")
+  for p in points:
+    if "gflops" in p:
+      p["flops_reduction"] = reference / p["gflops"]
+  return {"task": config.task, "model": config.model.backbone, "config": FLAGS.config,
+          "overrides": FLAGS.set, "full_width_gflops": reference, "points": points}
+
+
+def _metrics(result: dict) -> dict:
+  return {k: result[k] for k in ("accuracy", "f1", "gflops", "bucket_share") if k in result}
+
+
+def write(data: dict, out: str) -> None:
+  task = data["task"]
+  has_f1 = any("f1" in p for p in data["points"])
+  rows = []
+  for p in data["points"]:
+    if "error" in p:
+      rows.append([p["method"], p["setting"], p["error"]] + [""] * (2 + has_f1))
+      continue
+    rows.append([p["method"], p["setting"], 100 * p["accuracy"]]
+                + ([100 * p["f1"] if "f1" in p else ""] if has_f1 else [])
+                + [p["gflops"], p["flops_reduction"]])
+  header = ["method", "setting", "dev accuracy"] + (["dev F1"] if has_f1 else []) + [
+      "GFLOPs/example", "reduction"]
+  notes = (f"{task} dev, {data['model']}, every run trained from `{data['config']}`"
+           f"{' with ' + ', '.join(data['overrides']) if data['overrides'] else ''}. "
+           f"Reductions against the full width ({data['full_width_gflops']:.3f} GFLOPs/example, "
+           "XLA cost analysis at each example's length bucket).")
+  common.write_outputs(out, f"tradeoff_{task}", data, f"{task}: accuracy against FLOPs",
+                       header, rows, notes)
+  plot(os.path.join(out, f"tradeoff_{task}.png"), data)
+
+
+STYLES = {"sharcs": ("o-", "tab:red"), "sharcs budget rule": ("*-", "darkred"),
+          "sharcs entropy": ("D", "tab:purple"), "static": ("s--", "tab:blue"),
+          "early exit (DeeBERT entropy)": ("^-", "tab:green"),
+          "early exit (PABEE)": ("v-", "tab:olive")}
+
+
+def plot(path: str, data: dict) -> None:
+  fig, ax = common.report.pyplot().subplots(figsize=(7, 4.8))
+  by_method: dict[str, list[dict]] = {}
+  for p in data["points"]:
+    if "gflops" in p:
+      by_method.setdefault(p["method"], []).append(p)
+  for method, points in by_method.items():
+    points = sorted(points, key=lambda p: p["flops_reduction"])
+    style, color = STYLES.get(method, ("P", "tab:orange"))
+    label = {"sharcs": "SHARCS, t sweep (router argmax)"}.get(method, method)
+    ax.plot([p["flops_reduction"] for p in points], [100 * p["accuracy"] for p in points], style,
+            color=color, label=label, markersize=7 if "*" not in style else 11)
+    if method in ("sharcs", "static", "sharcs budget rule"):
+      for p in points:
+        ax.annotate(f"{p['setting']:g}" if isinstance(p["setting"], float) else p["setting"],
+                    (p["flops_reduction"], 100 * p["accuracy"]), textcoords="offset points",
+                    xytext=(3, 3), fontsize=7, color=color)
+  common.save_accuracy_plot(fig, ax, f"{data['task']} / {data['model']}: accuracy against FLOPs",
+                           path)
+
+
+def main(argv):
+  del argv
+  config = base_config()
+  config_lib.validate(config)
+  data = collect(config, FLAGS.out)
+  write(data, FLAGS.out)
+  print(open(os.path.join(FLAGS.out, f"tradeoff_{data['task']}.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main)
