@@ -4,8 +4,8 @@ Every run starts from the same config (backbone, data, held-back rows, epochs, o
 schedule); only the method differs:
   - SHARCS, two-bucket ranges {narrow: [t, 1], full: [0, t]} for each t, router argmax (the paper);
   - SHARCS at other router layers K (t = the config's), and with the entropy hardness signal;
-  - SHARCS with the budget rule: the config's own SHARCS model routed to several FLOPs targets,
-    calibrated on the held-back training examples (no retraining);
+  - SHARCS with the budget rule: the SHARCS models at the config's t (each K) routed to several
+    FLOPs targets, calibrated on the held-back training examples (no retraining);
   - static width after layer K (no router) at every width of the config, trained only at it;
   - early exit: an exit after every layer, DeeBERT's entropy threshold and PABEE's patience.
 Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the command is run
@@ -156,14 +156,16 @@ def collect(config, out: str) -> dict:
                    "best_epoch": summary["best_epoch"], "full_width_accuracy":
                    summary["full_width"]["accuracy"], **_metrics(result)})
   t_default = float(config.hardness.ranges[0][0])
-  main_run = os.path.join(out, "runs", f"sharcs_K{config.model.router_layer}_t{t_default:g}")
-  if "sharcs" in methods():
-    for p in budget_points(main_run, config.eval.batch_size):
+  routed = {config.model.router_layer: "sharcs budget rule"} if "sharcs" in methods() else {}
+  if "router_layer" in methods():
+    routed.update({int(k): f"sharcs K={k} budget rule" for k in FLAGS.router_layers})
+  for k, method in routed.items():
+    run = f"sharcs_K{k}_t{t_default:g}"
+    for p in budget_points(os.path.join(out, "runs", run), config.eval.batch_size):
       if "error" in p:
-        points.append({"method": "sharcs budget rule", "setting": p["budget"], "error": p["error"]})
+        points.append({"method": method, "setting": p["budget"], "error": p["error"]})
       else:
-        points.append({"method": "sharcs budget rule", "setting": p["budget"],
-                       "run": os.path.basename(main_run),
+        points.append({"method": method, "setting": p["budget"], "run": run,
                        "calibration_reduction": p["calibration_reduction"], **_metrics(p)})
   if "early_exit" in methods():
     workdir = os.path.join(out, "runs", "early_exit")
@@ -210,6 +212,7 @@ def write(data: dict, out: str) -> None:
 
 
 STYLES = {"sharcs": ("o-", "tab:red"), "sharcs budget rule": ("*-", "darkred"),
+          "sharcs K=1 budget rule": ("*:", "salmon"),
           "sharcs entropy": ("D", "tab:purple"), "static": ("s--", "tab:blue"),
           "early exit (DeeBERT entropy)": ("^-", "tab:green"),
           "early exit (PABEE)": ("v-", "tab:olive")}
@@ -227,7 +230,7 @@ def plot(path: str, data: dict) -> None:
     label = {"sharcs": "SHARCS, t sweep (router argmax)"}.get(method, method)
     ax.plot([p["flops_reduction"] for p in points], [100 * p["accuracy"] for p in points], style,
             color=color, label=label, markersize=7 if "*" not in style else 11)
-    if method in ("sharcs", "static", "sharcs budget rule"):
+    if method == "sharcs" or method == "static" or method.endswith("budget rule"):
       for p in points:
         ax.annotate(f"{p['setting']:g}" if isinstance(p["setting"], float) else p["setting"],
                     (p["flops_reduction"], 100 * p["accuracy"]), textcoords="offset points",

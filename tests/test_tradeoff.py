@@ -28,11 +28,15 @@ def _tradeoff(backbone, out, *extra):
   return json.loads((out / "tradeoff_qqp.json").read_text()), result
 
 
+ARGS = ("--only=sharcs,router_layer,static,early_exit", "--router_layers=1")
+
+
 def test_tradeoff_benchmark(tiny_backbone, tmp_path):
-  data, first = _tradeoff(tiny_backbone, tmp_path, "--only=sharcs,static,early_exit")
+  data, first = _tradeoff(tiny_backbone, tmp_path, *ARGS)
   methods = [(p["method"], p["setting"]) for p in data["points"]]
   assert ("sharcs", 0.6) in methods and ("static", 0.5) in methods and ("static", 1.0) in methods
-  assert ("sharcs budget rule", "1.2x") in methods
+  assert ("sharcs budget rule", "1.2x") in methods and ("sharcs K=1", 0.6) in methods
+  assert ("sharcs K=1 budget rule", "1.2x") in methods
   assert sum(m.startswith("early exit") for m, _ in methods) == 10 + 2  # thresholds + patiences
   by = {(p["method"], p["setting"]): p for p in data["points"]}
   assert "out of reach" in by["sharcs budget rule", "9x"]["error"]
@@ -42,7 +46,7 @@ def test_tradeoff_benchmark(tiny_backbone, tmp_path):
   for name in ("tradeoff_qqp.md", "tradeoff_qqp.png"):
     assert (tmp_path / name).stat().st_size > 0
   # Re-running reads the finished runs instead of training them again.
-  again, second = _tradeoff(tiny_backbone, tmp_path, "--only=sharcs,static,early_exit")
+  again, second = _tradeoff(tiny_backbone, tmp_path, *ARGS)
   assert again == data
   assert "finished earlier" in second.stderr
 
