@@ -84,9 +84,12 @@ def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
     c.routing.budget = ""  # the router's argmax, as the paper routes
     return c
 
-  runs = {}
+  runs = {}  # in the order they train: baselines first, then SHARCS at the config's t first
+  if "static" in methods():
+    for w in config.model.widths:
+      runs[f"static_w{w:g}"] = ("static", float(w), variant(t_default, k_default, static=w))
   if "sharcs" in methods():
-    for t in sorted({*map(float, FLAGS.thresholds), t_default}):
+    for t in [t_default] + sorted(set(map(float, FLAGS.thresholds)) - {t_default}):
       runs[f"sharcs_K{k_default}_t{t:g}"] = ("sharcs", t, variant(t, k_default))
   if "router_layer" in methods():
     for k in map(int, FLAGS.router_layers):
@@ -94,9 +97,6 @@ def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
   if "entropy" in methods():
     runs[f"sharcs_entropy_K{k_default}_t{t_default:g}"] = (
         "sharcs entropy", t_default, variant(t_default, k_default, "entropy"))
-  if "static" in methods():
-    for w in config.model.widths:
-      runs[f"static_w{w:g}"] = ("static", float(w), variant(t_default, k_default, static=w))
   return runs
 
 
@@ -145,6 +145,14 @@ def budget_points(workdir: str, eval_batch: int) -> list[dict]:
 def collect(config, out: str) -> dict:
   """Trains (or reads) every run; one record per point of the trade-off."""
   points, reference = [], None
+  if "early_exit" in methods():
+    workdir = os.path.join(out, "runs", "early_exit")
+    path = os.path.join(workdir, "early_exit.json")
+    summary = json.load(open(path)) if os.path.exists(path) else train_early_exit(config, workdir)
+    for p in summary["points"]:
+      method = "early exit (DeeBERT entropy)" if p["rule"] == "entropy" else "early exit (PABEE)"
+      points.append({"method": method, "setting": p["setting"], "run": "early_exit",
+                     "best_epoch": summary["best_epoch"], **_metrics(p)})
   for name, (method, setting, run_config) in sharcs_runs(config).items():
     summary = run_or_load(name, run_config, out)
     reference = reference or summary["full_width"]["gflops"]
@@ -167,14 +175,6 @@ def collect(config, out: str) -> dict:
       else:
         points.append({"method": method, "setting": p["budget"], "run": run,
                        "calibration_reduction": p["calibration_reduction"], **_metrics(p)})
-  if "early_exit" in methods():
-    workdir = os.path.join(out, "runs", "early_exit")
-    path = os.path.join(workdir, "early_exit.json")
-    summary = json.load(open(path)) if os.path.exists(path) else train_early_exit(config, workdir)
-    for p in summary["points"]:
-      method = "early exit (DeeBERT entropy)" if p["rule"] == "entropy" else "early exit (PABEE)"
-      points.append({"method": method, "setting": p["setting"], "run": "early_exit",
-                     "best_epoch": summary["best_epoch"], **_metrics(p)})
   if reference is None:
     raise app.UsageError("--only must include a SHARCS or static run: they give the full-width "
                          "GFLOPs that reductions are measured against")
