@@ -21,7 +21,6 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import app, flags, logging
 
 import common
@@ -123,9 +122,9 @@ def budget_points(workdir: str, eval_batch: int) -> list[dict]:
   """The trained SHARCS model routed to each target of --budgets (held-out calibration)."""
   engine = Engine.from_workdir(workdir, batch_buckets=(1, eval_batch))  # training's programs
   config, params, batch = engine.config, engine.params["params"], engine.batch_buckets[-1]
-  dev = batching.encode(glue.run_splits(config)[1], engine.tokenizer, engine.length_buckets)
-  calibration = batching.encode(glue.calibration_split(config), engine.tokenizer,
-                                engine.length_buckets)
+  _, dev_split, calibration_split = glue.run_splits(config)  # read the files once
+  dev, calibration = (batching.encode(s, engine.tokenizer, engine.length_buckets)
+                      for s in (dev_split, calibration_split))
   router = evaluate.router_logits(engine.programs, params, calibration, batch)
   cost = evaluate.per_example_flops(engine.flops, calibration)
   probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
