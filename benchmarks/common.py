@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -11,8 +12,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sharcs_jax import report  # noqa: E402
+from sharcs_jax import evaluate, report, routing  # noqa: E402
 from sharcs_jax.data import batching, glue  # noqa: E402
+from sharcs_jax.engine import Engine  # noqa: E402
 
 
 def qqp_dev(data_dir: str | None, length_buckets: tuple[int, ...], tokenizer,
@@ -23,6 +25,44 @@ def qqp_dev(data_dir: str | None, length_buckets: tuple[int, ...], tokenizer,
     data_dir = beside if os.path.isdir(beside) else None
   split = glue.load_split("qqp", "dev", glue.resolve_data_dir(data_dir), limit=limit)
   return batching.encode(split, tokenizer, length_buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSweep:
+  """A trained run's dev predictions at every width and its router on a calibration split.
+
+  Every budget of a sweep is one calibration and one summary over these arrays, so the model runs
+  once per split however many budgets are asked for.
+  """
+  engine: Engine
+  dev: batching.Encoded
+  calibration_size: int
+  calibration_router: np.ndarray
+  calibration_flops: np.ndarray
+  dev_probabilities: np.ndarray
+  dev_router: np.ndarray
+
+  @classmethod
+  def build(cls, engine: Engine, dev: batching.Encoded,
+            calibration: batching.Encoded) -> "BudgetSweep":
+    params, batch = engine.params["params"], engine.batch_buckets[-1]
+    probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
+    return cls(engine, dev, len(calibration),
+               evaluate.router_logits(engine.programs, params, calibration, batch),
+               evaluate.per_example_flops(engine.flops, calibration), probabilities, dev_router)
+
+  def reachable(self) -> tuple[float, float]:
+    return routing.reachable_reductions(self.calibration_flops)
+
+  def summary(self, rule: routing.Rule | None = None) -> dict:
+    """Dev metrics at full width, each static width and routed (argmax without a rule)."""
+    return evaluate.summarize(self.dev_probabilities, self.dev_router, self.dev,
+                              self.engine.flops, self.engine.task.metrics, rule)
+
+  def at_budget(self, budget: routing.Budget) -> tuple[routing.Rule, dict]:
+    """The rule calibrated to `budget` and its routed dev metrics; ValueError if out of reach."""
+    rule = routing.calibrate(self.calibration_router, self.calibration_flops, budget)
+    return rule, self.summary(rule)["sharcs"]
 
 
 def time_side_by_side(candidates: dict[str, Callable[[], object]], rounds: int,

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 
 import common
-from sharcs_jax import evaluate, routing
+from sharcs_jax import routing
 from sharcs_jax.data import batching, glue
 from sharcs_jax.engine import Engine
 
@@ -38,16 +38,13 @@ def main(argv):
   del argv
   engine = Engine.from_workdir(FLAGS.workdir)
   config, task = engine.config, engine.task
-  params, batch = engine.params["params"], engine.batch_buckets[-1]
   dev = batching.encode(glue.load_split(config.task, "dev", glue.resolve_data_dir(config.data_dir),
                                         limit=FLAGS.limit), engine.tokenizer, engine.length_buckets)
   calibration = dev if FLAGS.calibrate_on_dev else batching.encode(
       glue.calibration_split(config), engine.tokenizer, engine.length_buckets)
   source = "dev itself" if FLAGS.calibrate_on_dev else "held-out training examples"
-  calibration_router = evaluate.router_logits(engine.programs, params, calibration, batch)
-  calibration_flops = evaluate.per_example_flops(engine.flops, calibration)
-  probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
-  reach = routing.reachable_reductions(calibration_flops)
+  sweep = common.BudgetSweep.build(engine, dev, calibration)
+  reach = sweep.reachable()
 
   rows, data = [], {"task": task.name, "workdir": FLAGS.workdir, "dev_examples": len(dev),
                     "calibration_examples": len(calibration), "calibration_source": source,
@@ -56,13 +53,11 @@ def main(argv):
   for spec in FLAGS.budgets:
     budget = routing.Budget(reduction=reach[1]) if spec == "max" else routing.parse_budget(spec)
     try:
-      rule = routing.calibrate(calibration_router, calibration_flops, budget)
+      rule, dev_result = sweep.at_budget(budget)
     except ValueError as e:
       data["budgets"].append({"budget": spec, "error": str(e)})
       rows.append([spec, "out of reach", "", "", "", "", "", ""])
       continue
-    dev_result = evaluate.summarize(probabilities, dev_router, dev, engine.flops, task.metrics,
-                                    rule)["sharcs"]
     engine.rule = rule
     times = common.time_side_by_side({"engine": lambda: engine.run(dev)}, FLAGS.rounds, warmup=1,
                                      progress=False)["engine"]
@@ -79,7 +74,7 @@ def main(argv):
     print(f"budget {spec}: {rule.calibration_reduction:.2f}x on calibration, dev "
           f"{100 * dev_result['accuracy']:.2f}% at {dev_result['flops_reduction']:.2f}x, "
           f"{entry['examples_per_second']:.0f} ex/s", flush=True)
-  static = evaluate.summarize(probabilities, dev_router, dev, engine.flops, task.metrics)
+  static = sweep.summary()
   data["full_width"], data["router_argmax"] = static["full_width"], static["sharcs"]
   data["static"] = {f"{w:g}": static["static"][i] for i, w in enumerate(engine.widths)}
   notes = (f"{task.name} dev ({len(dev)} examples), rules calibrated on {len(calibration)} "

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 
 import common
 from sharcs_jax import config as config_lib
-from sharcs_jax import evaluate, routing, train
+from sharcs_jax import routing, train
 from sharcs_jax.data import batching, glue
 from sharcs_jax.engine import Engine
 from sharcs_jax.train_early_exit import train_early_exit
@@ -121,23 +121,18 @@ def run_or_load(name: str, config, out: str) -> dict:
 def budget_points(workdir: str, eval_batch: int) -> list[dict]:
   """The trained SHARCS model routed to each target of --budgets (held-out calibration)."""
   engine = Engine.from_workdir(workdir, batch_buckets=(1, eval_batch))  # training's programs
-  config, params, batch = engine.config, engine.params["params"], engine.batch_buckets[-1]
-  _, dev_split, calibration_split = glue.run_splits(config)  # read the files once
+  _, dev_split, calibration_split = glue.run_splits(engine.config)  # read the files once
   dev, calibration = (batching.encode(s, engine.tokenizer, engine.length_buckets)
                       for s in (dev_split, calibration_split))
-  router = evaluate.router_logits(engine.programs, params, calibration, batch)
-  cost = evaluate.per_example_flops(engine.flops, calibration)
-  probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
+  sweep = common.BudgetSweep.build(engine, dev, calibration)
   points = []
   for spec in FLAGS.budgets:
     try:
-      rule = routing.calibrate(router, cost, routing.parse_budget(spec))
+      rule, result = sweep.at_budget(routing.parse_budget(spec))
     except ValueError as e:
       points.append({"budget": spec, "error": str(e)})
       continue
-    points.append({"budget": spec, "calibration_reduction": rule.calibration_reduction,
-                   **evaluate.summarize(probabilities, dev_router, dev, engine.flops,
-                                        engine.task.metrics, rule)["sharcs"]})
+    points.append({"budget": spec, "calibration_reduction": rule.calibration_reduction, **result})
   return points
 
 
