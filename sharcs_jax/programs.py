@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import logging as std_logging
 import os
 import pickle
 from typing import Any, Callable, Iterator, Sequence
@@ -93,16 +94,26 @@ def _without_compilation_cache() -> Iterator[None]:
   An executable that the persistent cache hands back serialises incompletely on jax 0.10 CPU
   (its fused functions are missing after loading: "Function ... not found"), so programs that
   are to be stored must not come from there. jax decides once per process whether the cache is
-  used, hence the resets around the switch.
+  used, hence the resets around the switch (each reset logs a line; they are kept out of the log).
   """
   enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()
+  _quiet_reset_cache()
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
+    _quiet_reset_cache()
+
+
+def _quiet_reset_cache() -> None:
+  logger = std_logging.getLogger(compilation_cache.reset_cache.__module__)
+  level = logger.level
+  logger.setLevel(std_logging.WARNING)
+  try:
     compilation_cache.reset_cache()
+  finally:
+    logger.setLevel(level)
 
 
 class Programs:
