@@ -17,6 +17,7 @@ again. Writes OUT/tradeoff_TASK.{json,md,png}.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import time
@@ -54,7 +55,17 @@ def _override(config, spec: str) -> None:
   if section not in config or key not in config[section]:
     raise app.UsageError(f"--set {spec!r}: config has no field {field}")
   old = config[section][key]
-  config[section][key] = type(old)(json.loads(text)) if not isinstance(old, str) else text
+  if isinstance(old, str):
+    config[section][key] = text
+    return
+  try:  # Python literals (True, [0.5, 1.0]) or JSON (true)
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      raise app.UsageError(f"--set {spec!r}: {text!r} is not a Python or JSON value") from None
+  config[section][key] = type(old)(value)
 
 
 def base_config():

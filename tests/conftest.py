@@ -7,9 +7,12 @@ beside the checkout when it exists, else the Hugging Face hub (nyu-mll/glue).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -21,7 +24,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Tests build the same small programs many times (a resumed run recompiles what the first run
 # compiled): a per-session persistent compilation cache keeps that to one XLA compile each.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sharcs-test-xla-cache-"))
+XLA_CACHE_DIR = tempfile.mkdtemp(prefix="sharcs-test-xla-cache-")
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -121,3 +125,35 @@ def tiny_batch():
   ids = ids * mask
   return {"input_ids": ids, "attention_mask": mask, "token_type_ids": jax.numpy.zeros_like(ids),
           "label": jax.numpy.array([0, 2])}
+
+
+# The trade-off benchmark on the tiny backbone: every method, one SHARCS threshold, K = 2 and 1.
+# No weight decay and no reordering, so that a static run's untouched parameters stay bit-equal
+# to the pretrained start (test_baselines reads that run).
+TRADEOFF_OVERRIDES = (
+    "model.widths=[0.5, 1.0]", "hardness.ranges=[[0.6, 1.0], [0.0, 0.6]]", "data.train_limit=96",
+    "data.dev_limit=48", "train.batch_size=16", "eval.batch_size=16",
+    "routing.calibration_examples=32", "model.reorder=False", "train.weight_decay=0.0")
+TRADEOFF_ARGS = ("--router_layers=1", "--thresholds=0.6", "--budgets=1.2x,9x")
+
+
+def run_tradeoff(backbone: str, out: pathlib.Path, *extra: str):
+  """(tradeoff_qqp.json's data, the finished process) of one benchmark invocation."""
+  command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"),
+             f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke", f"--out={out}",
+             f"--set=model.backbone={backbone}", *(f"--set={o}" for o in TRADEOFF_OVERRIDES),
+             *extra]
+  # The runs compile the same train steps (SHARCS and its entropy variant): share the cache.
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": XLA_CACHE_DIR,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads((out / "tradeoff_qqp.json").read_text()), result
+
+
+@pytest.fixture(scope="session")
+def tradeoff(tiny_backbone, tmp_path_factory):
+  """(output directory, data) of the benchmark run once with every method."""
+  out = tmp_path_factory.mktemp("tradeoff")
+  data, _ = run_tradeoff(tiny_backbone, out, *TRADEOFF_ARGS)
+  return out, data

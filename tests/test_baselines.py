@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT, glue_data_dir, tiny_run_config
 from sharcs_jax import config as config_lib
-from sharcs_jax import early_exit, train
+from sharcs_jax import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
 from sharcs_jax.model.weights import load_pretrained_early_exit
 from sharcs_jax.train_early_exit import exit_flops_table, train_early_exit
@@ -81,17 +81,18 @@ def test_early_exit_baseline_end_to_end(tiny_backbone, tmp_path):
 
 
 @needs_glue
-def test_static_width_run_trains_only_its_slice(tiny_backbone, tmp_path):
-  # The entropy signal rides along: hardness is recorded, whatever the run trains.
-  config = tiny_run_config(tiny_backbone, train__static_width=0.5, train__weight_decay=0.0,
-                           model__reorder=False, hardness__signal="entropy")
-  model, start = weights.load_pretrained(
+def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
+  # The trade-off benchmark's static 0.5 run (no weight decay, no reordering).
+  workdir = tradeoff[0] / "runs" / "static_w0.5"
+  from sharcs_jax.checkpoint import load_trained
+  config, _, params = load_trained(str(workdir))
+  assert config.train.static_width == 0.5 and config.train.weight_decay == 0.0
+  assert not config.model.reorder
+  summary = json.loads((workdir / "report.json").read_text())
+  assert summary["static_width"] == 0.5
+  _, start = weights.load_pretrained(
       tiny_backbone, num_classes=2, widths=tuple(config.model.widths),
       router_layer=config.model.router_layer, key=jax.random.fold_in(jax.random.PRNGKey(0), 1))
-  summary = train.train_and_evaluate(config, str(tmp_path))
-  assert summary["static_width"] == 0.5 and summary["hardness_signal"] == "entropy"
-  from sharcs_jax.checkpoint import load_trained
-  _, _, params = load_trained(str(tmp_path))
   ffn = np.asarray(params["layers_2"]["ffn_in"]["kernel"])  # adaptive layer: [32, 64]
   before = np.asarray(start["layers_2"]["ffn_in"]["kernel"])
   assert not np.allclose(ffn[:16, :32], before[:16, :32])  # width 0.5's slice trained

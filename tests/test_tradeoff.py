@@ -3,58 +3,55 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT, glue_data_dir
+from conftest import REPO_ROOT, TRADEOFF_ARGS, glue_data_dir, run_tradeoff
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,
                                 reason="needs the local GLUE copy (network otherwise)")
 
 
-def _tradeoff(backbone, out, *extra):
-  overrides = [f"model.backbone={backbone}", "model.widths=[0.5, 1.0]",
-               "hardness.ranges=[[0.6, 1.0], [0.0, 0.6]]", "data.train_limit=96",
-               "data.dev_limit=48", "train.batch_size=16", "eval.batch_size=16",
-               "routing.calibration_examples=32", "model.reorder_batches=1"]
-  command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"),
-             f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke", f"--out={out}",
-             "--thresholds=0.6", "--budgets=1.2x,9x", *extra,
-             *(f"--set={o}" for o in overrides)]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads((out / "tradeoff_qqp.json").read_text()), result
-
-
-ARGS = ("--only=sharcs,router_layer,static,early_exit", "--router_layers=1")
-
-
-def test_tradeoff_benchmark(tiny_backbone, tmp_path):
-  data, first = _tradeoff(tiny_backbone, tmp_path, *ARGS)
+def test_tradeoff_benchmark(tradeoff):
+  out, data = tradeoff
   methods = [(p["method"], p["setting"]) for p in data["points"]]
   assert ("sharcs", 0.6) in methods and ("static", 0.5) in methods and ("static", 1.0) in methods
   assert ("sharcs budget rule", "1.2x") in methods and ("sharcs K=1", 0.6) in methods
-  assert ("sharcs K=1 budget rule", "1.2x") in methods
+  assert ("sharcs K=1 budget rule", "1.2x") in methods and ("sharcs entropy", 0.6) in methods
   assert sum(m.startswith("early exit") for m, _ in methods) == 10 + 2  # thresholds + patiences
   by = {(p["method"], p["setting"]): p for p in data["points"]}
   assert "out of reach" in by["sharcs budget rule", "9x"]["error"]
   assert by["static", 1.0]["flops_reduction"] == pytest.approx(1.0)
   assert by["static", 0.5]["flops_reduction"] > 1.2
   assert by["sharcs budget rule", "1.2x"]["calibration_reduction"] == pytest.approx(1.2, rel=0.05)
+  entropy_run = json.loads((out / "runs" / "sharcs_entropy_K2_t0.6" / "report.json").read_text())
+  assert entropy_run["hardness_signal"] == "entropy"
   for name in ("tradeoff_qqp.md", "tradeoff_qqp.png"):
-    assert (tmp_path / name).stat().st_size > 0
-  # Re-running reads the finished runs instead of training them again.
-  again, second = _tradeoff(tiny_backbone, tmp_path, *ARGS)
-  assert again == data
-  assert "finished earlier" in second.stderr
+    assert (out / name).stat().st_size > 0
 
 
-def test_tradeoff_rejects_bad_overrides(tmp_path):
+def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):
+  out, data = tradeoff
+  shutil.copytree(out / "runs", tmp_path / "runs")  # the shared output stays as it was
+  again, process = run_tradeoff(tiny_backbone, tmp_path, *TRADEOFF_ARGS,
+                                "--only=static,early_exit,entropy")
+  assert "finished earlier" in process.stderr and "trained and evaluated" not in process.stderr
+  kept = [p for p in data["points"]
+          if p["method"] == "static" or p["method"].startswith(("early exit", "sharcs entropy"))]
+  assert again["points"] == kept
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.no_such_field=1", "config has no field train.no_such_field"),
+    ("train.epochs=three", "'three' is not a Python or JSON value")])
+def test_tradeoff_rejects_bad_overrides(tmp_path, override, message):
   command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"),
              f"--config={REPO_ROOT / 'configs' / 'qqp.py'}", f"--out={tmp_path}",
-             "--set=train.no_such_field=1"]
+             f"--set={override}"]
   result = subprocess.run(command, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "config has no field train.no_such_field" in result.stderr
+  assert message in result.stderr
+  assert not list(tmp_path.iterdir())  # nothing trained or written
