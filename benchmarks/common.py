@@ -54,8 +54,8 @@ class BudgetSweep:
   def reachable(self) -> tuple[float, float]:
     return routing.reachable_reductions(self.calibration_flops)
 
-  def summary(self, rule: routing.Rule | None = None) -> dict:
-    """Dev metrics at full width, each static width and routed (argmax without a rule)."""
+  def summary(self, rule: routing.Rule = routing.Rule()) -> dict:
+    """Dev metrics at full width, each static width and routed (the router's argmax by default)."""
     return evaluate.summarize(self.dev_probabilities, self.dev_router, self.dev,
                               self.engine.flops, self.engine.task.metrics, rule)
 
