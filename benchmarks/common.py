@@ -36,7 +36,6 @@ class BudgetSweep:
   """
   engine: Engine
   dev: batching.Encoded
-  calibration_size: int
   calibration_router: np.ndarray
   calibration_flops: np.ndarray
   dev_probabilities: np.ndarray
@@ -47,7 +46,7 @@ class BudgetSweep:
             calibration: batching.Encoded) -> "BudgetSweep":
     params, batch = engine.params["params"], engine.batch_buckets[-1]
     probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
-    return cls(engine, dev, len(calibration),
+    return cls(engine, dev,
                evaluate.router_logits(engine.programs, params, calibration, batch),
                evaluate.per_example_flops(engine.flops, calibration), probabilities, dev_router)
 
