@@ -12,17 +12,17 @@ Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the co
 again. Writes OUT/tradeoff_TASK.{json,md,png}.
 
     python benchmarks/tradeoff.py --config=configs/mrpc.py --out=/tmp/tradeoff_mrpc
-    python benchmarks/tradeoff.py --config=configs/qqp.py --out=DIR --set=data.train_limit=8000
+    python benchmarks/tradeoff.py --config=configs/qqp.py --out=DIR --config.data.train_limit=8000
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import time
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 import common
 from sharcs_jax import config as config_lib
@@ -31,15 +31,16 @@ from sharcs_jax.data import batching, glue
 from sharcs_jax.engine import Engine
 from sharcs_jax.train_early_exit import train_early_exit
 
-flags.DEFINE_string("config", None, "Task config file, e.g. configs/qqp.py (two widths).",
-                    required=True)
+config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/qqp.py (two "
+                                "widths); --config.section.key=value changes every run's config.",
+                                lock_config=True)
+flags.mark_flag_as_required("config")
 flags.DEFINE_string("out", None, "Output directory (runs are kept under OUT/runs).",
                     required=True)
 flags.DEFINE_list("thresholds", ["0.3", "0.5", "0.7", "0.9"], "Two-bucket thresholds t.")
 flags.DEFINE_list("router_layers", [], "Other router layers K to train at the config's t.")
 flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x", "3x"], "Budget-rule targets for the "
                   "config's SHARCS model (unreachable ones are reported as such).")
-flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. data.train_limit=8000.")
 flags.DEFINE_list("only", [], "Run only these methods (sharcs, router_layer, entropy, static, "
                   "early_exit); default all.")
 FLAGS = flags.FLAGS
@@ -47,36 +48,23 @@ FLAGS = flags.FLAGS
 METHODS = ("sharcs", "router_layer", "entropy", "static", "early_exit")
 
 
-def _override(config, spec: str) -> None:
-  field, sep, text = spec.partition("=")
-  if not sep or "." not in field:
-    raise app.UsageError(f"--set {spec!r}: expected section.key=value")
-  section, key = field.split(".", 1)
-  if section not in config or key not in config[section]:
-    raise app.UsageError(f"--set {spec!r}: config has no field {field}")
-  old = config[section][key]
-  if isinstance(old, str):
-    config[section][key] = text
-    return
-  try:  # Python literals (True, [0.5, 1.0]) or JSON (true)
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    try:
-      value = json.loads(text)
-    except json.JSONDecodeError:
-      raise app.UsageError(f"--set {spec!r}: {text!r} is not a Python or JSON value") from None
-  config[section][key] = type(old)(value)
+def config_file() -> str:
+  return config_flags.get_config_filename(FLAGS["config"])
+
+
+def overrides() -> list[str]:
+  """The command line's --config.* overrides, as section.key=value, for the report."""
+  return [f"{field}={value!r}"
+          for field, value in config_flags.get_override_values(FLAGS["config"]).items()]
 
 
 def base_config():
-  config = config_lib.load_config(FLAGS.config)
-  for spec in FLAGS.set:
-    _override(config, spec)
+  config = FLAGS.config.copy_and_resolve_references()
   if len(config.model.widths) != 2:
-    raise app.UsageError(f"{FLAGS.config}: the two-bucket sweep needs two widths, the config "
+    raise app.UsageError(f"{config_file()}: the two-bucket sweep needs two widths, the config "
                          f"has {tuple(config.model.widths)}")
   if not config.routing.calibration_examples:
-    raise app.UsageError(f"{FLAGS.config}: hold back training examples "
+    raise app.UsageError(f"{config_file()}: hold back training examples "
                          "(routing.calibration_examples) so the budget rule can be calibrated")
   config.train.progress_bar = False
   return config
@@ -186,8 +174,8 @@ def collect(config, out: str) -> dict:
   for p in points:
     if "gflops" in p:
       p["flops_reduction"] = reference / p["gflops"]
-  return {"task": config.task, "model": config.model.backbone, "config": FLAGS.config,
-          "overrides": FLAGS.set, "full_width_gflops": reference, "points": points}
+  return {"task": config.task, "model": config.model.backbone, "config": config_file(),
+          "overrides": overrides(), "full_width_gflops": reference, "points": points}
 
 
 def _metrics(result: dict) -> dict:
@@ -254,4 +242,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

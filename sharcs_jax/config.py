@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import ml_collections
+from absl import app
 
 from sharcs_jax.data.glue import get_task, resolve_data_dir
 from sharcs_jax.hardness import SIGNALS, check_ranges
@@ -103,6 +105,25 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for programs with a --config file flag (`app.run(main, flags_parser=)`).
+
+  ml_collections answers `--config.train.epoch=3` (no such field) with a KeyError traceback; this
+  turns it into a one-line usage error that names the flag, before anything runs.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    while isinstance(e.args[0] if e.args else None, BaseException):
+      e = e.args[0]  # ml_collections wraps the KeyError in an AttributeError
+    missing, _, hint = str(e.args[0] if e.args else e).partition("\n")
+    missing = missing.strip("'\"")
+    flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                 and missing in a.split("=")[0].split(".")[1:]), "--config.*")
+    sys.exit(f"FATAL Flags parsing error: {flag}: the config has no field {missing!r}. {hint}"
+             .rstrip())
 
 
 def backbone_config(config: ml_collections.ConfigDict) -> EncoderConfig:

@@ -12,6 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sharcs_jax import config as config_lib
 from sharcs_jax import parallel, predict, summary, train
 from sharcs_jax.engine import Engine
 
@@ -79,4 +80,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -131,7 +131,7 @@ def tiny_batch():
 # No weight decay and no reordering, so that a static run's untouched parameters stay bit-equal
 # to the pretrained start (test_baselines reads that run).
 TRADEOFF_OVERRIDES = (
-    "model.widths=[0.5, 1.0]", "hardness.ranges=[[0.6, 1.0], [0.0, 0.6]]", "data.train_limit=96",
+    "model.widths=(0.5, 1.0)", "hardness.ranges=((0.6, 1.0), (0.0, 0.6))", "data.train_limit=96",
     "data.dev_limit=48", "train.batch_size=16", "eval.batch_size=16",
     "routing.calibration_examples=32", "model.reorder=False", "train.weight_decay=0.0")
 TRADEOFF_ARGS = ("--router_layers=1", "--thresholds=0.6", "--budgets=1.2x,9x")
@@ -141,7 +141,7 @@ def run_tradeoff(backbone: str, out: pathlib.Path, *extra: str):
   """(tradeoff_qqp.json's data, the finished process) of one benchmark invocation."""
   command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"),
              f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke", f"--out={out}",
-             f"--set=model.backbone={backbone}", *(f"--set={o}" for o in TRADEOFF_OVERRIDES),
+             f"--config.model.backbone={backbone}", *(f"--config.{o}" for o in TRADEOFF_OVERRIDES),
              *extra]
   # The runs compile the same train steps (SHARCS and its entropy variant): share the cache.
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": XLA_CACHE_DIR,

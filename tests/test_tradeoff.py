@@ -45,13 +45,19 @@ def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.no_such_field=1", "config has no field train.no_such_field"),
-    ("train.epochs=three", "'three' is not a Python or JSON value")])
-def test_tradeoff_rejects_bad_overrides(tmp_path, override, message):
-  command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"),
-             f"--config={REPO_ROOT / 'configs' / 'qqp.py'}", f"--out={tmp_path}",
-             f"--set={override}"]
+    ("train.epoch=1", "--config.train.epoch: the config has no field 'epoch'. Did you mean "
+     '"epochs"'),
+    ("trainx.epochs=1", "--config.trainx.epochs: the config has no field 'trainx'"),
+    ("train.epochs=three", "--config.train.epochs=three: invalid literal for int()")])
+@pytest.mark.parametrize("program", ["benchmark", "main job"])
+def test_bad_config_overrides_are_usage_errors(tmp_path, program, override, message):
+  out = tmp_path / "out"
+  command = ([str(REPO_ROOT / "benchmarks" / "tradeoff.py"), f"--out={out}"]
+             if program == "benchmark" else ["-m", "sharcs_jax.main", f"--workdir={out}"])
+  command = [sys.executable, *command, f"--config={REPO_ROOT / 'configs' / 'qqp.py'}",
+             f"--config.{override}"]
   result = subprocess.run(command, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert message in result.stderr
-  assert not list(tmp_path.iterdir())  # nothing trained or written
+  assert "Traceback" not in result.stderr
+  assert not out.exists()  # nothing trained or written
