@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from tqdm import tqdm
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import evaluate, hardness, parallel, report
@@ -32,6 +31,7 @@ from sharcs_jax.model.reorder import reorder_by_importance
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
 from sharcs_jax.programs import Programs
+from sharcs_jax.progress import progress
 from sharcs_jax.routing import Rule, calibrate, parse_budget
 
 Array = jax.Array
@@ -48,17 +48,17 @@ class TrainState:
   train_seconds: Array  # float32: wall time spent in epochs so far, across restarts
 
 
-def learning_rate(train: ml_collections.ConfigDict, progress: float) -> float:
-  """Linear warm-up then linear decay to 0 over training progress in [0, 1].
+def learning_rate(train: ml_collections.ConfigDict, done: float) -> float:
+  """Linear warm-up then linear decay to 0 over the fraction of training done, in [0, 1].
 
-  Progress is (epoch + step / steps in that epoch) / epochs, advanced once per optimiser step
+  It is (epoch + step / steps in that epoch) / epochs, advanced once per optimiser step
   (never per sample). Epoch lengths depend on the hardness labels (rare widths repeat their
   batches), so the schedule cannot be a fixed count of steps known before training.
   """
   warmup = train.warmup_fraction
-  if progress < warmup:
-    return train.learning_rate * progress / warmup
-  return train.learning_rate * max(0.0, 1.0 - progress) / (1.0 - warmup)
+  if done < warmup:
+    return train.learning_rate * done / warmup
+  return train.learning_rate * max(0.0, 1.0 - done) / (1.0 - warmup)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -263,8 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
     plan = batching.plan_train_epoch(train_data, assigned, t.batch_size, rng)
     seen = correct = 0
-    bar = tqdm(plan, desc=f"epoch {epoch}", unit="batch", mininterval=2.0,
-               disable=not (t.progress_bar and parallel.is_primary()))
+    bar = progress(plan, f"epoch {epoch}", bar=t.progress_bar, quiet=not parallel.is_primary())
     losses = []
     for i, planned in enumerate(bar):
       batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)

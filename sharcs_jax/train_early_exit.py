@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from tqdm import tqdm
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import early_exit, report
@@ -31,6 +30,7 @@ from sharcs_jax.evaluate import classification_metrics
 from sharcs_jax.flops import compiled_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
+from sharcs_jax.progress import progress
 from sharcs_jax.train import apply_gradients, learning_rate, make_optimizer
 
 Array = jax.Array
@@ -117,8 +117,7 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
     rng = np.random.default_rng([config.seed, epoch])
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),
                                      t.batch_size, rng)
-    bar = tqdm(plan, desc=f"early exit, epoch {epoch}", unit="batch", mininterval=2.0,
-               disable=not t.progress_bar)
+    bar = progress(plan, f"early exit, epoch {epoch}", bar=t.progress_bar)
     epoch_start, losses = time.time(), []
     for i, planned in enumerate(bar):
       batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)

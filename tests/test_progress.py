@@ -1,0 +1,23 @@
+"""Progress reporting: the bar-off path logs rate lines instead of printing a bar."""
+
+from __future__ import annotations
+
+import logging
+
+from sharcs_jax.progress import progress
+
+
+def test_progress_without_bar_logs_rate_lines(caplog, capsys):
+  caplog.set_level(logging.INFO)
+  assert list(progress(range(5), "epoch 3", bar=False, log_interval_s=0.0)) == list(range(5))
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines and all(line.startswith("epoch 3:") for line in lines)
+  assert "5/5" in lines[-1] and "batch/s" in lines[-1]
+  assert capsys.readouterr().err == ""  # no bar drawn on the terminal
+
+
+def test_quiet_progress_says_nothing(caplog, capsys):
+  caplog.set_level(logging.INFO)
+  assert list(progress(range(3), "epoch 0", bar=False, quiet=True, log_interval_s=0.0)) == [0, 1, 2]
+  assert list(progress(range(3), "epoch 0", bar=True, quiet=True)) == [0, 1, 2]
+  assert not caplog.records and capsys.readouterr().err == ""
