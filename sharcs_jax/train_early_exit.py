@@ -5,7 +5,8 @@ schedule as `train.py`; the loss is PABEE's weighted mean of every exit's cross-
 epoch one dev pass keeps every exit's logits; the epoch whose last exit is most accurate is kept
 (SHARCS keeps its best dev epoch too), and every entropy threshold and patience is evaluated on it
 without running the model again. FLOPs of leaving after layer k are XLA's cost analysis of the
-program that runs layers 1..k and exits 1..k at batch 1, at each length bucket.
+program that runs layers 1..k and exits 1..k at batch 1, at each length bucket. Every epoch is
+checkpointed as a SHARCS run's is, so re-running an interrupted run resumes it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from absl import logging
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import early_exit, report
+from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
 from sharcs_jax.evaluate import classification_metrics
 from sharcs_jax.flops import compiled_flops
@@ -39,6 +41,7 @@ Array = jax.Array
 @flax.struct.dataclass
 class ExitTrainState:
   step: Array
+  epoch: Array  # epochs finished: where a resumed run starts
   params: Any
   opt_state: Any
   rng: Array
@@ -107,13 +110,20 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                                              key=jax.random.fold_in(key, 1))
   num_layers = model.encoder.num_layers
   tx = make_optimizer(t)
-  state = ExitTrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                         rng=jax.random.fold_in(key, 2))
+  state = ExitTrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
+                         opt_state=tx.init(params), rng=jax.random.fold_in(key, 2))
   step_fn = jax.jit(functools.partial(exit_train_step, model=model, tx=tx), donate_argnums=0)
   forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
-  history, best, best_accuracy = [], None, -1.0
+  # The kept epoch: its dev logits of every exit are all the rules need.
+  best = {"epoch": jnp.int32(-1),
+          "logits": jnp.zeros((num_layers, len(dev_data), task.num_classes), jnp.float32)}
+  checkpoints = Checkpoints(workdir, config)
+  history = []
+  restored = checkpoints.restore_latest(state, best)
+  if restored is not None:
+    state, best, history = restored
   start = time.time()
-  for epoch in range(t.epochs):
+  for epoch in range(int(state.epoch), t.epochs):
     rng = np.random.default_rng([config.seed, epoch])
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),
                                      t.batch_size, rng)
@@ -133,9 +143,12 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                     "dev_accuracy_per_exit": accuracy})
     logging.info("early exit epoch %d: dev accuracy per exit %s (%.0fs)", epoch,
                  np.round(accuracy, 4).tolist(), time.time() - epoch_start)
-    if accuracy[-1] > best_accuracy:
-      best, best_accuracy = (epoch, logits), accuracy[-1]
-  best_epoch, logits = best
+    kept = int(best["epoch"])
+    if kept < 0 or accuracy[-1] > history[kept]["dev_accuracy_per_exit"][-1]:
+      best = {"epoch": jnp.int32(epoch), "logits": jnp.asarray(logits)}
+    state = state.replace(epoch=jnp.int32(epoch + 1))
+    checkpoints.save(state, best, history)
+  best_epoch, logits = int(best["epoch"]), np.asarray(best["logits"])
   flops = exit_flops_table(model, buckets)  # [L, buckets]
   exit_gflops = flops[:, dev_data.bucket_of] / 1e9  # [L, N]
   points = early_exit.sweep_rules(logits, dev_data.labels, exit_gflops, task.metrics,

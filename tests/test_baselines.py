@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ from sharcs_jax import config as config_lib
 from sharcs_jax import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
 from sharcs_jax.model.weights import load_pretrained_early_exit
+from sharcs_jax import train_early_exit as train_early_exit_module
 from sharcs_jax.train_early_exit import exit_flops_table, train_early_exit
 
 needs_glue = pytest.mark.skipif(glue_data_dir() is None,
@@ -56,11 +58,20 @@ def test_exit_flops_follow_the_analytic_count():
     assert table[k, 0] == pytest.approx(analytic, rel=0.01)  # MiniLM shapes: 0.03% measured
 
 
+EXIT_RULES = {"entropy_fractions": (0.0, 0.5, 1.0), "patiences": (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def early_exit_run(tiny_backbone, tmp_path_factory):
+  """(workdir, summary) of one uninterrupted early-exit run on the tiny backbone."""
+  workdir = tmp_path_factory.mktemp("early_exit")
+  return workdir, train_early_exit(tiny_run_config(tiny_backbone), str(workdir), **EXIT_RULES)
+
+
 @needs_glue
-def test_early_exit_baseline_end_to_end(tiny_backbone, tmp_path):
-  config = tiny_run_config(tiny_backbone)
-  summary = train_early_exit(config, str(tmp_path), entropy_fractions=(0.0, 0.5, 1.0),
-                             patiences=(1, 2))
+def test_early_exit_baseline_end_to_end(early_exit_run):
+  tmp_path, summary = early_exit_run
+  config = tiny_run_config(summary["model"])
   saved = json.loads((tmp_path / "early_exit.json").read_text())
   assert saved["points"] == summary["points"]
   assert (tmp_path / "early_exit.md").exists()
@@ -78,6 +89,30 @@ def test_early_exit_baseline_end_to_end(tiny_backbone, tmp_path):
     assert cheapest - 1e-9 <= p["gflops"] <= dearest + 1e-9 and 0.0 <= p["accuracy"] <= 1.0
   # Train data: the same held-back split as a SHARCS run of this config.
   assert summary["train_examples"] == 96 - config.routing.calibration_examples
+
+
+@needs_glue
+def test_resumed_early_exit_run_equals_uninterrupted(early_exit_run, tmp_path, monkeypatch,
+                                                     caplog):
+  _, straight = early_exit_run
+  config = tiny_run_config(straight["model"])
+  original_save = train_early_exit_module.Checkpoints.save
+
+  def save_then_crash(self, *args):
+    original_save(self, *args)
+    raise KeyboardInterrupt("simulated kill after the first epoch's checkpoint")
+
+  monkeypatch.setattr(train_early_exit_module.Checkpoints, "save", save_then_crash)
+  with pytest.raises(KeyboardInterrupt):
+    train_early_exit(config, str(tmp_path), **EXIT_RULES)
+  assert not (tmp_path / "early_exit.json").exists()
+  monkeypatch.setattr(train_early_exit_module.Checkpoints, "save", original_save)
+  caplog.set_level(logging.INFO)
+  resumed = train_early_exit(config, str(tmp_path), **EXIT_RULES)
+  assert "after epoch 1" in caplog.text and "early exit epoch 0:" not in caplog.text
+  assert len(resumed["history"]) == config.train.epochs == 2
+  without_time = lambda summary: {k: v for k, v in summary.items() if k != "train_seconds"}
+  assert without_time(resumed) == without_time(straight)
 
 
 @needs_glue
