@@ -18,6 +18,7 @@ from absl import app, flags
 
 import common
 from sharcs_jax import routing
+from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.data import batching, glue
 from sharcs_jax.engine import Engine
 
@@ -36,6 +37,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  quiet_orbax_logging()
   engine = Engine.from_workdir(FLAGS.workdir)
   config, task = engine.config, engine.task
   dev = batching.encode(glue.load_split(config.task, "dev", glue.resolve_data_dir(config.data_dir),

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 import common
 from sharcs_jax import config as config_lib
 from sharcs_jax import routing, train
+from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.data import batching, glue
 from sharcs_jax.engine import Engine
 from sharcs_jax.train_early_exit import train_early_exit
@@ -234,6 +235,7 @@ def plot(path: str, data: dict) -> None:
 
 def main(argv):
   del argv
+  quiet_orbax_logging()
   config = base_config()
   config_lib.validate(config)
   data = collect(config, FLAGS.out)

@@ -23,6 +23,11 @@ from sharcs_jax.flops import param_shapes
 from sharcs_jax.model.sharcs import SharcsModel, default_router_hidden
 
 
+def quiet_orbax_logging() -> None:
+  """orbax logs every array it writes at INFO; keep a job's own progress readable."""
+  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
+
+
 def _config_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 

@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import parallel, predict, summary, train
+from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.engine import Engine
 
 FLAGS = flags.FLAGS
@@ -44,8 +45,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # orbax logs every file it writes at INFO; keep the run's own progress readable.
-  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
+  quiet_orbax_logging()
   if FLAGS.distributed or FLAGS.coordinator_address:
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.info("JAX %s on %s", jax.__version__, jax.devices())
