@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 import common
+from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax import export
 from sharcs_jax.data import glue
 from sharcs_jax.engine import Engine
@@ -57,6 +58,7 @@ def directory_bytes(path: str) -> int:
 
 def main(argv):
   del argv
+  quiet_orbax_logging()
   engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget)
   start = time.perf_counter()
   manifest = export.export_engine(engine, FLAGS.export_dir)
