@@ -21,8 +21,8 @@ import numpy as np
 from absl import app, flags
 
 import common
-from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax import export
+from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.data import glue
 from sharcs_jax.engine import Engine
 
