@@ -277,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  f"{int(state.step)}; nothing of this epoch was saved")
       seen += len(planned.rows)
       correct += float(metrics["correct"])
-      bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{seen / (time.time() - start):.0f}")
+      bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{seen / (time.time() - start):.0f}",
+                      refresh=False)  # shown at the bar's next redraw, not one per step
     train_time = time.time() - start
     state = parallel.replicate(state.replace(
         hardness=hardness.relabel(state.hardness, ranges, jnp.int32(epoch)),

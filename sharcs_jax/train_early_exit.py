@@ -135,7 +135,8 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
       state, per_exit = step_fn(state, batch)
       losses.append(np.asarray(per_exit))
       bar.set_postfix(loss=f"{float(losses[-1][-1]):.3f}",
-                      ex_s=f"{(i + 1) * t.batch_size / (time.time() - epoch_start):.0f}")
+                      ex_s=f"{(i + 1) * t.batch_size / (time.time() - epoch_start):.0f}",
+                      refresh=False)
     logits = exit_logits(model, forward, state.params, dev_data, config.eval.batch_size)
     accuracy = [classification_metrics(l.argmax(-1), dev_data.labels, task.metrics)["accuracy"]
                 for l in logits]
