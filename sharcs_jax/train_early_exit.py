@@ -42,6 +42,7 @@ Array = jax.Array
 class ExitTrainState:
   step: Array
   epoch: Array  # epochs finished: where a resumed run starts
+  train_seconds: Array  # float32: wall time spent in epochs so far, across restarts
   params: Any
   opt_state: Any
   rng: Array
@@ -110,8 +111,8 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                                              key=jax.random.fold_in(key, 1))
   num_layers = model.encoder.num_layers
   tx = make_optimizer(t)
-  state = ExitTrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
-                         opt_state=tx.init(params), rng=jax.random.fold_in(key, 2))
+  state = ExitTrainState(step=jnp.int32(0), epoch=jnp.int32(0), train_seconds=jnp.float32(0),
+                         params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 2))
   step_fn = jax.jit(functools.partial(exit_train_step, model=model, tx=tx), donate_argnums=0)
   forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
   # The kept epoch: its dev logits of every exit are all the rules need.
@@ -122,7 +123,6 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   restored = checkpoints.restore_latest(state, best)
   if restored is not None:
     state, best, history = restored
-  start = time.time()
   for epoch in range(int(state.epoch), t.epochs):
     rng = np.random.default_rng([config.seed, epoch])
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),
@@ -147,7 +147,8 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
     kept = int(best["epoch"])
     if kept < 0 or accuracy[-1] > history[kept]["dev_accuracy_per_exit"][-1]:
       best = {"epoch": jnp.int32(epoch), "logits": jnp.asarray(logits)}
-    state = state.replace(epoch=jnp.int32(epoch + 1))
+    state = state.replace(epoch=jnp.int32(epoch + 1),
+                          train_seconds=state.train_seconds + (time.time() - epoch_start))
     checkpoints.save(state, best, history)
   best_epoch, logits = int(best["epoch"]), np.asarray(best["logits"])
   flops = exit_flops_table(model, buckets)  # [L, buckets]
@@ -158,7 +159,7 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   summary = {"task": task.name, "model": config.model.backbone, "method": "early exit",
              "loss": "PABEE weighted mean of exit losses", "epochs": t.epochs,
              "best_epoch": best_epoch, "train_examples": len(train_data),
-             "dev_examples": len(dev_data), "train_seconds": time.time() - start,
+             "dev_examples": len(dev_data), "train_seconds": float(state.train_seconds),
              "exit_gflops_per_bucket": (flops / 1e9).tolist(), "length_buckets": list(buckets),
              "per_exit": [{**classification_metrics(l.argmax(-1), dev_data.labels, task.metrics),
                            "gflops": float(exit_gflops[k].mean())}
