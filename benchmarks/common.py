@@ -17,13 +17,18 @@ from sharcs_jax.data import batching, glue  # noqa: E402
 from sharcs_jax.engine import Engine  # noqa: E402
 
 
-def qqp_dev(data_dir: str | None, length_buckets: tuple[int, ...], tokenizer,
-            limit: int = 0) -> batching.Encoded:
-  """QQP dev pairs ($SHARCS_DATA_DIR, else ../shared/data/glue beside the checkout, else hub)."""
+def glue_data_dir(data_dir: str | None) -> str | None:
+  """The flag's directory, else $SHARCS_DATA_DIR, else ../shared/data/glue beside the checkout,
+  else None (the hub)."""
   if not data_dir and not os.environ.get(glue.DATA_DIR_ENV):
     beside = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
     data_dir = beside if os.path.isdir(beside) else None
-  split = glue.load_split("qqp", "dev", glue.resolve_data_dir(data_dir), limit=limit)
+  return glue.resolve_data_dir(data_dir)
+
+
+def qqp_dev(data_dir: str | None, length_buckets: tuple[int, ...], tokenizer,
+            limit: int = 0) -> batching.Encoded:
+  split = glue.load_split("qqp", "dev", glue_data_dir(data_dir), limit=limit)
   return batching.encode(split, tokenizer, length_buckets)
 
 

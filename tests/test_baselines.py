@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -137,3 +139,21 @@ def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
   # The kept epoch is the one where width 0.5 was most accurate.
   best = max(h["static"]["0.5"]["accuracy"] for h in summary["history"])
   assert summary["static"]["0.5"]["accuracy"] == best
+
+
+@needs_glue
+def test_exit_probe_benchmark_reports_every_layer(tiny_backbone, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "benchmarks/exit_probe.py", f"--model={tiny_backbone}", f"--out={tmp_path}",
+       "--train_examples=64", "--dev_limit=48", "--probe_steps=20", "--max_length=32",
+       f"--data_dir={glue_data_dir()}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads((tmp_path / "exit_probe_sst2.json").read_text())
+  assert (data["train_examples"], data["dev_examples"]) == (64, 48)
+  assert [layer["layer"] for layer in data["layers"]] == [1, 2, 3]  # the tiny backbone's layers
+  for layer in data["layers"]:
+    assert layer["cls_spread"] > 0
+    assert 0 <= layer["cls_probe_accuracy"] <= 1 and 0 <= layer["mean_pool_probe_accuracy"] <= 1
+  assert 0.3 < data["majority_accuracy"] < 0.7  # SST-2 dev is about balanced
+  assert (tmp_path / "exit_probe_sst2.md").read_text().count("\n| ") == 4  # header + 3 layers
