@@ -33,5 +33,6 @@ def progress(iterable: Iterable[T], desc: str, *, bar: bool, quiet: bool = False
   """
   if bar:
     return tqdm(iterable, desc=desc, unit="batch", mininterval=2.0, disable=quiet)
-  return tqdm(iterable, desc=desc, unit="batch", mininterval=log_interval_s, ascii=True,
-              file=_LogStream(), disable=quiet)
+  # maxinterval=inf: tqdm's monitor thread would otherwise log a second, stale line per interval.
+  return tqdm(iterable, desc=desc, unit="batch", mininterval=log_interval_s,
+              maxinterval=float("inf"), ascii=True, file=_LogStream(), disable=quiet)
