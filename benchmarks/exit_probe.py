@@ -12,7 +12,6 @@ learning rate.
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 
 import jax
@@ -86,7 +85,6 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarray,
 
 def main(argv):
   del argv
-  std_logging.getLogger("absl").setLevel(std_logging.INFO)
   data_dir = common.glue_data_dir(FLAGS.data_dir)
   train = glue.load_split(FLAGS.task, "train", data_dir)
   dev = glue.load_split(FLAGS.task, "dev", data_dir, limit=FLAGS.dev_limit)
