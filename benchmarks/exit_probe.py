@@ -52,11 +52,15 @@ def layer_vectors(module, input_ids, token_type_ids, attention_mask):
 
 
 def encode_vectors(apply, split: glue.Split, tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per layer ([CLS], mean-pool) vectors [N, hidden] in split order, from fixed-size batches."""
   data = batching.encode(split, tokenizer, (FLAGS.max_length,))
-  mask = (np.arange(FLAGS.max_length)[None] < data.lengths[:, None]).astype(np.int32)
-  chunks = [apply(data.input_ids[i:i + BATCH], data.token_type_ids[i:i + BATCH],
-                  mask[i:i + BATCH]) for i in range(0, len(data), BATCH)]
-  return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *chunks)
+  rows, chunks = [], []
+  for batch_rows, batch in batching.eval_batches(data, BATCH):
+    out = apply(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    rows.append(batch_rows)
+    chunks.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:len(batch_rows)], out))
+  order = np.argsort(np.concatenate(rows))
+  return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[order], *chunks)
 
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarray,
