@@ -6,6 +6,7 @@ beside the checkout when it exists, else the Hugging Face hub (nyu-mll/glue).
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import os
@@ -23,8 +24,16 @@ from sharcs_jax.model import EncoderConfig, SharcsModel, init_params, weights
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Tests build the same small programs many times (a resumed run recompiles what the first run
-# compiled): a per-session persistent compilation cache keeps that to one XLA compile each.
-XLA_CACHE_DIR = tempfile.mkdtemp(prefix="sharcs-test-xla-cache-")
+# compiled, a 4-device run in a subprocess what the one before it compiled): one persistent
+# compilation cache per test session keeps that to one XLA compile each. The subprocesses that
+# tests start inherit it through the environment; the session that made it removes it at exit.
+if "SHARCS_TEST_XLA_CACHE" not in os.environ:
+  os.environ["SHARCS_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="sharcs-test-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["SHARCS_TEST_XLA_CACHE"], ignore_errors=True)
+XLA_CACHE_DIR = os.environ["SHARCS_TEST_XLA_CACHE"]
+os.environ.update(JAX_COMPILATION_CACHE_DIR=XLA_CACHE_DIR,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -143,10 +152,7 @@ def run_tradeoff(backbone: str, out: pathlib.Path, *extra: str):
              f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke", f"--out={out}",
              f"--config.model.backbone={backbone}", *(f"--config.{o}" for o in TRADEOFF_OVERRIDES),
              *extra]
-  # The runs compile the same train steps (SHARCS and its entropy variant): share the cache.
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": XLA_CACHE_DIR,
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+  result = subprocess.run(command, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads((out / "tradeoff_qqp.json").read_text()), result
 
