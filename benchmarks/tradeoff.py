@@ -5,7 +5,8 @@ schedule); only the method differs:
   - SHARCS, two-bucket ranges {narrow: [t, 1], full: [0, t]} for each t, router argmax (the paper);
   - SHARCS at other router layers K (t = the config's), and with the entropy hardness signal;
   - SHARCS with the budget rule: the SHARCS models at the config's t (each K) routed to several
-    FLOPs targets, calibrated on the held-back training examples (no retraining);
+    FLOPs targets, calibrated on the held-back training examples (no retraining), and so too
+    SHARCS runs trained elsewhere on the same task (--with_runs, e.g. the main job's workdir);
   - static width after layer K (no router) at every width of the config, trained only at it;
   - early exit: an exit after every layer, DeeBERT's entropy threshold and PABEE's patience.
 Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the command is run
@@ -42,6 +43,8 @@ flags.DEFINE_list("thresholds", ["0.3", "0.5", "0.7", "0.9"], "Two-bucket thresh
 flags.DEFINE_list("router_layers", [], "Other router layers K to train at the config's t.")
 flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x", "3x"], "Budget-rule targets for the "
                   "config's SHARCS model (unreachable ones are reported as such).")
+flags.DEFINE_list("with_runs", [], "Finished SHARCS workdirs of the same task and backbone "
+                  "trained elsewhere (e.g. the main job's), routed to --budgets beside the sweep.")
 flags.DEFINE_list("only", [], "Run only these methods (sharcs, router_layer, entropy, static, "
                   "early_exit); default all.")
 FLAGS = flags.FLAGS
@@ -136,6 +139,40 @@ def budget_points(workdir: str, eval_batch: int) -> list[dict]:
   return points
 
 
+def other_runs(config) -> dict[str, dict]:
+  """workdir -> report of each --with_runs run, checked before anything trains."""
+  reports = {}
+  for workdir in FLAGS.with_runs:
+    path = os.path.join(workdir, "report.json")
+    if not os.path.exists(path):
+      raise app.UsageError(f"--with_runs: {workdir} holds no finished run (no report.json)")
+    report = json.load(open(path))
+    theirs, ours = (report["task"], report["model"]), (config.task, config.model.backbone)
+    if theirs != ours:
+      raise app.UsageError(f"--with_runs: {path} is a run of (task, backbone) {theirs}; this "
+                           f"sweep's are {ours}")
+    reports[workdir] = report
+  return reports
+
+
+def routed_runs(config, out: str) -> list[tuple[str, str, str]]:
+  """(method, run, workdir) of every trained SHARCS model that --budgets routes: the sweep's at
+  the config's t, then --with_runs (named by their directory)."""
+  def method(k: int) -> str:
+    return "sharcs budget rule" if k == config.model.router_layer else f"sharcs K={k} budget rule"
+
+  t_default = float(config.hardness.ranges[0][0])
+  ks = [config.model.router_layer] if "sharcs" in methods() else []
+  if "router_layer" in methods():
+    ks += [int(k) for k in FLAGS.router_layers]
+  names = {k: f"sharcs_K{k}_t{t_default:g}" for k in ks}
+  runs = [(method(k), name, os.path.join(out, "runs", name)) for k, name in names.items()]
+  for workdir, report in other_runs(config).items():
+    name = os.path.basename(os.path.normpath(workdir))
+    runs.append((f"{method(report['router_layer'])} ({name})", name, workdir))
+  return runs
+
+
 def collect(config, out: str) -> dict:
   """Trains (or reads) every run; one record per point of the trade-off."""
   points, reference = [], None
@@ -157,13 +194,8 @@ def collect(config, out: str) -> dict:
     points.append({"method": method, "setting": setting, "run": name,
                    "best_epoch": summary["best_epoch"], "full_width_accuracy":
                    summary["full_width"]["accuracy"], **_metrics(result)})
-  t_default = float(config.hardness.ranges[0][0])
-  routed = {config.model.router_layer: "sharcs budget rule"} if "sharcs" in methods() else {}
-  if "router_layer" in methods():
-    routed.update({int(k): f"sharcs K={k} budget rule" for k in FLAGS.router_layers})
-  for k, method in routed.items():
-    run = f"sharcs_K{k}_t{t_default:g}"
-    for p in budget_points(os.path.join(out, "runs", run), config.eval.batch_size):
+  for method, run, workdir in routed_runs(config, out):
+    for p in budget_points(workdir, config.eval.batch_size):
       if "error" in p:
         points.append({"method": method, "setting": p["budget"], "error": p["error"]})
       else:
@@ -220,11 +252,12 @@ def plot(path: str, data: dict) -> None:
       by_method.setdefault(p["method"], []).append(p)
   for method, points in by_method.items():
     points = sorted(points, key=lambda p: p["flops_reduction"])
-    style, color = STYLES.get(method, ("P", "tab:orange"))
+    # A --with_runs run, "sharcs budget rule (DIR)", is drawn as its kind.
+    style, color = STYLES.get(method, STYLES.get(method.split(" (")[0], ("P", "tab:orange")))
     label = {"sharcs": "SHARCS, t sweep (router argmax)"}.get(method, method)
     ax.plot([p["flops_reduction"] for p in points], [100 * p["accuracy"] for p in points], style,
             color=color, label=label, markersize=7 if "*" not in style else 11)
-    if method == "sharcs" or method == "static" or method.endswith("budget rule"):
+    if method == "sharcs" or method == "static" or "budget rule" in method:
       for p in points:
         ax.annotate(f"{p['setting']:g}" if isinstance(p["setting"], float) else p["setting"],
                     (p["flops_reduction"], 100 * p["accuracy"]), textcoords="offset points",
@@ -238,6 +271,7 @@ def main(argv):
   quiet_orbax_logging()
   config = base_config()
   config_lib.validate(config)
+  other_runs(config)  # a mistyped --with_runs fails now, not after hours of training
   data = collect(config, FLAGS.out)
   write(data, FLAGS.out)
   print(open(os.path.join(FLAGS.out, f"tradeoff_{data['task']}.md")).read())

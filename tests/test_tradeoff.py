@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,12 +37,31 @@ def test_tradeoff_benchmark(tradeoff):
 def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):
   out, data = tradeoff
   shutil.copytree(out / "runs", tmp_path / "runs")  # the shared output stays as it was
+  # The sweep's own K = 2 model, given as a run trained elsewhere, is routed as it was.
   again, process = run_tradeoff(tiny_backbone, tmp_path, *TRADEOFF_ARGS,
-                                "--only=static,early_exit,entropy")
+                                "--only=static,early_exit,entropy",
+                                f"--with_runs={tmp_path / 'runs' / 'sharcs_K2_t0.6'}")
   assert "finished earlier" in process.stderr and "trained and evaluated" not in process.stderr
   kept = [p for p in data["points"]
           if p["method"] == "static" or p["method"].startswith(("early exit", "sharcs entropy"))]
-  assert again["points"] == kept
+  routed = [{**p, "method": "sharcs budget rule (sharcs_K2_t0.6)"} for p in data["points"]
+            if p["method"] == "sharcs budget rule"]
+  assert len(routed) == len(TRADEOFF_ARGS[-1].split(","))
+  assert again["points"] == kept + routed
+
+
+def test_runs_from_elsewhere_are_checked_before_training(trained, tmp_path):
+  command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"), f"--out={tmp_path}",
+             f"--config={REPO_ROOT / 'configs' / 'sst2.py'}"]
+  result = subprocess.run(command + [f"--with_runs={tmp_path / 'nowhere'}"], capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode != 0 and "nowhere holds no finished run" in result.stderr
+  result = subprocess.run(command + [f"--with_runs={trained[0]}"], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0
+  assert "is a run of (task, backbone) ('qqp'," in result.stderr
+  assert "this sweep's are ('sst2', 'all-MiniLM-L6-v2')" in result.stderr
+  assert os.listdir(tmp_path) == []  # nothing trained or written
 
 
 @pytest.mark.parametrize("override, message", [
