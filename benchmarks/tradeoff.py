@@ -155,9 +155,9 @@ def other_runs(config) -> dict[str, dict]:
   return reports
 
 
-def routed_runs(config, out: str) -> list[tuple[str, str, str]]:
+def routed_runs(config, out: str, others: dict[str, dict]) -> list[tuple[str, str, str]]:
   """(method, run, workdir) of every trained SHARCS model that --budgets routes: the sweep's at
-  the config's t, then --with_runs (named by their directory)."""
+  the config's t, then `others`, the --with_runs reports (named by their directory)."""
   def method(k: int) -> str:
     return "sharcs budget rule" if k == config.model.router_layer else f"sharcs K={k} budget rule"
 
@@ -167,13 +167,13 @@ def routed_runs(config, out: str) -> list[tuple[str, str, str]]:
     ks += [int(k) for k in FLAGS.router_layers]
   names = {k: f"sharcs_K{k}_t{t_default:g}" for k in ks}
   runs = [(method(k), name, os.path.join(out, "runs", name)) for k, name in names.items()]
-  for workdir, report in other_runs(config).items():
+  for workdir, report in others.items():
     name = os.path.basename(os.path.normpath(workdir))
     runs.append((f"{method(report['router_layer'])} ({name})", name, workdir))
   return runs
 
 
-def collect(config, out: str) -> dict:
+def collect(config, out: str, others: dict[str, dict]) -> dict:
   """Trains (or reads) every run; one record per point of the trade-off."""
   points, reference = [], None
   if "early_exit" in methods():
@@ -194,7 +194,7 @@ def collect(config, out: str) -> dict:
     points.append({"method": method, "setting": setting, "run": name,
                    "best_epoch": summary["best_epoch"], "full_width_accuracy":
                    summary["full_width"]["accuracy"], **_metrics(result)})
-  for method, run, workdir in routed_runs(config, out):
+  for method, run, workdir in routed_runs(config, out, others):
     for p in budget_points(workdir, config.eval.batch_size):
       if "error" in p:
         points.append({"method": method, "setting": p["budget"], "error": p["error"]})
@@ -271,8 +271,8 @@ def main(argv):
   quiet_orbax_logging()
   config = base_config()
   config_lib.validate(config)
-  other_runs(config)  # a mistyped --with_runs fails now, not after hours of training
-  data = collect(config, FLAGS.out)
+  others = other_runs(config)  # a mistyped --with_runs fails now, not after hours of training
+  data = collect(config, FLAGS.out, others)
   write(data, FLAGS.out)
   print(open(os.path.join(FLAGS.out, f"tradeoff_{data['task']}.md")).read())
 
