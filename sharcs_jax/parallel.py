@@ -63,10 +63,9 @@ def to_global(value: Any, sharding: NamedSharding) -> jax.Array:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Every leaf replicated on every device of the mesh (the same values on every process).
 
-  Leaves already placed so are kept; on a one-device mesh the tree is returned as it is.
+  Leaves already placed so are kept. A one-device mesh is placed the same way: a fresh and a
+  restored state then lower to the same programs, so a resumed run hits the compilation cache.
   """
-  if mesh.size == 1:
-    return tree
   sharding = replicated(mesh)
   return jax.tree_util.tree_map(
       lambda x: x if isinstance(x, jax.Array) and x.sharding == sharding

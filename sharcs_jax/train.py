@@ -235,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_step, model=model, tx=tx, hardness_signal=h.signal,
       router_loss_weight=0.0 if static_index is not None else t.router_loss_weight),
                     static_argnames="width", donate_argnums=0,
-                    out_shardings=parallel.replicated(mesh) if mesh.size > 1 else None)
+                    out_shardings=parallel.replicated(mesh))
   # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
   programs = Programs(model, param_shapes(model),
                       batch_buckets=tuple(sorted({1, config.eval.batch_size})),
