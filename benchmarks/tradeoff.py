@@ -4,9 +4,10 @@ Every run starts from the same config (backbone, data, held-back rows, epochs, o
 schedule); only the method differs:
   - SHARCS, two-bucket ranges {narrow: [t, 1], full: [0, t]} for each t, router argmax (the paper);
   - SHARCS at other router layers K (t = the config's), and with the entropy hardness signal;
-  - SHARCS with the budget rule: the SHARCS models at the config's t (each K) routed to several
-    FLOPs targets, calibrated on the held-back training examples (no retraining), and so too
-    SHARCS runs trained elsewhere on the same task (--with_runs, e.g. the main job's workdir);
+  - SHARCS with the budget rule: the SHARCS models at the config's t (each K, and the entropy
+    hardness model) routed to several FLOPs targets, calibrated on the held-back training
+    examples (no retraining), and so too SHARCS runs trained elsewhere on the same task
+    (--with_runs, e.g. the main job's workdir);
   - static width after layer K (no router) at every width of the config, trained only at it;
   - early exit: an exit after every layer, DeeBERT's entropy threshold and PABEE's patience.
 Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the command is run
@@ -74,6 +75,10 @@ def base_config():
   return config
 
 
+def run_name(k: int, t: float, signal: str = "confidence") -> str:
+  return f"sharcs_{'entropy_' if signal == 'entropy' else ''}K{k}_t{t:g}"
+
+
 def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
   """name -> (method, setting, config) of every training run the sweep needs."""
   t_default = float(config.hardness.ranges[0][0])
@@ -92,12 +97,12 @@ def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
       runs[f"static_w{w:g}"] = ("static", float(w), variant(t_default, k_default, static=w))
   if "sharcs" in methods():
     for t in [t_default] + sorted(set(map(float, FLAGS.thresholds)) - {t_default}):
-      runs[f"sharcs_K{k_default}_t{t:g}"] = ("sharcs", t, variant(t, k_default))
+      runs[run_name(k_default, t)] = ("sharcs", t, variant(t, k_default))
   if "router_layer" in methods():
     for k in map(int, FLAGS.router_layers):
-      runs[f"sharcs_K{k}_t{t_default:g}"] = (f"sharcs K={k}", t_default, variant(t_default, k))
+      runs[run_name(k, t_default)] = (f"sharcs K={k}", t_default, variant(t_default, k))
   if "entropy" in methods():
-    runs[f"sharcs_entropy_K{k_default}_t{t_default:g}"] = (
+    runs[run_name(k_default, t_default, "entropy")] = (
         "sharcs entropy", t_default, variant(t_default, k_default, "entropy"))
   return runs
 
@@ -157,7 +162,8 @@ def other_runs(config) -> dict[str, dict]:
 
 def routed_runs(config, out: str, others: dict[str, dict]) -> list[tuple[str, str, str]]:
   """(method, run, workdir) of every trained SHARCS model that --budgets routes: the sweep's at
-  the config's t, then `others`, the --with_runs reports (named by their directory)."""
+  the config's t (each K, then the entropy hardness model), then `others`, the --with_runs
+  reports (named by their directory)."""
   def method(k: int) -> str:
     return "sharcs budget rule" if k == config.model.router_layer else f"sharcs K={k} budget rule"
 
@@ -165,8 +171,11 @@ def routed_runs(config, out: str, others: dict[str, dict]) -> list[tuple[str, st
   ks = [config.model.router_layer] if "sharcs" in methods() else []
   if "router_layer" in methods():
     ks += [int(k) for k in FLAGS.router_layers]
-  names = {k: f"sharcs_K{k}_t{t_default:g}" for k in ks}
-  runs = [(method(k), name, os.path.join(out, "runs", name)) for k, name in names.items()]
+  named = [(method(k), run_name(k, t_default)) for k in ks]
+  if "entropy" in methods():
+    named.append(("sharcs entropy budget rule",
+                  run_name(config.model.router_layer, t_default, "entropy")))
+  runs = [(method, name, os.path.join(out, "runs", name)) for method, name in named]
   for workdir, report in others.items():
     name = os.path.basename(os.path.normpath(workdir))
     runs.append((f"{method(report['router_layer'])} ({name})", name, workdir))
@@ -239,7 +248,8 @@ def write(data: dict, out: str) -> None:
 
 STYLES = {"sharcs": ("o-", "tab:red"), "sharcs budget rule": ("*-", "darkred"),
           "sharcs K=1 budget rule": ("*:", "salmon"),
-          "sharcs entropy": ("D", "tab:purple"), "static": ("s--", "tab:blue"),
+          "sharcs entropy": ("D", "tab:purple"),
+          "sharcs entropy budget rule": ("*--", "tab:purple"), "static": ("s--", "tab:blue"),
           "early exit (DeeBERT entropy)": ("^-", "tab:green"),
           "early exit (PABEE)": ("v-", "tab:olive")}
 

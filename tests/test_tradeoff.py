@@ -22,6 +22,7 @@ def test_tradeoff_benchmark(tradeoff):
   assert ("sharcs", 0.6) in methods and ("static", 0.5) in methods and ("static", 1.0) in methods
   assert ("sharcs budget rule", "1.2x") in methods and ("sharcs K=1", 0.6) in methods
   assert ("sharcs K=1 budget rule", "1.2x") in methods and ("sharcs entropy", 0.6) in methods
+  assert ("sharcs entropy budget rule", "1.2x") in methods
   assert sum(m.startswith("early exit") for m, _ in methods) == 10 + 2  # thresholds + patiences
   by = {(p["method"], p["setting"]): p for p in data["points"]}
   assert "out of reach" in by["sharcs budget rule", "9x"]["error"]
