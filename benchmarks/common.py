@@ -103,6 +103,18 @@ def write_outputs(out_dir: str, name: str, data: dict, title: str, header: list[
                       f"# {title}\n\n{notes}\n\n" + report.markdown_table(header, rows))
 
 
+def plot_width_mixture(ax, points: list[tuple[float, float]], reference_gflops: float,
+                       color: str) -> None:
+  """Joins fixed-width points (GFLOPs, accuracy %) by what sending a share of the inputs to each of
+  two neighbours gives: straight in GFLOPs, so a curve against the reduction axis. The line a
+  router must beat; drawn straight against the reduction it would lie too high in between."""
+  points = sorted(points)
+  share = np.linspace(0.0, 1.0, 51)
+  for (g0, a0), (g1, a1) in zip(points, points[1:]):
+    ax.plot(reference_gflops / (g0 + share * (g1 - g0)), a0 + share * (a1 - a0), "--",
+            color=color, linewidth=1)
+
+
 def save_accuracy_plot(fig, ax, title: str, path: str) -> None:
   """Finishes an accuracy-against-FLOPs-reduction figure the way every benchmark draws it."""
   ax.set_xlabel("FLOPs reduction vs full width (dev average, XLA cost analysis)")

@@ -104,8 +104,10 @@ def plot(path: str, data: dict) -> None:
   full = data["full_width"]
   static = data["static"]
   ax.plot([full["gflops"] / static[w]["gflops"] for w in static],
-          [100 * static[w]["accuracy"] for w in static], "s--", color="tab:blue",
+          [100 * static[w]["accuracy"] for w in static], "s", color="tab:blue",
           label="fixed width (same weights)")
+  common.plot_width_mixture(ax, [(s["gflops"], 100 * s["accuracy"]) for s in static.values()],
+                            full["gflops"], "tab:blue")
   a = data["router_argmax"]
   ax.plot([a["flops_reduction"]], [100 * a["accuracy"]], "P", color="tab:orange", markersize=10,
           label="router argmax (paper)")

@@ -249,19 +249,9 @@ def write(data: dict, out: str) -> None:
 STYLES = {"sharcs": ("o-", "tab:red"), "sharcs budget rule": ("*-", "darkred"),
           "sharcs K=1 budget rule": ("*:", "salmon"),
           "sharcs entropy": ("D", "tab:purple"),
-          "sharcs entropy budget rule": ("*--", "tab:purple"), "static": ("s--", "tab:blue"),
+          "sharcs entropy budget rule": ("*--", "tab:purple"), "static": ("s", "tab:blue"),
           "early exit (DeeBERT entropy)": ("^-", "tab:green"),
           "early exit (PABEE)": ("v-", "tab:olive")}
-
-
-def _plot_static_mixture(ax, points: list[dict], reference_gflops: float, color: str) -> None:
-  """What sending a share of the inputs to each of two neighbouring static widths gives: straight
-  in GFLOPs, so a curve against the reduction (reference / GFLOPs)."""
-  for low, high in zip(points, points[1:]):
-    share = [i / 50 for i in range(51)]
-    gflops = [(1 - a) * low["gflops"] + a * high["gflops"] for a in share]
-    accuracy = [100 * ((1 - a) * low["accuracy"] + a * high["accuracy"]) for a in share]
-    ax.plot([reference_gflops / g for g in gflops], accuracy, "--", color=color, linewidth=1)
 
 
 def plot(path: str, data: dict) -> None:
@@ -275,9 +265,9 @@ def plot(path: str, data: dict) -> None:
     # A --with_runs run, "sharcs budget rule (DIR)", is drawn as its kind.
     style, color = STYLES.get(method, STYLES.get(method.split(" (")[0], ("P", "tab:orange")))
     label = {"sharcs": "SHARCS, t sweep (router argmax)"}.get(method, method)
-    if method == "static":
-      _plot_static_mixture(ax, points, data["full_width_gflops"], color)
-      style = style.rstrip("-")  # the markers only: the mixture above joins them
+    if method == "static":  # markers only in STYLES: the mixture joins them
+      common.plot_width_mixture(ax, [(p["gflops"], 100 * p["accuracy"]) for p in points],
+                                data["full_width_gflops"], color)
     ax.plot([p["flops_reduction"] for p in points], [100 * p["accuracy"] for p in points], style,
             color=color, label=label, markersize=7 if "*" not in style else 11)
     if method == "sharcs" or method == "static" or "budget rule" in method:
