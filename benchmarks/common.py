@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: real QQP inputs, side-by-side timing, report files."""
+"""Shared pieces of the benchmarks: real GLUE dev inputs, the full-width baseline, side-by-side
+timing, report files."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sharcs_jax import evaluate, report, routing  # noqa: E402
 from sharcs_jax.data import batching, glue  # noqa: E402
+from sharcs_jax.dispatch import split_into_batches  # noqa: E402
 from sharcs_jax.engine import Engine  # noqa: E402
+from sharcs_jax.programs import Programs  # noqa: E402
 
 
 def glue_data_dir(data_dir: str | None) -> str | None:
@@ -26,10 +29,33 @@ def glue_data_dir(data_dir: str | None) -> str | None:
   return glue.resolve_data_dir(data_dir)
 
 
+def dev_split(task: str, data_dir: str | None, limit: int = 0) -> glue.Split:
+  """A task's dev texts and labels, found as every benchmark finds them."""
+  return glue.load_split(task, "dev", glue_data_dir(data_dir), limit=limit)
+
+
 def qqp_dev(data_dir: str | None, length_buckets: tuple[int, ...], tokenizer,
             limit: int = 0) -> batching.Encoded:
-  split = glue.load_split("qqp", "dev", glue_data_dir(data_dir), limit=limit)
-  return batching.encode(split, tokenizer, length_buckets)
+  return batching.encode(dev_split("qqp", data_dir, limit), tokenizer, length_buckets)
+
+
+def full_width_probabilities(programs: Programs, params, data: batching.Encoded) -> np.ndarray:
+  """The baseline: every example through the whole model at width 1.0, no router; [N, C]."""
+  variables = {"params": params}
+  probabilities = np.zeros((len(data), programs.model.num_classes), np.float32)
+  for bucket, length in enumerate(data.length_buckets):
+    rows = np.flatnonzero(data.bucket_of == bucket)
+    for start, size in split_into_batches(len(rows), programs.batch_buckets):
+      part = rows[start:start + size]
+      batch = batching.make_batch(data, part, bucket, size)
+      probs = programs("forward", 1.0, size, length)(
+          variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+      probabilities[part] = np.asarray(probs)[:len(part)]
+  return probabilities
+
+
+def full_width_labels(programs: Programs, params, data: batching.Encoded) -> np.ndarray:
+  return full_width_probabilities(programs, params, data).argmax(-1).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +69,8 @@ class BudgetSweep:
   dev: batching.Encoded
   calibration_router: np.ndarray
   calibration_flops: np.ndarray
+  calibration_probabilities: np.ndarray  # [m, N, C]: what a cascade is calibrated on
+  calibration_prefix_flops: np.ndarray  # [N]
   dev_probabilities: np.ndarray
   dev_router: np.ndarray
 
@@ -51,22 +79,30 @@ class BudgetSweep:
             calibration: batching.Encoded) -> "BudgetSweep":
     params, batch = engine.params["params"], engine.batch_buckets[-1]
     probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
-    return cls(engine, dev,
-               evaluate.router_logits(engine.programs, params, calibration, batch),
-               evaluate.per_example_flops(engine.flops, calibration), probabilities, dev_router)
+    calibration_probabilities, calibration_router = evaluate.predict_all_widths(
+        engine.programs, params, calibration, batch)
+    return cls(engine, dev, calibration_router,
+               evaluate.per_example_flops(engine.flops, calibration), calibration_probabilities,
+               engine.prefix_flops[calibration.bucket_of], probabilities, dev_router)
 
   def reachable(self) -> tuple[float, float]:
     return routing.reachable_reductions(self.calibration_flops)
 
-  def summary(self, rule: routing.Rule = routing.Rule()) -> dict:
+  def summary(self, rule: routing.Rule | routing.Cascade = routing.Rule()) -> dict:
     """Dev metrics at full width, each static width and routed (the router's argmax by default)."""
     return evaluate.summarize(self.dev_probabilities, self.dev_router, self.dev,
-                              self.engine.flops, self.engine.task.metrics, rule)
+                              self.engine.flops, self.engine.task.metrics, rule,
+                              self.engine.prefix_flops)
 
-  def at_budget(self, budget: routing.Budget) -> tuple[routing.Rule, dict]:
-    """The rule calibrated to `budget` and its routed dev metrics; ValueError if out of reach."""
-    rule = routing.calibrate(self.calibration_router, self.calibration_flops, budget)
-    return rule, self.summary(rule)["sharcs"]
+  def at_budget(self, budget: routing.Budget, rule: str = "router", signal: str = "max_prob",
+                start_budget: routing.Budget | None = None
+                ) -> tuple[routing.Rule | routing.Cascade, dict]:
+    """The rule named `rule` calibrated to `budget` and its routed dev metrics; ValueError if out
+    of reach."""
+    calibrated = routing.calibrate_rule(rule, budget, self.calibration_router,
+                                        self.calibration_flops, self.calibration_probabilities,
+                                        self.calibration_prefix_flops, signal, start_budget)
+    return calibrated, self.summary(calibrated)["sharcs"]
 
 
 def time_side_by_side(candidates: dict[str, Callable[[], object]], rounds: int,

@@ -1,12 +1,13 @@
 """Serve to a budget: accuracy, FLOPs and engine speed for a sweep of FLOPs-reduction targets.
 
-For each target the routing rule argmax(router logits - lam * relative cost) is calibrated on the
-run's held-out training examples (never on dev); the table gives the reduction reached there and,
+For each target the routing rule (`--rule`: the router's argmax(router logits - lam * relative
+cost), or the cascade's confidence threshold) is calibrated on the run's held-out training
+examples (never on dev); the table gives the reduction reached there and,
 beside it, the dev figures: accuracy (F1 where defined), GFLOPs, reduction, share per width, and
 the engine's measured examples/s (token ids to labels, batch buckets up to 32). A target beyond
 the model's reach (below 1x, or cheaper than all-narrowest) is reported with the reachable range.
 
-    python benchmarks/pareto.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench
+    python benchmarks/pareto.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rule=cascade]
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ flags.DEFINE_bool("calibrate_on_dev", False, "Calibrate on dev itself (for runs 
                   "training examples); the dev figures are then not held-out estimates.")
 flags.DEFINE_integer("rounds", 2, "Timed engine passes over dev per budget (median).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
+flags.DEFINE_enum("rule", "router", list(routing.RULES), "How each budget is met.")
+flags.DEFINE_enum("signal", "max_prob", list(routing.CONFIDENCE_SIGNALS), "cascade: confidence.")
+flags.DEFINE_string("start_budget", "", "router+cascade: the router's own budget, e.g. 3x.")
 FLAGS = flags.FLAGS
 
 
@@ -48,14 +52,18 @@ def main(argv):
   sweep = common.BudgetSweep.build(engine, dev, calibration)
   reach = sweep.reachable()
 
-  rows, data = [], {"task": task.name, "workdir": FLAGS.workdir, "dev_examples": len(dev),
+  rows, data = [], {"task": task.name, "workdir": FLAGS.workdir, "rule": FLAGS.rule,
+                    "signal": FLAGS.signal, "start_budget": FLAGS.start_budget,
+                    "dev_examples": len(dev),
                     "calibration_examples": len(calibration), "calibration_source": source,
                     "reachable_reductions": list(reach),
                     "budgets": []}
   for spec in FLAGS.budgets:
     budget = routing.Budget(reduction=reach[1]) if spec == "max" else routing.parse_budget(spec)
     try:
-      rule, dev_result = sweep.at_budget(budget)
+      rule, dev_result = sweep.at_budget(
+          budget, FLAGS.rule, FLAGS.signal,
+          routing.parse_budget(FLAGS.start_budget) if FLAGS.start_budget else None)
     except ValueError as e:
       data["budgets"].append({"budget": spec, "error": str(e)})
       rows.append([spec, "out of reach", "", "", "", "", "", ""])
@@ -63,7 +71,7 @@ def main(argv):
     engine.rule = rule
     times = common.time_side_by_side({"engine": lambda: engine.run(dev)}, FLAGS.rounds, warmup=1,
                                      progress=False)["engine"]
-    entry = {"budget": spec, "cost_weight": rule.cost_weight,
+    entry = {"budget": spec, "rule": rule.to_json(),
              "calibration_reduction": rule.calibration_reduction, "dev": dev_result,
              "examples_per_second": len(dev) / float(np.median(times))}
     data["budgets"].append(entry)
@@ -71,7 +79,7 @@ def main(argv):
                  100 * dev_result["f1"] if "f1" in dev_result else "", dev_result["gflops"],
                  dev_result["flops_reduction"],
                  ", ".join(f"{w:g}: {100 * s:.1f}%" for w, s in zip(engine.widths,
-                                                                     dev_result["bucket_share"])),
+                                                                     dev_result["share_per_width"])),
                  entry["examples_per_second"]])
     print(f"budget {spec}: {rule.calibration_reduction:.2f}x on calibration, dev "
           f"{100 * dev_result['accuracy']:.2f}% at {dev_result['flops_reduction']:.2f}x, "
@@ -84,12 +92,14 @@ def main(argv):
            f"Full width: {100 * static['full_width']['accuracy']:.2f}% at "
            f"{static['full_width']['gflops']:.3f} GFLOPs; the router's own argmax: "
            f"{100 * static['sharcs']['accuracy']:.2f}% at {static['sharcs']['flops_reduction']:.2f}x.")
-  common.write_outputs(FLAGS.out, f"pareto_{task.name}", data, f"{task.name}: accuracy to a budget",
+  name = f"pareto_{task.name}" + ("" if FLAGS.rule == "router" else
+                                   f"_{FLAGS.rule.replace('+', '_')}")
+  common.write_outputs(FLAGS.out, name, data, f"{task.name}: accuracy to a budget ({FLAGS.rule})",
                        ["budget", "reduction on calibration", "dev accuracy", "dev F1",
                         "dev GFLOPs/example", "dev reduction", "share per width",
                         "engine examples/s"], rows, notes)
-  plot(os.path.join(FLAGS.out, f"pareto_{task.name}.png"), data)
-  print(open(os.path.join(FLAGS.out, f"pareto_{task.name}.md")).read())
+  plot(os.path.join(FLAGS.out, f"{name}.png"), data)
+  print(open(os.path.join(FLAGS.out, f"{name}.md")).read())
 
 
 def plot(path: str, data: dict) -> None:
@@ -97,7 +107,8 @@ def plot(path: str, data: dict) -> None:
   fig, ax = common.report.pyplot().subplots(figsize=(6, 4))
   xs = [b["dev"]["flops_reduction"] for b in met]
   ax.plot(xs, [100 * b["dev"]["accuracy"] for b in met], "o-", color="tab:red",
-          label=f"SHARCS, budget rule (calibrated on {data['calibration_source']})")
+          label=f"SHARCS, {data.get('rule', 'router')} rule (calibrated on "
+                f"{data['calibration_source']})")
   for b, x in zip(met, xs):
     ax.annotate(f"{b['budget']}\n{b['examples_per_second']:.0f}/s", (x, 100 * b["dev"]["accuracy"]),
                 textcoords="offset points", xytext=(3, 4), fontsize=7)

@@ -16,8 +16,7 @@ from absl import app, flags
 
 import common
 from sharcs_jax import evaluate, report
-from sharcs_jax.data import batching
-from sharcs_jax.engine import Engine, split_into_batches
+from sharcs_jax.engine import Engine
 from sharcs_jax.programs import Programs
 
 flags.DEFINE_string("workdir", None, "A trained QQP run (its checkpoints).", required=True)
@@ -29,21 +28,6 @@ flags.DEFINE_string("budget", "", "Route to this budget ('2.5x' or '0.4gflops'),
                     "the run's held-out training examples; default: the run's own rule.")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 FLAGS = flags.FLAGS
-
-
-def full_width_labels(programs: Programs, params, data: batching.Encoded) -> np.ndarray:
-  """The baseline: every example through the whole model at width 1.0, no router."""
-  variables = {"params": params}
-  labels = np.zeros(len(data), np.int32)
-  for bucket, length in enumerate(data.length_buckets):
-    rows = np.flatnonzero(data.bucket_of == bucket)
-    for start, size in split_into_batches(len(rows), programs.batch_buckets):
-      part = rows[start:start + size]
-      batch = batching.make_batch(data, part, bucket, size)
-      probs = programs("forward", 1.0, size, length)(
-          variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-      labels[part] = np.asarray(probs)[:len(part)].argmax(-1)
-  return labels
 
 
 def main(argv):
@@ -58,7 +42,7 @@ def main(argv):
   candidates = {
       "SHARCS engine": lambda: outputs.__setitem__("SHARCS engine", engine.run(dev).labels),
       "full width": lambda: outputs.__setitem__(
-          "full width", full_width_labels(full, engine.params["params"], dev)),
+          "full width", common.full_width_labels(full, engine.params["params"], dev)),
   }
   print(f"{len(dev)} QQP dev examples, {FLAGS.rounds} rounds per path", flush=True)
   times = common.time_side_by_side(candidates, FLAGS.rounds, warmup=1)

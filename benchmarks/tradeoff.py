@@ -4,10 +4,10 @@ Every run starts from the same config (backbone, data, held-back rows, epochs, o
 schedule); only the method differs:
   - SHARCS, two-bucket ranges {narrow: [t, 1], full: [0, t]} for each t, router argmax (the paper);
   - SHARCS at other router layers K (t = the config's), and with the entropy hardness signal;
-  - SHARCS with the budget rule: the SHARCS models at the config's t (each K, and the entropy
-    hardness model) routed to several FLOPs targets, calibrated on the held-back training
-    examples (no retraining), and so too SHARCS runs trained elsewhere on the same task
-    (--with_runs, e.g. the main job's workdir);
+  - SHARCS with the budget rule and with the cascade (--rules): the SHARCS models at the config's
+    t (each K, and the entropy hardness model) routed to several FLOPs targets, calibrated on the
+    held-back training examples (no retraining), and so too SHARCS runs trained elsewhere on the
+    same task (--with_runs, e.g. the main job's workdir);
   - static width after layer K (no router) at every width of the config, trained only at it;
   - early exit: an exit after every layer, DeeBERT's entropy threshold and PABEE's patience.
 Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the command is run
@@ -44,6 +44,9 @@ flags.DEFINE_list("thresholds", ["0.3", "0.5", "0.7", "0.9"], "Two-bucket thresh
 flags.DEFINE_list("router_layers", [], "Other router layers K to train at the config's t.")
 flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x", "3x"], "Budget-rule targets for the "
                   "config's SHARCS model (unreachable ones are reported as such).")
+flags.DEFINE_list("rules", ["router", "cascade"], "Rules that meet each of --budgets: 'router' "
+                  "(the budget rule over the router), 'cascade' (narrowest first, the unsure "
+                  "escalate).")
 flags.DEFINE_list("with_runs", [], "Finished SHARCS workdirs of the same task and backbone "
                   "trained elsewhere (e.g. the main job's), routed to --budgets beside the sweep.")
 flags.DEFINE_list("only", [], "Run only these methods (sharcs, router_layer, entropy, static, "
@@ -134,13 +137,15 @@ def budget_points(workdir: str, eval_batch: int) -> list[dict]:
                       for s in (dev_split, calibration_split))
   sweep = common.BudgetSweep.build(engine, dev, calibration)
   points = []
-  for spec in FLAGS.budgets:
-    try:
-      rule, result = sweep.at_budget(routing.parse_budget(spec))
-    except ValueError as e:
-      points.append({"budget": spec, "error": str(e)})
-      continue
-    points.append({"budget": spec, "calibration_reduction": rule.calibration_reduction, **result})
+  for rule_name in FLAGS.rules:
+    for spec in FLAGS.budgets:
+      try:
+        rule, result = sweep.at_budget(routing.parse_budget(spec), rule_name)
+      except ValueError as e:
+        points.append({"rule": rule_name, "budget": spec, "error": str(e)})
+        continue
+      points.append({"rule": rule_name, "budget": spec,
+                     "calibration_reduction": rule.calibration_reduction, **result})
   return points
 
 
@@ -205,10 +210,11 @@ def collect(config, out: str, others: dict[str, dict]) -> dict:
                    summary["full_width"]["accuracy"], **_metrics(result)})
   for method, run, workdir in routed_runs(config, out, others):
     for p in budget_points(workdir, config.eval.batch_size):
+      named = method.replace("budget rule", p["rule"]) if p["rule"] != "router" else method
       if "error" in p:
-        points.append({"method": method, "setting": p["budget"], "error": p["error"]})
+        points.append({"method": named, "setting": p["budget"], "error": p["error"]})
       else:
-        points.append({"method": method, "setting": p["budget"], "run": run,
+        points.append({"method": named, "setting": p["budget"], "run": run,
                        "calibration_reduction": p["calibration_reduction"], **_metrics(p)})
   if reference is None:
     raise app.UsageError("--only must include a SHARCS or static run: they give the full-width "
@@ -221,7 +227,7 @@ def collect(config, out: str, others: dict[str, dict]) -> dict:
 
 
 def _metrics(result: dict) -> dict:
-  return {k: result[k] for k in ("accuracy", "f1", "gflops", "bucket_share") if k in result}
+  return {k: result[k] for k in ("accuracy", "f1", "gflops", "share_per_width") if k in result}
 
 
 def write(data: dict, out: str) -> None:
@@ -248,6 +254,8 @@ def write(data: dict, out: str) -> None:
 
 STYLES = {"sharcs": ("o-", "tab:red"), "sharcs budget rule": ("*-", "darkred"),
           "sharcs K=1 budget rule": ("*:", "salmon"),
+          "sharcs cascade": ("X-", "black"), "sharcs K=1 cascade": ("X:", "dimgray"),
+          "sharcs entropy cascade": ("X--", "tab:pink"),
           "sharcs entropy": ("D", "tab:purple"),
           "sharcs entropy budget rule": ("*--", "tab:purple"), "static": ("s", "tab:blue"),
           "early exit (DeeBERT entropy)": ("^-", "tab:green"),
@@ -270,7 +278,7 @@ def plot(path: str, data: dict) -> None:
                                 data["full_width_gflops"], color)
     ax.plot([p["flops_reduction"] for p in points], [100 * p["accuracy"] for p in points], style,
             color=color, label=label, markersize=7 if "*" not in style else 11)
-    if method == "sharcs" or method == "static" or "budget rule" in method:
+    if method == "sharcs" or method == "static" or "budget rule" in method or "cascade" in method:
       for p in points:
         ax.annotate(f"{p['setting']:g}" if isinstance(p["setting"], float) else p["setting"],
                     (p["flops_reduction"], 100 * p["accuracy"]), textcoords="offset points",

@@ -1,7 +1,8 @@
 """Checkpoints of a training run (orbax), and loading a trained model back for serving.
 
 Each epoch saves the train state (params, optimiser state, hardness state, data-order RNG, step),
-the best epoch so far, the per-epoch dev history and the config, as one orbax step.
+the best epoch so far with its routing rule, the per-epoch dev history and the config, as one
+orbax step. Only finished steps are ever read back, so a reader never sees half a run.
 """
 
 from __future__ import annotations
@@ -19,8 +20,17 @@ from absl import logging
 
 from sharcs_jax import config as config_lib
 from sharcs_jax.data import glue
+from sharcs_jax.errors import RunError
 from sharcs_jax.flops import param_shapes
 from sharcs_jax.model.sharcs import SharcsModel, default_router_hidden
+from sharcs_jax.routing import Rule, rule_from_json
+
+# Settings that change only what a run shows, never what it computes: a resume may differ in them.
+DISPLAY_ONLY = ("train.progress_bar",)
+
+
+class CheckpointError(RunError):
+  """A checkpoint that cannot be read, or a run that has nothing to serve yet."""
 
 
 def quiet_orbax_logging() -> None:
@@ -32,6 +42,45 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"train": {"epochs": 5}} -> {"train.epochs": 5}: differences named by their full key."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """'key: saved -> current' for every setting that changes what a run computes."""
+  saved, current = _flat(saved), _flat(current)
+  return [f"{k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
+          for k in sorted(set(saved) | set(current))
+          if k not in DISPLAY_ONLY and saved.get(k) != current.get(k)]
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, **items: Any) -> Any:
+  """manager.restore, with a damaged or truncated step reported in one line naming its folder."""
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # orbax and tensorstore raise many types; all mean the same here
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    raise CheckpointError(
+        f"{os.path.join(str(manager.directory), str(step))}: checkpoint step {step} is damaged "
+        f"or truncated ({detail[:300]}); restore that folder from a copy, or delete it and re-run "
+        "the training command to resume from the step before it") from None
+
+
+def rule_json(rule: Rule | None) -> dict[str, Any]:
+  """The kept epoch's routing rule as checkpoints hold it ({} for the router's argmax)."""
+  return rule.to_json() if rule is not None and rule.budget else {}
+
+
 class Checkpoints:
   """orbax CheckpointManager holding the train state, the best epoch so far and the config."""
 
@@ -39,29 +88,39 @@ class Checkpoints:
     self.config = _config_json(config)
     self.manager = _manager(workdir, max_to_keep=config.checkpoint.max_to_keep, create=True)
 
-  def save(self, state: Any, best: dict[str, Any], history: list[dict]) -> None:
+  def save(self, state: Any, best: dict[str, Any], history: list[dict],
+           rule: Rule | None = None) -> None:
+    """One epoch; `rule` is the kept epoch's routing rule, so serving never depends on reports."""
     self.manager.save(int(state.epoch), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
-        config=ocp.args.JsonSave(self.config), history=ocp.args.JsonSave(history)))
+        config=ocp.args.JsonSave(self.config), history=ocp.args.JsonSave(history),
+        rule=ocp.args.JsonSave(rule_json(rule))))
     self.manager.wait_until_finished()
 
   def restore_latest(self, state: Any, best: dict[str, Any]):
-    """(state, best, per-epoch dev history) of the latest epoch, or None for a fresh workdir."""
+    """(state, best, per-epoch dev history, kept rule) of the latest epoch, or None for a fresh
+    workdir."""
     step = self.manager.latest_step()
     if step is None:
       return None
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    if saved.config != self.config:
-      changed = sorted(k for k in set(saved.config) | set(self.config)
-                       if saved.config.get(k) != self.config.get(k))
+    saved = _restore(self.manager, step, config=ocp.args.JsonRestore())
+    changed = config_differences(saved.config, self.config)
+    if changed:
       raise ValueError(f"{self.manager.directory} holds checkpoints of a different config "
-                       f"(fields {changed} differ); use a new --workdir or the same config")
+                       f"({'; '.join(changed)}); use a new --workdir or the same config")
     abstract = functools.partial(jax.tree_util.tree_map, ocp.utils.to_shape_dtype_struct)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(state)),
-        best=ocp.args.StandardRestore(abstract(best)), history=ocp.args.JsonRestore()))
+    restored = _restore(self.manager, step, state=ocp.args.StandardRestore(abstract(state)),
+                        best=ocp.args.StandardRestore(abstract(best)),
+                        history=ocp.args.JsonRestore())
     logging.info("Resumed from %s after epoch %d", self.manager.directory, step)
-    return restored.state, restored.best, list(restored.history)
+    return restored.state, restored.best, list(restored.history), _saved_rule(self.manager, step)
+
+
+def _saved_rule(manager: ocp.CheckpointManager, step: int) -> Rule | None:
+  """The rule a step holds; None for checkpoints written before rules were kept with them."""
+  if not os.path.isdir(os.path.join(str(manager.directory), str(step), "rule")):
+    return None
+  return rule_from_json(_restore(manager, step, rule=ocp.args.JsonRestore()).rule)
 
 
 def _manager(workdir: str, **options) -> ocp.CheckpointManager:
@@ -90,17 +149,61 @@ def on_one_device(abstract: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
-def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any]:
-  """(config, model, kept parameters) of the training run in `workdir`."""
+def _latest(workdir: str) -> tuple[ocp.CheckpointManager, int, ml_collections.ConfigDict]:
+  """(manager, latest finished step, config) of the run in `workdir`."""
   manager = _manager(workdir, create=False, read_only=True)
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{manager.directory} holds no checkpoint: train with "
                             f"--workdir={workdir} first")
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  config = ml_collections.ConfigDict(saved.config)
+  saved = _restore(manager, step, config=ocp.args.JsonRestore())
+  return manager, step, ml_collections.ConfigDict(saved.config)
+
+
+def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any]:
+  """(config, model, kept parameters) of the training run in `workdir`.
+
+  A run stopped before any epoch could be kept (epochs < W are warm-up) has nothing to serve:
+  that is an error saying how far it got, never the untrained parameters.
+  """
+  manager, step, config = _latest(workdir)
   model = model_from_config(config)
   abstract = on_one_device(jax.eval_shape(initial_best, param_shapes(model)))
-  best = manager.restore(step, args=ocp.args.Composite(best=ocp.args.StandardRestore(abstract))).best
+  best = _restore(manager, step, best=ocp.args.StandardRestore(abstract)).best
+  if int(best["epoch"]) < 0:
+    raise CheckpointError(
+        f"{workdir}: no epoch of this run can be served yet: {step} of {config.train.epochs} "
+        f"epochs finished, and epochs before hardness.window={config.hardness.window} are never "
+        "kept; resume training by re-running the command that started it with the same "
+        f"--workdir={workdir}")
   logging.info("Loaded %s: epoch %d of the run (checkpoint %d)", workdir, int(best["epoch"]), step)
   return config, model, best["params"]
+
+
+def trained_rule(workdir: str) -> Rule:
+  """The routing rule of the run's kept epoch, as its checkpoint holds it.
+
+  Checkpoints written before rules were kept with them fall back to report.json; a run with a
+  budget configured but neither is an error, never a silent switch to the router's argmax.
+  """
+  manager, step, config = _latest(workdir)
+  rule = _saved_rule(manager, step)
+  if rule is None:
+    rule = _reported_rule(workdir)
+  if rule is None and config.routing.budget:
+    raise CheckpointError(
+        f"{workdir}: the run routes to budget {config.routing.budget} but neither its checkpoint "
+        "nor report.json holds the calibrated rule; finish training (re-run its command) or pass "
+        "--budget to calibrate one now")
+  rule = rule or Rule()
+  if rule.budget:
+    logging.info("Routing as trained: budget %s, cost weight %.4f", rule.budget, rule.cost_weight)
+  return rule
+
+
+def _reported_rule(workdir: str) -> Rule | None:
+  path = os.path.join(workdir, "report.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return rule_from_json(json.load(f).get("sharcs", {}).get("routing") or {})

@@ -18,9 +18,29 @@ from sharcs_jax.hardness import SIGNALS, check_ranges
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import check_model_settings
 from sharcs_jax.model.weights import LAYERNORM_INITS, resolve_model_dir
-from sharcs_jax.routing import parse_budget
+from sharcs_jax.routing import CONFIDENCE_SIGNALS, RULES, parse_budget
 
 CONFIG_ARGS = ("smoke",)
+# Every numeric field and its valid range, checked before any work ("[a, b)": a <= x < b).
+NUMERIC_FIELDS = (
+    ("seed", int, "[0, inf)"),
+    ("model.router_hidden", int, "[0, inf)"),
+    ("model.reorder_batches", int, "[1, inf)"),
+    ("hardness.window", int, "[1, inf)"),
+    ("data.train_limit", int, "[0, inf)"),
+    ("data.dev_limit", int, "[0, inf)"),
+    ("train.epochs", int, "[1, inf)"),
+    ("train.batch_size", int, "[1, inf)"),
+    ("train.learning_rate", float, "(0, inf)"),
+    ("train.warmup_fraction", float, "[0, 1)"),
+    ("train.weight_decay", float, "[0, inf)"),
+    ("train.router_loss_weight", float, "[0, inf)"),
+    ("train.static_width", float, "[0, 1]"),
+    ("eval.batch_size", int, "[1, inf)"),
+    ("routing.calibration_examples", int, "[0, inf)"),
+    ("checkpoint.max_to_keep", int, "[1, inf)"),
+    ("checkpoint.max_drop", float, "[0, 1]"),
+)
 CALIBRATION_SPLITS = ("train", "dev")
 SELECTION_RULES = ("accuracy", "reduction")
 
@@ -74,6 +94,12 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.routing.budget = ""
   c.routing.calibrate_on = "train"  # "train": examples held back from training; "dev": dev itself
   c.routing.calibration_examples = 0  # held back from train when calibrate_on = "train"
+  # How a budget is met: "router" (argmax under the cost weight), "cascade" (every input starts
+  # at the narrowest width and escalates while its confidence, `signal`, is below a calibrated
+  # threshold), or "router+cascade" (the router, calibrated to `start_budget`, picks the start).
+  c.routing.rule = "router"
+  c.routing.signal = "max_prob"  # cascade confidence: "max_prob", "margin" or "entropy"
+  c.routing.start_budget = ""  # router+cascade: the router's own, more aggressive, budget
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 1
@@ -126,6 +152,31 @@ def parse_flags(argv: list[str]) -> list[str]:
              .rstrip())
 
 
+def in_interval(value: float, interval: str) -> bool:
+  """value in "[0, 1)"-style interval notation ("inf" for no bound); NaN is in none."""
+  low, high = (float(x) for x in interval[1:-1].split(","))
+  above = value >= low if interval[0] == "[" else value > low
+  below = value <= high if interval[-1] == "]" else value < high
+  return above and below
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Every field of NUMERIC_FIELDS has its type and lies in its range."""
+  for field, kind, interval in NUMERIC_FIELDS:
+    value = config
+    for key in field.split("."):
+      value = value[key]
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or (kind is int and not isinstance(value, int)) or not in_interval(
+        value, interval):
+      kind_name = "an integer" if kind is int else "a number"
+      raise ValueError(f"config.{field}={value!r} must be {kind_name} in {interval}")
+  if not config.train.static_width and config.train.epochs <= config.hardness.window:
+    raise ValueError(f"config.train.epochs={config.train.epochs} must exceed "
+                     f"config.hardness.window={config.hardness.window}: epochs before the window "
+                     "are warm-up and never kept, so no epoch could be served")
+
+
 def backbone_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   return EncoderConfig.from_json_file(
       os.path.join(resolve_model_dir(config.model.backbone), "config.json"))
@@ -134,15 +185,32 @@ def backbone_config(config: ml_collections.ConfigDict) -> EncoderConfig:
 def check_routing(routing: ml_collections.ConfigDict) -> None:
   if routing.budget:
     try:
-      parse_budget(routing.budget)
+      budget = parse_budget(routing.budget)
     except ValueError as e:
       raise ValueError(f"config.routing.budget: {e}") from None
-    if routing.calibrate_on not in CALIBRATION_SPLITS:
-      raise ValueError(f"config.routing.calibrate_on={routing.calibrate_on!r} is not one of "
-                       f"{CALIBRATION_SPLITS}")
-  if routing.calibration_examples < 0:
-    raise ValueError(f"config.routing.calibration_examples={routing.calibration_examples} must "
-                     "be >= 0")
+    if budget.reduction is not None and budget.reduction < 1:
+      raise ValueError(f"config.routing.budget={routing.budget!r}: a reduction below 1x would "
+                       "cost more than the full width; the reachable range starts at 1x")
+  if routing.rule not in RULES:
+    raise ValueError(f"config.routing.rule={routing.rule!r} is not one of {RULES}")
+  if routing.rule != "router" and not routing.budget:
+    raise ValueError(f"config.routing.rule={routing.rule!r} calibrates a threshold to a budget: "
+                     "set config.routing.budget")
+  if routing.signal not in CONFIDENCE_SIGNALS:
+    raise ValueError(f"config.routing.signal={routing.signal!r} is not one of "
+                     f"{CONFIDENCE_SIGNALS}")
+  if (routing.rule == "router+cascade") != bool(routing.start_budget):
+    raise ValueError("config.routing.start_budget is set exactly when config.routing.rule is "
+                     f"'router+cascade' (rule {routing.rule!r}, start_budget "
+                     f"{routing.start_budget!r})")
+  if routing.start_budget:
+    try:
+      parse_budget(routing.start_budget)
+    except ValueError as e:
+      raise ValueError(f"config.routing.start_budget: {e}") from None
+  if routing.budget and routing.calibrate_on not in CALIBRATION_SPLITS:
+    raise ValueError(f"config.routing.calibrate_on={routing.calibrate_on!r} is not one of "
+                     f"{CALIBRATION_SPLITS}")
   if routing.budget and routing.calibrate_on == "train" and not routing.calibration_examples:
     raise ValueError("config.routing.budget calibrates on held-back training examples: set "
                      "config.routing.calibration_examples > 0 (or calibrate_on='dev')")
@@ -150,6 +218,7 @@ def check_routing(routing: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   """Raises ValueError naming the bad field; returns the backbone's architecture."""
+  check_numbers(config)
   encoder = backbone_config(config)
   m = config.model
   try:
@@ -165,10 +234,6 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   if buckets[-1] > encoder.max_position_embeddings - encoder.position_offset:
     raise ValueError(f"config.data.length_buckets: {buckets[-1]} exceeds the backbone's "
                      f"{encoder.max_position_embeddings - encoder.position_offset} positions")
-  for field in ("eval.batch_size", "train.batch_size", "train.epochs", "hardness.window"):
-    section, key = field.split(".")
-    if config[section][key] < 1:
-      raise ValueError(f"config.{field}={config[section][key]} must be >= 1")
   try:
     check_ranges(config.hardness.ranges, len(m.widths))
   except ValueError as e:
@@ -181,9 +246,6 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   if config.checkpoint.select not in SELECTION_RULES:
     raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
                      f"{SELECTION_RULES}")
-  if not 0.0 <= config.checkpoint.max_drop <= 1.0:
-    raise ValueError(f"config.checkpoint.max_drop={config.checkpoint.max_drop} must be a "
-                     "fraction of accuracy in [0, 1]")
   check_routing(config.routing)
   get_task(config.task)
   resolve_data_dir(config.data_dir)

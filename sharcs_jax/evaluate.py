@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from sharcs_jax.data.batching import Encoded, eval_batches
+from sharcs_jax import dispatch, routing
+from sharcs_jax.data.batching import Encoded, attention_mask_of, eval_batches
 from sharcs_jax.parallel import to_host
-from sharcs_jax.programs import Programs
-from sharcs_jax.routing import Rule
+from sharcs_jax.programs import ProgramRunner, Programs
+from sharcs_jax.routing import Budget, Cascade, Rule, ran_flops, route_all
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
@@ -36,20 +37,24 @@ def predict_all_widths(programs: Programs, params: Any, data: Encoded,
                        batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Probabilities at every width [m, N, C] and router logits [N, m], rows in data order.
 
-  The prefix runs once per batch; every width's adaptive program then runs on its output.
+  The dispatch core with every example routed to every width: the prefix runs once per batch of
+  `batch_size`, and every width's part on the same hidden states where they lie.
   """
-  variables = {"params": params}
   widths = programs.model.widths
   probabilities = np.zeros((len(widths), len(data), programs.model.num_classes), np.float32)
   router = np.zeros((len(data), len(widths)), np.float32)
-  for rows, batch in eval_batches(data, batch_size):
-    n, length = len(rows), batch["input_ids"].shape[1]
-    hidden, router_logits = programs("prefix", None, batch_size, length)(
-        variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    router[rows] = to_host(router_logits)[:n]
-    for i, w in enumerate(widths):
-      probs = programs("adaptive", w, batch_size, length)(variables, hidden, batch["attention_mask"])
-      probabilities[i, rows] = to_host(probs)[:n]
+  runner = ProgramRunner(programs, {"params": params})
+  for bucket, length in enumerate(data.length_buckets):
+    rows = np.flatnonzero(data.bucket_of == bucket)
+    if not len(rows):
+      continue
+    out = dispatch.run_rows(runner, data.input_ids[rows, :length],
+                            attention_mask_of(data, rows, length),
+                            data.token_type_ids[rows, :length], length=length,
+                            batch_buckets=(batch_size,), num_widths=len(widths),
+                            rule=dispatch.EVERY_WIDTH, width_flops=np.ones(len(widths)),
+                            keep_every_width=True, to_host=to_host)
+    probabilities[:, rows], router[rows] = out.every_width, out.router
   return probabilities, router
 
 
@@ -64,9 +69,28 @@ def router_logits(programs: Programs, params: Any, data: Encoded, batch_size: in
   return router
 
 
+def calibrate_rule(programs: Programs, params: Any, data: Encoded, batch_size: int,
+                   budget: Budget, rule: str = "router", signal: str = "max_prob",
+                   start_budget: Budget | None = None) -> Rule | Cascade:
+  """`routing.calibrate_rule` on `data` (held-out inputs), running only what the rule needs."""
+  flops = per_example_flops(example_flops_table(programs), data)
+  if rule == "router":
+    return routing.calibrate_rule(rule, budget, router_logits(programs, params, data, batch_size),
+                                  flops)
+  probabilities, router = predict_all_widths(programs, params, data, batch_size)
+  return routing.calibrate_rule(rule, budget, router, flops, probabilities,
+                                prefix_flops_row(programs)[data.bucket_of], signal, start_budget)
+
+
 def per_example_flops(flops: np.ndarray, data: Encoded) -> np.ndarray:
   """[N, m]: what each width costs for each example, at its length bucket."""
   return flops[:, data.bucket_of].T
+
+
+def prefix_flops_row(programs: Programs) -> np.ndarray:
+  """FLOPs per example [num_length_buckets] of the prefix and router alone (a cascade adds each
+  part it runs to this once)."""
+  return np.array([programs.prefix_flops(s) for s in programs.length_buckets])
 
 
 def example_flops_table(programs: Programs) -> np.ndarray:
@@ -76,14 +100,20 @@ def example_flops_table(programs: Programs) -> np.ndarray:
 
 
 def summarize(probabilities: np.ndarray, router: np.ndarray, data: Encoded, flops: np.ndarray,
-              metric_names: tuple[str, ...], rule: Rule = Rule()) -> dict[str, Any]:
+              metric_names: tuple[str, ...], rule: Rule | Cascade = Rule(),
+              prefix_flops: np.ndarray | None = None) -> dict[str, Any]:
   """Metrics and average GFLOPs per example: full width, each static width, SHARCS routing.
 
-  With a budget rule, "sharcs" is routed by it and "sharcs_argmax" keeps the paper's rule.
+  With a budget rule (or a cascade), "sharcs" is routed by it and "sharcs_argmax" keeps the
+  paper's rule. A cascade's examples cost the prefix (`prefix_flops` [length buckets]) once plus
+  every part they ran.
   """
   widths = len(probabilities)
   predictions = probabilities.argmax(-1)  # [m, N]
   per_width_flops = flops[:, data.bucket_of]  # [m, N]
+  if rule.escalating and prefix_flops is None:
+    raise ValueError("a cascade's FLOPs need the prefix's FLOPs (prefix_flops)")
+  prefix = np.zeros(len(data)) if prefix_flops is None else prefix_flops[data.bucket_of]
   static = {}
   for i in range(widths):
     static[i] = {**classification_metrics(predictions[i], data.labels, metric_names),
@@ -91,16 +121,15 @@ def summarize(probabilities: np.ndarray, router: np.ndarray, data: Encoded, flop
   rows = np.arange(len(data))
   full_gflops = static[widths - 1]["gflops"]
 
-  def routed(chosen: np.ndarray) -> dict[str, Any]:
-    gflops = float(per_width_flops[chosen, rows].mean() / 1e9)
-    return {**classification_metrics(predictions[chosen, rows], data.labels, metric_names),
+  def routed(chosen: Rule | Cascade) -> dict[str, Any]:
+    final, ran = route_all(chosen, probabilities, router, per_width_flops.T)
+    gflops = float(ran_flops(final, ran, per_width_flops.T, prefix).mean() / 1e9)
+    return {**classification_metrics(predictions[final, rows], data.labels, metric_names),
             "gflops": gflops, "flops_reduction": full_gflops / gflops,
-            "bucket_share": [float(np.mean(chosen == i)) for i in range(widths)]}
+            "share_per_width": [float(np.mean(final == i)) for i in range(widths)]}
 
-  result = {"full_width": static[widths - 1], "static": static,
-            "sharcs": routed(rule.choose(router, per_width_flops.T))}
+  result = {"full_width": static[widths - 1], "static": static, "sharcs": routed(rule)}
   if rule.budget:
-    result["sharcs"]["routing"] = {"budget": rule.budget, "cost_weight": rule.cost_weight,
-                                   "calibration_reduction": rule.calibration_reduction}
-    result["sharcs_argmax"] = routed(router.argmax(-1))
+    result["sharcs"]["routing"] = rule.to_json()
+    result["sharcs_argmax"] = routed(Rule())
   return result

@@ -9,8 +9,10 @@ bucket; parameters are an argument (one `.npz`), not constants baked into each p
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -20,6 +22,7 @@ from jax import export
 
 from sharcs_jax import report
 from sharcs_jax.engine import Engine
+from sharcs_jax.errors import RunError
 from sharcs_jax.exported import FORMAT_VERSION, MANIFEST, adaptive_part_name, file_sha256
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.programs import functions
@@ -39,18 +42,86 @@ def _export_parts(engine: Engine) -> dict[str, bytes]:
   function = functions(engine.model)
   parts = {"prefix": export.export(jax.jit(function["prefix"]))(variables, ids, ids, ids)}
   for width in engine.widths:
-    adaptive = jax.jit(function["adaptive"], static_argnames="width")
-    parts[adaptive_part_name(width)] = export.export(adaptive)(variables, hidden, ids, width=width)
+    part = _adaptive_part(function["adaptive"], width)
+    parts[part.__name__] = export.export(jax.jit(part))(variables, hidden, ids)
   return {name: part.serialize() for name, part in parts.items()}
+
+
+def _adaptive_part(adaptive: Any, width: float) -> Any:
+  """One width's part, its function named after the width: the serialized part then says which
+  width it computes, and the loader checks that against the manifest."""
+  def part(variables, hidden, mask):
+    return adaptive(variables, hidden, mask, width=width)
+  part.__name__ = part.__qualname__ = adaptive_part_name(width)
+  return part
+
+
+def check_output(directory: str, workdir: str) -> None:
+  """Refuses an export directory whose replacement would delete what export did not write: the
+  training workdir, anything inside it, or a non-empty folder that is not an earlier export."""
+  output, run = os.path.realpath(directory), os.path.realpath(workdir)
+  if output == run or output.startswith(run + os.sep):
+    raise RunError(f"--output={directory} is {'the' if output == run else 'inside the'} training "
+                   f"workdir {workdir}: an export replaces its whole directory, which would delete "
+                   "the run; choose a directory outside the workdir")
+  if run.startswith(output + os.sep):
+    raise RunError(f"--output={directory} holds the training workdir {workdir}; choose a "
+                   "directory outside it")
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise RunError(f"--output={directory} is a file, not a directory")
+  if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(
+      os.path.join(output, MANIFEST)):
+    found = sorted(os.listdir(output))
+    raise RunError(f"--output={directory} holds other files ({', '.join(found[:5])}"
+                   f"{', ...' if len(found) > 5 else ''}) and is not an earlier export (no "
+                   f"{MANIFEST}); an export replaces its directory whole, so choose an empty or "
+                   "new directory")
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    return libc.renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0
+  except (AttributeError, OSError):
+    return False
+
+
+def _replace_directory(tmp: str, directory: str) -> None:
+  """Puts the finished `tmp` at `directory`; an earlier export there is swapped out atomically
+  where the OS can, so a reader sees the old export or the new one, never neither."""
+  if not os.path.exists(directory):
+    os.replace(tmp, directory)
+    return
+  if not _exchange(tmp, directory):
+    old = tempfile.mkdtemp(dir=os.path.dirname(tmp), prefix=".old-export-")
+    os.replace(directory, os.path.join(old, "export"))
+    os.replace(tmp, directory)
+    tmp = old
+  shutil.rmtree(tmp)  # the earlier export, which check_output found to be one
 
 
 def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
   """Writes the export into `directory` (replacing an earlier export there); returns the manifest."""
-  if engine.config is None or engine.task is None:
+  if engine.config is None or engine.task is None or engine.workdir is None:
     raise ValueError("export needs an engine loaded with Engine.from_workdir")
-  tmp = directory.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  directory = os.path.abspath(directory)
+  check_output(directory, engine.workdir)
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(directory),
+                         prefix=f".{os.path.basename(directory)}.partial-")
+  os.chmod(tmp, 0o777 & ~report.umask())
+  try:
+    manifest = _write_export(engine, tmp)
+    _replace_directory(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return manifest
+
+
+def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
   files = {}
   for name, blob in _export_parts(engine).items():
     files[name] = f"{name}.jaxexport"
@@ -67,18 +138,14 @@ def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
       "format_version": FORMAT_VERSION, "task": engine.task.name,
       "label_names": list(engine.task.label_names), "text_fields": list(engine.task.text_columns),
       "widths": list(engine.widths), "length_buckets": list(engine.length_buckets),
+      "position_offset": int(engine.model.encoder.position_offset),
       "gflops_per_example": (engine.flops / 1e9).tolist(),
-      "routing": {"budget": engine.rule.budget or "router argmax",
-                  "cost_weight": engine.rule.cost_weight},
+      "prefix_gflops_per_example": (engine.prefix_flops / 1e9).tolist(),
+      "routing": engine.rule.to_json(),
       "batch": "symbolic", "jax_version": jax.__version__,
       "parts": {name: entry(file) for name, file in files.items()},
       "params": entry("params.npz"),
       "tokenizer": {**entry("tokenizer.json"), "pad_id": int(engine.tokenizer.pad_token_id)},
   }
   report.write_json(os.path.join(tmp, MANIFEST), manifest)
-  old = directory.rstrip("/") + ".old"
-  if os.path.exists(directory):
-    os.replace(directory, old)
-  os.replace(tmp, directory)
-  shutil.rmtree(old, ignore_errors=True)
   return manifest

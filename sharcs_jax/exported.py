@@ -22,13 +22,16 @@ import jax
 import numpy as np
 from jax import export
 
-from sharcs_jax.routing import choose_widths
+from sharcs_jax import dispatch
+from sharcs_jax.routing import ran_flops, rule_from_json
 
-FORMAT_VERSION = 1
+# 2: parts are named after their width and the manifest records the position offset, so that
+# the loader can check the manifest against the parts and parameters.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-# Rows per call are padded up to one of these sizes: every distinct (rows, length) shape compiles
-# once on first use, so a few sizes bound the compiles while small groups waste little.
-ROW_BUCKETS = (1, 8, 32)
+MANIFEST_KEYS = ("format_version", "task", "label_names", "text_fields", "widths",
+                 "length_buckets", "position_offset", "gflops_per_example",
+                 "prefix_gflops_per_example", "routing", "parts", "params", "tokenizer")
 
 
 def file_sha256(path: str) -> str:
@@ -74,7 +77,8 @@ class ExportedModel:
     self.label_names = tuple(manifest["label_names"])
     self.text_fields = tuple(manifest["text_fields"])
     self.gflops = np.asarray(manifest["gflops_per_example"], np.float64)  # [m, length buckets]
-    self.cost_weight = float(manifest["routing"]["cost_weight"])
+    self.prefix_gflops = np.asarray(manifest["prefix_gflops_per_example"], np.float64)
+    self.rule = rule_from_json(manifest["routing"])
     self._variables = {"params": jax.device_put(params)}
     self._tokenizer = tokenizer
     self._calls = {name: jax.jit(part.call) for name, part in parts.items()}
@@ -85,18 +89,7 @@ class ExportedModel:
     import tokenizers
 
     path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{directory} is not a SHARCS export: {MANIFEST} is missing")
-    with open(path) as f:
-      manifest = json.load(f)
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-      raise ValueError(f"{path}: format version {version!r}; this loader reads version "
-                       f"{FORMAT_VERSION}")
-    expected = {"prefix"} | {adaptive_part_name(w) for w in manifest["widths"]}
-    if set(manifest["parts"]) != expected:
-      raise ValueError(f"{path}: the manifest lists parts {sorted(manifest['parts'])} but its "
-                       f"widths {manifest['widths']} need {sorted(expected)}")
+    manifest = _read_manifest(path)
     files = {**{name: entry for name, entry in manifest["parts"].items()},
              "params": manifest["params"], "tokenizer": manifest["tokenizer"]}
     for name, entry in files.items():
@@ -112,6 +105,7 @@ class ExportedModel:
     _check_parts(path, manifest, parts)
     with np.load(os.path.join(directory, manifest["params"]["file"])) as flat:
       params = _unflatten({k: flat[k] for k in flat.files})
+    _check_params(path, manifest, parts["prefix"], params)
     tokenizer = tokenizers.Tokenizer.from_file(
         os.path.join(directory, manifest["tokenizer"]["file"]))
     tokenizer.no_padding()
@@ -139,51 +133,99 @@ class ExportedModel:
     return ids, types, lengths
 
   def predict(self, texts: Sequence[str | Sequence[str]]) -> ExportedPredictions:
+    """Through `dispatch.run_rows`, as the engine serves: the same rule, batches and order."""
     ids, types, lengths = self.encode(texts)
     n = len(lengths)
     buckets = np.searchsorted(np.asarray(self.length_buckets), lengths)
     probabilities = np.zeros((n, len(self.label_names)), np.float32)
-    routed = np.zeros(n, np.int32)
+    routed = np.zeros(n, np.int64)
     gflops = np.zeros(n, np.float64)
     for b, size in enumerate(self.length_buckets):
       rows = np.flatnonzero(buckets == b)
       if not len(rows):
         continue
       mask = (np.arange(size)[None] < lengths[rows, None]).astype(np.int32)
-      hidden, router = [], []
-      for part in _chunks(np.arange(len(rows))):
-        h, r = self._run("prefix", len(part), ids[rows[part], :size], mask[part],
-                         types[rows[part], :size])
-        hidden.append(np.asarray(h))
-        router.append(np.asarray(r))
-      hidden, router = np.concatenate(hidden), np.concatenate(router)
-      chosen = choose_widths(router, np.broadcast_to(self.gflops[:, b], router.shape),
-                             self.cost_weight)
-      routed[rows] = chosen
-      gflops[rows] = self.gflops[chosen, b]
-      for w_index, width in enumerate(self.widths):
-        for part in _chunks(np.flatnonzero(chosen == w_index)):
-          probabilities[rows[part]] = np.asarray(
-              self._run(adaptive_part_name(width), len(part), hidden[part], mask[part]))
+      out = dispatch.run_rows(self, ids[rows, :size], mask, types[rows, :size], length=size,
+                              batch_buckets=dispatch.BATCH_BUCKETS, num_widths=len(self.widths),
+                              rule=self.rule, width_flops=self.gflops[:, b])
+      probabilities[rows], routed[rows] = out.probabilities, out.final
+      gflops[rows] = ran_flops(out.final, out.ran, self.gflops[:, b], self.prefix_gflops[b])
     return ExportedPredictions(probabilities.argmax(-1).astype(np.int32), probabilities,
                                np.asarray(self.widths, np.float32)[routed], gflops)
 
-  def _run(self, part: str, count: int, *rows: np.ndarray):
-    """One call on `count` rows padded to a row bucket; outputs cut back to `count` rows."""
-    size = next((b for b in ROW_BUCKETS if b >= count), ROW_BUCKETS[-1])
-    padded = [np.concatenate([x, np.zeros((size - count,) + x.shape[1:], x.dtype)]) for x in rows]
-    padded[1][count:, 0] = 1  # the mask (second in both parts): no empty softmax on padding rows
-    outputs = self._calls[part](self._variables, *padded)
-    return jax.tree_util.tree_map(lambda y: y[:count], outputs)
+  def prefix(self, batch: int, length: int, ids, mask, types):
+    """`dispatch.Runner`: the prefix part (symbolic shapes: any batch and length)."""
+    return self._calls["prefix"](self._variables, ids, mask, types)
+
+  def part(self, width_index: int, batch: int, length: int, hidden, mask):
+    return self._calls[adaptive_part_name(self.widths[width_index])](self._variables, hidden,
+                                                                      mask)
 
 
-def _chunks(rows: np.ndarray) -> list[np.ndarray]:
-  size = ROW_BUCKETS[-1]
-  return [rows[i:i + size] for i in range(0, len(rows), size)]
+def _read_manifest(path: str) -> dict:
+  """The manifest, with its own values checked: every error names the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{os.path.dirname(path)} is not a SHARCS export: {MANIFEST} is "
+                            "missing")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); the export is damaged, export it "
+                     "again") from None
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+  version = manifest.get("format_version")
+  if version != FORMAT_VERSION:
+    raise ValueError(f"{path}: format version {version!r}; this loader reads version "
+                     f"{FORMAT_VERSION}")
+  missing = [k for k in MANIFEST_KEYS if k not in manifest]
+  if missing:
+    raise ValueError(f"{path}: keys {missing} are missing")
+  widths = manifest["widths"]
+  if (not widths or any(not 0 < w <= 1 for w in widths) or widths[-1] != 1.0
+      or any(a >= b for a, b in zip(widths, widths[1:]))):
+    raise ValueError(f"{path}: widths {widths} must increase to 1.0, the order in which the "
+                     "router scores them")
+  expected = {"prefix"} | {adaptive_part_name(w) for w in widths}
+  if set(manifest["parts"]) != expected:
+    raise ValueError(f"{path}: the manifest lists parts {sorted(manifest['parts'])} but its "
+                     f"widths {widths} need {sorted(expected)}")
+  buckets = manifest["length_buckets"]
+  if (not buckets or any(not isinstance(b, int) or b < 2 for b in buckets)
+      or any(a >= b for a, b in zip(buckets, buckets[1:]))):
+    raise ValueError(f"{path}: length_buckets {buckets} must be increasing lengths >= 2")
+  gflops = np.asarray(manifest["gflops_per_example"], np.float64)
+  if gflops.shape != (len(widths), len(buckets)) or not np.all(gflops > 0) or np.any(
+      np.diff(gflops, axis=0) <= 0):
+    raise ValueError(f"{path}: gflops_per_example must be positive, [widths {len(widths)}, "
+                     f"length buckets {len(buckets)}] and increase with the width; got "
+                     f"shape {list(gflops.shape)}")
+  return manifest
+
+
+def _check_params(path: str, manifest: dict, prefix: export.Exported, params: dict) -> None:
+  """The parameters must be the tree the parts take, and cover every length bucket's positions."""
+  (variables, *_), _ = prefix.in_tree.unflatten(prefix.in_avals)
+  expected = {"/".join(str(k.key) for k in p): a.shape
+              for p, a in jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
+  found = {"/".join(str(k.key) for k in p): np.shape(x)
+           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  wrong = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+  if wrong:
+    key = wrong[0]
+    raise ValueError(f"{path}: {manifest['params']['file']} does not fit the parts: "
+                     f"{len(wrong)} parameter(s) differ, e.g. {key!r} is "
+                     f"{found.get(key, 'missing')} where the parts take "
+                     f"{expected.get(key, 'nothing')}")
+  positions = found.get("embeddings/position", (0,))[0] - int(manifest["position_offset"])
+  if manifest["length_buckets"][-1] > positions:
+    raise ValueError(f"{path}: length bucket {manifest['length_buckets'][-1]} exceeds the "
+                     f"model's {positions} positions")
 
 
 def _check_parts(path: str, manifest: dict, parts: dict[str, export.Exported]) -> None:
-  """The parts must fit together and fit the manifest: hidden size, classes, inputs."""
+  """The parts must fit together and fit the manifest: hidden size, classes, widths, inputs."""
   prefix = parts["prefix"]
   if len(prefix.out_avals) != 2:
     raise ValueError(f"{path}: part 'prefix' returns {len(prefix.out_avals)} values, expected "
@@ -194,6 +236,9 @@ def _check_parts(path: str, manifest: dict, parts: dict[str, export.Exported]) -
                      f"lists {len(manifest['widths'])}")
   for width in manifest["widths"]:
     part = parts[adaptive_part_name(width)]
+    if part.fun_name != adaptive_part_name(width):
+      raise ValueError(f"{path}: the file listed for part {adaptive_part_name(width)!r} "
+                       f"computes {part.fun_name!r}")
     if part.in_avals[-2].shape[-1] != hidden.shape[-1]:
       raise ValueError(f"{path}: part {adaptive_part_name(width)!r} takes hidden size "
                        f"{part.in_avals[-2].shape[-1]}, the prefix gives {hidden.shape[-1]}")

@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,6 +19,7 @@ from sharcs_jax import config as config_lib
 from sharcs_jax import parallel, predict, summary, train
 from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.engine import Engine
+from sharcs_jax.errors import RunError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/qqp.py or "
@@ -32,6 +36,13 @@ flags.DEFINE_string("output", None, "predict: where to write predictions (JSONL)
 flags.DEFINE_string("budget", "", "predict, export: route to this FLOPs budget, e.g. 2.5x "
                     "(reduction) or 0.4gflops (per example), calibrated on the run's held-out "
                     "training examples; default: the rule the run was trained and reported with.")
+flags.DEFINE_enum("rule", "router", ["router", "cascade", "router+cascade"], "predict, export "
+                  "with --budget: how the budget is met: 'router' (argmax under a cost weight), "
+                  "'cascade' (narrowest width first; the unsure escalate), 'router+cascade' (the "
+                  "router, at --start_budget, picks where each input starts).")
+flags.DEFINE_enum("signal", "max_prob", ["max_prob", "margin", "entropy"], "cascade: the "
+                  "confidence an input escalates on.")
+flags.DEFINE_string("start_budget", "", "router+cascade: the router's own budget, e.g. 3x.")
 flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "predict: batch sizes to precompile.")
 flags.DEFINE_bool("distributed", False, "Join a jax.distributed job: coordinator and process ids "
                   "from the flags below, else detected from SLURM, Cloud TPU or JAX_COORDINATOR_* "
@@ -45,6 +56,16 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    run_mode()
+  except RunError as e:  # its message names the file or setting: a traceback would bury it
+    logging.flush()
+    sys.stderr.write(f"FATAL {e}\n")
+    sys.stderr.flush()
+    os._exit(1)  # at once: orbax's reader threads would print their own tracebacks at shutdown
+
+
+def run_mode() -> None:
   quiet_orbax_logging()
   if FLAGS.distributed or FLAGS.coordinator_address:
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -53,7 +74,8 @@ def main(argv: list[str]) -> None:
     if not FLAGS.input or not FLAGS.output:
       raise app.UsageError("--mode=predict needs --input and --output")
     result = predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output,
-                         tuple(int(b) for b in FLAGS.batch_buckets), FLAGS.budget)
+                         tuple(int(b) for b in FLAGS.batch_buckets), FLAGS.budget, FLAGS.rule,
+                         FLAGS.signal, FLAGS.start_budget)
     print(open(f"{FLAGS.output}.summary.md").read(), end="")
     logging.info("%d predictions in %s (%.1f examples/s)", result["examples"], FLAGS.output,
                  result["examples_per_second"])
@@ -62,10 +84,12 @@ def main(argv: list[str]) -> None:
     if not FLAGS.output:
       raise app.UsageError("--mode=export needs --output (a directory)")
     from sharcs_jax import export  # jax.export only where it is used
-    engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget)
+    export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
+    engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
+                                 signal=FLAGS.signal, start_budget=FLAGS.start_budget)
     manifest = export.export_engine(engine, FLAGS.output)
     logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
-                 manifest["routing"]["budget"], FLAGS.output)
+                 manifest["routing"]["budget"] or "router argmax", FLAGS.output)
     return
   if FLAGS.config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config")

@@ -9,6 +9,7 @@ dev file works as is), or JSONL objects with the Hugging Face column names (`que
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -30,9 +31,27 @@ def _label_id(value: Any, task: Task, where: str) -> int:
                    f"{list(task.label_names)}")
 
 
+def read_text(path: str) -> str:
+  """The file as text; a byte that is not UTF-8 is an error naming file, line and column."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    raise ValueError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not "
+                     "UTF-8; save the file as UTF-8") from None
+
+
+def _blank(row: list[str]) -> bool:
+  return not row or (len(row) == 1 and not row[0].strip())
+
+
 def read_tsv_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int] | None]:
+  """Blank lines are skipped, as in JSONL."""
   csv.field_size_limit(sys.maxsize)
-  with open(path, encoding="utf-8-sig", newline="") as f:
+  with io.StringIO(read_text(path), newline="") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
     if header is None:
@@ -49,6 +68,8 @@ def read_tsv_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[
     texts, labels = [], []
     for row in reader:
       where = f"{path}:{reader.line_num}"
+      if _blank(row):
+        continue
       if len(row) != len(header):
         raise ValueError(f"{where}: {len(row)} fields, expected {len(header)} as in the header")
       texts.append(tuple(row[c] for c in text_columns))
@@ -60,7 +81,7 @@ def read_tsv_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[
 def read_jsonl_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int] | None]:
   generic = ("text", "text_pair")[:len(task.hub_text_columns)]
   texts, labels = [], []
-  with open(path, encoding="utf-8") as f:
+  with io.StringIO(read_text(path)) as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -96,13 +117,28 @@ def read_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int]
   raise ValueError(f"{path}: unknown input format; use a .tsv or a .jsonl file")
 
 
+def check_paths(input_path: str, output_path: str) -> None:
+  """Before any work: predictions and their summaries must not replace the input."""
+  if not os.path.isfile(input_path):
+    raise FileNotFoundError(f"input file {input_path!r} does not exist")
+  for path in (output_path, f"{output_path}.summary.json", f"{output_path}.summary.md"):
+    if os.path.realpath(path) == os.path.realpath(input_path) or (
+        os.path.exists(path) and os.path.samefile(path, input_path)):
+      raise ValueError(f"--output={output_path} would overwrite the input {input_path} (with "
+                       f"{path}); write the predictions elsewhere")
+
+
 def run(workdir: str, input_path: str, output_path: str,
-        batch_buckets: tuple[int, ...] = (1, 8, 32), budget: str = "") -> dict[str, Any]:
+        batch_buckets: tuple[int, ...] = (1, 8, 32), budget: str = "", rule: str = "router",
+        signal: str = "max_prob", start_budget: str = "") -> dict[str, Any]:
   """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`).
 
-  `budget` ("2.5x", "0.4gflops"): route by a rule calibrated on the run's held-out examples.
+  `budget` ("2.5x", "0.4gflops"): route by the rule named `rule` ("router", "cascade",
+  "router+cascade"), calibrated on the run's held-out examples.
   """
-  engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget)
+  check_paths(input_path, output_path)
+  engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget, rule=rule,
+                               signal=signal, start_budget=start_budget)
   task = engine.task
   texts, labels = read_inputs(input_path, task)
   start = time.perf_counter()
@@ -118,7 +154,7 @@ def run(workdir: str, input_path: str, output_path: str,
   full = engine.full_width_gflops(data)
   summary = {
       "task": task.name, "examples": len(texts), "seconds": seconds,
-      "routing": engine.rule.budget or "router argmax",
+      "routing": engine.rule.budget or "router argmax", "rule": engine.rule.name,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
       "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w)) for w in engine.widths},
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,

@@ -166,6 +166,11 @@ class Programs:
   def _sharded(self, batch: int) -> bool:
     return self.mesh is not None and batch % self.mesh.size == 0
 
+  def prefix_flops(self, length: int) -> float:
+    """One example's FLOPs of the prefix and router, read as `example_flops` reads them."""
+    b = self.batch_buckets[0]
+    return self.flops[ProgramKey("prefix", None, b, length)] / b
+
   def example_flops(self, width: float, length: int) -> float:
     """One example's FLOPs: prefix and router, then `width`'s part.
 
@@ -221,3 +226,17 @@ class Programs:
           variables, hidden, ids, width=key.width)
     return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
         variables, ids, ids, ids, width=key.width)
+
+
+class ProgramRunner:
+  """`dispatch.Runner` over precompiled programs: nothing traces or compiles while serving."""
+
+  def __init__(self, programs: Programs, variables: Any):
+    self.programs, self.variables = programs, variables
+
+  def prefix(self, batch: int, length: int, ids, mask, types):
+    return self.programs("prefix", None, batch, length)(self.variables, ids, mask, types)
+
+  def part(self, width_index: int, batch: int, length: int, hidden, mask):
+    width = self.programs.model.widths[width_index]
+    return self.programs("adaptive", width, batch, length)(self.variables, hidden, mask)

@@ -9,15 +9,31 @@ import tempfile
 from typing import Any, Iterator, Sequence
 
 
+def umask() -> int:
+  """The process's umask: from /proc on Linux, else by setting it and straight back."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError, IndexError):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-  """A temporary path beside `path` that replaces it only once the body has finished."""
+  """A temporary path beside `path` that replaces it only once the body has finished.
+
+  The file gets the mode an ordinary `open` would give it (0644 under the usual umask), not
+  mkstemp's private 0600.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, 0o666 & ~umask())
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
@@ -94,7 +110,7 @@ def _history_table(summary: dict) -> str:
   rows = [[h["epoch"], 100 * h["full_width"]["accuracy"]]
           + [100 * h["static"][f"{w:g}"]["accuracy"] for w in widths[:-1]]
           + [100 * h["sharcs"]["accuracy"], h["sharcs"]["flops_reduction"]]
-          + [f"{100 * x:.1f}%" for x in h["sharcs"]["bucket_share"]]
+          + [f"{100 * x:.1f}%" for x in h["sharcs"]["share_per_width"]]
           + ([100 * h["sharcs_argmax"]["accuracy"], h["sharcs_argmax"]["flops_reduction"]]
              if argmax else []) for h in summary["history"]]
   return (f"\nDev accuracy (%) after each epoch (kept: epoch {summary['best_epoch']}, by "
@@ -106,7 +122,10 @@ def _routing_note(summary: dict) -> str:
   if routing.get("budget", "argmax") == "argmax":
     return " Routing: the router's argmax."
   r = summary["sharcs"]["routing"]
-  return (f" Routing: argmax(router logits - {r['cost_weight']:.3f} x relative FLOPs), calibrated "
+  rule = (f"a cascade from the narrowest width, escalating while {r['signal']} < "
+          f"{r['threshold']:.4f}" if r.get("rule") == "cascade"
+          else f"argmax(router logits - {r['cost_weight']:.3f} x relative FLOPs)")
+  return (f" Routing: {rule}, calibrated "
           f"for {r['budget']} on {routing['calibration_examples']} {routing['calibrate_on']}"
           f"{' held-out' if routing['calibrate_on'] == 'train' else ''} examples "
           f"({r['calibration_reduction']:.2f}x there).")
@@ -127,13 +146,13 @@ def write_run_report(workdir: str, summary: dict) -> None:
   rows = [row("full width", summary["full_width"])]
   rows += [row(f"static w={w}", r) for w, r in summary["static"].items() if w != "1"]
   s = summary["sharcs"]
-  shares = ", ".join(f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], s["bucket_share"]))
+  shares = ", ".join(f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], s["share_per_width"]))
   name = f"SHARCS, budget {s['routing']['budget']}" if "routing" in s else "SHARCS"
   rows.append(row(name, s, shares))
   if "sharcs_argmax" in summary:
     a = summary["sharcs_argmax"]
     rows.append(row("SHARCS, router argmax (paper)", a, ", ".join(
-        f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], a["bucket_share"]))))
+        f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], a["share_per_width"]))))
   text = (f"# SHARCS on {summary['task']} ({summary['model']})\n\n"
           f"Router after layer {summary['router_layer']}, widths {summary['widths']}, ranges "
           f"{summary['ranges']}, window {summary['window']}; best epoch {summary['best_epoch']} "

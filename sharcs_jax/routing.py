@@ -7,6 +7,13 @@ each example takes argmax_i(router_logit_i - lam * cost_i), with cost_i the FLOP
 relative to full width at the example's length. lam = 0 is the paper's argmax; a larger lam
 buys fewer FLOPs for every example at once, so the average cost never rises with lam, and one
 scalar calibrated on held-out data meets a reduction target (`calibrate`).
+
+The cascade (`Cascade`) needs no router: every input runs the narrowest width first (or the width
+the budget rule picks, for the combination), and an input whose prediction there is less
+confident than a threshold escalates to the next width, reusing the prefix's hidden states. It
+costs the prefix plus every part it ran. One threshold, calibrated like the cost weight, meets a
+budget (`calibrate_cascade`). Rules share two methods that the dispatch core calls:
+`first_widths` (from the router) and `escalates` (from a width's probabilities).
 """
 
 from __future__ import annotations
@@ -51,9 +58,163 @@ class Rule:
   budget: str = ""  # the target it was calibrated for, "" for the paper's rule
   calibration_reduction: float = 1.0  # reduction reached on the calibration split
 
+  name = "router"
+  escalating = False
+
   def choose(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray:
     """Width index per example. router_logits [N, m]; example_flops [N, m], last = full width."""
     return choose_widths(router_logits, example_flops, self.cost_weight)
+
+  first_widths = choose
+
+  def escalates(self, probabilities: np.ndarray, width_index: int) -> np.ndarray:
+    return np.zeros(len(probabilities), bool)
+
+  def to_json(self) -> dict:
+    return {"rule": self.name, "budget": self.budget, "cost_weight": self.cost_weight,
+            "calibration_reduction": self.calibration_reduction}
+
+
+CONFIDENCE_SIGNALS = ("max_prob", "margin", "entropy")
+RULES = ("router", "cascade", "router+cascade")
+
+
+def confidence(probabilities: np.ndarray, signal: str = "max_prob") -> np.ndarray:
+  """How sure a prediction is, in [0, 1]: top probability, top-two margin, or 1 - H / log C."""
+  p = np.asarray(probabilities, np.float64)
+  if signal == "max_prob":
+    return p.max(-1)
+  if signal == "margin":
+    top = np.sort(p, axis=-1)
+    return top[..., -1] - top[..., -2]
+  if signal == "entropy":
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return 1.0 - entropy / np.log(p.shape[-1])
+  raise ValueError(f"unknown confidence signal {signal!r}; known: {CONFIDENCE_SIGNALS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cascade:
+  """Start narrow; escalate to the next width while confidence < `threshold`.
+
+  `start_cost_weight` None starts every input at the narrowest width; a number starts it where the
+  budget rule with that cost weight routes it (the router may send hard inputs straight to full
+  width), and the cascade escalates from there.
+  """
+
+  threshold: float
+  signal: str = "max_prob"
+  budget: str = ""
+  calibration_reduction: float = 1.0
+  start_cost_weight: float | None = None
+
+  name = "cascade"
+  escalating = True
+
+  def first_widths(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray:
+    if self.start_cost_weight is None:
+      return np.zeros(len(router_logits), np.int64)
+    return choose_widths(router_logits, example_flops, self.start_cost_weight)
+
+  def escalates(self, probabilities: np.ndarray, width_index: int) -> np.ndarray:
+    return confidence(probabilities, self.signal) < self.threshold
+
+  def to_json(self) -> dict:
+    return {"rule": self.name, "budget": self.budget, "threshold": self.threshold,
+            "signal": self.signal, "start_cost_weight": self.start_cost_weight,
+            "calibration_reduction": self.calibration_reduction}
+
+
+def rule_from_json(saved: dict) -> "Rule | Cascade":
+  """The inverse of `to_json`; {} (or no budget) is the router's argmax."""
+  if not saved:
+    return Rule()
+  if saved.get("rule") == "cascade":
+    start = saved.get("start_cost_weight")
+    return Cascade(float(saved["threshold"]), saved.get("signal", "max_prob"), saved["budget"],
+                   float(saved["calibration_reduction"]),
+                   None if start is None else float(start))
+  return Rule(float(saved["cost_weight"]), saved["budget"], float(saved["calibration_reduction"]))
+
+
+def route_all(rule: "Rule | Cascade", probabilities: np.ndarray, router_logits: np.ndarray,
+              example_flops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(final width index [N], widths run [N, m]) of `rule` given every width's probabilities
+  [m, N, C]: what serving computes, without running anything. An input ends at the first width
+  it does not escalate from."""
+  m, n = probabilities.shape[:2]
+  current = np.asarray(rule.first_widths(router_logits, example_flops)).astype(np.int64)
+  final = np.full(n, -1, np.int64)
+  ran = np.zeros((n, m), bool)
+  rows = np.arange(n)
+  for i in range(m):
+    here = rows[(current == i) & (final < 0)]
+    ran[here, i] = True
+    go_on = rule.escalates(probabilities[i, here], i) if i < m - 1 else np.zeros(len(here), bool)
+    final[here[~go_on]] = i
+    current[here[go_on]] = i + 1
+  return final, ran
+
+
+def ran_flops(final: np.ndarray, ran: np.ndarray, example_flops: np.ndarray,
+              prefix_flops: np.ndarray | float) -> np.ndarray:
+  """FLOPs per input [N]: its final width's (prefix included) plus the part of every width it ran
+  before escalating. example_flops [N, m] or [m] (one length), prefix_flops [N] or a scalar."""
+  example_flops = np.broadcast_to(np.asarray(example_flops, np.float64), ran.shape)
+  parts = example_flops - np.asarray(prefix_flops, np.float64).reshape(-1, 1)
+  earlier = ran.copy()
+  earlier[np.arange(len(final)), final] = False
+  return example_flops[np.arange(len(final)), final] + (earlier * parts).sum(-1)
+
+
+def calibrate_cascade(probabilities: np.ndarray, router_logits: np.ndarray,
+                      example_flops: np.ndarray, prefix_flops: np.ndarray, budget: Budget,
+                      signal: str = "max_prob", start_cost_weight: float | None = None,
+                      iterations: int = 60) -> Cascade:
+  """The highest threshold (most escalation) whose average FLOPs on these examples meet the budget.
+
+  Cost never falls as the threshold rises (more inputs escalate), so a bisection finds it. The
+  reachable range runs from no escalation (every input at its first width) to every input
+  running every width from there, which can cost more than the full width alone.
+  """
+  example_flops = np.asarray(example_flops, np.float64)
+  if len(example_flops) == 0:
+    raise ValueError("cannot calibrate a budget on zero examples")
+  confidence(probabilities[:1, :1], signal)  # an unknown signal fails before any work
+  full_gflops = float(example_flops[:, -1].mean() / 1e9)
+  target = budget.target_gflops(full_gflops) * 1e9
+  tolerance = 1e-9 * full_gflops * 1e9
+
+  def cost(threshold: float) -> float:
+    rule = Cascade(threshold, signal, start_cost_weight=start_cost_weight)
+    final, ran = route_all(rule, probabilities, router_logits, example_flops)
+    return float(ran_flops(final, ran, example_flops, prefix_flops).mean())
+
+  cheapest, dearest = cost(0.0), cost(np.nextafter(1.0, 2.0))
+  if not cheapest - tolerance <= target:
+    raise ValueError(f"budget {budget} is out of reach: this cascade reaches reductions from "
+                     f"{full_gflops * 1e9 / dearest:.3f}x to {full_gflops * 1e9 / cheapest:.3f}x "
+                     f"({dearest / 1e9:.4f} to {cheapest / 1e9:.4f} GFLOPs per example)")
+  threshold = _boundary(lambda t: cost(t) <= target + tolerance, 0.0,
+                        float(np.nextafter(1.0, 2.0)), iterations, 1e-12)
+  return Cascade(threshold, signal, str(budget), full_gflops * 1e9 / cost(threshold),
+                 start_cost_weight)
+
+
+def _boundary(fits, inside: float, outside: float, iterations: int, resolution: float) -> float:
+  """The point nearest `outside` where `fits` still holds, by bisection between `inside` (fits)
+  and `outside`; `fits` flips once between them (a rule's cost is monotone in its parameter)."""
+  if fits(outside):
+    return outside
+  for _ in range(iterations):
+    if abs(outside - inside) <= resolution:
+      break
+    middle = (inside + outside) / 2
+    if fits(middle):
+      inside = middle
+    else:
+      outside = middle
+  return inside
 
 
 def choose_widths(router_logits: np.ndarray, example_flops: np.ndarray,
@@ -77,6 +238,22 @@ def reachable_reductions(example_flops: np.ndarray) -> tuple[float, float]:
   return 1.0, float(full / example_flops.min(axis=1).mean())
 
 
+def check_reachable(example_flops: np.ndarray, budget: Budget) -> None:
+  """Raises ValueError naming the reachable range when no rule over these examples meets
+  `budget`; needs only FLOPs, so a run checks its budget before training."""
+  example_flops = np.asarray(example_flops, np.float64)
+  if len(example_flops) == 0:
+    raise ValueError("cannot calibrate a budget on zero examples")
+  full_gflops = float(example_flops[:, -1].mean() / 1e9)
+  low_x, high_x = reachable_reductions(example_flops)
+  cheapest = full_gflops / high_x
+  tolerance = 1e-9 * full_gflops
+  if not cheapest - tolerance <= budget.target_gflops(full_gflops) <= full_gflops + tolerance:
+    raise ValueError(f"budget {budget} is out of reach: this model reaches reductions from "
+                     f"{low_x:g}x to {high_x:.3f}x ({full_gflops:.4f} to {cheapest:.4f} GFLOPs "
+                     "per example)")
+
+
 def calibrate(router_logits: np.ndarray, example_flops: np.ndarray, budget: Budget,
               iterations: int = 60) -> Rule:
   """The smallest cost weight whose average FLOPs on these examples meet the budget.
@@ -84,18 +261,11 @@ def calibrate(router_logits: np.ndarray, example_flops: np.ndarray, budget: Budg
   Bisection on the cost weight: every example's chosen cost is non-increasing in it. Raises
   ValueError naming the reachable range when no rule can meet the budget.
   """
+  check_reachable(example_flops, budget)
   example_flops = np.asarray(example_flops, np.float64)
-  if len(example_flops) == 0:
-    raise ValueError("cannot calibrate a budget on zero examples")
   full_gflops = float(example_flops[:, -1].mean() / 1e9)
   target = budget.target_gflops(full_gflops)
-  low_x, high_x = reachable_reductions(example_flops)
-  cheapest = full_gflops / high_x
   tolerance = 1e-9 * full_gflops
-  if not cheapest - tolerance <= target <= full_gflops + tolerance:
-    raise ValueError(f"budget {budget} is out of reach: this model reaches reductions from "
-                     f"{low_x:g}x to {high_x:.3f}x ({full_gflops:.4f} to {cheapest:.4f} GFLOPs "
-                     "per example)")
 
   def cost(weight: float) -> float:
     return average_gflops(choose_widths(router_logits, example_flops, weight), example_flops)
@@ -105,16 +275,35 @@ def calibrate(router_logits: np.ndarray, example_flops: np.ndarray, budget: Budg
   relative_gap = float(np.min(1.0 - example_flops[:, :-1].max(axis=1) / example_flops[:, -1])) \
       if example_flops.shape[1] > 1 else 1.0
   bound = spread / max(relative_gap, 1e-6) + 1.0
-  low, high = -bound, bound  # cost(low) = full width everywhere, cost(high) = narrowest
-  if cost(low) <= target + tolerance:
-    high = low
-  for _ in range(iterations):
-    if high - low <= 1e-9 * bound:
-      break
-    middle = (low + high) / 2
-    if cost(middle) <= target + tolerance:
-      high = middle
-    else:
-      low = middle
-  return Rule(cost_weight=float(high), budget=str(budget),
-              calibration_reduction=full_gflops / cost(high))
+  # cost(-bound) = full width everywhere, cost(bound) = narrowest: the smallest weight that fits
+  weight = _boundary(lambda w: cost(w) <= target + tolerance, bound, -bound, iterations,
+                     1e-9 * bound)
+  return Rule(cost_weight=float(weight), budget=str(budget),
+              calibration_reduction=full_gflops / cost(weight))
+
+
+def calibrate_rule(name: str, budget: Budget, router_logits: np.ndarray,
+                   example_flops: np.ndarray, probabilities: np.ndarray | None = None,
+                   prefix_flops: np.ndarray | None = None, signal: str = "max_prob",
+                   start_budget: Budget | None = None) -> "Rule | Cascade":
+  """The rule named `name` (RULES) calibrated to `budget` on held-out examples' arrays.
+
+  "router": the budget rule over the router's logits. "cascade": narrowest width first, the
+  threshold on `signal` calibrated (needs every width's probabilities [m, N, C] and the prefix's
+  FLOPs [N]). "router+cascade": the budget rule calibrated to the more aggressive
+  `start_budget` picks where each input starts; the cascade escalates from there.
+  """
+  if name not in RULES:
+    raise ValueError(f"unknown routing rule {name!r}; known: {RULES}")
+  if name == "router":
+    return calibrate(router_logits, example_flops, budget)
+  if probabilities is None or prefix_flops is None:
+    raise ValueError(f"the {name!r} rule is calibrated on every width's probabilities and the "
+                     "prefix's FLOPs")
+  start = None
+  if name == "router+cascade":
+    if start_budget is None:
+      raise ValueError("the 'router+cascade' rule needs a start budget for the router")
+    start = calibrate(router_logits, example_flops, start_budget).cost_weight
+  return calibrate_cascade(probabilities, router_logits, example_flops, prefix_flops, budget,
+                           signal, start)

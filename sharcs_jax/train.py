@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from sharcs_jax import config as config_lib
-from sharcs_jax import evaluate, hardness, parallel, report
+from sharcs_jax import evaluate, hardness, parallel, report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints, initial_best
 from sharcs_jax.data import batching, glue
 from sharcs_jax.flops import param_shapes
@@ -32,7 +32,7 @@ from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
 from sharcs_jax.programs import Programs
 from sharcs_jax.progress import progress
-from sharcs_jax.routing import Rule, calibrate, parse_budget
+from sharcs_jax.routing import Cascade, Rule, check_reachable, parse_budget, rule_from_json
 
 Array = jax.Array
 
@@ -157,13 +157,12 @@ def _log_eval(epoch: int, result: dict, widths: tuple[float, ...]) -> None:
   s = result["sharcs"]
   logging.info("epoch %d dev: %s | SHARCS %.4f at %.3f GFLOPs (%.2fx), share %s", epoch, static,
                s["accuracy"], s["gflops"], s["flops_reduction"],
-               [round(x, 3) for x in s["bucket_share"]])
+               [round(x, 3) for x in s["share_per_width"]])
   if "sharcs_argmax" in result:
     a = result["sharcs_argmax"]
-    logging.info("epoch %d dev: budget %s (cost weight %.3f, %.2fx on calibration) | argmax "
-                 "routing %.4f at %.2fx", epoch, s["routing"]["budget"],
-                 s["routing"]["cost_weight"], s["routing"]["calibration_reduction"],
-                 a["accuracy"], a["flops_reduction"])
+    logging.info("epoch %d dev: budget %s (%s, %.2fx on calibration) | argmax routing %.4f at "
+                 "%.2fx", epoch, s["routing"]["budget"], s["routing"]["rule"],
+                 s["routing"]["calibration_reduction"], a["accuracy"], a["flops_reduction"])
 
 
 def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str, Any]:
@@ -188,8 +187,18 @@ def _load_data(config: ml_collections.ConfigDict, tokenizer: Any
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains SHARCS, keeps the best dev epoch (>= W), writes report.{json,md,png} in workdir."""
+  """Trains SHARCS, keeps the best dev epoch (>= W), writes report.{json,md,png} in workdir.
+
+  The workdir is held for the whole run: a second run on it fails at once (`workdir.exclusive`).
+  """
   config_lib.validate(config)
+  if not parallel.is_primary():  # process 0 holds the lock for a multi-process job
+    return _train_and_evaluate(config, workdir)
+  with workdir_lib.exclusive(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   parallel.check_divisible("config.train.batch_size", config.train.batch_size, mesh)
   parallel.check_divisible("config.eval.batch_size", config.eval.batch_size, mesh)
@@ -209,18 +218,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   router_layer=m.router_layer,
                                   router_hidden=m.router_hidden or None,
                                   layernorm_init=m.layernorm_init, key=jax.random.fold_in(key, 1))
+  # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
+  programs = Programs(model, param_shapes(model),
+                      batch_buckets=tuple(sorted({1, config.eval.batch_size})),
+                      length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"),
+                      mesh=mesh)
+  flops = evaluate.example_flops_table(programs)
+  if routing.budget:
+    try:  # the reachable range is known from the FLOPs alone: fail before any epoch
+      check_reachable(evaluate.per_example_flops(flops, calibration_data),
+                      parse_budget(routing.budget))
+    except ValueError as e:
+      raise ValueError(f"config.routing.budget={routing.budget!r}: {e}") from None
   tx = make_optimizer(t)
   state = TrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
                      opt_state=tx.init(params),
                      hardness=hardness.init_hardness(len(train_data), h.window, len(widths)),
                      rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0))
   history = []  # per-epoch dev results, checkpointed with the state
+  best_rule = None  # the kept epoch's routing rule, checkpointed with it
   checkpoints = Checkpoints(workdir, config)
   # Restored arrays take the shardings of this run's mesh, whatever mesh wrote them.
   restored = checkpoints.restore_latest(parallel.replicate(state, mesh),
                                         parallel.replicate(initial_best(params), mesh))
   if restored is not None:
-    state, best, history = restored
+    state, best, history, best_rule = restored
   else:
     if m.reorder:
       start = time.time()
@@ -236,25 +258,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       router_loss_weight=0.0 if static_index is not None else t.router_loss_weight),
                     static_argnames="width", donate_argnums=0,
                     out_shardings=parallel.replicated(mesh))
-  # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
-  programs = Programs(model, param_shapes(model),
-                      batch_buckets=tuple(sorted({1, config.eval.batch_size})),
-                      length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"),
-                      mesh=mesh)
-  flops = evaluate.example_flops_table(programs)
 
-  def routing_rule(params) -> Rule:
+  def routing_rule(params) -> Rule | Cascade:
     if not routing.budget:
       return Rule()
-    return calibrate(evaluate.router_logits(programs, params, calibration_data,
-                                            config.eval.batch_size),
-                     evaluate.per_example_flops(flops, calibration_data),
-                     parse_budget(routing.budget))
+    return evaluate.calibrate_rule(
+        programs, params, calibration_data, config.eval.batch_size, parse_budget(routing.budget),
+        routing.rule, routing.signal,
+        parse_budget(routing.start_budget) if routing.start_budget else None)
 
   def evaluate_dev(params):
     return evaluate.summarize(*evaluate.predict_all_widths(programs, params, dev_data,
                                                            config.eval.batch_size),
-                              dev_data, flops, task.metrics, routing_rule(params))
+                              dev_data, flops, task.metrics, routing_rule(params),
+                              evaluate.prefix_flops_row(programs))
 
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
@@ -298,12 +315,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if may_keep and score > tuple(np.asarray(best["score"]).tolist()):
       best = parallel.replicate({"params": _copy(state.params), "epoch": jnp.int32(epoch),
                                  "score": jnp.asarray(score, jnp.float32)}, mesh)
+      best_rule = rule_from_json(result["sharcs"].get("routing") or {})
     state = parallel.replicate(
         state.replace(train_seconds=state.train_seconds + (time.time() - start)), mesh)
-    checkpoints.save(state, best, history)
+    checkpoints.save(state, best, history, best_rule)
 
-  if int(best["epoch"]) < 0:  # too few epochs to pass the warm-up: keep the last
-    best = {"params": state.params, "epoch": jnp.int32(t.epochs - 1), "score": best["score"]}
   result = evaluate_dev(best["params"])
   summary = {
       "task": task.name, "model": m.backbone, "widths": list(widths),

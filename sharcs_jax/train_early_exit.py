@@ -25,7 +25,7 @@ import optax
 from absl import logging
 
 from sharcs_jax import config as config_lib
-from sharcs_jax import early_exit, report
+from sharcs_jax import early_exit, report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
 from sharcs_jax.evaluate import classification_metrics
@@ -99,6 +99,13 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                      patiences: tuple[int, ...] | None = None) -> dict[str, Any]:
   """Trains the early-exit model on `config`'s task and budget; writes early_exit.{json,md}."""
   config_lib.validate(config)
+  with workdir_lib.exclusive(workdir):
+    return _train_early_exit(config, workdir, entropy_fractions, patiences)
+
+
+def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
+                      entropy_fractions: tuple[float, ...],
+                      patiences: tuple[int, ...] | None) -> dict[str, Any]:
   task = glue.get_task(config.task)
   t = config.train
   buckets = tuple(config.data.length_buckets)
@@ -122,7 +129,7 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   history = []
   restored = checkpoints.restore_latest(state, best)
   if restored is not None:
-    state, best, history = restored
+    state, best, history, _ = restored
   for epoch in range(int(state.epoch), t.epochs):
     rng = np.random.default_rng([config.seed, epoch])
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),

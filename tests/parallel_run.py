@@ -41,8 +41,8 @@ def main() -> None:
   if args.stop_after_epochs:
     original, saves = train.Checkpoints.save, []
 
-    def save_then_stop(self, state, best, history):
-      original(self, state, best, history)
+    def save_then_stop(self, *save_args):
+      original(self, *save_args)
       saves.append(1)
       if len(saves) == args.stop_after_epochs:
         raise Stopped

@@ -38,11 +38,38 @@ def test_task_configs_are_valid(task):
     ("routing.calibration_examples", 0, "set config.routing.calibration_examples > 0"),
     ("hardness.signal", "margin", "hardness.signal='margin' is not one of"),
     ("train.static_width", 0.5, r"static_width=0.5 is not one of config.model.widths=\(0.25, 1.0\)"),
+    ("train.learning_rate", 0.0, r"config.train.learning_rate=0.0 must be a number in \(0, inf\)"),
+    ("train.learning_rate", -1e-4, r"config.train.learning_rate=-0.0001 must be a number in"),
+    ("train.learning_rate", float("nan"), r"config.train.learning_rate=nan must be a number in"),
+    ("train.warmup_fraction", 1.0, r"config.train.warmup_fraction=1.0 must be a number in \[0, 1\)"),
+    ("train.weight_decay", -0.01, r"config.train.weight_decay=-0.01 must be a number in \[0, inf\)"),
+    ("train.router_loss_weight", -1.0, r"config.train.router_loss_weight=-1.0 must be a number"),
+    ("train.epochs", 0, r"config.train.epochs=0 must be an integer in \[1, inf\)"),
+    ("train.epochs", 2, r"config.train.epochs=2 must exceed config.hardness.window=2: epochs "
+     "before the window are warm-up and never kept"),
+    ("train.batch_size", 0, r"config.train.batch_size=0 must be an integer in \[1, inf\)"),
+    ("train.static_width", -0.5, r"config.train.static_width=-0.5 must be a number in \[0, 1\]"),
+    ("eval.batch_size", 0, r"config.eval.batch_size=0 must be an integer"),
+    ("hardness.window", 0, r"config.hardness.window=0 must be an integer in \[1, inf\)"),
+    ("seed", -1, r"config.seed=-1 must be an integer in \[0, inf\)"),
+    ("model.router_hidden", -8, r"config.model.router_hidden=-8 must be an integer"),
+    ("model.reorder_batches", 0, r"config.model.reorder_batches=0 must be an integer"),
+    ("data.train_limit", -5, r"config.data.train_limit=-5 must be an integer in \[0, inf\)"),
+    ("data.dev_limit", -1, r"config.data.dev_limit=-1 must be an integer"),
+    ("routing.calibration_examples", -1, r"config.routing.calibration_examples=-1 must be an "
+     "integer"),
+    ("routing.budget", "0.5x", r"config.routing.budget='0.5x': a reduction below 1x would cost "
+     "more than the full width"),
+    ("checkpoint.max_to_keep", 0, r"config.checkpoint.max_to_keep=0 must be an integer in"),
+    ("checkpoint.max_drop", 1.5, r"config.checkpoint.max_drop=1.5 must be a number in \[0, 1\]"),
 ])
 def test_bad_config_fails_before_work(field, value, message):
   config = _load("qqp.py")
-  section, key = field.split(".")
-  config[section][key] = value
+  if "." in field:
+    section, key = field.split(".")
+    config[section][key] = value
+  else:
+    config[field] = value
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     config_lib.validate(config)
 
@@ -64,3 +91,14 @@ def test_summary_mode(tmp_path):
   assert [(r["seq_len"], r["width"]) for r in rows] == [(32, 0.25), (32, 1.0), (64, 0.25), (64, 1.0)]
   assert all(r["reduction"] > 2.0 for r in rows if r["width"] == 0.25)
   assert "| 64 | 0.25 |" in (tmp_path / "model_summary.md").read_text()
+
+
+def test_every_numeric_field_of_the_base_config_has_a_range():
+  """A numeric field added to base_config without a range in NUMERIC_FIELDS fails here."""
+  config = config_lib.base_config("qqp")
+  numeric = {f"{section}.{key}" if section else key
+             for section, values in [("", config)] + [(k, v) for k, v in config.items()
+                                                      if hasattr(v, "items")]
+             for key, value in values.items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+  assert numeric == {field for field, _, _ in config_lib.NUMERIC_FIELDS} | {"model.router_layer"}

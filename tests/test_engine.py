@@ -14,7 +14,8 @@ import transformers
 from sharcs_jax import evaluate, routing
 from sharcs_jax.data import batching, glue
 from sharcs_jax.data.batching import Encoded
-from sharcs_jax.engine import Engine, split_into_batches
+from sharcs_jax.dispatch import split_into_batches
+from sharcs_jax.engine import Engine
 from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.programs import ProgramKey
@@ -259,3 +260,64 @@ def test_text_inputs_match_the_tokenizer(text_engine):
 def test_wrong_number_of_fields_is_a_clear_error(text_engine, texts, message):
   with pytest.raises(ValueError, match=message):
     text_engine.predict(texts)
+
+
+@pytest.fixture
+def cascade_engine(engine):
+  """The engine routing by a cascade calibrated to 1.25x on other inputs."""
+  rule = engine.calibrate("1.25x", _inputs(n=40, seed=6), rule="cascade")
+  assert isinstance(rule, routing.Cascade) and 1.25 <= rule.calibration_reduction <= 1.25 * 1.05
+  engine.rule = rule
+  yield engine
+  engine.rule = routing.Rule()
+
+
+def test_cascade_in_the_engine_matches_the_model(cascade_engine, tiny_model):
+  """Every input ends at the first width whose own probabilities are confident enough (from the
+  whole model at that width), with that width's probabilities; it pays the prefix once plus every
+  part it ran."""
+  engine, rule = cascade_engine, cascade_engine.rule
+  data = _inputs(n=30, seed=11)
+  out = engine.run(data)
+  reference = jax.jit(lambda ids, mask, width: jax.nn.softmax(tiny_model.apply(
+      engine.params, ids, mask, jnp.zeros_like(ids), width=width).logits), static_argnames="width")
+  escalated = 0
+  for row in range(len(data)):
+    bucket = data.bucket_of[row]
+    length = data.length_buckets[bucket]
+    ids = jnp.asarray(data.input_ids[row:row + 1, :length])
+    mask = jnp.asarray(np.arange(length)[None] < data.lengths[row])
+    for i, width in enumerate(tiny_model.widths):
+      probs = np.asarray(reference(ids, mask, width=width))[0]
+      if i == len(tiny_model.widths) - 1 or routing.confidence(probs) >= rule.threshold:
+        break
+    assert out.widths[row] == width
+    np.testing.assert_allclose(out.probabilities[row], probs, atol=1e-5)
+    parts = engine.flops[:i + 1, bucket] - engine.prefix_flops[bucket]
+    assert out.gflops[row] == pytest.approx((engine.prefix_flops[bucket] + parts.sum()) / 1e9)
+    escalated += i
+  assert 0 < escalated  # some inputs escalated, some stopped early
+  assert tiny_model.widths[0] in set(out.widths.tolist())
+
+
+def test_cascade_in_the_engine_is_the_evaluation(cascade_engine, split_params):
+  """Serving a cascade gives what dev evaluation computes from every width's probabilities."""
+  engine = cascade_engine
+  data = _inputs(n=40, seed=12)
+  out = engine.run(data)
+  probabilities, router = evaluate.predict_all_widths(engine.programs, split_params, data, 8)
+  example = evaluate.per_example_flops(engine.flops, data)
+  final, ran = routing.route_all(engine.rule, probabilities, router, example)
+  np.testing.assert_array_equal(out.widths, np.asarray(engine.widths)[final])
+  np.testing.assert_allclose(out.gflops * 1e9, routing.ran_flops(
+      final, ran, example, engine.prefix_flops[data.bucket_of]))
+  result = evaluate.summarize(probabilities, router, data, engine.flops, ("accuracy",),
+                              engine.rule, engine.prefix_flops)
+  assert result["sharcs"]["gflops"] == pytest.approx(out.gflops.mean())
+
+
+def test_cascade_serving_never_compiles(cascade_engine):
+  cascade_engine.run(_inputs(n=5, seed=2))
+  with CompileCounter() as counter:
+    cascade_engine.run(_inputs(n=40, seed=3))
+  assert counter.events == []

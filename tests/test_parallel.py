@@ -55,7 +55,7 @@ def _assert_same_run(summary, workdir, reference_summary, reference_workdir):
   for a, b in zip(summary["history"], reference_summary["history"], strict=True):
     assert a["train_loss"] == pytest.approx(b["train_loss"], abs=TOLERANCE)
     assert a["full_width"]["accuracy"] == b["full_width"]["accuracy"]
-    assert a["sharcs"]["bucket_share"] == b["sharcs"]["bucket_share"]
+    assert a["sharcs"]["share_per_width"] == b["sharcs"]["share_per_width"]
   assert summary["sharcs"]["accuracy"] == reference_summary["sharcs"]["accuracy"]
   step, state = _checkpoint(workdir)
   reference_step, reference = _checkpoint(reference_workdir)

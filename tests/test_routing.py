@@ -80,3 +80,89 @@ def test_unreachable_budget_names_the_reachable_range(budget):
 def test_shapes_must_agree():
   with pytest.raises(ValueError, match=r"must both be \[examples, widths\]"):
     routing.choose_widths(np.zeros((4, 2)), np.ones((4, 3)), 0.0)
+
+
+def _probabilities(confidences):
+  """[m, N, 2] probabilities whose top class has the given confidence per width and input."""
+  c = np.asarray(confidences, np.float64)
+  return np.stack([c, 1 - c], axis=-1)
+
+
+def test_cascade_escalates_in_width_order_and_pays_every_part_it_ran():
+  # Three widths, four inputs: confident at 0.25; at 0.5; only at full width; never.
+  probabilities = _probabilities([[0.95, 0.6, 0.6, 0.55],
+                                  [0.70, 0.9, 0.6, 0.55],
+                                  [0.80, 0.8, 0.9, 0.60]])
+  example = np.tile([[3.0, 5.0, 9.0]], (4, 1))  # prefix 1 + parts 2, 4, 8
+  prefix = np.ones(4)
+  rule = routing.Cascade(threshold=0.85)
+  final, ran = routing.route_all(rule, probabilities, np.zeros((4, 3)), example)
+  assert final.tolist() == [0, 1, 2, 2]
+  assert ran.tolist() == [[True, False, False], [True, True, False], [True, True, True],
+                          [True, True, True]]
+  # prefix once, then every part run: 1+2, 1+2+4, 1+2+4+8 (twice)
+  assert routing.ran_flops(final, ran, example, prefix).tolist() == [3.0, 7.0, 15.0, 15.0]
+
+
+def test_cascade_from_the_router_starts_where_the_budget_rule_routes():
+  probabilities = _probabilities([[0.5, 0.5], [0.5, 0.95]])
+  logits = np.array([[2.0, 0.0], [0.0, 2.0]])  # the router sends input 1 to full width
+  example = np.array([[1.0, 2.0]] * 2)
+  rule = routing.Cascade(threshold=0.9, start_cost_weight=0.0)
+  final, ran = routing.route_all(rule, probabilities, logits, example)
+  assert final.tolist() == [1, 1] and ran.tolist() == [[True, True], [False, True]]
+  assert routing.ran_flops(final, ran, example, np.array([0.5, 0.5])).tolist() == [2.5, 2.0]
+
+
+@pytest.mark.parametrize("signal, expected", [
+    ("max_prob", [0.7, 0.5]), ("margin", [0.4, 0.0]),
+    ("entropy", [1 - (0.7 * np.log(1 / 0.7) + 0.3 * np.log(1 / 0.3)) / np.log(2), 0.0])])
+def test_confidence_signals(signal, expected):
+  np.testing.assert_allclose(routing.confidence([[0.7, 0.3], [0.5, 0.5]], signal), expected)
+
+
+def _cascade_data(n=3000, seed=0):
+  rng = np.random.default_rng(seed)
+  probabilities = _probabilities(rng.uniform(0.5, 1.0, size=(2, n)))
+  lengths = rng.choice([1.0, 2.1], n)
+  example = np.array([0.35, 0.81])[None, :] * lengths[:, None] * 1e9
+  return probabilities, rng.normal(size=(n, 2)), example, 0.2 * lengths * 1e9
+
+
+@pytest.mark.parametrize("target", [1.2, 1.5, 1.8, 2.1])
+def test_cascade_calibration_meets_the_budget(target):
+  probabilities, logits, example, prefix = _cascade_data()
+  rule = routing.calibrate_cascade(probabilities, logits, example, prefix,
+                                   routing.Budget(reduction=target))
+  final, ran = routing.route_all(rule, probabilities, logits, example)
+  reached = example[:, -1].mean() / routing.ran_flops(final, ran, example, prefix).mean()
+  assert reached == pytest.approx(rule.calibration_reduction)
+  assert target <= reached <= target * 1.05
+  # one notch more escalation would overspend: the threshold is the highest that fits
+  looser = routing.Cascade(rule.threshold + 1e-3)
+  final, ran = routing.route_all(looser, probabilities, logits, example)
+  assert example[:, -1].mean() / routing.ran_flops(final, ran, example, prefix).mean() < target
+
+
+def test_cascade_budget_out_of_reach_names_the_range():
+  probabilities, logits, example, prefix = _cascade_data()
+  with pytest.raises(ValueError, match=r"budget 3x is out of reach: this cascade reaches "
+                     r"reductions from 0\.\d+x to 2\.31\dx"):
+    routing.calibrate_cascade(probabilities, logits, example, prefix, routing.Budget(reduction=3))
+
+
+def test_named_rules_and_their_json():
+  probabilities, logits, example, prefix = _cascade_data(n=500)
+  budget = routing.Budget(reduction=1.5)
+  for name in routing.RULES:
+    rule = routing.calibrate_rule(name, budget, logits, example, probabilities, prefix,
+                                  start_budget=routing.Budget(reduction=2.2))
+    assert routing.rule_from_json(rule.to_json()) == rule
+  assert isinstance(routing.calibrate_rule("router+cascade", budget, logits, example,
+                                           probabilities, prefix,
+                                           start_budget=routing.Budget(reduction=2.2)
+                                           ).start_cost_weight, float)
+  with pytest.raises(ValueError, match="unknown routing rule 'oracle'"):
+    routing.calibrate_rule("oracle", budget, logits, example)
+  with pytest.raises(ValueError, match="needs a start budget"):
+    routing.calibrate_rule("router+cascade", budget, logits, example, probabilities, prefix)

@@ -23,12 +23,15 @@ def test_tradeoff_benchmark(tradeoff):
   assert ("sharcs budget rule", "1.2x") in methods and ("sharcs K=1", 0.6) in methods
   assert ("sharcs K=1 budget rule", "1.2x") in methods and ("sharcs entropy", 0.6) in methods
   assert ("sharcs entropy budget rule", "1.2x") in methods
+  assert ("sharcs cascade", "1.2x") in methods and ("sharcs K=1 cascade", "1.2x") in methods
   assert sum(m.startswith("early exit") for m, _ in methods) == 10 + 2  # thresholds + patiences
   by = {(p["method"], p["setting"]): p for p in data["points"]}
   assert "out of reach" in by["sharcs budget rule", "9x"]["error"]
   assert by["static", 1.0]["flops_reduction"] == pytest.approx(1.0)
   assert by["static", 0.5]["flops_reduction"] > 1.2
   assert by["sharcs budget rule", "1.2x"]["calibration_reduction"] == pytest.approx(1.2, rel=0.05)
+  assert 1.2 <= by["sharcs cascade", "1.2x"]["calibration_reduction"] <= 1.2 * 1.05
+  assert "out of reach: this cascade reaches" in by["sharcs cascade", "9x"]["error"]
   entropy_run = json.loads((out / "runs" / "sharcs_entropy_K2_t0.6" / "report.json").read_text())
   assert entropy_run["hardness_signal"] == "entropy"
   for name in ("tradeoff_qqp.md", "tradeoff_qqp.png"):
@@ -45,9 +48,9 @@ def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):
   assert "finished earlier" in process.stderr and "trained and evaluated" not in process.stderr
   kept = [p for p in data["points"]
           if p["method"] == "static" or p["method"].startswith(("early exit", "sharcs entropy"))]
-  routed = [{**p, "method": "sharcs budget rule (sharcs_K2_t0.6)"} for p in data["points"]
-            if p["method"] == "sharcs budget rule"]
-  assert len(routed) == len(TRADEOFF_ARGS[-1].split(","))
+  routed = [{**p, "method": f"{p['method']} (sharcs_K2_t0.6)"} for p in data["points"]
+            if p["method"] in ("sharcs budget rule", "sharcs cascade")]
+  assert len(routed) == 2 * len(TRADEOFF_ARGS[-1].split(","))
   assert again["points"] == kept + routed
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -17,7 +20,9 @@ from conftest import REPO_ROOT, glue_data_dir
 from conftest import tiny_run_config as _tiny_config
 from sharcs_jax import config as config_lib
 from sharcs_jax import predict, train
+from sharcs_jax import report as report_lib
 from sharcs_jax.data import glue
+from sharcs_jax.checkpoint import CheckpointError
 from sharcs_jax.engine import Engine
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,
@@ -41,14 +46,19 @@ def test_resumed_run_equals_uninterrupted(tiny_backbone, trained, tmp_path, monk
 
   original_save = train.Checkpoints.save
 
-  def save_then_crash(self, state, best, history):
-    original_save(self, state, best, history)
+  def save_then_crash(self, *args):
+    original_save(self, *args)
     raise KeyboardInterrupt("simulated kill after the first epoch's checkpoint")
 
   monkeypatch.setattr(train.Checkpoints, "save", save_then_crash)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert _final_checkpoint(tmp_path / "resumed")[0] == 1
+  # Killed before any epoch >= W: nothing to serve, and loading says so instead of serving the
+  # untrained parameters.
+  with pytest.raises(CheckpointError, match=r"no epoch of this run can be served yet: 1 of 2 "
+                     r"epochs finished, .*hardness.window=1"):
+    Engine.from_workdir(str(tmp_path / "resumed"))
   monkeypatch.setattr(train.Checkpoints, "save", original_save)
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
@@ -74,7 +84,7 @@ def test_engine_from_workdir_reproduces_the_report(trained):
   assert np.mean(out.labels == dev.labels) == pytest.approx(report["sharcs"]["accuracy"])
   assert out.gflops.mean() == pytest.approx(report["sharcs"]["gflops"], rel=1e-3)
   shares = [np.mean(out.widths == w) for w in report["widths"]]
-  np.testing.assert_allclose(shares, report["sharcs"]["bucket_share"])
+  np.testing.assert_allclose(shares, report["sharcs"]["share_per_width"])
   again = Engine.from_workdir(str(workdir), batch_buckets=(1, 4))  # a restart: nothing compiles
   assert again.programs.compiled == 0
 
@@ -154,16 +164,29 @@ def test_pareto_benchmark_meets_its_budgets(trained, tmp_path):
 
 
 def test_predict_mode_needs_a_trained_workdir(tmp_path):
+  (tmp_path / "in.tsv").write_text("question1\tquestion2\na\tb\n")
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     predict.run(str(tmp_path), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"))
 
 
-def test_checkpoint_of_another_config_is_refused(tiny_backbone, tmp_path):
-  train.train_and_evaluate(_tiny_config(tiny_backbone, train__epochs=1), str(tmp_path))
-  report = (tmp_path / "report.json").read_text()
-  with pytest.raises(ValueError, match=r"different config \(fields \['train'\] differ\)"):
-    train.train_and_evaluate(_tiny_config(tiny_backbone, train__epochs=2), str(tmp_path))
-  assert (tmp_path / "report.json").read_text() == report  # nothing already written is touched
+def test_checkpoint_of_another_config_is_refused(tiny_backbone, trained, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  report = (workdir / "report.json").read_text()
+  with pytest.raises(ValueError, match=r"different config \(train.epochs: 2 -> 3; "
+                     r"train.learning_rate: 0.0001 -> 0.0002\)"):
+    train.train_and_evaluate(_tiny_config(tiny_backbone, train__epochs=3,
+                                          train__learning_rate=2e-4), str(workdir))
+  assert (workdir / "report.json").read_text() == report  # nothing already written is touched
+
+
+def test_display_only_settings_do_not_block_a_resume(tiny_backbone, trained, tmp_path):
+  """A finished run re-run with the progress bar on resumes (to the same report), not refused."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  again = train.train_and_evaluate(_tiny_config(tiny_backbone, train__progress_bar=True),
+                                   str(workdir))
+  assert _without_time(again) == _without_time(trained[1])
 
 
 def test_one_compile_per_width_and_bucket(tiny_backbone, tmp_path, monkeypatch):
@@ -253,8 +276,148 @@ def test_smoke_config_end_to_end(tmp_path):
   gflops = [report["static"][w]["gflops"] for w in ("0.25", "0.5", "1")]
   assert gflops[0] < gflops[1] < gflops[2] == report["full_width"]["gflops"]
   s = report["sharcs"]
-  assert abs(sum(s["bucket_share"]) - 1) < 1e-6
+  assert abs(sum(s["share_per_width"]) - 1) < 1e-6
   assert abs(s["flops_reduction"] - report["full_width"]["gflops"] / s["gflops"]) < 1e-9
   assert 0.0 <= s["accuracy"] <= 1.0 and "f1" in s
   assert (tmp_path / "report.png").stat().st_size > 1000
   assert "SHARCS" in (tmp_path / "report.md").read_text()
+
+
+def test_two_runs_on_one_workdir(trained, tmp_path):
+  """The second run exits at once naming the first's PID; the first finishes as a lone run."""
+  workdir, lone = trained
+  run = tmp_path / "run"
+  first = subprocess.Popen(
+      [sys.executable, "-c", "import sys\nfrom conftest import tiny_run_config\n"
+       "from sharcs_jax import train\n"
+       "train.train_and_evaluate(tiny_run_config(sys.argv[1]), sys.argv[2])",
+       lone["model"], str(run)],
+      cwd=REPO_ROOT / "tests", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    lock, deadline = run / ".lock", time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+      assert first.poll() is None, first.stderr.read()[-3000:]  # until the first holds the workdir
+      assert time.monotonic() < deadline, "the first run never took the workdir's lock"
+      time.sleep(0.2)
+    start = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "sharcs_jax.main", "--config=configs/qqp.py:smoke",
+         f"--workdir={run}", f"--config.data_dir={glue_data_dir()}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert f"is in use by process {first.pid}" in second.stderr.splitlines()[-1]
+    assert "Traceback" not in second.stderr
+    assert time.monotonic() - start < 30  # at once: only start-up, no training
+    assert first.poll() is None  # the first is still training, untouched
+    _, errors = first.communicate(timeout=600)
+  finally:
+    first.kill()
+  assert first.returncode == 0, errors[-3000:]
+  assert _without_time(json.loads((run / "report.json").read_text())) == _without_time(lone)
+
+
+def test_budget_out_of_reach_fails_before_training(tiny_backbone, tmp_path):
+  for budget in ("9x", "0.0001gflops"):
+    with pytest.raises(ValueError, match=rf"config.routing.budget='{budget}': budget .* is out "
+                       r"of reach: this model reaches reductions from 1x to \d+\.\d+x"):
+      train.train_and_evaluate(_tiny_config(tiny_backbone, routing__budget=budget), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_served_rule_is_kept_with_the_checkpoint(trained, tmp_path):
+  """Without report.json the engine still routes by the run's budget rule, never by argmax."""
+  workdir, report = trained
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  (run / "report.json").unlink()
+  rule = Engine.from_workdir(str(run), batch_buckets=(16,)).rule
+  assert rule.budget == report["sharcs"]["routing"]["budget"] == "1.1x"
+  assert rule.cost_weight == report["sharcs"]["routing"]["cost_weight"]
+  # A checkpoint that holds no rule (written before rules were kept with it) and no report:
+  # an error, not a silent switch to the router's argmax.
+  shutil.rmtree(run / "checkpoints" / "2" / "rule")
+  with pytest.raises(CheckpointError, match="routes to budget 1.1x but neither its checkpoint "
+                     "nor report.json holds the calibrated rule"):
+    Engine.from_workdir(str(run), batch_buckets=(16,))
+
+
+def test_damaged_checkpoint_is_one_line(trained, tmp_path):
+  workdir, _ = trained
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  data = max((run / "checkpoints" / "2" / "best").rglob("d/*"), key=lambda p: p.stat().st_size)
+  with open(data, "r+b") as f:
+    f.truncate(100)
+  (tmp_path / "in.tsv").write_text("question1\tquestion2\na\tb\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "sharcs_jax.main", "--mode=predict", f"--workdir={run}",
+       f"--input={tmp_path / 'in.tsv'}", f"--output={tmp_path / 'out.jsonl'}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if not line[:1] in "IW"]  # absl logs
+  assert errors == [errors[0]] and errors[0].startswith(
+      f"FATAL {run / 'checkpoints' / '2'}: checkpoint step 2 is damaged or truncated"), errors
+  assert re.search(r'reading "params\.[\w.]+/', errors[0])  # the array it could not read
+  assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_predict_never_overwrites_its_input(trained, tmp_path):
+  workdir, _ = trained
+  text = "question1\tquestion2\nHow do I learn JAX?\tWhat is JAX?\n"
+  (tmp_path / "in.tsv").write_text(text)
+  (tmp_path / "link.tsv").symlink_to(tmp_path / "in.tsv")
+  for output in ("in.tsv", "link.tsv", "in.tsv/../in.tsv"):
+    with pytest.raises(ValueError, match="would overwrite the input"):
+      predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / output))
+  assert (tmp_path / "in.tsv").read_text() == text
+
+
+def test_predict_outputs_have_the_ordinary_mode(trained, tmp_path):
+  workdir, _ = trained
+  (tmp_path / "in.tsv").write_text("question1\tquestion2\na\tb\n")
+  old = os.umask(0o022)
+  try:
+    predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"))
+  finally:
+    os.umask(old)
+  for name in ("out.jsonl", "out.jsonl.summary.json", "out.jsonl.summary.md"):
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+  assert (workdir / "report.json").stat().st_mode & 0o777 == 0o666 & ~report_lib.umask()
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("header.tsv", "id\tquestion1\tquestion2\n")])
+def test_predict_on_no_inputs(trained, tmp_path, name, content):
+  workdir, _ = trained
+  (tmp_path / name).write_text(content)
+  summary = predict.run(str(workdir), str(tmp_path / name), str(tmp_path / "out.jsonl"))
+  assert summary["examples"] == 0
+  assert (tmp_path / "out.jsonl").read_text() == ""
+  assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["examples"] == 0
+
+
+def test_engine_on_no_inputs(trained):
+  out = Engine.from_workdir(str(trained[0]), batch_buckets=(16,)).predict([])
+  assert out.labels.shape == (0,) and out.probabilities.shape == (0, 2)
+  assert out.widths.shape == out.gflops.shape == (0,)
+
+
+def test_predict_skips_blank_tsv_lines(trained, tmp_path):
+  workdir, _ = trained
+  (tmp_path / "in.tsv").write_text("question1\tquestion2\na\tb\n\n   \nc\td\n")
+  summary = predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"))
+  assert summary["examples"] == 2
+  assert [json.loads(x)["index"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == [
+      0, 1]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.tsv", b"question1\tquestion2\na\tb\nca\xffe\td\n", r"bad.tsv:3: byte 0xff at column 3 "
+     "is not UTF-8"),
+    ("bad.jsonl", b'{"text": "a", "text_pair": "b"}\n{"text": "\xe9", "text_pair": "b"}\n',
+     r"bad.jsonl:2: byte 0xe9 at column 11 is not UTF-8"),
+])
+def test_predict_names_a_non_utf8_line(trained, tmp_path, name, content, message):
+  (tmp_path / name).write_bytes(content)
+  with pytest.raises(ValueError, match=message):
+    predict.run(str(trained[0]), str(tmp_path / name), str(tmp_path / "out.jsonl"))

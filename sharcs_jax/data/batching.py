@@ -51,14 +51,17 @@ def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tu
   Unlabelled inputs get label 0; ids default to the row numbers.
   """
   max_len = length_buckets[-1]
-  columns = list(zip(*texts)) if texts else [[]]
+  n = len(texts)
+  columns = list(zip(*texts))
   kwargs = dict(truncation=True, max_length=max_len, padding="max_length", return_tensors="np",
                 return_token_type_ids=True)
-  if len(columns) == 2:
+  if not n:  # the tokenizer cannot take an empty batch; no inputs encode to no rows
+    empty = np.zeros((0, max_len), np.int32)
+    enc = {"input_ids": empty, "token_type_ids": empty, "attention_mask": empty}
+  elif len(columns) == 2:
     enc = tokenizer(list(columns[0]), list(columns[1]), **kwargs)
   else:
     enc = tokenizer(list(columns[0]), **kwargs)
-  n = len(texts)
   input_ids = enc["input_ids"].astype(np.int32).reshape(n, max_len)
   token_type_ids = enc["token_type_ids"].astype(np.int32).reshape(n, max_len)
   lengths = enc["attention_mask"].astype(np.int32).reshape(n, max_len).sum(axis=1).astype(np.int32)
@@ -67,6 +70,11 @@ def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tu
                  np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32),
                  np.arange(n, dtype=np.int32) if ids is None else np.asarray(ids, np.int32),
                  bucket_of, tuple(length_buckets), tokenizer.pad_token_id)
+
+
+def attention_mask_of(data: Encoded, rows: np.ndarray, length: int) -> np.ndarray:
+  """int32 [len(rows), length]: 1 on each row's real tokens."""
+  return (np.arange(length)[None, :] < data.lengths[rows][:, None]).astype(np.int32)
 
 
 def make_batch(data: Encoded, rows: np.ndarray, bucket: int, batch_size: int) -> Batch:
@@ -79,8 +87,8 @@ def make_batch(data: Encoded, rows: np.ndarray, bucket: int, batch_size: int) ->
   input_ids[:len(rows)] = data.input_ids[rows, :length]
   token_type_ids = np.zeros((batch_size, length), np.int32)
   token_type_ids[:len(rows)] = data.token_type_ids[rows, :length]
-  attention_mask = (np.arange(length)[None, :] < data.lengths[rows][:, None]).astype(np.int32)
-  attention_mask = np.concatenate([attention_mask, np.zeros((fill, length), np.int32)])
+  attention_mask = np.concatenate([attention_mask_of(data, rows, length),
+                                   np.zeros((fill, length), np.int32)])
   attention_mask[len(rows):, 0] = 1  # dummy rows attend to one token: no empty softmax
   return {
       "input_ids": input_ids,

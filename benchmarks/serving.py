@@ -1,0 +1,376 @@
+"""Text in, labels out: the SHARCS engine against stock CPU serving stacks on the same model.
+
+    python benchmarks/serving.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench \
+        [--budgets=2x,2.5x] [--rounds=3] [--limit=0]
+
+Every path serves the full-width model of the run in --workdir (or, for the engine at a budget,
+the run's SHARCS model routed to that FLOPs budget), on the dev split of the run's own task:
+  - `sharcs_jax full width`: the whole model at width 1.0 on its precompiled programs (no
+    router), length buckets and batch buckets as `throughput.py` times it;
+  - `sharcs_jax engine <budget>`: `Engine` with the rule calibrated to that budget on the run's
+    held-out calibration split;
+  - `pytorch eager b32`: `BertForSequenceClassification` on the Hugging Face export
+    (`sharcs_jax.hf_export`; transformers' default SDPA attention), batches of 32 sorted by
+    length, each padded to its longest row;
+  - `onnxruntime fp32 b1 / b32`: that model exported with `torch.onnx.export` (dynamic batch and
+    sequence axes), one input at a time, and sorted batches of 32;
+  - `onnxruntime int8 b1 / b32`: the same graph after `quantize_dynamic` (int8 weights, dynamic
+    int8 activations).
+Each timed pass tokenises the texts (the same tokenizer files and the same truncation for every
+path) and ends with class probabilities (labels are their argmax) in input order. Paths run in
+interleaved rounds in one process; the median pass is reported with each path's dev metrics.
+Writes serving.json, serving.md and serving.png into --out. torch, onnx and onnxruntime come from the `test` extra.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import importlib.metadata
+import os
+import platform
+import tempfile
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+import common
+from sharcs_jax import evaluate, hf_export, report
+from sharcs_jax.data import glue
+from sharcs_jax.engine import Engine
+from sharcs_jax.programs import Programs
+
+flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
+flags.DEFINE_string("out", None, "Output directory.", required=True)
+flags.DEFINE_integer("rounds", 3, "Interleaved timed passes over dev per path.")
+flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples.")
+flags.DEFINE_list("budgets", ["2x", "2.5x"], "FLOPs budgets to route the engine to ('2x', "
+                  "'0.4gflops'), calibrated on the run's held-out examples.")
+flags.DEFINE_list("rules", ["router", "cascade"], "Routing rules to meet each budget with "
+                  "(router, cascade).")
+flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
+flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
+                     "CPU (XLA always sizes its own pool to the machine).")
+FLAGS = flags.FLAGS
+
+BATCH = 32
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+             "amx_int8")
+PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "tokenizers", "onnx", "onnxruntime",
+            "numpy")
+
+RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ids, mask, types -> logits
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+  """The CPU model and the instruction-set flags that decide the int8 and bf16 kernels."""
+  fields: dict[str, str] = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's
+  present = set(fields.get("flags", "").split())
+  return {"model": fields.get("model name") or platform.processor() or "unknown",
+          "flags": {f: f in present for f in CPU_FLAGS},
+          "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
+
+
+def versions() -> dict:
+  out = {"python": platform.python_version()}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+# --- tokenisation and sorted batches for the Hugging Face paths --------------------------------
+
+def tokenize(tokenizer, texts: Sequence[tuple[str, ...]], max_length: int
+             ) -> tuple[list[list[int]], list[list[int]]]:
+  """Unpadded ids and token types, truncated exactly as the engine truncates (`encode_texts`)."""
+  columns = [list(c) for c in zip(*texts)]
+  enc = tokenizer(*columns, truncation=True, max_length=max_length, return_token_type_ids=True,
+                  return_attention_mask=False)
+  return enc["input_ids"], enc["token_type_ids"]
+
+
+def pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """[n, longest] int64 ids (or types) and the attention mask."""
+  lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+  out = np.full((len(rows), lengths.max()), pad_id, np.int64)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out, (np.arange(out.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+  """Row indices in batches of similar length: little padding for the dynamic-shape runtimes."""
+  order = np.argsort(np.asarray(lengths), kind="stable")
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def sorted_probabilities(run_batch: RunBatch, tokenizer, texts, max_length: int,
+                         batch_size: int, num_classes: int) -> np.ndarray:
+  """Tokenise, run in length-sorted batches, return class probabilities in input order."""
+  ids, types = tokenize(tokenizer, texts, max_length)
+  probabilities = np.zeros((len(texts), num_classes), np.float32)
+  for rows in length_sorted_batches([len(r) for r in ids], batch_size):
+    batch_ids, mask = pad([ids[i] for i in rows], tokenizer.pad_token_id)
+    batch_types, _ = pad([types[i] for i in rows], 0)
+    probabilities[rows] = softmax(run_batch(batch_ids, mask, batch_types))
+  return probabilities
+
+
+# --- the runtimes ------------------------------------------------------------------------------
+
+def torch_runner(model) -> RunBatch:
+  import torch
+
+  def run(ids, mask, types):
+    with torch.inference_mode():
+      return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                   token_type_ids=torch.from_numpy(types)).logits.numpy()
+  return run
+
+
+def export_onnx(hf_dir: str, path: str, sample: tuple[np.ndarray, ...]) -> None:
+  """The HF model as ONNX with dynamic batch and sequence axes.
+
+  The TorchScript exporter (dynamo=False) needs only `onnx`, where the default dynamo exporter
+  needs onnxscript too. A graph traced on a padded sample serves unpadded inputs exactly, and
+  the other way round (checked with torch 2.13 / transformers 5.23, both attention kernels).
+  """
+  import torch
+  import transformers
+
+  model = transformers.BertForSequenceClassification.from_pretrained(
+      hf_dir, attn_implementation="eager").eval()
+  axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {"logits": {0: "batch"}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.onnx.export(model, tuple(torch.from_numpy(x) for x in sample), path,
+                      input_names=list(INPUT_NAMES), output_names=["logits"],
+                      dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def quantize_int8(fp32_path: str, int8_path: str) -> None:
+  from onnxruntime.quantization import QuantType, quantize_dynamic
+
+  quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+
+
+def onnx_runner(path: str, threads: int) -> RunBatch:
+  import onnxruntime as ort
+
+  options = ort.SessionOptions()
+  options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+  session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  return lambda ids, mask, types: session.run(
+      ["logits"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+
+
+def budget_engines(engine: Engine, budgets: Sequence[str], rules: Sequence[str] = ("router",)
+                   ) -> tuple[dict[str, Engine], dict]:
+  """One engine per reachable budget and rule, sharing the compiled programs; unreachable ones
+  named."""
+  split = glue.calibration_split(engine.config)
+  calibration = engine.encode(split.texts, split.labels)
+  engines, skipped = {}, {}
+  for budget, rule_name in itertools.product(budgets, rules):
+    name = f"sharcs_jax engine {budget}" + ("" if rule_name == "router" else f" {rule_name}")
+    try:
+      rule = engine.calibrate(budget, calibration, rule_name)
+    except ValueError as e:
+      logging.warning("%s: %s", name, e)
+      skipped[name] = str(e)
+      continue
+    routed = copy.copy(engine)
+    routed.rule = rule
+    engines[name] = routed
+  return engines, skipped
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: str, scratch: str,
+                texts, threads: int) -> tuple[dict[str, dict], dict[str, str], dict]:
+  """({name: {"run": texts -> probabilities [N, C], ...description}}, skipped budgets, model
+  files); the ONNX models are written into `scratch`."""
+  import torch
+  import transformers
+
+  params, max_length = engine.params["params"], engine.length_buckets[-1]
+  classes = engine.model.num_classes
+  full = Programs(engine.model, params, batch_buckets=engine.batch_buckets,
+                  length_buckets=engine.length_buckets, kinds=("forward",),
+                  cache_dir=os.path.join(workdir, "executables"))
+  paths = {"sharcs_jax full width": dict(
+      runtime="sharcs_jax", precision="fp32", batch="buckets " + str(engine.batch_buckets),
+      run=lambda t: common.full_width_probabilities(full, params, engine.encode(t)),
+      engine=engine)}
+  engines, skipped = budget_engines(engine, budgets, FLAGS.rules)
+  for name, routed in engines.items():
+    paths[name] = dict(runtime="sharcs_jax", precision="fp32",
+                       batch="buckets " + str(engine.batch_buckets),
+                       run=lambda t, e=routed: e.predict(t).probabilities, engine=routed,
+                       routed=True)
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  torch.set_num_threads(threads)
+  pt = torch_runner(transformers.BertForSequenceClassification.from_pretrained(hf_dir).eval())
+  paths["pytorch eager b32"] = dict(
+      runtime="pytorch", precision="fp32", batch=f"{BATCH}, length-sorted",
+      run=lambda t: sorted_probabilities(pt, tokenizer, t, max_length, BATCH, classes))
+
+  ids, types = tokenize(tokenizer, texts[:2], max_length)
+  sample_ids, sample_mask = pad(ids, tokenizer.pad_token_id)
+  sample = (sample_ids, sample_mask, pad(types, 0)[0])
+  files = {"fp32": os.path.join(scratch, "model.onnx"),
+           "int8": os.path.join(scratch, "model.int8.onnx")}
+  export_onnx(hf_dir, files["fp32"], sample)
+  quantize_int8(files["fp32"], files["int8"])
+  for precision, path in files.items():
+    session = onnx_runner(path, threads)
+    for batch in (1, BATCH):
+      paths[f"onnxruntime {precision} b{batch}"] = dict(
+          runtime="onnxruntime", precision=precision,
+          batch="1" if batch == 1 else f"{batch}, length-sorted",
+          run=lambda t, s=session, b=batch: sorted_probabilities(s, tokenizer, t, max_length,
+                                                                 b, classes))
+  sizes = {"safetensors_mb": os.path.getsize(os.path.join(hf_dir, hf_export.WEIGHTS_FILE)) / 2**20,
+           **{f"onnx_{p}_mb": os.path.getsize(f) / 2**20 for p, f in files.items()}}
+  with torch.inference_mode():  # one padded batch through both fp32 runtimes: the same model
+    difference = np.abs(onnx_runner(files["fp32"], threads)(*sample) - pt(*sample)).max()
+  sizes["max_abs_logit_difference_onnx_fp32_vs_pytorch"] = float(difference)
+  return paths, skipped, sizes
+
+
+def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[str, ...],
+            rounds: int) -> dict[str, dict]:
+  """Interleaved timed passes; each path's outputs from its own last pass."""
+  outputs = {}
+  candidates = {name: (lambda n=name: outputs.__setitem__(n, paths[n]["run"](texts)))
+                for name in paths}
+  times = common.time_side_by_side(candidates, rounds, warmup=1)
+  full = outputs["sharcs_jax full width"]
+  results = {}
+  for name, path in paths.items():
+    median, predicted = float(np.median(times[name])), outputs[name].argmax(-1)
+    entry = {k: v for k, v in path.items() if k not in ("run", "engine", "routed")}
+    entry |= {"examples_per_second": len(texts) / median, "median_seconds": median,
+              "seconds": times[name].tolist(),
+              **evaluate.classification_metrics(predicted, labels, metrics),
+              "agreement_with_full_width": float(np.mean(predicted == full.argmax(-1))),
+              "max_abs_probability_difference_vs_full_width":
+                  float(np.abs(outputs[name] - full).max())}
+    if "engine" in path:
+      entry |= jax_details(path["engine"], texts, path.get("routed", False))
+    results[name] = entry
+  return results
+
+
+def jax_details(engine: Engine, texts, routed: bool) -> dict:
+  """XLA cost-analysis GFLOPs per example; for a routed engine its rule and where it routed."""
+  full = float(engine.full_width_gflops(engine.encode(texts)).mean())
+  if not routed:
+    return {"gflops_per_example": full}
+  predictions = engine.predict(texts)
+  return {"gflops_per_example": float(predictions.gflops.mean()),
+          "dev_flops_reduction": full / float(predictions.gflops.mean()),
+          "rule": engine.rule.to_json(),
+          "calibration_reduction": engine.rule.calibration_reduction,
+          "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w))
+                              for w in engine.widths}}
+
+
+def main(argv):
+  del argv
+  threads = FLAGS.threads or len(os.sched_getaffinity(0))
+  engine = Engine.from_workdir(FLAGS.workdir)
+  task = engine.task
+  split = common.dev_split(task.name, FLAGS.data_dir, FLAGS.limit)
+  texts = split.texts
+  with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:
+    hf_dir = os.path.join(tmp, "hf")
+    hf_export.export_hf(engine.config, engine.model, engine.params["params"], hf_dir)
+    paths, skipped, sizes = build_paths(engine, FLAGS.workdir, FLAGS.budgets, hf_dir, tmp, texts,
+                                        threads)
+    print(f"{len(texts)} {task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} rounds",
+          flush=True)
+    results = measure(paths, texts, split.labels, task.metrics, FLAGS.rounds)
+  import onnxruntime
+  import torch
+  data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": engine.config.model.backbone,
+          "examples": len(texts), "rounds": FLAGS.rounds, "max_length": engine.length_buckets[-1],
+          "length_buckets": list(engine.length_buckets), "cpu": cpu_info(),
+          "threads": {"pytorch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
+                      "xla": "XLA CPU's own pool (all usable CPUs)",
+                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+          "onnxruntime_providers": onnxruntime.get_available_providers(),
+          "versions": versions(), "model_files": sizes, "paths": results, "skipped": skipped}
+  write_reports(FLAGS.out, data, task)
+
+
+def write_reports(out: str, data: dict, task: glue.Task) -> None:
+  has_f1 = "f1" in task.metrics
+  header = ["path", "batch", "examples/s", "median s", "accuracy (%)"] + (
+      ["F1 (%)"] if has_f1 else []) + ["same label as full width (%)", "max abs prob. diff.",
+                                       "GFLOPs/example"]
+  rows = [[name, p["batch"], p["examples_per_second"], p["median_seconds"], 100 * p["accuracy"]]
+          + ([100 * p["f1"]] if has_f1 else [])
+          + [100 * p["agreement_with_full_width"],
+             f"{p['max_abs_probability_difference_vs_full_width']:.1e}",
+             p.get("gflops_per_example", "")]
+          for name, p in data["paths"].items()]
+  cpu = data["cpu"]
+  flags_on = ", ".join(f for f, on in cpu["flags"].items() if on) or "none of " + ", ".join(CPU_FLAGS)
+  v = data["versions"]
+  notes = (f"{data['examples']} {data['task']} dev examples, text in -> labels out (tokenisation "
+           f"inside every timed pass, truncation at {data['max_length']} tokens), median of "
+           f"{data['rounds']} interleaved passes. CPU: {cpu['model']}, {cpu['usable_cpus']} usable "
+           f"CPUs; flags: {flags_on}. Threads: PyTorch {data['threads']['pytorch']}, ONNX Runtime "
+           f"{data['threads']['onnxruntime_intra_op']} intra-op. Versions: jax {v['jax']}, torch "
+           f"{v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}.")
+  if data["skipped"]:
+    notes += " Skipped: " + "; ".join(f"{k}: {e}" for k, e in data["skipped"].items())
+  common.write_outputs(out, "serving", data, f"{data['task'].upper()} serving on CPU", header,
+                       rows, notes)
+  plot(os.path.join(out, "serving.png"), data)
+  print(open(os.path.join(out, "serving.md")).read())
+
+
+def plot(path: str, data: dict) -> None:
+  """Examples/s per path, each bar labelled with its dev accuracy."""
+  names = list(data["paths"])
+  speeds = [data["paths"][n]["examples_per_second"] for n in names]
+  colors = {"sharcs_jax": "tab:red", "pytorch": "tab:orange", "onnxruntime": "tab:blue"}
+  fig, ax = report.pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
+  bars = ax.barh(names, speeds, color=[colors[data["paths"][n]["runtime"]] for n in names])
+  for bar, name in zip(bars, names):
+    p = data["paths"][name]
+    ax.annotate(f" accuracy {100 * p['accuracy']:.2f}%",
+                (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlim(0, 1.2 * max(speeds))
+  ax.set_xlabel("examples / s (median pass; labels: dev accuracy)")
+  ax.set_title(f"{data['task']} dev, {data['examples']} examples, {data['cpu']['model']}",
+               fontsize=9)
+  ax.grid(axis="x", alpha=0.3)
+  report.save_figure(fig, path, dpi=110)
+
+
+if __name__ == "__main__":
+  app.run(main)

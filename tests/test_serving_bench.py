@@ -1,0 +1,146 @@
+"""benchmarks/serving.py on a tiny trained run: every path, and accuracies checked independently."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from conftest import REPO_ROOT, glue_data_dir
+from sharcs_jax.checkpoint import load_trained
+from sharcs_jax.data import glue
+from sharcs_jax.engine import Engine
+from sharcs_jax.model.weights import resolve_model_dir
+
+LIMIT = 48
+BUDGETS = ("1.1x", "1.2x")
+UNREACHABLE = "99x"
+PATHS = {"sharcs_jax full width", *(f"sharcs_jax engine {b}" for b in BUDGETS),
+         *(f"sharcs_jax engine {b} cascade" for b in BUDGETS),
+         "pytorch eager b32", "onnxruntime fp32 b1", "onnxruntime fp32 b32",
+         "onnxruntime int8 b1", "onnxruntime int8 b32"}
+FP32_COPIES = ("pytorch eager b32", "onnxruntime fp32 b1", "onnxruntime fp32 b32")
+INT8 = ("onnxruntime int8 b1", "onnxruntime int8 b32")
+# Dynamic int8 quantisation of a model whose probabilities sit within 0.01 of each other may flip
+# a label or two; it must stay within this of the fp32 probabilities and these many labels.
+INT8_PROBABILITY_TOLERANCE = 0.01
+INT8_LABEL_TOLERANCE = 2
+
+
+@pytest.fixture(scope="module")
+def serving(trained, tmp_path_factory):
+  workdir, _ = trained
+  out = tmp_path_factory.mktemp("serving")
+  result = subprocess.run(
+      [sys.executable, "benchmarks/serving.py", f"--workdir={workdir}", f"--out={out}",
+       f"--limit={LIMIT}", "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out, json.loads((out / "serving.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dev():
+  return glue.load_split("qqp", "dev", str(glue_data_dir()), limit=LIMIT)
+
+
+def _full_width_labels(workdir, dev) -> np.ndarray:
+  """Our model at width 1.0 on the dev texts, without the engine, programs or benchmark code."""
+  config, model, params = load_trained(str(workdir))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_dir(config.model.backbone))
+  first, second = zip(*dev.texts)
+  enc = tokenizer(list(first), list(second), padding=True, truncation=True,
+                  max_length=config.data.length_buckets[-1], return_tensors="np")
+  out = model.apply({"params": params}, jnp.asarray(enc["input_ids"]),
+                    jnp.asarray(enc["attention_mask"]), jnp.asarray(enc["token_type_ids"]),
+                    width=1.0)
+  return np.asarray(out.logits).argmax(-1)
+
+
+def test_every_path_and_the_unreachable_budget(serving):
+  _, data = serving
+  assert set(data["paths"]) == PATHS
+  assert set(data["skipped"]) == {f"sharcs_jax engine {UNREACHABLE}",
+                                  f"sharcs_jax engine {UNREACHABLE} cascade"}
+  assert "out of reach" in data["skipped"][f"sharcs_jax engine {UNREACHABLE}"]
+  assert "this cascade reaches" in data["skipped"][f"sharcs_jax engine {UNREACHABLE} cascade"]
+  assert data["examples"] == LIMIT and data["task"] == "qqp"
+  for name, path in data["paths"].items():
+    assert len(path["seconds"]) == 1
+    assert path["examples_per_second"] == pytest.approx(LIMIT / path["median_seconds"])
+
+
+def test_full_width_accuracy_is_the_models(serving, trained, dev):
+  workdir, report = trained
+  _, data = serving
+  labels = _full_width_labels(workdir, dev)
+  full = data["paths"]["sharcs_jax full width"]
+  assert full["accuracy"] == np.mean(labels == dev.labels)
+  assert full["accuracy"] == report["full_width"]["accuracy"]  # the run's own dev evaluation
+  assert full["gflops_per_example"] == pytest.approx(report["full_width"]["gflops"])
+
+
+def test_fp32_copies_are_the_same_model(serving, dev):
+  _, data = serving
+  full = data["paths"]["sharcs_jax full width"]
+  for name in FP32_COPIES:
+    path = data["paths"][name]
+    # The same model in another runtime agrees to ~1e-7. The tiny run's probabilities differ
+    # between examples by ~1e-3 (returning one sorted batch's rows in sorted rather than input
+    # order moved them by 3e-5): a row mix-up, truncation or tokenisation difference shows here.
+    assert path["max_abs_probability_difference_vs_full_width"] <= 1e-6, name
+    assert path["agreement_with_full_width"] >= 1 - 1 / LIMIT, name
+    assert abs(path["accuracy"] - full["accuracy"]) <= 1 / LIMIT + 1e-12, name
+    if path["agreement_with_full_width"] == 1.0:
+      assert path["f1"] == full["f1"], name
+  assert data["model_files"]["max_abs_logit_difference_onnx_fp32_vs_pytorch"] <= 1e-5
+
+
+def test_int8_within_tolerance(serving):
+  _, data = serving
+  full = data["paths"]["sharcs_jax full width"]
+  for name in INT8:
+    path = data["paths"][name]
+    assert 0 < path["max_abs_probability_difference_vs_full_width"] <= INT8_PROBABILITY_TOLERANCE
+    assert abs(path["accuracy"] - full["accuracy"]) <= INT8_LABEL_TOLERANCE / LIMIT + 1e-12
+  assert data["model_files"]["onnx_int8_mb"] < 0.5 * data["model_files"]["onnx_fp32_mb"]
+
+
+@pytest.mark.parametrize("rule", ["router", "cascade"])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_budget_paths_are_the_engines(serving, trained, dev, budget, rule):
+  workdir, _ = trained
+  _, data = serving
+  predictions = Engine.from_workdir(str(workdir), budget=budget, rule=rule).predict(dev.texts)
+  path = data["paths"][f"sharcs_jax engine {budget}" + ("" if rule == "router" else " cascade")]
+  assert path["rule"]["rule"] == rule
+  assert path["accuracy"] == np.mean(predictions.labels == dev.labels)
+  assert path["gflops_per_example"] == pytest.approx(predictions.gflops.mean())
+  assert path["share_per_width"] == {f"{w:g}": float(np.mean(predictions.widths == w))
+                                     for w in (0.25, 0.5, 1.0)}
+  full = data["paths"]["sharcs_jax full width"]["gflops_per_example"]
+  assert path["dev_flops_reduction"] == pytest.approx(full / path["gflops_per_example"])
+
+
+def test_machine_and_reports(serving):
+  out, data = serving
+  with open("/proc/cpuinfo") as f:
+    lines = f.read().splitlines()
+  model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+  flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
+  assert data["cpu"]["model"] == model
+  assert data["cpu"]["flags"]["avx512f"] == ("avx512f" in flags)
+  assert data["cpu"]["flags"]["amx_int8"] == ("amx_int8" in flags)
+  assert data["versions"]["onnxruntime"] == __import__("onnxruntime").__version__
+  assert data["threads"]["pytorch"] == data["threads"]["onnxruntime_intra_op"] >= 1
+  table = (out / "serving.md").read_text()
+  for name in PATHS:
+    assert f"| {name} |" in table
+  assert UNREACHABLE in table  # the skipped budget is explained
+  png = (out / "serving.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
