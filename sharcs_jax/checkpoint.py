@@ -53,12 +53,18 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """'key: saved -> current' for every setting that changes what a run computes."""
-  saved, current = _flat(saved), _flat(current)
+def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+  """'key: saved -> current' for every setting that changes what a run computes.
+
+  A key the saved config lacks but `defaults` (the base config) holds at the current value was
+  added to the code since the checkpoint was written, at a default that keeps the old behaviour:
+  not a difference, so that upgrading does not strand runs in progress.
+  """
+  saved, current, defaults = _flat(saved), _flat(current), _flat(defaults or {})
+  added = {k for k in set(current) - set(saved) if k in defaults and defaults[k] == current[k]}
   return [f"{k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
           for k in sorted(set(saved) | set(current))
-          if k not in DISPLAY_ONLY and saved.get(k) != current.get(k)]
+          if k not in DISPLAY_ONLY and k not in added and saved.get(k) != current.get(k)]
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, **items: Any) -> Any:
@@ -86,6 +92,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self.config = _config_json(config)
+    self.defaults = _config_json(config_lib.base_config(config.task))
     self.manager = _manager(workdir, max_to_keep=config.checkpoint.max_to_keep, create=True)
 
   def save(self, state: Any, best: dict[str, Any], history: list[dict],
@@ -104,7 +111,7 @@ class Checkpoints:
     if step is None:
       return None
     saved = _restore(self.manager, step, config=ocp.args.JsonRestore())
-    changed = config_differences(saved.config, self.config)
+    changed = config_differences(saved.config, self.config, self.defaults)
     if changed:
       raise ValueError(f"{self.manager.directory} holds checkpoints of a different config "
                        f"({'; '.join(changed)}); use a new --workdir or the same config")

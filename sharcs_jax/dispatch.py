@@ -133,7 +133,6 @@ def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarra
                        np.int64)
   final = np.full(n, -1, np.int64)
   ran = np.zeros((n, num_widths), bool)
-  num_classes = None
   probabilities = every = None
   pending = []  # (width, rows, device probabilities)
   for i in range(num_widths):
@@ -154,11 +153,10 @@ def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarra
       continue
     for width, part, probs in pending:  # an escalating rule needs this width's results now
       probs = to_host(probs)[:len(part)]
-      if probabilities is None:
-        num_classes = probs.shape[-1]
-        probabilities = np.zeros((n, num_classes), np.float32)
+      if probabilities is None:  # the class count is known from the first result
+        probabilities = np.zeros((n, probs.shape[-1]), np.float32)
         if keep_every_width:
-          every = np.zeros((num_widths, n, num_classes), np.float32)
+          every = np.zeros((num_widths,) + probabilities.shape, np.float32)
       probabilities[part] = probs
       if every is not None:
         every[width, part] = probs

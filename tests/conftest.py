@@ -39,6 +39,25 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Tests that train a model, run a benchmark end to end or start subprocesses that do: `slow`.
+# `pytest -m "not slow"` is the fast lane (a few minutes); the full suite runs them all.
+SLOW_FIXTURES = ("trained", "tradeoff", "serving", "early_exit_run", "one_device")
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if any(name in item.fixturenames for name in SLOW_FIXTURES):
+      item.add_marker(pytest.mark.slow)
+
+
+def pytest_sessionstart(session):
+  """In CI the integration tests must run: missing GLUE data fails the run, it does not skip."""
+  if os.environ.get("CI", "").lower() == "true" and glue_data_dir() is None:
+    pytest.exit("CI=true but no GLUE data: set $SHARCS_DATA_DIR or provide ../shared/data/glue "
+                "beside the checkout (the tests that need it would otherwise be skipped)",
+                returncode=1)
+
+
 def glue_data_dir() -> pathlib.Path | None:
   setting = os.environ.get("SHARCS_DATA_DIR")
   if setting:

@@ -23,6 +23,7 @@ needs_glue = pytest.mark.skipif(glue_data_dir() is None,
                                 reason="needs the local GLUE copy (network otherwise)")
 
 
+@pytest.mark.slow
 def test_early_exit_model_exits_agree_and_share_the_pretrained_encoder(tiny_backbone):
   model, params = load_pretrained_early_exit(tiny_backbone, num_classes=2, key=jax.random.key(0))
   sharcs, sharcs_params = weights.load_pretrained(tiny_backbone, num_classes=2, widths=(1.0,),
@@ -142,6 +143,7 @@ def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
 
 
 @needs_glue
+@pytest.mark.slow
 def test_exit_probe_benchmark_reports_every_layer(tiny_backbone, tmp_path):
   result = subprocess.run(
       [sys.executable, "benchmarks/exit_probe.py", f"--model={tiny_backbone}", f"--out={tmp_path}",

@@ -79,6 +79,7 @@ def test_unknown_config_argument():
     _load("qqp.py:tiny")
 
 
+@pytest.mark.slow
 def test_summary_mode(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "sharcs_jax.main", "--mode=summary", "--config=configs/qqp.py:smoke",

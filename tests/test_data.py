@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from conftest import glue_data_dir
+from conftest import REPO_ROOT, glue_data_dir
 from sharcs_jax.data import batching, glue
 from sharcs_jax.model.weights import resolve_model_dir
 
@@ -150,3 +155,19 @@ def test_hold_out_is_disjoint_deterministic_and_renumbered():
   assert glue.hold_out(split, 10, seed=4)[1].texts != held.texts
   with pytest.raises(ValueError, match="cannot hold out 50 of the 50 sst2 train examples"):
     glue.hold_out(split, 50, seed=0)
+
+
+def test_ci_without_glue_data_fails_instead_of_skipping(tmp_path):
+  """A checkout with no ../shared beside it, under CI=true: the run fails at once, naming why."""
+  shutil.copytree(REPO_ROOT / "tests", tmp_path / "repo" / "tests")
+  shutil.copy(REPO_ROOT / "setup.cfg", tmp_path / "repo" / "setup.cfg")
+  env = {k: v for k, v in os.environ.items() if k != "SHARCS_DATA_DIR"}
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_routing.py"], cwd=tmp_path / "repo", capture_output=True,
+                          text=True, timeout=300, env={**env, "CI": "true"})
+  assert result.returncode == 1, result.stdout[-2000:]
+  assert "CI=true but no GLUE data" in result.stdout + result.stderr
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_routing.py"], cwd=tmp_path / "repo", capture_output=True,
+                          text=True, timeout=300, env={**env, "CI": "false"})
+  assert result.returncode == 0, result.stdout[-2000:]  # outside CI the same tests just run

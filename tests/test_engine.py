@@ -14,7 +14,6 @@ import transformers
 from sharcs_jax import evaluate, routing
 from sharcs_jax.data import batching, glue
 from sharcs_jax.data.batching import Encoded
-from sharcs_jax.dispatch import split_into_batches
 from sharcs_jax.engine import Engine
 from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
 from sharcs_jax.model.weights import resolve_model_dir
@@ -183,17 +182,6 @@ def test_other_shapes_get_other_executables(tiny_model, tiny_config, split_param
                   batch_buckets=(1,), cache_dir=str(tmp_path))
   assert engine.programs.loaded == 0
   assert len(os.listdir(tmp_path)) == 2
-
-
-@pytest.mark.parametrize("count, buckets, expected", [
-    (0, (1, 8, 32), []),
-    (70, (1, 8, 32), [(0, 32), (32, 32), (64, 8)]),  # 6 left: 8 holds them at < 2x
-    (41, (1, 8, 32), [(0, 32), (32, 8), (40, 1)]),
-    (20, (1, 8, 32), [(0, 32)]),
-    (3, (8, 32), [(0, 8)]),  # nothing smaller: pad up
-])
-def test_split_into_batches(count, buckets, expected):
-  assert split_into_batches(count, buckets) == expected
 
 
 def test_flops_per_example(engine, tiny_model):

@@ -19,8 +19,8 @@ from sharcs_jax.data import glue
 from sharcs_jax.errors import RunError
 from sharcs_jax.exported import ExportedModel, file_sha256
 
-pytestmark = pytest.mark.skipif(glue_data_dir() is None,
-                                reason="needs the local GLUE copy (network otherwise)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    glue_data_dir() is None, reason="needs the local GLUE copy (network otherwise)")]
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,7 @@ def test_display_only_settings_do_not_block_a_resume(tiny_backbone, trained, tmp
   assert _without_time(again) == _without_time(trained[1])
 
 
+@pytest.mark.slow
 def test_one_compile_per_width_and_bucket(tiny_backbone, tmp_path, monkeypatch):
   traces = []
   original = train.train_step
@@ -261,6 +262,7 @@ def test_unknown_task_and_missing_data_dir(tiny_backbone, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_smoke_config_end_to_end(tmp_path):
   """The real backbone on a few hundred QQP examples, through the command line."""
   result = subprocess.run(
@@ -316,6 +318,7 @@ def test_two_runs_on_one_workdir(trained, tmp_path):
   assert _without_time(json.loads((run / "report.json").read_text())) == _without_time(lone)
 
 
+@pytest.mark.slow
 def test_budget_out_of_reach_fails_before_training(tiny_backbone, tmp_path):
   for budget in ("9x", "0.0001gflops"):
     with pytest.raises(ValueError, match=rf"config.routing.budget='{budget}': budget .* is out "
@@ -421,3 +424,15 @@ def test_predict_names_a_non_utf8_line(trained, tmp_path, name, content, message
   (tmp_path / name).write_bytes(content)
   with pytest.raises(ValueError, match=message):
     predict.run(str(trained[0]), str(tmp_path / name), str(tmp_path / "out.jsonl"))
+
+
+def test_settings_added_since_a_checkpoint_at_their_default_do_not_block_a_resume():
+  from sharcs_jax.checkpoint import config_differences
+  saved = {"train": {"epochs": 2}, "routing": {"budget": "2x"}}
+  defaults = {"train": {"epochs": 5}, "routing": {"budget": "", "rule": "router"}}
+  assert config_differences(saved, {"train": {"epochs": 2}, "routing": {
+      "budget": "2x", "rule": "router"}}, defaults) == []
+  assert config_differences(saved, {"train": {"epochs": 2}, "routing": {
+      "budget": "2x", "rule": "cascade"}}, defaults) == ["routing.rule: '(absent)' -> 'cascade'"]
+  assert config_differences(saved, {"train": {"epochs": 3}, "routing": {"budget": "2x"}},
+                            defaults) == ["train.epochs: 2 -> 3"]
