@@ -33,6 +33,7 @@ import tempfile
 import warnings
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 
@@ -40,6 +41,7 @@ import common
 from sharcs_jax import evaluate, hf_export, report
 from sharcs_jax.data import glue
 from sharcs_jax.engine import Engine
+from sharcs_jax.precision import resolve as resolve_precision
 from sharcs_jax.programs import Programs
 
 flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
@@ -50,6 +52,8 @@ flags.DEFINE_list("budgets", ["2x", "2.5x"], "FLOPs budgets to route the engine 
                   "'0.4gflops'), calibrated on the run's held-out examples.")
 flags.DEFINE_list("rules", ["router", "cascade"], "Routing rules to meet each budget with "
                   "(router, cascade).")
+flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at (fp32, bf16, "
+                  "auto: bf16 where the CPU multiplies bf16 natively).")
 flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
 flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
                      "CPU (XLA always sizes its own pool to the machine).")
@@ -214,19 +218,24 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
 
   params, max_length = engine.params["params"], engine.length_buckets[-1]
   classes = engine.model.num_classes
-  full = Programs(engine.model, params, batch_buckets=engine.batch_buckets,
-                  length_buckets=engine.length_buckets, kinds=("forward",),
-                  cache_dir=os.path.join(workdir, "executables"))
-  paths = {"sharcs_jax full width": dict(
-      runtime="sharcs_jax", precision="fp32", batch="buckets " + str(engine.batch_buckets),
-      run=lambda t: common.full_width_probabilities(full, params, engine.encode(t)),
-      engine=engine)}
-  engines, skipped = budget_engines(engine, budgets, FLAGS.rules)
-  for name, routed in engines.items():
-    paths[name] = dict(runtime="sharcs_jax", precision="fp32",
-                       batch="buckets " + str(engine.batch_buckets),
-                       run=lambda t, e=routed: e.predict(t).probabilities, engine=routed,
-                       routed=True)
+  paths, skipped = {}, {}
+  for precision in precisions(FLAGS.precisions):
+    at = engine if precision == engine.precision else at_precision(engine, precision)
+    suffix = "" if precision == "fp32" else f" {precision}"
+    full = Programs(at.model, params, batch_buckets=at.batch_buckets,
+                    length_buckets=at.length_buckets, kinds=("forward",),
+                    cache_dir=os.path.join(workdir, "executables"))
+    paths["sharcs_jax full width" + suffix] = dict(
+        runtime="sharcs_jax", precision=precision, batch="buckets " + str(at.batch_buckets),
+        run=lambda t, f=full, e=at: common.full_width_probabilities(f, params, e.encode(t)),
+        engine=at)
+    engines, unreachable = budget_engines(at, budgets, FLAGS.rules)
+    skipped |= {name + suffix: why for name, why in unreachable.items()}
+    for name, routed in engines.items():
+      paths[name + suffix] = dict(runtime="sharcs_jax", precision=precision,
+                                  batch="buckets " + str(at.batch_buckets),
+                                  run=lambda t, e=routed: e.predict(t).probabilities,
+                                  engine=routed, routed=True)
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
   torch.set_num_threads(threads)
@@ -256,6 +265,22 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
     difference = np.abs(onnx_runner(files["fp32"], threads)(*sample) - pt(*sample)).max()
   sizes["max_abs_logit_difference_onnx_fp32_vs_pytorch"] = float(difference)
   return paths, skipped, sizes
+
+
+def precisions(requested: Sequence[str]) -> list[str]:
+  """The requested engine precisions, "auto" resolved for this CPU, each once, fp32 first."""
+  resolved = [resolve_precision(p, jax.default_backend()) for p in requested]
+  return sorted(set(resolved), key=["fp32", "bf16"].index)
+
+
+def at_precision(engine: Engine, precision: str) -> Engine:
+  """The same run's engine with its matmuls at `precision` (its own programs)."""
+  other = Engine(engine.model, engine.params["params"], length_buckets=engine.length_buckets,
+                 batch_buckets=engine.batch_buckets, tokenizer=engine.tokenizer,
+                 task=engine.task, cache_dir=os.path.join(engine.workdir, "executables"),
+                 precision=precision)
+  other.config, other.workdir = engine.config, engine.workdir
+  return other
 
 
 def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[str, ...],

@@ -17,13 +17,15 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+import jax
 import numpy as np
-
 from absl import logging
 
 from sharcs_jax import dispatch, evaluate
 from sharcs_jax.data import batching, glue
 from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.precision import COMPUTE_DTYPES
+from sharcs_jax.precision import resolve as resolve_precision
 from sharcs_jax.programs import ProgramRunner, Programs
 from sharcs_jax.routing import Budget, Cascade, Rule, parse_budget, ran_flops
 
@@ -44,7 +46,9 @@ class Engine:
   def __init__(self, model: SharcsModel, params: Any, *, length_buckets: Sequence[int],
                batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS, tokenizer: Any = None,
                task: glue.Task | None = None, cache_dir: str | None = None,
-               rule: Rule | Cascade = Rule()):
+               rule: Rule | Cascade = Rule(), precision: str = "fp32"):
+    self.precision = resolve_precision(precision, jax.default_backend())
+    model = model.clone(compute_dtype=COMPUTE_DTYPES[self.precision])
     self.model = model
     self.params = {"params": params}
     self.length_buckets = tuple(length_buckets)
@@ -57,8 +61,13 @@ class Engine:
     self.block_size = 16 * self.batch_buckets[-1]
     self.programs = Programs(model, params, batch_buckets=batch_buckets,
                              length_buckets=length_buckets, cache_dir=cache_dir)
-    self.flops = evaluate.example_flops_table(self.programs)  # [m, length buckets]
-    self.prefix_flops = evaluate.prefix_flops_row(self.programs)  # [length buckets]
+    # FLOPs are the float32 programs' whatever the precision: the same arithmetic (XLA would
+    # also count a bf16 program's conversions), so reductions compare across precisions.
+    counted = self.programs if self.precision == "fp32" else Programs(
+        model.clone(compute_dtype="float32"), params, batch_buckets=batch_buckets[:1],
+        length_buckets=length_buckets, cache_dir=cache_dir)
+    self.flops = evaluate.example_flops_table(counted)  # [m, length buckets]
+    self.prefix_flops = evaluate.prefix_flops_row(counted)  # [length buckets]
     self.rule = rule
     self.config = None  # the training run's config and workdir, when loaded from a workdir
     self.workdir = None
@@ -66,12 +75,14 @@ class Engine:
   @classmethod
   def from_workdir(cls, workdir: str, *, batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
                    cache_dir: str | None = None, budget: str = "", rule: str = "router",
-                   signal: str = "max_prob", start_budget: str = "") -> "Engine":
+                   signal: str = "max_prob", start_budget: str = "",
+                   precision: str = "fp32") -> "Engine":
     """The kept model of a training run; programs are stored under `workdir/executables`.
 
     Routing is the rule kept with the run's checkpoint, or with `budget` ("2.5x", "0.4gflops") the
     rule named by `rule` (`routing.RULES`) calibrated now on the run's calibration split (its
-    held-out training examples).
+    held-out training examples). `precision` ("fp32", "bf16", "auto": bf16 where the CPU has
+    fast bf16) is the matmuls' compute dtype.
     """
     from sharcs_jax.checkpoint import load_trained, trained_rule  # orbax only where read
     from sharcs_jax.model.weights import resolve_model_dir
@@ -85,7 +96,7 @@ class Engine:
                  tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
                  task=glue.get_task(config.task),
                  cache_dir=cache_dir or os.path.join(workdir, "executables"),
-                 rule=Rule() if budget else trained_rule(workdir))
+                 rule=Rule() if budget else trained_rule(workdir), precision=precision)
     engine.config, engine.workdir = config, workdir
     if budget:
       split = glue.calibration_split(config)

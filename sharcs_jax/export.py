@@ -139,6 +139,7 @@ def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
       "label_names": list(engine.task.label_names), "text_fields": list(engine.task.text_columns),
       "widths": list(engine.widths), "length_buckets": list(engine.length_buckets),
       "position_offset": int(engine.model.encoder.position_offset),
+      "precision": engine.precision, "compute_dtype": engine.model.compute_dtype,
       "gflops_per_example": (engine.flops / 1e9).tolist(),
       "prefix_gflops_per_example": (engine.prefix_flops / 1e9).tolist(),
       "routing": engine.rule.to_json(),

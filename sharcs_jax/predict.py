@@ -130,7 +130,8 @@ def check_paths(input_path: str, output_path: str) -> None:
 
 def run(workdir: str, input_path: str, output_path: str,
         batch_buckets: tuple[int, ...] = (1, 8, 32), budget: str = "", rule: str = "router",
-        signal: str = "max_prob", start_budget: str = "") -> dict[str, Any]:
+        signal: str = "max_prob", start_budget: str = "", precision: str = "fp32"
+        ) -> dict[str, Any]:
   """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`).
 
   `budget` ("2.5x", "0.4gflops"): route by the rule named `rule` ("router", "cascade",
@@ -138,7 +139,7 @@ def run(workdir: str, input_path: str, output_path: str,
   """
   check_paths(input_path, output_path)
   engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget, rule=rule,
-                               signal=signal, start_budget=start_budget)
+                               signal=signal, start_budget=start_budget, precision=precision)
   task = engine.task
   texts, labels = read_inputs(input_path, task)
   start = time.perf_counter()
@@ -155,6 +156,7 @@ def run(workdir: str, input_path: str, output_path: str,
   summary = {
       "task": task.name, "examples": len(texts), "seconds": seconds,
       "routing": engine.rule.budget or "router argmax", "rule": engine.rule.name,
+      "precision": engine.precision,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
       "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w)) for w in engine.widths},
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,

@@ -309,3 +309,19 @@ def test_cascade_serving_never_compiles(cascade_engine):
   with CompileCounter() as counter:
     cascade_engine.run(_inputs(n=40, seed=3))
   assert counter.events == []
+
+
+def test_bf16_engine_stays_near_fp32_and_counts_the_same_flops(engine, tiny_model, split_params):
+  """bf16 matmul inputs with float32 accumulation: its own programs, fp32's FLOPs table, and
+  probabilities within 2e-2 of fp32's (the model's own numbers, not a cast of the outputs)."""
+  bf16 = Engine(tiny_model, split_params, length_buckets=(8, 16), batch_buckets=(1, 4, 8),
+                precision="bf16")
+  assert bf16.precision == "bf16" and bf16.model.compute_dtype == "bfloat16"
+  np.testing.assert_array_equal(bf16.flops, engine.flops)
+  np.testing.assert_array_equal(bf16.prefix_flops, engine.prefix_flops)
+  data = _inputs(n=30, seed=13)
+  a, b = engine.run(data), bf16.run(data)
+  difference = np.abs(a.probabilities - b.probabilities).max()
+  assert 0 < difference <= 2e-2  # different arithmetic, close answers
+  assert "bf16" in bf16.programs.executables[ProgramKey("adaptive", 1.0, 4, 8)].as_text()
+  assert "bf16" not in engine.programs.executables[ProgramKey("adaptive", 1.0, 4, 8)].as_text()

@@ -172,6 +172,7 @@ def test_exported_cascade_equals_the_engine(trained, tmp_path):
   engine = Engine.from_workdir(str(trained[0]), budget="1.1x", rule="cascade")
   manifest = export.export_engine(engine, str(tmp_path / "export"))
   assert manifest["routing"]["rule"] == "cascade"
+  assert manifest["precision"] == "fp32" and manifest["compute_dtype"] == "float32"
   assert manifest["routing"]["threshold"] == engine.rule.threshold
   model = ExportedModel.load(str(tmp_path / "export"))
   texts = glue.load_split("qqp", "dev", str(glue_data_dir()), limit=48).texts

@@ -20,8 +20,9 @@ from sharcs_jax.model.weights import resolve_model_dir
 LIMIT = 48
 BUDGETS = ("1.1x", "1.2x")
 UNREACHABLE = "99x"
-PATHS = {"sharcs_jax full width", *(f"sharcs_jax engine {b}" for b in BUDGETS),
-         *(f"sharcs_jax engine {b} cascade" for b in BUDGETS),
+JAX_PATHS = {"sharcs_jax full width", *(f"sharcs_jax engine {b}" for b in BUDGETS),
+             *(f"sharcs_jax engine {b} cascade" for b in BUDGETS)}
+PATHS = {*JAX_PATHS, *(f"{name} bf16" for name in JAX_PATHS),
          "pytorch eager b32", "onnxruntime fp32 b1", "onnxruntime fp32 b32",
          "onnxruntime int8 b1", "onnxruntime int8 b32"}
 FP32_COPIES = ("pytorch eager b32", "onnxruntime fp32 b1", "onnxruntime fp32 b32")
@@ -38,7 +39,8 @@ def serving(trained, tmp_path_factory):
   out = tmp_path_factory.mktemp("serving")
   result = subprocess.run(
       [sys.executable, "benchmarks/serving.py", f"--workdir={workdir}", f"--out={out}",
-       f"--limit={LIMIT}", "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}"],
+       f"--limit={LIMIT}", "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}",
+       "--precisions=fp32,bf16"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return out, json.loads((out / "serving.json").read_text())
@@ -65,8 +67,8 @@ def _full_width_labels(workdir, dev) -> np.ndarray:
 def test_every_path_and_the_unreachable_budget(serving):
   _, data = serving
   assert set(data["paths"]) == PATHS
-  assert set(data["skipped"]) == {f"sharcs_jax engine {UNREACHABLE}",
-                                  f"sharcs_jax engine {UNREACHABLE} cascade"}
+  assert set(data["skipped"]) == {f"sharcs_jax engine {UNREACHABLE}{rule}{precision}"
+                                  for rule in ("", " cascade") for precision in ("", " bf16")}
   assert "out of reach" in data["skipped"][f"sharcs_jax engine {UNREACHABLE}"]
   assert "this cascade reaches" in data["skipped"][f"sharcs_jax engine {UNREACHABLE} cascade"]
   assert data["examples"] == LIMIT and data["task"] == "qqp"
@@ -144,3 +146,15 @@ def test_machine_and_reports(serving):
   assert UNREACHABLE in table  # the skipped budget is explained
   png = (out / "serving.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_bf16_paths_keep_the_fp32_answers(serving):
+  """bf16 matmul inputs (float32 accumulation): probabilities near fp32's, FLOPs unchanged."""
+  _, data = serving
+  for name in JAX_PATHS:
+    fp32, bf16 = data["paths"][name], data["paths"][f"{name} bf16"]
+    assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
+    assert abs(bf16["accuracy"] - fp32["accuracy"]) <= 1 / LIMIT + 1e-12
+  full = data["paths"]["sharcs_jax full width bf16"]
+  assert full["gflops_per_example"] == data["paths"]["sharcs_jax full width"]["gflops_per_example"]
+  assert 0 < full["max_abs_probability_difference_vs_full_width"] <= 0.02

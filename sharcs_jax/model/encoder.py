@@ -10,6 +10,10 @@ Kernel layouts (chosen for slicing and for one fused Q/K/V matmul):
   ffn_in    kernel [d, f],              bias [f]
   ffn_out   kernel [f, d],              bias [d]
 Width w keeps the first round(d*w) residual channels, round(H*w) heads and round(f*w) neurons.
+
+A layer's `compute_dtype` is the dtype its matmuls read ("bfloat16": inputs rounded to bf16,
+products accumulated and returned in float32); LayerNorm, softmax, GELU and the residual stream
+stay float32. "float32" is the plain computation, bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ from sharcs_jax.model.widths import width_dims, width_tag
 
 Array = jax.Array
 Params = dict[str, Array]
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def contract(spec: str, x: Array, kernel: Array, compute_dtype: str) -> Array:
+  """jnp.einsum(spec, x, kernel) with its inputs at `compute_dtype` and a float32 result."""
+  if compute_dtype == "float32":
+    return jnp.einsum(spec, x, kernel)
+  dtype = jnp.dtype(compute_dtype)
+  return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def layer_norm(x: Array, params: Params, eps: float) -> Array:
@@ -97,6 +113,7 @@ class EncoderLayer(nn.Module):
 
   cfg: EncoderConfig
   private_widths: tuple[float, ...] = ()
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, *, width: float = 1.0,
@@ -125,21 +142,27 @@ class EncoderLayer(nn.Module):
     dropout = nn.Dropout(cfg.hidden_dropout)
 
     # Self-attention over the leading heads, one fused Q/K/V matmul.
-    q, k, v = (jnp.einsum("bsd,dthe->tbshe", x, qkv["kernel"][:dw, :, :hw])
+    dt = self.compute_dtype
+    q, k, v = (contract("bsd,dthe->tbshe", x, qkv["kernel"][:dw, :, :hw], dt)
                + qkv["bias"][:, None, None, :hw])
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) / jnp.sqrt(jnp.float32(hd))
+    scores = contract("bqhe,bkhe->bhqk", q, k, dt) / jnp.sqrt(jnp.float32(hd))
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     if head_mask is not None:
       probs = probs * head_mask[:hw, None, None]
-    context = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
-    attn = jnp.einsum("bqhe,heo->bqo", context, attn_out["kernel"][:hw, :, :dw]) + attn_out["bias"][:dw]
+    context = contract("bhqk,bkhe->bqhe", probs, v, dt)
+    attn = contract("bqhe,heo->bqo", context, attn_out["kernel"][:hw, :, :dw], dt) + attn_out["bias"][:dw]
     x = layer_norm(x + dropout(attn, deterministic=deterministic), attn_ln, cfg.layer_norm_eps)
 
     # Feed-forward over the leading neurons.
-    h = activation(cfg.hidden_act)(x @ ffn_in["kernel"][:dw, :fw] + ffn_in["bias"][:fw])
-    h = h @ ffn_out["kernel"][:fw, :dw] + ffn_out["bias"][:dw]
+    if dt == "float32":
+      h = activation(cfg.hidden_act)(x @ ffn_in["kernel"][:dw, :fw] + ffn_in["bias"][:fw])
+      h = h @ ffn_out["kernel"][:fw, :dw] + ffn_out["bias"][:dw]
+    else:
+      h = activation(cfg.hidden_act)(contract("bsd,df->bsf", x, ffn_in["kernel"][:dw, :fw], dt)
+                                     + ffn_in["bias"][:fw])
+      h = contract("bsf,fd->bsd", h, ffn_out["kernel"][:fw, :dw], dt) + ffn_out["bias"][:dw]
     return layer_norm(x + dropout(h, deterministic=deterministic), ffn_ln, cfg.layer_norm_eps)
 
 

@@ -57,6 +57,7 @@ class SharcsModel(nn.Module):
   widths: tuple[float, ...]
   router_layer: int  # K, 1-indexed: layers 1..K are full width
   router_hidden: int
+  compute_dtype: str = "float32"  # the encoder layers' matmul inputs (encoder.COMPUTE_DTYPES)
 
   def setup(self):
     cfg = self.encoder
@@ -64,7 +65,8 @@ class SharcsModel(nn.Module):
     narrow = tuple(w for w in self.widths if w < 1.0)
     self.embeddings = Embeddings(cfg)
     self.layers = [
-        EncoderLayer(cfg, private_widths=narrow if i >= self.router_layer else ())
+        EncoderLayer(cfg, private_widths=narrow if i >= self.router_layer else (),
+                     compute_dtype=self.compute_dtype)
         for i in range(cfg.num_layers)
     ]
     self.router = Router(self.router_hidden, len(self.widths), cfg.initializer_range)
