@@ -62,7 +62,8 @@ def exit_predictions(logits: np.ndarray, exits: np.ndarray) -> np.ndarray:
 
 def exit_flops(cfg: EncoderConfig, layer: int, seq_len: int, num_classes: int) -> float:
   """Analytic FLOPs of one example leaving after 0-based `layer`: embeddings (sums, LayerNorm),
-  layers 0..layer at full width, and that layer's classifier on the [CLS] vector."""
+  layers 0..layer at full width, and the classifier of every exit up to it on the [CLS] vector
+  (a rule must read each exit's prediction to decide whether to leave there)."""
   if not 0 <= layer < cfg.num_layers:
     raise ValueError(f"exit layer {layer} is outside 0..{cfg.num_layers - 1}")
   d = cfg.hidden_size
@@ -70,7 +71,7 @@ def exit_flops(cfg: EncoderConfig, layer: int, seq_len: int, num_classes: int) -
                                                                                    seq_len)
   embeddings = seq_len * d * (2 + _LAYER_NORM)
   classifier = 2.0 * (d * d + d * num_classes)  # pooler-style dense, then the class scores
-  return float(embeddings + (layer + 1) * per_layer + classifier)
+  return float(embeddings + (layer + 1) * (per_layer + classifier))
 
 
 def sweep_rules(logits: np.ndarray, labels: np.ndarray, exit_gflops: np.ndarray,
