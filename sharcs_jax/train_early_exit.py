@@ -141,6 +141,9 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
       batch["learning_rate"] = np.float32(learning_rate(t, (epoch + i / len(plan)) / t.epochs))
       state, per_exit = step_fn(state, batch)
       losses.append(np.asarray(per_exit))
+      if not np.all(np.isfinite(losses[-1])):
+        raise FloatingPointError(f"non-finite exit losses {losses[-1].tolist()} at epoch {epoch}, "
+                                 f"step {int(state.step)}; nothing of this epoch was saved")
       bar.set_postfix(loss=f"{float(losses[-1][-1]):.3f}",
                       ex_s=f"{(i + 1) * t.batch_size / (time.time() - epoch_start):.0f}",
                       refresh=False)
