@@ -120,7 +120,19 @@ class Checkpoints:
                         best=ocp.args.StandardRestore(abstract(best)),
                         history=ocp.args.JsonRestore())
     logging.info("Resumed from %s after epoch %d", self.manager.directory, step)
-    return restored.state, restored.best, list(restored.history), _saved_rule(self.manager, step)
+    history = [_upgrade_epoch(h) for h in restored.history]
+    return restored.state, restored.best, history, _saved_rule(self.manager, step)
+
+
+def _upgrade_epoch(entry: dict) -> dict:
+  """An epoch's dev record as written by earlier versions, in today's names ("bucket_share" was
+  renamed "share_per_width"), so that a run resumed across the upgrade reports whole."""
+  out = {}
+  for key, value in entry.items():
+    if isinstance(value, dict):
+      value = _upgrade_epoch(value)
+    out["share_per_width" if key == "bucket_share" else key] = value
+  return out
 
 
 def _saved_rule(manager: ocp.CheckpointManager, step: int) -> Rule | None:

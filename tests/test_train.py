@@ -447,3 +447,11 @@ def test_settings_added_since_a_checkpoint_at_their_default_do_not_block_a_resum
       "budget": "2x", "rule": "cascade"}}, defaults) == ["routing.rule: '(absent)' -> 'cascade'"]
   assert config_differences(saved, {"train": {"epochs": 3}, "routing": {"budget": "2x"}},
                             defaults) == ["train.epochs: 2 -> 3"]
+
+
+def test_history_of_earlier_versions_reads_in_todays_names():
+  from sharcs_jax.checkpoint import _upgrade_epoch
+  old = {"epoch": 0, "sharcs": {"accuracy": 0.8, "bucket_share": [0.7, 0.3]},
+         "sharcs_argmax": {"bucket_share": [0.4, 0.6]}}
+  assert _upgrade_epoch(old) == {"epoch": 0, "sharcs": {"accuracy": 0.8, "share_per_width": [0.7, 0.3]},
+                                 "sharcs_argmax": {"share_per_width": [0.4, 0.6]}}
