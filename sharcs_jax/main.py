@@ -44,9 +44,10 @@ flags.DEFINE_enum("signal", "max_prob", ["max_prob", "margin", "entropy"], "casc
                   "confidence an input escalates on.")
 flags.DEFINE_string("start_budget", "", "router+cascade: the router's own budget, e.g. 3x.")
 flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "predict: batch sizes to precompile.")
-flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16", "auto"], "predict, export: the matmuls' "
-                  "compute dtype; auto: bf16 where the CPU multiplies bf16 natively "
-                  "(avx512_bf16, AMX), else fp32.")
+flags.DEFINE_enum("precision", None, ["fp32", "bf16", "auto"], "The matmuls' compute dtype; "
+                  "auto: bf16 where the CPU multiplies bf16 natively (avx512_bf16, AMX), else "
+                  "fp32. Default: auto for predict; fp32 for export, whose files may run on "
+                  "another CPU.")
 flags.DEFINE_bool("distributed", False, "Join a jax.distributed job: coordinator and process ids "
                   "from the flags below, else detected from SLURM, Cloud TPU or JAX_COORDINATOR_* "
                   "environment variables.")
@@ -78,7 +79,7 @@ def run_mode() -> None:
       raise app.UsageError("--mode=predict needs --input and --output")
     result = predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output,
                          tuple(int(b) for b in FLAGS.batch_buckets), FLAGS.budget, FLAGS.rule,
-                         FLAGS.signal, FLAGS.start_budget, FLAGS.precision)
+                         FLAGS.signal, FLAGS.start_budget, FLAGS.precision or "auto")
     print(open(f"{FLAGS.output}.summary.md").read(), end="")
     logging.info("%d predictions in %s (%.1f examples/s)", result["examples"], FLAGS.output,
                  result["examples_per_second"])
@@ -90,7 +91,7 @@ def run_mode() -> None:
     export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
     engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
                                  signal=FLAGS.signal, start_budget=FLAGS.start_budget,
-                                 precision=FLAGS.precision)
+                                 precision=FLAGS.precision or "fp32")
     manifest = export.export_engine(engine, FLAGS.output)
     logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
                  manifest["routing"]["budget"] or "router argmax", FLAGS.output)
