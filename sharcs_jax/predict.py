@@ -158,7 +158,8 @@ def run(workdir: str, input_path: str, output_path: str,
       "routing": engine.rule.budget or "router argmax", "rule": engine.rule.name,
       "precision": engine.precision,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
-      "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w)) for w in engine.widths},
+      "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w)) if len(texts) else 0.0
+                          for w in engine.widths},
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,
       "full_width_gflops_per_example": float(full.mean()) if len(texts) else 0.0,
   }

@@ -407,7 +407,9 @@ def test_predict_on_no_inputs(trained, tmp_path, name, content):
   summary = predict.run(str(workdir), str(tmp_path / name), str(tmp_path / "out.jsonl"))
   assert summary["examples"] == 0
   assert (tmp_path / "out.jsonl").read_text() == ""
-  assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["examples"] == 0
+  saved = json.loads((tmp_path / "out.jsonl.summary.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"summary holds {c}"))
+  assert saved["examples"] == 0 and set(saved["share_per_width"].values()) == {0.0}
 
 
 def test_engine_on_no_inputs(trained):
