@@ -216,7 +216,7 @@ def trained_rule(workdir: str) -> Rule:
         "--budget to calibrate one now")
   rule = rule or Rule()
   if rule.budget:
-    logging.info("Routing as trained: budget %s, cost weight %.4f", rule.budget, rule.cost_weight)
+    logging.info("Routing as trained: %s", rule.to_json())
   return rule
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO_ROOT, glue_data_dir
 from conftest import tiny_run_config as _tiny_config
 from sharcs_jax import config as config_lib
-from sharcs_jax import predict, train
+from sharcs_jax import predict, routing, train
 from sharcs_jax import report as report_lib
 from sharcs_jax.data import glue
 from sharcs_jax.checkpoint import CheckpointError
@@ -347,6 +347,10 @@ def test_served_rule_is_kept_with_the_checkpoint(trained, tmp_path):
   rule = Engine.from_workdir(str(run), batch_buckets=(16,)).rule
   assert rule.budget == report["sharcs"]["routing"]["budget"] == "1.1x"
   assert rule.cost_weight == report["sharcs"]["routing"]["cost_weight"]
+  # A cascade kept in the checkpoint (a run trained with routing.rule="cascade") serves as one.
+  cascade = routing.Cascade(0.7, "margin", "1.1x", 1.12)
+  (run / "checkpoints" / "2" / "rule" / "metadata").write_text(json.dumps(cascade.to_json()))
+  assert Engine.from_workdir(str(run), batch_buckets=(16,)).rule == cascade
   # A checkpoint that holds no rule (written before rules were kept with it) and no report:
   # an error, not a silent switch to the router's argmax.
   shutil.rmtree(run / "checkpoints" / "2" / "rule")
