@@ -11,27 +11,17 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sharcs_jax import evaluate, report, routing  # noqa: E402
-from sharcs_jax.data import batching, glue  # noqa: E402
-from sharcs_jax.dispatch import split_into_batches  # noqa: E402
-from sharcs_jax.engine import Engine  # noqa: E402
-from sharcs_jax.programs import Programs  # noqa: E402
-
-
-def glue_data_dir(data_dir: str | None) -> str | None:
-  """The flag's directory, else $SHARCS_DATA_DIR, else ../shared/data/glue beside the checkout,
-  else None (the hub)."""
-  if not data_dir and not os.environ.get(glue.DATA_DIR_ENV):
-    beside = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
-    data_dir = beside if os.path.isdir(beside) else None
-  return glue.resolve_data_dir(data_dir)
+from sharcs_jax.serve import evaluate, routing
+from sharcs_jax import report
+from sharcs_jax.data import batching, glue
+from sharcs_jax.serve.dispatch import split_into_batches
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.programs import Programs
 
 
 def dev_split(task: str, data_dir: str | None, limit: int = 0) -> glue.Split:
   """A task's dev texts and labels, found as every benchmark finds them."""
-  return glue.load_split(task, "dev", glue_data_dir(data_dir), limit=limit)
+  return glue.load_split(task, "dev", glue.resolve_data_dir(data_dir), limit=limit)
 
 
 def qqp_dev(data_dir: str | None, length_buckets: tuple[int, ...], tokenizer,

@@ -7,7 +7,7 @@ on the mean over tokens for comparison. A vector that carries the label (probe w
 majority rate) but barely varies is one a freshly initialised exit cannot use at a fine-tuning
 learning rate.
 
-    python benchmarks/exit_probe.py --task=sst2 --out=/tmp/probe
+    python -m benchmarks.exit_probe --task=sst2 --out=/tmp/probe
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-import common
+from benchmarks import common
 from sharcs_jax.data import batching, glue
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
 
@@ -89,7 +89,7 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarray,
 
 def main(argv):
   del argv
-  data_dir = common.glue_data_dir(FLAGS.data_dir)
+  data_dir = glue.resolve_data_dir(FLAGS.data_dir)
   train = glue.load_split(FLAGS.task, "train", data_dir)
   dev = glue.load_split(FLAGS.task, "dev", data_dir, limit=FLAGS.dev_limit)
   _, train = glue.hold_out(train, min(FLAGS.train_examples, len(train)), FLAGS.seed)  # a sample

@@ -4,7 +4,7 @@ Exports the run in --workdir to --export_dir, then loads the export in a fresh p
 import only jax, numpy and tokenizers (checked through sys.modules) and predicts every dev pair;
 reports agreement, load time and directory size as JSON and Markdown.
 
-    python benchmarks/export_parity.py --workdir=/tmp/sharcs_qqp --export_dir=/tmp/qqp_export \
+    python -m benchmarks.export_parity --workdir=/tmp/sharcs_qqp --export_dir=/tmp/qqp_export \
         --out=/tmp/bench
 """
 
@@ -20,11 +20,11 @@ import time
 import numpy as np
 from absl import app, flags
 
-import common
-from sharcs_jax import export
+from benchmarks import common
+from sharcs_jax.serve import export
 from sharcs_jax.checkpoint import quiet_orbax_logging
-from sharcs_jax.data import glue
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.run import load_run
 
 flags.DEFINE_string("workdir", None, "A trained run.", required=True)
 flags.DEFINE_string("export_dir", None, "Where to write the export.", required=True)
@@ -37,7 +37,7 @@ FORBIDDEN = ("flax", "optax", "orbax", "transformers", "torch")
 LOADER = """
 import json, sys, time
 start = time.perf_counter()
-from sharcs_jax.exported import ExportedModel
+from sharcs_jax.serve.exported import ExportedModel
 model = ExportedModel.load(sys.argv[1])
 loaded = time.perf_counter() - start
 texts = json.load(open(sys.argv[2]))
@@ -59,12 +59,12 @@ def directory_bytes(path: str) -> int:
 def main(argv):
   del argv
   quiet_orbax_logging()
-  engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget)
+  run = load_run(FLAGS.workdir)
+  engine = Engine.from_run(run, budget=FLAGS.budget)
   start = time.perf_counter()
   manifest = export.export_engine(engine, FLAGS.export_dir)
   export_seconds = time.perf_counter() - start
-  split = glue.load_split(engine.task.name, "dev", glue.resolve_data_dir(engine.config.data_dir),
-                          limit=FLAGS.limit)
+  (split,) = run.splits("dev", limit=FLAGS.limit)
   reference = engine.predict(split.texts)
   with tempfile.TemporaryDirectory() as tmp:
     with open(os.path.join(tmp, "texts.json"), "w") as f:

@@ -1,6 +1,6 @@
 """Latency per width of the compiled programs at batch 1 and 32, against PyTorch eager, side by side.
 
-    python benchmarks/latency.py --out=/tmp/bench [--length=32] [--rounds=30]
+    python -m benchmarks.latency --out=/tmp/bench [--length=32] [--rounds=30]
 
 Everything runs on the pretrained all-MiniLM-L6-v2 weights (latency does not depend on the
 values), on real QQP dev pairs padded to one length. Rows:
@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-import common
+from benchmarks import common
 from sharcs_jax import report
 from sharcs_jax.data import batching
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
-from sharcs_jax.programs import ProgramKey, Programs
+from sharcs_jax.serve.programs import ProgramKey, Programs
 
 flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_string("backbone", "all-MiniLM-L6-v2", "Packaged model name or HF model directory.")

@@ -7,7 +7,7 @@ beside it, the dev figures: accuracy (F1 where defined), GFLOPs, reduction, shar
 the engine's measured examples/s (token ids to labels, batch buckets up to 32). A target beyond
 the model's reach (below 1x, or cheaper than all-narrowest) is reported with the reachable range.
 
-    python benchmarks/pareto.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rule=cascade]
+    python -m benchmarks.pareto --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rule=cascade]
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import os
 import numpy as np
 from absl import app, flags
 
-import common
-from sharcs_jax import routing
+from benchmarks import common
+from sharcs_jax.serve import routing
 from sharcs_jax.checkpoint import quiet_orbax_logging
-from sharcs_jax.data import batching, glue
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.run import load_run
 
 flags.DEFINE_string("workdir", None, "A trained run whose config held back calibration examples.",
                     required=True)
@@ -42,12 +42,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   quiet_orbax_logging()
-  engine = Engine.from_workdir(FLAGS.workdir)
-  config, task = engine.config, engine.task
-  dev = batching.encode(glue.load_split(config.task, "dev", glue.resolve_data_dir(config.data_dir),
-                                        limit=FLAGS.limit), engine.tokenizer, engine.length_buckets)
-  calibration = dev if FLAGS.calibrate_on_dev else batching.encode(
-      glue.calibration_split(config), engine.tokenizer, engine.length_buckets)
+  run = load_run(FLAGS.workdir)
+  engine, task = Engine.from_run(run), run.task
+  (dev,) = run.encoded("dev", limit=FLAGS.limit)
+  calibration = dev if FLAGS.calibrate_on_dev else run.encoded("calibration")[0]
   source = "dev itself" if FLAGS.calibrate_on_dev else "held-out training examples"
   sweep = common.BudgetSweep.build(engine, dev, calibration)
   reach = sweep.reachable()

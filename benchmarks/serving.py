@@ -1,6 +1,6 @@
 """Text in, labels out: the SHARCS engine against stock CPU serving stacks on the same model.
 
-    python benchmarks/serving.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench \
+    python -m benchmarks.serving --workdir=/tmp/sharcs_qqp --out=/tmp/bench \
         [--budgets=2x,2.5x] [--rounds=3] [--limit=0]
 
 Every path serves the full-width model of the run in --workdir (or, for the engine at a budget,
@@ -10,7 +10,7 @@ the run's SHARCS model routed to that FLOPs budget), on the dev split of the run
   - `sharcs_jax engine <budget>`: `Engine` with the rule calibrated to that budget on the run's
     held-out calibration split;
   - `pytorch eager b32`: `BertForSequenceClassification` on the Hugging Face export
-    (`sharcs_jax.hf_export`; transformers' default SDPA attention), batches of 32 sorted by
+    (`sharcs_jax.serve.hf_export`; transformers' default SDPA attention), batches of 32 sorted by
     length, each padded to its longest row;
   - `onnxruntime fp32 b1 / b32`: that model exported with `torch.onnx.export` (dynamic batch and
     sequence axes), one input at a time, and sorted batches of 32;
@@ -37,12 +37,13 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-import common
-from sharcs_jax import evaluate, hf_export, report
+from benchmarks import common
+from sharcs_jax.serve import evaluate, hf_export
+from sharcs_jax import report
 from sharcs_jax.data import glue
-from sharcs_jax.engine import Engine
-from sharcs_jax.precision import resolve as resolve_precision
-from sharcs_jax.programs import Programs
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.precision import resolve as resolve_precision
+from sharcs_jax.serve.programs import Programs
 
 flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -190,8 +191,7 @@ def budget_engines(engine: Engine, budgets: Sequence[str], rules: Sequence[str] 
                    ) -> tuple[dict[str, Engine], dict]:
   """One engine per reachable budget and rule, sharing the compiled programs; unreachable ones
   named."""
-  split = glue.calibration_split(engine.config)
-  calibration = engine.encode(split.texts, split.labels)
+  (calibration,) = engine.trained.encoded("calibration")
   engines, skipped = {}, {}
   for budget, rule_name in itertools.product(budgets, rules):
     name = f"sharcs_jax engine {budget}" + ("" if rule_name == "router" else f" {rule_name}")
@@ -277,9 +277,9 @@ def at_precision(engine: Engine, precision: str) -> Engine:
   """The same run's engine with its matmuls at `precision` (its own programs)."""
   other = Engine(engine.model, engine.params["params"], length_buckets=engine.length_buckets,
                  batch_buckets=engine.batch_buckets, tokenizer=engine.tokenizer,
-                 task=engine.task, cache_dir=os.path.join(engine.workdir, "executables"),
+                 task=engine.task, cache_dir=os.path.join(engine.trained.workdir, "executables"),
                  precision=precision)
-  other.config, other.workdir = engine.config, engine.workdir
+  other.trained = engine.trained
   return other
 
 
@@ -330,7 +330,7 @@ def main(argv):
   texts = split.texts
   with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:
     hf_dir = os.path.join(tmp, "hf")
-    hf_export.export_hf(engine.config, engine.model, engine.params["params"], hf_dir)
+    hf_export.export_hf(engine.trained.config, engine.model, engine.params["params"], hf_dir)
     paths, skipped, sizes = build_paths(engine, FLAGS.workdir, FLAGS.budgets, hf_dir, tmp, texts,
                                         threads)
     print(f"{len(texts)} {task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} rounds",

@@ -1,6 +1,6 @@
 """QQP dev end to end (token ids to labels): the SHARCS engine against the full-width program.
 
-    python benchmarks/throughput.py --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rounds=3]
+    python -m benchmarks.throughput --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rounds=3]
 
 Both paths use the trained model in --workdir, the same length buckets and the same batch
 buckets (full batches of 32, remainders as the engine splits them), and run in interleaved rounds
@@ -14,10 +14,11 @@ import os
 import numpy as np
 from absl import app, flags
 
-import common
-from sharcs_jax import evaluate, report
-from sharcs_jax.engine import Engine
-from sharcs_jax.programs import Programs
+from benchmarks import common
+from sharcs_jax.serve import evaluate
+from sharcs_jax import report
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.programs import Programs
 
 flags.DEFINE_string("workdir", None, "A trained QQP run (its checkpoints).", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)

@@ -13,8 +13,8 @@ schedule); only the method differs:
 Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the command is run
 again. Writes OUT/tradeoff_TASK.{json,md,png}.
 
-    python benchmarks/tradeoff.py --config=configs/mrpc.py --out=/tmp/tradeoff_mrpc
-    python benchmarks/tradeoff.py --config=configs/qqp.py --out=DIR --config.data.train_limit=8000
+    python -m benchmarks.tradeoff --config=configs/mrpc.py --out=/tmp/tradeoff_mrpc
+    python -m benchmarks.tradeoff --config=configs/qqp.py --out=DIR --config.data.train_limit=8000
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import common
+from benchmarks import common
 from sharcs_jax import config as config_lib
-from sharcs_jax import routing, train
+from sharcs_jax.serve import routing
+from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import quiet_orbax_logging
-from sharcs_jax.data import batching, glue
-from sharcs_jax.engine import Engine
-from sharcs_jax.train_early_exit import train_early_exit
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.run import load_run
+from sharcs_jax.baselines.train_early_exit import train_early_exit
 
 config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/qqp.py (two "
                                 "widths); --config.section.key=value changes every run's config.",
@@ -131,10 +132,9 @@ def run_or_load(name: str, config, out: str) -> dict:
 
 def budget_points(workdir: str, eval_batch: int) -> list[dict]:
   """The trained SHARCS model routed to each target of --budgets (held-out calibration)."""
-  engine = Engine.from_workdir(workdir, batch_buckets=(1, eval_batch))  # training's programs
-  _, dev_split, calibration_split = glue.run_splits(engine.config)  # read the files once
-  dev, calibration = (batching.encode(s, engine.tokenizer, engine.length_buckets)
-                      for s in (dev_split, calibration_split))
+  run = load_run(workdir)
+  engine = Engine.from_run(run, batch_buckets=(1, eval_batch))  # training's programs
+  dev, calibration = run.encoded("dev", "calibration")
   sweep = common.BudgetSweep.build(engine, dev, calibration)
   points = []
   for rule_name in FLAGS.rules:

@@ -21,9 +21,9 @@ from absl import logging
 from sharcs_jax import config as config_lib
 from sharcs_jax.data import glue
 from sharcs_jax.errors import RunError
-from sharcs_jax.flops import param_shapes
+from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.sharcs import SharcsModel, default_router_hidden
-from sharcs_jax.routing import Rule, rule_from_json
+from sharcs_jax.serve.routing import Rule, rule_from_json
 
 # Settings that change only what a run shows, never what it computes: a resume may differ in them.
 DISPLAY_ONLY = ("train.progress_bar",)
@@ -179,11 +179,15 @@ def _latest(workdir: str) -> tuple[ocp.CheckpointManager, int, ml_collections.Co
   return manager, step, ml_collections.ConfigDict(saved.config)
 
 
-def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any]:
-  """(config, model, kept parameters) of the training run in `workdir`.
+def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any, Rule]:
+  """(config, model, kept parameters, kept routing rule) of the training run in `workdir`, read
+  from its latest checkpoint once.
 
   A run stopped before any epoch could be kept (epochs < W are warm-up) has nothing to serve:
-  that is an error saying how far it got, never the untrained parameters.
+  that is an error saying how far it got, never the untrained parameters. The rule is the one
+  kept with the checkpoint; checkpoints written before rules were kept fall back to report.json,
+  and a run with a budget configured but neither is an error, never a silent switch to the
+  router's argmax.
   """
   manager, step, config = _latest(workdir)
   model = model_from_config(config)
@@ -196,16 +200,6 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, 
         "kept; resume training by re-running the command that started it with the same "
         f"--workdir={workdir}")
   logging.info("Loaded %s: epoch %d of the run (checkpoint %d)", workdir, int(best["epoch"]), step)
-  return config, model, best["params"]
-
-
-def trained_rule(workdir: str) -> Rule:
-  """The routing rule of the run's kept epoch, as its checkpoint holds it.
-
-  Checkpoints written before rules were kept with them fall back to report.json; a run with a
-  budget configured but neither is an error, never a silent switch to the router's argmax.
-  """
-  manager, step, config = _latest(workdir)
   rule = _saved_rule(manager, step)
   if rule is None:
     rule = _reported_rule(workdir)
@@ -217,7 +211,7 @@ def trained_rule(workdir: str) -> Rule:
   rule = rule or Rule()
   if rule.budget:
     logging.info("Routing as trained: %s", rule.to_json())
-  return rule
+  return config, model, best["params"], rule
 
 
 def _reported_rule(workdir: str) -> Rule | None:

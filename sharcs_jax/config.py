@@ -14,11 +14,11 @@ import ml_collections
 from absl import app
 
 from sharcs_jax.data.glue import get_task, resolve_data_dir
-from sharcs_jax.hardness import SIGNALS, check_ranges
+from sharcs_jax.train.hardness import SIGNALS, check_ranges
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import check_model_settings
 from sharcs_jax.model.weights import LAYERNORM_INITS, resolve_model_dir
-from sharcs_jax.routing import CONFIDENCE_SIGNALS, RULES, parse_budget
+from sharcs_jax.serve.routing import CONFIDENCE_SIGNALS, RULES, parse_budget
 
 CONFIG_ARGS = ("smoke",)
 # Every numeric field and its valid range, checked before any work ("[a, b)": a <= x < b).
@@ -36,6 +36,8 @@ NUMERIC_FIELDS = (
     ("train.weight_decay", float, "[0, inf)"),
     ("train.router_loss_weight", float, "[0, inf)"),
     ("train.static_width", float, "[0, 1]"),
+    ("train.distill_weight", float, "[0, 1]"),
+    ("train.distill_temperature", float, "(0, inf)"),
     ("eval.batch_size", int, "[1, inf)"),
     ("routing.calibration_examples", int, "[0, inf)"),
     ("checkpoint.max_to_keep", int, "[1, inf)"),
@@ -83,6 +85,15 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.router_loss_weight = 1.0
   # > 0: the static-width baseline: every batch at this width (one of model.widths), no router.
   c.train.static_width = 0.0
+  # False: the paper, each batch at one width drawn from its examples' hardness labels. True: the
+  # sandwich rule, every batch at every width (the prefix shared), from epoch 0; the router's
+  # labels still come from the hardness rule, on the narrowest width's confidence.
+  c.train.sandwich = False
+  # Teacher of the narrow widths: "none" (the paper), "inplace" (the full width's logits of the
+  # same batch; needs sandwich) or "frozen" (the full width's logits of the warm-up epochs).
+  c.train.distill = "none"
+  c.train.distill_weight = 0.5  # narrow-width loss: (1 - a) CE + a KD
+  c.train.distill_temperature = 1.0
   c.train.progress_bar = True
 
   c.eval = ml_collections.ConfigDict()
@@ -216,6 +227,23 @@ def check_routing(routing: ml_collections.ConfigDict) -> None:
                      "config.routing.calibration_examples > 0 (or calibrate_on='dev')")
 
 
+DISTILL_MODES = ("none", "inplace", "frozen")
+
+
+def check_training_recipe(train: ml_collections.ConfigDict) -> None:
+  if not isinstance(train.sandwich, bool):
+    raise ValueError(f"config.train.sandwich={train.sandwich!r} must be True or False")
+  if train.distill not in DISTILL_MODES:
+    raise ValueError(f"config.train.distill={train.distill!r} is not one of {DISTILL_MODES}")
+  if train.distill == "inplace" and not train.sandwich:
+    raise ValueError("config.train.distill='inplace' takes the full width's logits of the same "
+                     "batch, which only the sandwich computes: set config.train.sandwich=True, "
+                     "or use distill='frozen' with the paper's single-width batches")
+  if train.distill != "none" and train.static_width:
+    raise ValueError(f"config.train.distill={train.distill!r} has no teacher in a static-width "
+                     f"run (config.train.static_width={train.static_width})")
+
+
 def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   """Raises ValueError naming the bad field; returns the backbone's architecture."""
   check_numbers(config)
@@ -243,6 +271,7 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
   if config.train.static_width and config.train.static_width not in tuple(m.widths):
     raise ValueError(f"config.train.static_width={config.train.static_width} is not one of "
                      f"config.model.widths={tuple(m.widths)}")
+  check_training_recipe(config.train)
   if config.checkpoint.select not in SELECTION_RULES:
     raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
                      f"{SELECTION_RULES}")

@@ -16,9 +16,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sharcs_jax import config as config_lib
-from sharcs_jax import parallel, predict, summary, train
+from sharcs_jax import parallel
+from sharcs_jax.serve import predict, summary
+from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import quiet_orbax_logging
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
 
 FLAGS = flags.FLAGS
@@ -87,7 +89,7 @@ def run_mode() -> None:
   if FLAGS.mode == "export":
     if not FLAGS.output:
       raise app.UsageError("--mode=export needs --output (a directory)")
-    from sharcs_jax import export  # jax.export only where it is used
+    from sharcs_jax.serve import export  # jax.export only where it is used
     export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
     engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
                                  signal=FLAGS.signal, start_budget=FLAGS.start_budget,

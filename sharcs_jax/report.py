@@ -131,6 +131,17 @@ def _routing_note(summary: dict) -> str:
           f"({r['calibration_reduction']:.2f}x there).")
 
 
+def _recipe_note(summary: dict) -> str:
+  recipe = summary.get("recipe")  # absent from reports written before the sandwich existed
+  if not recipe or (not recipe["sandwich"] and recipe["distill"] == "none"):
+    return ""
+  steps = "every width in every step (sandwich)" if recipe["sandwich"] else "one width a step"
+  teacher = ("" if recipe["distill"] == "none" else
+             f", {recipe['distill']} distillation (weight {recipe['distill_weight']:g}, "
+             f"T {recipe['distill_temperature']:g})")
+  return f"trained {steps}{teacher}; "
+
+
 def write_run_report(workdir: str, summary: dict) -> None:
   """report.json, report.md and report.png for one training run."""
   write_json(os.path.join(workdir, "report.json"), summary)
@@ -156,7 +167,8 @@ def write_run_report(workdir: str, summary: dict) -> None:
   text = (f"# SHARCS on {summary['task']} ({summary['model']})\n\n"
           f"Router after layer {summary['router_layer']}, widths {summary['widths']}, ranges "
           f"{summary['ranges']}, window {summary['window']}; best epoch {summary['best_epoch']} "
-          f"of {summary['epochs']}; {summary['dev_examples']} dev examples; trained in "
+          f"of {summary['epochs']}; {_recipe_note(summary)}{summary['dev_examples']} dev "
+          "examples; trained in "
           f"{summary['train_seconds'] / 60:.1f} min.{_routing_note(summary)}\n\n"
           + markdown_table(header, rows)
           + _history_table(summary))

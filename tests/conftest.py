@@ -59,11 +59,9 @@ def pytest_sessionstart(session):
 
 
 def glue_data_dir() -> pathlib.Path | None:
-  setting = os.environ.get("SHARCS_DATA_DIR")
-  if setting:
-    return pathlib.Path(setting)
-  beside = REPO_ROOT.parent / "shared" / "data" / "glue"
-  return beside if beside.is_dir() else None
+  from sharcs_jax.data import glue
+  found = glue.resolve_data_dir(None)
+  return None if found is None else pathlib.Path(found)
 
 
 def real_sentences(count: int) -> list[str]:
@@ -116,7 +114,7 @@ def tiny_run_config(backbone: str, **overrides):
 @pytest.fixture(scope="session")
 def trained(tiny_backbone, tmp_path_factory):
   """(workdir, report) of one uninterrupted tiny run, shared by the tests that read it."""
-  from sharcs_jax import train
+  from sharcs_jax.train import loop as train
 
   workdir = tmp_path_factory.mktemp("trained")
   return workdir, train.train_and_evaluate(tiny_run_config(tiny_backbone), str(workdir))
@@ -167,11 +165,11 @@ TRADEOFF_ARGS = ("--router_layers=1", "--thresholds=0.6", "--budgets=1.2x,9x")
 
 def run_tradeoff(backbone: str, out: pathlib.Path, *extra: str):
   """(tradeoff_qqp.json's data, the finished process) of one benchmark invocation."""
-  command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"),
+  command = [sys.executable, "-m", "benchmarks.tradeoff",
              f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke", f"--out={out}",
              f"--config.model.backbone={backbone}", *(f"--config.{o}" for o in TRADEOFF_OVERRIDES),
              *extra]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+  result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads((out / "tradeoff_qqp.json").read_text()), result
 

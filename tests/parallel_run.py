@@ -32,7 +32,8 @@ def main() -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
   import jax
-  from sharcs_jax import parallel, train
+  from sharcs_jax import parallel
+  from sharcs_jax.train import loop as train
   if args.coordinator:
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
   assert jax.device_count() == args.devices * args.num_processes, jax.devices()

@@ -13,11 +13,11 @@ import pytest
 
 from conftest import REPO_ROOT, glue_data_dir, tiny_run_config
 from sharcs_jax import config as config_lib
-from sharcs_jax import early_exit
+from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
 from sharcs_jax.model.weights import load_pretrained_early_exit
-from sharcs_jax import train_early_exit as train_early_exit_module
-from sharcs_jax.train_early_exit import exit_flops_table, train_early_exit
+from sharcs_jax.baselines import train_early_exit as train_early_exit_module
+from sharcs_jax.baselines.train_early_exit import exit_flops_table, train_early_exit
 
 needs_glue = pytest.mark.skipif(glue_data_dir() is None,
                                 reason="needs the local GLUE copy (network otherwise)")
@@ -120,8 +120,9 @@ def test_resumed_early_exit_run_equals_uninterrupted(early_exit_run, tmp_path, m
 def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
   # The trade-off benchmark's static 0.5 run (no weight decay, no reordering).
   workdir = tradeoff[0] / "runs" / "static_w0.5"
-  from sharcs_jax.checkpoint import load_trained
-  config, _, params = load_trained(str(workdir))
+  from sharcs_jax.run import load_run
+  run = load_run(str(workdir))
+  config, params = run.config, run.params
   assert config.train.static_width == 0.5 and config.train.weight_decay == 0.0
   assert not config.model.reorder
   summary = json.loads((workdir / "report.json").read_text())
@@ -144,7 +145,7 @@ def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
 @pytest.mark.slow
 def test_exit_probe_benchmark_reports_every_layer(tiny_backbone, tmp_path):
   result = subprocess.run(
-      [sys.executable, "benchmarks/exit_probe.py", f"--model={tiny_backbone}", f"--out={tmp_path}",
+      [sys.executable, "-m", "benchmarks.exit_probe", f"--model={tiny_backbone}", f"--out={tmp_path}",
        "--train_examples=64", "--dev_limit=48", "--probe_steps=20", "--max_length=32",
        f"--data_dir={glue_data_dir()}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

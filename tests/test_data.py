@@ -163,7 +163,9 @@ def test_hold_out_is_disjoint_deterministic_and_renumbered():
 
 def test_ci_without_glue_data_fails_instead_of_skipping(tmp_path):
   """A checkout with no ../shared beside it, under CI=true: the run fails at once, naming why."""
-  shutil.copytree(REPO_ROOT / "tests", tmp_path / "repo" / "tests")
+  for part in ("tests", "sharcs_jax"):  # the package finds ../shared beside its own checkout
+    shutil.copytree(REPO_ROOT / part, tmp_path / "repo" / part,
+                    ignore=shutil.ignore_patterns("__pycache__"))
   shutil.copy(REPO_ROOT / "setup.cfg", tmp_path / "repo" / "setup.cfg")
   env = {k: v for k, v in os.environ.items() if k != "SHARCS_DATA_DIR"}
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sharcs_jax import dispatch, routing
+from sharcs_jax.serve import dispatch, routing
 
 
 class FakeRunner:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sharcs_jax import early_exit
+from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EncoderConfig
 
 SURE, UNSURE = [4.0, -4.0], [0.1, 0.0]  # entropies ~0.0007 and ~0.69 nats

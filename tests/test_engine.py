@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import transformers
 
-from sharcs_jax import evaluate, routing
+from sharcs_jax.serve import evaluate, routing
 from sharcs_jax.data import batching, glue
 from sharcs_jax.data.batching import Encoded
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
 from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
 from sharcs_jax.model.weights import resolve_model_dir
-from sharcs_jax.programs import ProgramKey
+from sharcs_jax.serve.programs import ProgramKey
 
 
 class CompileCounter:

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, glue_data_dir
-from sharcs_jax.engine import Engine
-from sharcs_jax import export, report
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve import export
+from sharcs_jax import report
 from sharcs_jax.data import glue
 from sharcs_jax.errors import RunError
-from sharcs_jax.exported import ExportedModel, file_sha256
+from sharcs_jax.serve.exported import ExportedModel, file_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     glue_data_dir() is None, reason="needs the local GLUE copy (network otherwise)")]
@@ -29,7 +30,7 @@ def exported(trained, tmp_path_factory):
   workdir, _ = trained
   out = tmp_path_factory.mktemp("parity")
   result = subprocess.run(
-      [sys.executable, "benchmarks/export_parity.py", f"--workdir={workdir}",
+      [sys.executable, "-m", "benchmarks.export_parity", f"--workdir={workdir}",
        f"--export_dir={out / 'export'}", f"--out={out}", "--limit=48"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "SHARCS_DATA_DIR": str(glue_data_dir())})

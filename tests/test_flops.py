@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from sharcs_jax.flops import analytic_flops, forward_flops
+from sharcs_jax.model.flops import analytic_flops, param_shapes
 from sharcs_jax.model import EncoderConfig, SharcsModel
+from sharcs_jax.serve.programs import ProgramKey, Programs
 
 # all-MiniLM-L6-v2's architecture; FLOPs need shapes only, so no weights are loaded.
 MINILM = EncoderConfig(layout="bert", vocab_size=30522, hidden_size=384, num_layers=6,
                        num_heads=12, intermediate_size=1536, max_position_embeddings=512,
                        type_vocab_size=2)
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+def forward_flops(model: SharcsModel, width: float, batch_size: int, seq_len: int) -> float:
+  """XLA FLOPs of the whole compiled forward at one width, as `Programs` compiles it."""
+  programs = Programs(model, param_shapes(model), batch_buckets=(batch_size,),
+                      length_buckets=(seq_len,), kinds=("forward",))
+  return programs.flops[ProgramKey("forward", width, batch_size, seq_len)]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +53,6 @@ def test_narrow_layer_costs_about_w_squared(minilm):
 def test_engine_example_flops_match_analytic(minilm):
   """Per-example FLOPs as the engine counts them (prefix + router program, plus the routed
   width's program) agree with the analytic count of the whole forward."""
-  from sharcs_jax.flops import param_shapes
-  from sharcs_jax.programs import Programs
-
   programs = Programs(minilm, param_shapes(minilm), batch_buckets=(1,), length_buckets=(32,))
   for w in WIDTHS:
     counted = analytic_flops(minilm, w, 1, 32)["total"]

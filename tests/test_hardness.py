@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sharcs_jax import hardness
+from sharcs_jax.train import hardness
 
 THREE = jnp.array([[0.7, 1.0], [0.4, 0.9], [0.0, 0.5]])  # widths 0.25, 0.5, 1.0
 

@@ -17,8 +17,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO_ROOT, real_sentences
-from sharcs_jax import hf_export
-from sharcs_jax.checkpoint import load_trained
+from sharcs_jax.serve import hf_export
+from sharcs_jax.run import load_run
 from sharcs_jax.data import glue
 from sharcs_jax.model import EncoderConfig, SharcsModel
 from sharcs_jax.model.reorder import permute_units
@@ -174,7 +174,7 @@ def test_output_checks(tmp_path):
 
 
 def _cli(workdir, output):
-  return subprocess.run([sys.executable, "-m", "sharcs_jax.hf_export", f"--workdir={workdir}",
+  return subprocess.run([sys.executable, "-m", "sharcs_jax.serve.hf_export", f"--workdir={workdir}",
                          f"--output={output}"], capture_output=True, text=True, timeout=600,
                         cwd=REPO_ROOT)
 
@@ -193,7 +193,8 @@ def test_cli_exports_a_trained_run(trained, tmp_path):
   result = _cli(workdir, output)
   assert result.returncode == 0, result.stderr[-3000:]
   assert not os.path.exists(f"{output}.partial")
-  _, model, params = load_trained(str(workdir))
+  run = load_run(str(workdir))
+  model, params = run.model, run.params
   batch = _batches(transformers.AutoTokenizer.from_pretrained(output))[1]
   np.testing.assert_allclose(_theirs(str(output), batch), _ours(model, params, batch),
                              atol=TOLERANCE, rtol=0)

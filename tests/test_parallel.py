@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO_ROOT, glue_data_dir, tiny_run_config
-from sharcs_jax import train
+from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import on_one_device
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,

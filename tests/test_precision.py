@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sharcs_jax import precision
+from sharcs_jax.serve import precision
 
 
 @pytest.mark.parametrize("requested, platform, flags, expected", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sharcs_jax import routing
+from sharcs_jax.serve import routing
 
 
 def _synthetic(n=2000, widths=(0.25, 0.5, 1.0), seed=0):

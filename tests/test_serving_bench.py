@@ -12,9 +12,9 @@ import pytest
 import transformers
 
 from conftest import REPO_ROOT, glue_data_dir
-from sharcs_jax.checkpoint import load_trained
+from sharcs_jax.run import load_run
 from sharcs_jax.data import glue
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
 from sharcs_jax.model.weights import resolve_model_dir
 
 LIMIT = 48
@@ -38,7 +38,7 @@ def serving(trained, tmp_path_factory):
   workdir, _ = trained
   out = tmp_path_factory.mktemp("serving")
   result = subprocess.run(
-      [sys.executable, "benchmarks/serving.py", f"--workdir={workdir}", f"--out={out}",
+      [sys.executable, "-m", "benchmarks.serving", f"--workdir={workdir}", f"--out={out}",
        f"--limit={LIMIT}", "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}",
        "--precisions=fp32,bf16"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
@@ -53,7 +53,8 @@ def dev():
 
 def _full_width_labels(workdir, dev) -> np.ndarray:
   """Our model at width 1.0 on the dev texts, without the engine, programs or benchmark code."""
-  config, model, params = load_trained(str(workdir))
+  run = load_run(str(workdir))
+  config, model, params = run.config, run.model, run.params
   tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_dir(config.model.backbone))
   first, second = zip(*dev.texts)
   enc = tokenizer(list(first), list(second), padding=True, truncation=True,

@@ -55,13 +55,13 @@ def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):
 
 
 def test_runs_from_elsewhere_are_checked_before_training(trained, tmp_path):
-  command = [sys.executable, str(REPO_ROOT / "benchmarks" / "tradeoff.py"), f"--out={tmp_path}",
+  command = [sys.executable, "-m", "benchmarks.tradeoff", f"--out={tmp_path}",
              f"--config={REPO_ROOT / 'configs' / 'sst2.py'}"]
   result = subprocess.run(command + [f"--with_runs={tmp_path / 'nowhere'}"], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=REPO_ROOT)
   assert result.returncode != 0 and "nowhere holds no finished run" in result.stderr
   result = subprocess.run(command + [f"--with_runs={trained[0]}"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=REPO_ROOT)
   assert result.returncode != 0
   assert "is a run of (task, backbone) ('qqp'," in result.stderr
   assert "this sweep's are ('sst2', 'all-MiniLM-L6-v2')" in result.stderr
@@ -76,11 +76,11 @@ def test_runs_from_elsewhere_are_checked_before_training(trained, tmp_path):
 @pytest.mark.parametrize("program", ["benchmark", "main job"])
 def test_bad_config_overrides_are_usage_errors(tmp_path, program, override, message):
   out = tmp_path / "out"
-  command = ([str(REPO_ROOT / "benchmarks" / "tradeoff.py"), f"--out={out}"]
+  command = (["-m", "benchmarks.tradeoff", f"--out={out}"]
              if program == "benchmark" else ["-m", "sharcs_jax.main", f"--workdir={out}"])
   command = [sys.executable, *command, f"--config={REPO_ROOT / 'configs' / 'qqp.py'}",
              f"--config.{override}"]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
   assert result.returncode != 0
   assert message in result.stderr
   assert "Traceback" not in result.stderr

@@ -19,11 +19,12 @@ import pytest
 from conftest import REPO_ROOT, glue_data_dir
 from conftest import tiny_run_config as _tiny_config
 from sharcs_jax import config as config_lib
-from sharcs_jax import predict, routing, train
+from sharcs_jax.serve import predict, routing
+from sharcs_jax.train import loop as train
 from sharcs_jax import report as report_lib
 from sharcs_jax.data import glue
 from sharcs_jax.checkpoint import CheckpointError
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,
                                 reason="needs the local GLUE copy (network otherwise)")
@@ -132,7 +133,7 @@ def test_predict_mode_bad_inputs(trained, tmp_path, name, content, message):
 def test_throughput_benchmark_writes_its_reports(trained, tmp_path):
   workdir, report = trained
   result = subprocess.run(
-      [sys.executable, "benchmarks/throughput.py", f"--workdir={workdir}", f"--out={tmp_path}",
+      [sys.executable, "-m", "benchmarks.throughput", f"--workdir={workdir}", f"--out={tmp_path}",
        "--rounds=1", "--limit=48", f"--data_dir={glue_data_dir()}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -157,7 +158,7 @@ def test_pareto_benchmark_meets_its_budgets(trained, tmp_path):
   assert report["sharcs"]["routing"]["budget"] == "1.1x"
   assert report["routing"]["calibration_examples"] == 32 and report["train_examples"] == 64
   result = subprocess.run(
-      [sys.executable, "benchmarks/pareto.py", f"--workdir={workdir}", f"--out={tmp_path}",
+      [sys.executable, "-m", "benchmarks.pareto", f"--workdir={workdir}", f"--out={tmp_path}",
        "--rounds=1", "--limit=48", "--budgets=1x,1.1x,max,9x"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "SHARCS_DATA_DIR": str(glue_data_dir())})

@@ -86,9 +86,17 @@ def get_task(name: str) -> Task:
   return TASKS[name]
 
 
+# A checkout's sibling `shared/data/glue` (this project's machines keep the data there).
+BESIDE_CHECKOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                               "shared", "data", "glue")
+
+
 def resolve_data_dir(setting: str | None) -> str | None:
-  """The config's directory, else $SHARCS_DATA_DIR, else None (load from the hub)."""
+  """The config's directory, else $SHARCS_DATA_DIR, else ../shared/data/glue beside the checkout,
+  else None (load from the hub)."""
   data_dir = setting or os.environ.get(DATA_DIR_ENV) or None
+  if data_dir is None and os.path.isdir(BESIDE_CHECKOUT):
+    return os.path.normpath(BESIDE_CHECKOUT)
   if data_dir is not None and not os.path.isdir(data_dir):
     source = "config.data_dir" if setting else f"${DATA_DIR_ENV}"
     raise FileNotFoundError(f"GLUE data directory {data_dir!r} (from {source}) does not exist")
@@ -173,10 +181,15 @@ def load_split(task_name: str, split: str, data_dir: str | None,
   else:
     data = read_tsv(os.path.join(data_dir, task.directory, task.files[split]), task, split,
                     skip_malformed)
-  if limit:
-    data = Split(task, split, data.texts[:limit], data.labels[:limit], data.ids[:limit],
-                 data.skipped)
-  return data
+  return first(data, limit)
+
+
+def first(split: Split, limit: int) -> Split:
+  """The first `limit` examples (all of them for 0), ids kept."""
+  if not limit:
+    return split
+  return Split(split.task, split.name, split.texts[:limit], split.labels[:limit],
+               split.ids[:limit], split.skipped)
 
 
 def run_splits(config: Any) -> tuple[Split, Split, Split | None]:
@@ -194,12 +207,3 @@ def run_splits(config: Any) -> tuple[Split, Split, Split | None]:
     calibration = dev
   return train, dev, calibration
 
-
-def calibration_split(config: Any) -> Split:
-  """The examples a run calibrates its routing budget on (see `run_splits`)."""
-  calibration = run_splits(config)[2]
-  if calibration is None:
-    raise ValueError("this run held back no training examples to calibrate a budget on "
-                     "(config.routing.calibration_examples = 0); retrain with some, or calibrate "
-                     "on dev (config.routing.calibrate_on = 'dev')")
-  return calibration

@@ -1,7 +1,7 @@
 """The early-exit baseline's network: the same encoder with a classifier after every layer.
 
 DeeBERT and PABEE attach an internal classifier ("exit") to each layer; an input leaves at the
-first exit whose rule fires (`sharcs_jax.early_exit`). Each exit is a pooler-style dense + tanh on
+first exit whose rule fires (`sharcs_jax.baselines.early_exit`). Each exit is a pooler-style dense + tanh on
 the [CLS] vector and a classifier, the same head the SHARCS model ends with. `exit_layer` is a
 static Python int: the program for "leave after layer k" runs layers 1..k only, so XLA's cost
 analysis of it is what such an exit really costs.

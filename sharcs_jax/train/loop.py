@@ -1,10 +1,13 @@
 """SHARCS training: the train state, the pure train step, the epoch loop and its checkpoints.
 
-One optimiser step = one batch of a single width and a single length bucket; batches of different
-widths are interleaved in a shuffled order. The step is jitted once per (width, bucket) shape.
-Loss = CE(task logits at the batch's width) + router_loss_weight * BCE(router logits, the
-examples' multi-hot hardness labels). The hardness state rides in the train state: the step
-records p(true class) per example id, and the epoch loop relabels at each epoch's end.
+The paper's recipe: one optimiser step = one batch of a single width and a single length bucket;
+batches of different widths are interleaved in a shuffled order. The sandwich recipe
+(`train.sandwich`): every step trains every width on the same batch, the prefix run once. The step
+is jitted once per (widths, bucket) shape. Loss = sum over the step's widths of CE (for a narrow
+width mixed with distillation from the full width when `train.distill` is set) +
+router_loss_weight * BCE(router logits, the examples' multi-hot hardness labels). The hardness
+state rides in the train state: the step records p(true class) per example id at the narrowest
+width it trained, and the epoch loop relabels at each epoch's end.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import time
 from typing import Any
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,16 +27,18 @@ import optax
 from absl import logging
 
 from sharcs_jax import config as config_lib
-from sharcs_jax import evaluate, hardness, parallel, report, workdir as workdir_lib
+from sharcs_jax.serve import evaluate
+from sharcs_jax.train import hardness
+from sharcs_jax import parallel, report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints, initial_best
 from sharcs_jax.data import batching, glue
-from sharcs_jax.flops import param_shapes
+from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.reorder import reorder_by_importance
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
-from sharcs_jax.programs import Programs
+from sharcs_jax.serve.programs import Programs
 from sharcs_jax.progress import progress
-from sharcs_jax.routing import Cascade, Rule, check_reachable, parse_budget, rule_from_json
+from sharcs_jax.serve.routing import Cascade, Rule, check_reachable, parse_budget, rule_from_json
 
 Array = jax.Array
 
@@ -46,6 +52,9 @@ class TrainState:
   hardness: hardness.HardnessState
   rng: Array  # uint32[2]: dropout keys and each epoch's data order derive from it
   train_seconds: Array  # float32: wall time spent in epochs so far, across restarts
+  # float32 [N, classes]: the full width's logits per example in the warm-up epochs, the frozen
+  # teacher of `train.distill = "frozen"`; None otherwise (then absent from checkpoints).
+  teacher: Array | None = None
 
 
 def learning_rate(train: ml_collections.ConfigDict, done: float) -> float:
@@ -82,38 +91,92 @@ def apply_gradients(tx: optax.GradientTransformation, opt_state: Any, params: An
   return optax.apply_updates(params, updates), opt_state
 
 
+def distillation_loss(student_logits: Array, teacher_logits: Array, temperature: float) -> Array:
+  """Per-example T^2 * KL(softmax(teacher / T) || softmax(student / T)); no gradient to the teacher.
+
+  The T^2 keeps its gradient on the scale of the cross-entropy's as T changes (Hinton et al.).
+  """
+  chex.assert_equal_shape([student_logits, teacher_logits])
+  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
+  log_student = jax.nn.log_softmax(student_logits / temperature)
+  log_teacher = jnp.log(jnp.maximum(teacher, 1e-12))
+  return temperature ** 2 * jnp.sum(teacher * (log_teacher - log_student), axis=-1)
+
+
+def width_loss(logits: Array, labels: Array, teacher_logits: Array | None, distill_weight: float,
+               temperature: float) -> Array:
+  """Per-example loss of one width: CE, or (1 - a) CE + a KD when it has a teacher."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if teacher_logits is None:
+    return ce
+  return ((1.0 - distill_weight) * ce
+          + distill_weight * distillation_loss(logits, teacher_logits, temperature))
+
+
+def _forward_widths(module: SharcsModel, input_ids: Array, attention_mask: Array,
+                    token_type_ids: Array, widths: tuple[float, ...]
+                    ) -> tuple[Array, list[Array]]:
+  """Router logits and each width's task logits; the full-width prefix runs once for them all."""
+  hidden, router_logits = module.prefix(input_ids, attention_mask, token_type_ids,
+                                        deterministic=False)
+  return router_logits, [module.adaptive(hidden, attention_mask, width=w,
+                                         deterministic=False).logits for w in widths]
+
+
 def train_step(state: TrainState, batch: dict[str, Array], *, model: SharcsModel,
-               tx: optax.GradientTransformation, width: float, router_loss_weight: float,
-               hardness_signal: str = "confidence") -> tuple[TrainState, dict[str, Array]]:
-  """One optimiser step on a single-width batch; records each example's easiness."""
+               tx: optax.GradientTransformation, widths: tuple[float, ...],
+               router_loss_weight: float, hardness_signal: str = "confidence",
+               distill: str = "none", distill_weight: float = 0.0,
+               distill_temperature: float = 1.0) -> tuple[TrainState, dict[str, Array]]:
+  """One optimiser step on one batch at each of `widths` (increasing); records easiness.
+
+  distill "inplace": a narrow width's teacher is the full width's logits of this very step (1.0
+  must be in `widths`); "frozen": the logits the full width gave each example in the warm-up
+  epochs, kept in `state.teacher` and written here while epoch < W.
+  """
   weight = batch["weight"]
   count = jnp.maximum(weight.sum(), 1.0)
   num_examples = state.hardness.labels.shape[0]
-  router_target = state.hardness.labels[jnp.minimum(batch["id"], num_examples - 1)]
+  ids = jnp.minimum(batch["id"], num_examples - 1)
+  router_target = state.hardness.labels[ids]
   dropout_key = jax.random.fold_in(state.rng, state.step)
+  window = state.hardness.confidence.shape[0]
 
   def loss_fn(params):
-    out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                      batch["token_type_ids"], width=width, deterministic=False,
-                      rngs={"dropout": dropout_key})
-    task = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["label"])
-    router = optax.sigmoid_binary_cross_entropy(out.router_logits, router_target).mean(-1)
+    router_logits, logits = model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+        widths, method=_forward_widths, rngs={"dropout": dropout_key})
+    teacher, mix = {"inplace": (logits[-1] if widths[-1] == 1.0 else None, distill_weight),
+                    # the frozen teacher exists once the warm-up has written it
+                    "frozen": (None if state.teacher is None else state.teacher[ids],
+                               distill_weight * (state.epoch >= window)),
+                    "none": (None, 0.0)}[distill]
+    task = sum(width_loss(lg, batch["label"], teacher if w < 1.0 else None, mix,
+                          distill_temperature) for w, lg in zip(widths, logits))
+    router = optax.sigmoid_binary_cross_entropy(router_logits, router_target).mean(-1)
     task_loss, router_loss = (task * weight).sum() / count, (router * weight).sum() / count
-    return task_loss + router_loss_weight * router_loss, (out.logits, task_loss, router_loss)
+    return task_loss + router_loss_weight * router_loss, (logits, task_loss, router_loss)
 
   (loss, (logits, task_loss, router_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   params, opt_state = apply_gradients(tx, state.opt_state, state.params, grads,
                                       batch["learning_rate"])
-  probs = jax.nn.softmax(jax.lax.stop_gradient(logits))
+  narrowest = jax.lax.stop_gradient(logits[0])
   new_hardness = hardness.record(state.hardness, batch["id"],
-                                 hardness.easiness(probs, batch["label"], hardness_signal),
+                                 hardness.easiness(jax.nn.softmax(narrowest), batch["label"],
+                                                   hardness_signal),
                                  state.epoch)
-  correct = ((logits.argmax(-1) == batch["label"]) * weight).sum()
+  teacher = state.teacher
+  if teacher is not None and widths[-1] == 1.0:  # frozen teacher: written only in the warm-up
+    warm_up = state.epoch < window
+    full = jax.lax.stop_gradient(logits[-1])
+    teacher = teacher.at[batch["id"]].set(
+        jnp.where(warm_up, full, teacher[ids]), mode="drop")
+  correct = ((logits[-1].argmax(-1) == batch["label"]) * weight).sum()
   metrics = {"loss": loss, "task_loss": task_loss, "router_loss": router_loss,
              "correct": correct, "count": weight.sum()}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       hardness=new_hardness), metrics
+                       hardness=new_hardness, teacher=teacher), metrics
 
 
 def _copy(tree: Any) -> Any:
@@ -223,7 +286,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                       batch_buckets=tuple(sorted({1, config.eval.batch_size})),
                       length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"),
                       mesh=mesh)
-  flops = evaluate.example_flops_table(programs)
+  flops = programs.flops_table()
   if routing.budget:
     try:  # the reachable range is known from the FLOPs alone: fail before any epoch
       check_reachable(evaluate.per_example_flops(flops, calibration_data),
@@ -234,7 +297,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   state = TrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
                      opt_state=tx.init(params),
                      hardness=hardness.init_hardness(len(train_data), h.window, len(widths)),
-                     rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0))
+                     rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0),
+                     teacher=(jnp.zeros((len(train_data), task.num_classes), jnp.float32)
+                              if t.distill == "frozen" else None))
   history = []  # per-epoch dev results, checkpointed with the state
   best_rule = None  # the kept epoch's routing rule, checkpointed with it
   checkpoints = Checkpoints(workdir, config)
@@ -255,9 +320,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   step_fn = jax.jit(functools.partial(
       train_step, model=model, tx=tx, hardness_signal=h.signal,
-      router_loss_weight=0.0 if static_index is not None else t.router_loss_weight),
-                    static_argnames="width", donate_argnums=0,
+      router_loss_weight=0.0 if static_index is not None else t.router_loss_weight,
+      distill=t.distill, distill_weight=t.distill_weight,
+      distill_temperature=t.distill_temperature),
+                    static_argnames="widths", donate_argnums=0,
                     out_shardings=parallel.replicated(mesh))
+  sandwich = t.sandwich and static_index is None
 
   def routing_rule(params) -> Rule | Cascade:
     if not routing.budget:
@@ -271,12 +339,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return evaluate.summarize(*evaluate.predict_all_widths(programs, params, dev_data,
                                                            config.eval.batch_size),
                               dev_data, flops, task.metrics, routing_rule(params),
-                              evaluate.prefix_flops_row(programs))
+                              programs.prefix_flops_row())
 
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
     rng = _epoch_rng(state, epoch)
-    assigned = (np.full(len(train_data), static_index, np.int32) if static_index is not None
+    # The sandwich trains every width on every example: one pass, each batch at all widths.
+    one_width = static_index if static_index is not None else len(widths) - 1
+    assigned = (np.full(len(train_data), one_width, np.int32)
+                if static_index is not None or sandwich
                 else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
     plan = batching.plan_train_epoch(train_data, assigned, t.batch_size, rng)
     seen = correct = 0
@@ -286,7 +357,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)
       batch["learning_rate"] = np.float32(learning_rate(t, (epoch + i / len(plan)) / t.epochs))
       state, metrics = step_fn(state, parallel.shard_batch(batch, mesh),
-                               width=widths[planned.width_index])
+                               widths=widths if sandwich else (widths[planned.width_index],))
       loss = float(metrics["loss"])
       losses.append(loss)
       if not np.isfinite(loss):
@@ -304,7 +375,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info("epoch %d: %d examples in %.0fs (%.1f ex/s), train acc %.4f, "
                  "labels per width %s, width share trained %s", epoch, seen, train_time,
                  seen / train_time, correct / max(seen, 1), np.round(share, 3).tolist(),
-                 np.round(np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
+                 "all (sandwich)" if sandwich else np.round(
+                     np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
     result = evaluate_dev(state.params)
     _log_eval(epoch, result, widths)
     history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
@@ -326,6 +398,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "router_layer": m.router_layer, "ranges": [list(map(float, r)) for r in h.ranges],
       "window": h.window, "hardness_signal": h.signal, "static_width": t.static_width,
       "epochs": t.epochs, "best_epoch": int(best["epoch"]),
+      "recipe": {"sandwich": sandwich, "distill": t.distill, "distill_weight": t.distill_weight,
+                 "distill_temperature": t.distill_temperature},
       "train_examples": len(train_data), "dev_examples": len(dev_data),
       "routing": {"budget": routing.budget or "argmax", "calibrate_on": routing.calibrate_on,
                   "calibration_examples": len(calibration_data) if routing.budget else 0},

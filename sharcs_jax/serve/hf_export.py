@@ -1,6 +1,6 @@
 """A trained run's full-width model as a Hugging Face `BertForSequenceClassification` directory.
 
-    python -m sharcs_jax.hf_export --workdir=/tmp/sharcs_qqp --output=/tmp/sharcs_qqp_hf
+    python -m sharcs_jax.serve.hf_export --workdir=/tmp/sharcs_qqp --output=/tmp/sharcs_qqp_hf
 
 At width 1.0 the SHARCS model is a plain BERT classifier: the down-projection is the identity,
 every layer uses its full-width LayerNorms, and the head is BERT's pooler (dense + tanh on [CLS])
@@ -25,6 +25,7 @@ from sharcs_jax.data import glue
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import convert_checkpoint, resolve_model_dir
+from sharcs_jax.run import load_run
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -178,12 +179,10 @@ def partial_path(output: str) -> str:
 
 def export_workdir(workdir: str, output: str) -> None:
   """Loads the kept parameters of `workdir` and exports them atomically to `output`."""
-  from sharcs_jax.checkpoint import load_trained  # orbax only where checkpoints are read
-
   check_output(output, workdir)
-  config, model, params = load_trained(workdir)
+  run = load_run(workdir)
   partial = partial_path(output)
-  export_hf(config, model, params, partial)
+  export_hf(run.config, run.model, run.params, partial)
   os.replace(partial, output)
   logging.info("Exported the full-width model of %s to %s", workdir, output)
 

@@ -21,11 +21,11 @@ import numpy as np
 from jax import export
 
 from sharcs_jax import report
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
-from sharcs_jax.exported import FORMAT_VERSION, MANIFEST, adaptive_part_name, file_sha256
+from sharcs_jax.serve.exported import FORMAT_VERSION, MANIFEST, adaptive_part_name, file_sha256
 from sharcs_jax.model.weights import resolve_model_dir
-from sharcs_jax.programs import functions
+from sharcs_jax.serve.programs import functions
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
@@ -104,10 +104,10 @@ def _replace_directory(tmp: str, directory: str) -> None:
 
 def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
   """Writes the export into `directory` (replacing an earlier export there); returns the manifest."""
-  if engine.config is None or engine.task is None or engine.workdir is None:
-    raise ValueError("export needs an engine loaded with Engine.from_workdir")
+  if engine.trained is None:
+    raise ValueError("export needs an engine built from a training run (Engine.from_run)")
   directory = os.path.abspath(directory)
-  check_output(directory, engine.workdir)
+  check_output(directory, engine.trained.workdir)
   os.makedirs(os.path.dirname(directory), exist_ok=True)
   tmp = tempfile.mkdtemp(dir=os.path.dirname(directory),
                          prefix=f".{os.path.basename(directory)}.partial-")
@@ -128,7 +128,7 @@ def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
     with open(os.path.join(tmp, files[name]), "wb") as f:
       f.write(blob)
   np.savez(os.path.join(tmp, "params.npz"), **_flatten(engine.params["params"]))
-  shutil.copy(os.path.join(resolve_model_dir(engine.config.model.backbone), "tokenizer.json"),
+  shutil.copy(os.path.join(resolve_model_dir(engine.trained.config.model.backbone), "tokenizer.json"),
               os.path.join(tmp, "tokenizer.json"))
 
   def entry(file: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from sharcs_jax import report
 from sharcs_jax.data.glue import Task
-from sharcs_jax.engine import Engine
+from sharcs_jax.serve.engine import Engine
 
 
 def _label_id(value: Any, task: Task, where: str) -> int:

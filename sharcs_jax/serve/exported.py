@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from jax import export
 
-from sharcs_jax import dispatch
-from sharcs_jax.routing import ran_flops, rule_from_json
+from sharcs_jax.serve import dispatch
+from sharcs_jax.serve.routing import ran_flops, rule_from_json
 
 # 2: parts are named after their width and the manifest records the position offset, so that
 # the loader can check the manifest against the parts and parameters.

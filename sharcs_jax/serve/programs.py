@@ -32,12 +32,13 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 from absl import logging
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
 from sharcs_jax import parallel, report
-from sharcs_jax.flops import compiled_flops
+from sharcs_jax.model.flops import compiled_flops
 from sharcs_jax.model import config as model_config
 from sharcs_jax.model import encoder, sharcs, widths
 from sharcs_jax.model.sharcs import SharcsModel
@@ -181,6 +182,17 @@ class Programs:
     b = self.batch_buckets[0]
     return (self.flops[ProgramKey("prefix", None, b, length)]
             + self.flops[ProgramKey("adaptive", width, b, length)]) / b
+
+  def flops_table(self) -> np.ndarray:
+    """FLOPs per example [m, length buckets]: prefix, router and each width's part. The one
+    table every consumer (training, dev evaluation, the engine, summary mode) reads."""
+    return np.array([[self.example_flops(w, s) for s in self.length_buckets]
+                     for w in self.model.widths])
+
+  def prefix_flops_row(self) -> np.ndarray:
+    """FLOPs per example [length buckets] of the prefix and router alone (a cascade adds each
+    part it runs to this once)."""
+    return np.array([self.prefix_flops(s) for s in self.length_buckets])
 
   def _obtain(self, key: ProgramKey) -> tuple[Any, float]:
     path = None if self.directory is None else os.path.join(self.directory, key.file_name)

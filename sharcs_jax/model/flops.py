@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.sharcs import SharcsModel
@@ -28,34 +27,21 @@ def compiled_flops(compiled: Any) -> float:
   return float(analysis["flops"])
 
 
-def param_shapes(model: SharcsModel) -> Any:
+def xla_flops(function: Any, *shapes: Any) -> float:
+  """FLOPs of `function` compiled for these argument shapes: for programs that are only
+  counted, never run (the engine's own programs are compiled and counted in `programs.py`)."""
+  return compiled_flops(jax.jit(function).lower(*shapes).compile())
+
+
+def param_shapes(model: Any) -> Any:
   """Parameter shapes without allocating anything: enough to lower and compile."""
   ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   return jax.eval_shape(lambda k, i: model.init(k, i, i)["params"], jax.random.key(0), ids)
 
 
-def forward_flops(model: SharcsModel, width: float, batch_size: int, seq_len: int) -> float:
-  """XLA cost-analysis FLOPs of the whole compiled forward (prefix, router, width-w part, head)."""
-  ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-  mask = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-
-  def forward(params, input_ids, attention_mask, token_type_ids):
-    out = model.apply({"params": params}, input_ids, attention_mask, token_type_ids, width=width)
-    return out.logits, out.router_logits
-
-  lowered = jax.jit(forward).lower(param_shapes(model), ids, mask, ids)
-  return compiled_flops(lowered.compile())
-
-
 # FLOPs per element that XLA's CPU cost analysis counts for each elementwise piece.
 _LAYER_NORM, _SOFTMAX, _ACTIVATION = 8, 5, {"gelu": 8, "gelu_new": 8, "gelu_pytorch_tanh": 8,
                                             "relu": 1}
-
-
-def flops_table(model: SharcsModel, length_buckets: tuple[int, ...]) -> np.ndarray:
-  """XLA FLOPs per example [m, num_buckets] of the whole forward at each width and length."""
-  return np.array([[forward_flops(model, w, 1, length) for length in length_buckets]
-                   for w in model.widths])
 
 
 def _layer_elementwise_flops(cfg: EncoderConfig, width: float, batch_size: int,

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from sharcs_jax import dispatch, routing
+from sharcs_jax.serve import dispatch, routing
 from sharcs_jax.data.batching import Encoded, attention_mask_of, eval_batches
 from sharcs_jax.parallel import to_host
-from sharcs_jax.programs import ProgramRunner, Programs
-from sharcs_jax.routing import Budget, Cascade, Rule, ran_flops, route_all
+from sharcs_jax.serve.programs import ProgramRunner, Programs
+from sharcs_jax.serve.routing import Budget, Cascade, Rule, ran_flops, route_all
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
@@ -73,30 +73,18 @@ def calibrate_rule(programs: Programs, params: Any, data: Encoded, batch_size: i
                    budget: Budget, rule: str = "router", signal: str = "max_prob",
                    start_budget: Budget | None = None) -> Rule | Cascade:
   """`routing.calibrate_rule` on `data` (held-out inputs), running only what the rule needs."""
-  flops = per_example_flops(example_flops_table(programs), data)
+  flops = per_example_flops(programs.flops_table(), data)
   if rule == "router":
     return routing.calibrate_rule(rule, budget, router_logits(programs, params, data, batch_size),
                                   flops)
   probabilities, router = predict_all_widths(programs, params, data, batch_size)
   return routing.calibrate_rule(rule, budget, router, flops, probabilities,
-                                prefix_flops_row(programs)[data.bucket_of], signal, start_budget)
+                                programs.prefix_flops_row()[data.bucket_of], signal, start_budget)
 
 
 def per_example_flops(flops: np.ndarray, data: Encoded) -> np.ndarray:
   """[N, m]: what each width costs for each example, at its length bucket."""
   return flops[:, data.bucket_of].T
-
-
-def prefix_flops_row(programs: Programs) -> np.ndarray:
-  """FLOPs per example [num_length_buckets] of the prefix and router alone (a cascade adds each
-  part it runs to this once)."""
-  return np.array([programs.prefix_flops(s) for s in programs.length_buckets])
-
-
-def example_flops_table(programs: Programs) -> np.ndarray:
-  """FLOPs per example [m, num_length_buckets]: prefix, router and each width's part."""
-  return np.array([[programs.example_flops(w, s) for s in programs.length_buckets]
-                   for w in programs.model.widths])
 
 
 def summarize(probabilities: np.ndarray, router: np.ndarray, data: Encoded, flops: np.ndarray,

@@ -16,8 +16,9 @@ from absl import logging
 
 from sharcs_jax import config as config_lib
 from sharcs_jax import report
-from sharcs_jax.flops import analytic_flops, flops_table
+from sharcs_jax.model.flops import analytic_flops, param_shapes
 from sharcs_jax.model.weights import load_pretrained
+from sharcs_jax.serve.programs import Programs
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -29,7 +30,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              layernorm_init=m.layernorm_init, key=jax.random.key(config.seed))
   logging.info("Loaded %s (%s, %d layers, hidden %d) in %.1fs", m.backbone, encoder.layout,
                encoder.num_layers, encoder.hidden_size, time.time() - start)
-  table = flops_table(model, tuple(config.data.length_buckets))  # [width, length]
+  table = Programs(model, param_shapes(model), batch_buckets=(1,),
+                   length_buckets=tuple(config.data.length_buckets)).flops_table()
   rows = []
   for j, seq_len in enumerate(config.data.length_buckets):
     for i, w in enumerate(m.widths):

@@ -25,15 +25,16 @@ import optax
 from absl import logging
 
 from sharcs_jax import config as config_lib
-from sharcs_jax import early_exit, report, workdir as workdir_lib
+from sharcs_jax.baselines import early_exit
+from sharcs_jax import report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
-from sharcs_jax.evaluate import classification_metrics
-from sharcs_jax.flops import compiled_flops
+from sharcs_jax.serve.evaluate import classification_metrics
+from sharcs_jax.model.flops import param_shapes, xla_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
 from sharcs_jax.progress import progress
-from sharcs_jax.train import apply_gradients, learning_rate, make_optimizer
+from sharcs_jax.train.loop import apply_gradients, learning_rate, make_optimizer
 
 Array = jax.Array
 
@@ -81,15 +82,14 @@ def exit_logits(model: EarlyExitModel, forward: Any, params: Any, data: batching
 
 def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
   """XLA FLOPs [L, num_buckets] of one example leaving after each layer, at each length."""
-  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda k, i: model.init(k, i, i)["params"], jax.random.key(0), ids)
+  shapes = param_shapes(model)
   table = np.zeros((model.encoder.num_layers, len(length_buckets)))
   for j, length in enumerate(length_buckets):
     row = jax.ShapeDtypeStruct((1, length), jnp.int32)
     for k in range(model.encoder.num_layers):
-      forward = jax.jit(functools.partial(
-          lambda p, i, m, t, layer: model.apply({"params": p}, i, m, t, exit_layer=layer), layer=k))
-      table[k, j] = compiled_flops(forward.lower(shapes, row, row, row).compile())
+      table[k, j] = xla_flops(functools.partial(
+          lambda p, i, m, t, layer: model.apply({"params": p}, i, m, t, exit_layer=layer),
+          layer=k), shapes, row, row, row)
   return table
 
 

@@ -21,13 +21,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from sharcs_jax import dispatch, evaluate
+from sharcs_jax.serve import dispatch, evaluate
 from sharcs_jax.data import batching, glue
 from sharcs_jax.model.sharcs import SharcsModel
-from sharcs_jax.precision import COMPUTE_DTYPES
-from sharcs_jax.precision import resolve as resolve_precision
-from sharcs_jax.programs import ProgramRunner, Programs
-from sharcs_jax.routing import Budget, Cascade, Rule, parse_budget, ran_flops
+from sharcs_jax.serve.precision import COMPUTE_DTYPES
+from sharcs_jax.serve.precision import resolve as resolve_precision
+from sharcs_jax.serve.programs import ProgramRunner, Programs
+from sharcs_jax.serve.routing import Budget, Cascade, Rule, parse_budget, ran_flops
+from sharcs_jax.run import Run, load_run
 
 Text = str | Sequence[str]
 
@@ -66,17 +67,16 @@ class Engine:
     counted = self.programs if self.precision == "fp32" else Programs(
         model.clone(compute_dtype="float32"), params, batch_buckets=batch_buckets[:1],
         length_buckets=length_buckets, cache_dir=cache_dir)
-    self.flops = evaluate.example_flops_table(counted)  # [m, length buckets]
-    self.prefix_flops = evaluate.prefix_flops_row(counted)  # [length buckets]
+    self.flops = counted.flops_table()  # [m, length buckets]
+    self.prefix_flops = counted.prefix_flops_row()  # [length buckets]
     self.rule = rule
-    self.config = None  # the training run's config and workdir, when loaded from a workdir
-    self.workdir = None
+    self.trained: Run | None = None  # the training run, when built from one
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
-                   cache_dir: str | None = None, budget: str = "", rule: str = "router",
-                   signal: str = "max_prob", start_budget: str = "",
-                   precision: str = "fp32") -> "Engine":
+  def from_run(cls, run: Run, *, batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
+               cache_dir: str | None = None, budget: str = "", rule: str = "router",
+               signal: str = "max_prob", start_budget: str = "", precision: str = "fp32"
+               ) -> "Engine":
     """The kept model of a training run; programs are stored under `workdir/executables`.
 
     Routing is the rule kept with the run's checkpoint, or with `budget` ("2.5x", "0.4gflops") the
@@ -84,29 +84,24 @@ class Engine:
     held-out training examples). `precision` ("fp32", "bf16", "auto": bf16 where the CPU has
     fast bf16) is the matmuls' compute dtype.
     """
-    from sharcs_jax.checkpoint import load_trained, trained_rule  # orbax only where read
-    from sharcs_jax.model.weights import resolve_model_dir
-
     if rule != "router" and not budget:
       raise ValueError(f"the {rule!r} rule is calibrated to a budget: give one, e.g. budget='2x'")
-
-    config, model, params = load_trained(workdir)
-    engine = cls(model, params, length_buckets=tuple(config.data.length_buckets),
-                 batch_buckets=batch_buckets,
-                 tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
-                 task=glue.get_task(config.task),
-                 cache_dir=cache_dir or os.path.join(workdir, "executables"),
-                 rule=Rule() if budget else trained_rule(workdir), precision=precision)
-    engine.config, engine.workdir = config, workdir
+    engine = cls(run.model, run.params, length_buckets=run.length_buckets,
+                 batch_buckets=batch_buckets, tokenizer=run.tokenizer, task=run.task,
+                 cache_dir=cache_dir or os.path.join(run.workdir, "executables"),
+                 rule=Rule() if budget else run.rule, precision=precision)
+    engine.trained = run
     if budget:
-      split = glue.calibration_split(config)
-      engine.rule = engine.calibrate(budget, batching.encode(split, engine.tokenizer,
-                                                             engine.length_buckets),
-                                     rule, signal, start_budget)
-      logging.info("Routing to budget %s: %s, %.3fx on %d %s examples", budget,
-                   engine.rule.to_json(), engine.rule.calibration_reduction, len(split),
-                   split.name)
+      (calibration,) = run.encoded("calibration")
+      engine.rule = engine.calibrate(budget, calibration, rule, signal, start_budget)
+      logging.info("Routing to budget %s: %s, %.3fx on %d calibration examples", budget,
+                   engine.rule.to_json(), engine.rule.calibration_reduction, len(calibration))
     return engine
+
+  @classmethod
+  def from_workdir(cls, workdir: str, **options: Any) -> "Engine":
+    """`from_run(load_run(workdir), **options)`."""
+    return cls.from_run(load_run(workdir), **options)
 
   def calibrate(self, budget: Budget | str, data: batching.Encoded, rule: str = "router",
                 signal: str = "max_prob", start_budget: Budget | str = "") -> Rule | Cascade:

@@ -1,0 +1,1 @@
+"""Baselines trained and measured like SHARCS: early exit (DeeBERT, PABEE)."""

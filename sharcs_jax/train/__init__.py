@@ -1,0 +1,1 @@
+"""Training SHARCS: the hardness-label state and the train loop."""
