@@ -1,7 +1,8 @@
 """The early-exit baseline (DeeBERT / PABEE) trained and evaluated with the SHARCS run's budget.
 
-Same backbone, data splits, length buckets, batch size, epochs, optimiser and learning-rate
-schedule as `train.py`; the loss is PABEE's weighted mean of every exit's cross-entropy. After each
+Same backbone, data splits, length buckets, batch size, epochs, optimiser, learning-rate
+schedule and epoch loop (`train.loop.train_epoch`: mesh, data order from the state's RNG, stop at
+a non-finite loss) as SHARCS training; the loss is PABEE's weighted mean of every exit's cross-entropy. After each
 epoch one dev pass keeps every exit's logits; the epoch whose last exit is most accurate is kept
 (SHARCS keeps its best dev epoch too), and every entropy threshold and patience is evaluated on it
 without running the model again. FLOPs of leaving after layer k are XLA's cost analysis of the
@@ -26,15 +27,14 @@ from absl import logging
 
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
-from sharcs_jax import report, workdir as workdir_lib
+from sharcs_jax import parallel, report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
 from sharcs_jax.serve.evaluate import classification_metrics
 from sharcs_jax.model.flops import param_shapes, xla_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
-from sharcs_jax.progress import progress
-from sharcs_jax.train.loop import apply_gradients, learning_rate, make_optimizer
+from sharcs_jax.train.loop import apply_gradients, epoch_rng, make_optimizer, train_epoch
 
 Array = jax.Array
 
@@ -68,6 +68,10 @@ def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: Ea
   params, opt_state = apply_gradients(tx, state.opt_state, state.params, grads,
                                       batch["learning_rate"])
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), per_exit
+
+
+def _with_loss(state: ExitTrainState, per_exit: Array) -> tuple[ExitTrainState, dict]:
+  return state, {"loss": per_exit}
 
 
 def exit_logits(model: EarlyExitModel, forward: Any, params: Any, data: batching.Encoded,
@@ -120,33 +124,26 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   tx = make_optimizer(t)
   state = ExitTrainState(step=jnp.int32(0), epoch=jnp.int32(0), train_seconds=jnp.float32(0),
                          params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 2))
-  step_fn = jax.jit(functools.partial(exit_train_step, model=model, tx=tx), donate_argnums=0)
+  mesh = parallel.make_mesh()
+  parallel.check_divisible("config.train.batch_size", t.batch_size, mesh)
+  step_fn = jax.jit(functools.partial(exit_train_step, model=model, tx=tx), donate_argnums=0,
+                    out_shardings=parallel.replicated(mesh))
   forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
   # The kept epoch: its dev logits of every exit are all the rules need.
   best = {"epoch": jnp.int32(-1),
           "logits": jnp.zeros((num_layers, len(dev_data), task.num_classes), jnp.float32)}
   checkpoints = Checkpoints(workdir, config)
   history = []
-  restored = checkpoints.restore_latest(state, best)
+  restored = checkpoints.restore_latest(parallel.replicate(state, mesh), best)
   if restored is not None:
     state, best, history, _ = restored
+  state = parallel.replicate(state, mesh)
   for epoch in range(int(state.epoch), t.epochs):
-    rng = np.random.default_rng([config.seed, epoch])
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),
-                                     t.batch_size, rng)
-    bar = progress(plan, f"early exit, epoch {epoch}", bar=t.progress_bar)
-    epoch_start, losses = time.time(), []
-    for i, planned in enumerate(bar):
-      batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)
-      batch["learning_rate"] = np.float32(learning_rate(t, (epoch + i / len(plan)) / t.epochs))
-      state, per_exit = step_fn(state, batch)
-      losses.append(np.asarray(per_exit))
-      if not np.all(np.isfinite(losses[-1])):
-        raise FloatingPointError(f"non-finite exit losses {losses[-1].tolist()} at epoch {epoch}, "
-                                 f"step {int(state.step)}; nothing of this epoch was saved")
-      bar.set_postfix(loss=f"{float(losses[-1][-1]):.3f}",
-                      ex_s=f"{(i + 1) * t.batch_size / (time.time() - epoch_start):.0f}",
-                      refresh=False)
+                                     t.batch_size, epoch_rng(state, epoch))
+    state, trained = train_epoch(state, lambda s, b, _: _with_loss(*step_fn(s, b)), plan,
+                                 train_data, t, epoch, mesh, f"early exit, epoch {epoch}")
+    epoch_start, losses = time.time() - trained.seconds, trained.losses
     logits = exit_logits(model, forward, state.params, dev_data, config.eval.batch_size)
     accuracy = [classification_metrics(l.argmax(-1), dev_data.labels, task.metrics)["accuracy"]
                 for l in logits]
@@ -157,8 +154,9 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
     kept = int(best["epoch"])
     if kept < 0 or accuracy[-1] > history[kept]["dev_accuracy_per_exit"][-1]:
       best = {"epoch": jnp.int32(epoch), "logits": jnp.asarray(logits)}
-    state = state.replace(epoch=jnp.int32(epoch + 1),
-                          train_seconds=state.train_seconds + (time.time() - epoch_start))
+    state = parallel.replicate(state.replace(
+        epoch=jnp.int32(epoch + 1),
+        train_seconds=state.train_seconds + (time.time() - epoch_start)), mesh)
     checkpoints.save(state, best, history)
   best_epoch, logits = int(best["epoch"]), np.asarray(best["logits"])
   flops = exit_flops_table(model, buckets)  # [L, buckets]

@@ -12,6 +12,7 @@ width it trained, and the epoch loop relabels at each epoch's end.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -184,8 +185,43 @@ def _copy(tree: Any) -> Any:
   return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def _epoch_rng(state: TrainState, epoch: int) -> np.random.Generator:
+def epoch_rng(state: Any, epoch: int) -> np.random.Generator:
+  """The data order of `epoch`, drawn from the state's RNG (so a resumed run replays it)."""
   return np.random.default_rng([int(x) for x in np.asarray(state.rng)] + [epoch])
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochResult:
+  losses: np.ndarray  # [steps] or [steps, exits]: each step's loss
+  seen: int  # examples trained (repeats counted)
+  correct: float  # of them, predicted right (at full width)
+  seconds: float
+
+
+def train_epoch(state: Any, step: Any, plan: list[batching.PlannedBatch],
+                data: batching.Encoded, train: ml_collections.ConfigDict, epoch: int,
+                mesh: jax.sharding.Mesh, name: str) -> tuple[Any, EpochResult]:
+  """One epoch of `plan` through `step(state, batch, planned) -> (state, metrics)`: the loop
+  every trained model here shares (learning-rate schedule, sharded batches, progress, and a stop
+  at the first non-finite loss, before anything of the epoch is saved)."""
+  start, losses, seen, correct = time.time(), [], 0, 0.0
+  bar = progress(plan, name, bar=train.progress_bar, quiet=not parallel.is_primary())
+  for i, planned in enumerate(bar):
+    batch = batching.make_batch(data, planned.rows, planned.bucket, train.batch_size)
+    batch["learning_rate"] = np.float32(learning_rate(train, (epoch + i / len(plan)) / train.epochs))
+    state, metrics = step(state, parallel.shard_batch(batch, mesh), planned)
+    loss = np.asarray(metrics["loss"])
+    losses.append(loss)
+    if not np.all(np.isfinite(loss)):
+      raise FloatingPointError(f"non-finite loss {loss.tolist()} at epoch {epoch}, step "
+                               f"{int(state.step)}; nothing of this epoch was saved")
+    seen += len(planned.rows)
+    correct += float(metrics.get("correct", 0.0))
+    bar.set_postfix(loss=f"{float(loss.reshape(-1)[-1]):.3f}",
+                    ex_s=f"{seen / (time.time() - start):.0f}",
+                    refresh=False)  # shown at the bar's next redraw, not one per step
+  return state, EpochResult(losses=np.asarray(losses), seen=seen, correct=correct,
+                            seconds=time.time() - start)
 
 
 def selection_score(result: dict[str, Any], rule: str, max_drop: float,
@@ -343,31 +379,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
-    rng = _epoch_rng(state, epoch)
+    rng = epoch_rng(state, epoch)
     # The sandwich trains every width on every example: one pass, each batch at all widths.
     one_width = static_index if static_index is not None else len(widths) - 1
     assigned = (np.full(len(train_data), one_width, np.int32)
                 if static_index is not None or sandwich
                 else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
     plan = batching.plan_train_epoch(train_data, assigned, t.batch_size, rng)
-    seen = correct = 0
-    bar = progress(plan, f"epoch {epoch}", bar=t.progress_bar, quiet=not parallel.is_primary())
-    losses = []
-    for i, planned in enumerate(bar):
-      batch = batching.make_batch(train_data, planned.rows, planned.bucket, t.batch_size)
-      batch["learning_rate"] = np.float32(learning_rate(t, (epoch + i / len(plan)) / t.epochs))
-      state, metrics = step_fn(state, parallel.shard_batch(batch, mesh),
-                               widths=widths if sandwich else (widths[planned.width_index],))
-      loss = float(metrics["loss"])
-      losses.append(loss)
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step "
-                                 f"{int(state.step)}; nothing of this epoch was saved")
-      seen += len(planned.rows)
-      correct += float(metrics["correct"])
-      bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{seen / (time.time() - start):.0f}",
-                      refresh=False)  # shown at the bar's next redraw, not one per step
-    train_time = time.time() - start
+    state, trained = train_epoch(
+        state, lambda s, b, planned: step_fn(
+            s, b, widths=widths if sandwich else (widths[planned.width_index],)),
+        plan, train_data, t, epoch, mesh, f"epoch {epoch}")
+    seen, correct, train_time = trained.seen, trained.correct, trained.seconds
     state = parallel.replicate(state.replace(
         hardness=hardness.relabel(state.hardness, ranges, jnp.int32(epoch)),
         epoch=jnp.int32(epoch + 1)), mesh)
@@ -379,7 +402,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                      np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
     result = evaluate_dev(state.params)
     _log_eval(epoch, result, widths)
-    history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+    history.append({"epoch": epoch, "train_loss": float(np.mean(trained.losses)),
                     **_json_result(result, widths)})
     score = selection_score(result, config.checkpoint.select, config.checkpoint.max_drop,
                             max(h["full_width"]["accuracy"] for h in history), static_index)
