@@ -24,11 +24,6 @@ def dev_split(task: str, data_dir: str | None, limit: int = 0) -> glue.Split:
   return glue.load_split(task, "dev", glue.resolve_data_dir(data_dir), limit=limit)
 
 
-def qqp_dev(data_dir: str | None, length_buckets: tuple[int, ...], tokenizer,
-            limit: int = 0) -> batching.Encoded:
-  return batching.encode(dev_split("qqp", data_dir, limit), tokenizer, length_buckets)
-
-
 def full_width_probabilities(programs: Programs, params, data: batching.Encoded) -> np.ndarray:
   """The baseline: every example through the whole model at width 1.0, no router; [N, C]."""
   variables = {"params": params}

@@ -3,7 +3,7 @@
     python -m benchmarks.latency --out=/tmp/bench [--length=32] [--rounds=30]
 
 Everything runs on the pretrained all-MiniLM-L6-v2 weights (latency does not depend on the
-values), on real QQP dev pairs padded to one length. Rows:
+values), on real dev inputs of a GLUE task (`--task`, QQP by default) padded to one length. Rows:
   - `jax w=...`: the whole model compiled at one width (no router), batch 1 and 32;
   - `pytorch eager`: Hugging Face `BertForSequenceClassification` on the same weights and inputs;
   - `engine, all to 1.0`: the SHARCS engine (prefix + router, grouping, full-width part) with the
@@ -22,7 +22,7 @@ from absl import app, flags
 
 from benchmarks import common
 from sharcs_jax import report
-from sharcs_jax.data import batching
+from sharcs_jax.data import batching, glue
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
 from sharcs_jax.serve.programs import ProgramKey, Programs
@@ -31,6 +31,8 @@ flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_string("backbone", "all-MiniLM-L6-v2", "Packaged model name or HF model directory.")
 flags.DEFINE_list("widths", ["0.25", "0.5", "1.0"], "Widths to time.")
 flags.DEFINE_integer("router_layer", 2, "K: layers 1..K at full width.")
+flags.DEFINE_string("task", "qqp", "GLUE task whose dev inputs are timed (and whose class count "
+                    "the head has).")
 flags.DEFINE_integer("length", 32, "Padded sequence length (QQP pairs average 31 tokens).")
 flags.DEFINE_integer("rounds", 30, "Interleaved timing rounds (each times every row once).")
 flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
@@ -58,12 +60,14 @@ def main(argv):
 
   torch.set_num_threads(os.cpu_count())
   widths = tuple(float(w) for w in FLAGS.widths)
-  model, params = load_pretrained(FLAGS.backbone, num_classes=2, widths=widths,
+  task = glue.get_task(FLAGS.task)
+  model, params = load_pretrained(FLAGS.backbone, num_classes=task.num_classes, widths=widths,
                                   router_layer=FLAGS.router_layer, key=jax.random.key(0))
   model_dir = resolve_model_dir(FLAGS.backbone)
   tokenizer = batching.load_tokenizer(model_dir)
   length = FLAGS.length
-  dev = common.qqp_dev(FLAGS.data_dir, (length,), tokenizer, limit=max(BATCHES))
+  dev = batching.encode(common.dev_split(task.name, FLAGS.data_dir, max(BATCHES)), tokenizer,
+                        (length,))
   programs = Programs(model, params, batch_buckets=BATCHES, length_buckets=(length,),
                       kinds=("forward",))
   forced = jax.tree_util.tree_map(lambda x: x, params)
@@ -124,7 +128,7 @@ def main(argv):
   data["jax_full_vs_pytorch_speedup"] = {
       b: float(np.median(results[b]["pytorch eager"]) / np.median(results[b]["jax w=1"]))
       for b in BATCHES}
-  notes = (f"all-MiniLM-L6-v2, QQP dev pairs padded to {length} tokens, {os.cpu_count()} threads, "
+  notes = (f"{FLAGS.backbone}, {task.name} dev inputs padded to {length} tokens, {os.cpu_count()} threads, "
            f"{FLAGS.rounds} interleaved rounds (x4 at batch 1). Full-width JAX is "
            + ", ".join(f"{s:.2f}x PyTorch eager's speed at batch {b}"
                        for b, s in data["jax_full_vs_pytorch_speedup"].items())

@@ -1,4 +1,4 @@
-"""QQP dev end to end (token ids to labels): the SHARCS engine against the full-width program.
+"""A trained run's dev split end to end (token ids to labels): the SHARCS engine against the full-width program.
 
     python -m benchmarks.throughput --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rounds=3]
 
@@ -17,14 +17,16 @@ from absl import app, flags
 from benchmarks import common
 from sharcs_jax.serve import evaluate
 from sharcs_jax import report
+from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.programs import Programs
+from sharcs_jax.run import load_run
 
-flags.DEFINE_string("workdir", None, "A trained QQP run (its checkpoints).", required=True)
+flags.DEFINE_string("workdir", None, "A trained run (its checkpoints); its task's dev split is read.", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)
-flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "Batch sizes compiled for both paths.")
+flags.DEFINE_list("batch_buckets", [str(b) for b in BATCH_BUCKETS],
+                  "Batch sizes compiled for both paths.")
 flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
-flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
 flags.DEFINE_string("budget", "", "Route to this budget ('2.5x' or '0.4gflops'), calibrated on "
                     "the run's held-out training examples; default: the run's own rule.")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
@@ -34,18 +36,19 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   batch_buckets = tuple(int(b) for b in FLAGS.batch_buckets)
-  engine = Engine.from_workdir(FLAGS.workdir, batch_buckets=batch_buckets, budget=FLAGS.budget)
+  run = load_run(FLAGS.workdir)
+  engine = Engine.from_run(run, batch_buckets=batch_buckets, budget=FLAGS.budget)
   full = Programs(engine.model, engine.params["params"], batch_buckets=batch_buckets,
                   length_buckets=engine.length_buckets, kinds=("forward",),
                   cache_dir=os.path.join(FLAGS.workdir, "executables"))
-  dev = common.qqp_dev(FLAGS.data_dir, engine.length_buckets, engine.tokenizer, FLAGS.limit)
+  (dev,) = run.encoded("dev", limit=FLAGS.limit)
   outputs = {}
   candidates = {
       "SHARCS engine": lambda: outputs.__setitem__("SHARCS engine", engine.run(dev).labels),
       "full width": lambda: outputs.__setitem__(
           "full width", common.full_width_labels(full, engine.params["params"], dev)),
   }
-  print(f"{len(dev)} QQP dev examples, {FLAGS.rounds} rounds per path", flush=True)
+  print(f"{len(dev)} {run.task.name} dev examples, {FLAGS.rounds} rounds per path", flush=True)
   times = common.time_side_by_side(candidates, FLAGS.rounds, warmup=1)
   predictions = engine.run(dev)
   full_gflops = engine.full_width_gflops(dev)
@@ -53,7 +56,7 @@ def main(argv):
           "workdir": FLAGS.workdir, "paths": {}}
   rows = []
   for name, t in times.items():
-    metrics = evaluate.classification_metrics(outputs[name], dev.labels, ("accuracy", "f1"))
+    metrics = evaluate.classification_metrics(outputs[name], dev.labels, run.task.metrics)
     gflops = predictions.gflops.mean() if name == "SHARCS engine" else full_gflops.mean()
     entry = {"median_seconds": float(np.median(t)), "seconds": t.tolist(),
              "examples_per_second": len(dev) / float(np.median(t)), "gflops_per_example": gflops,
@@ -67,12 +70,12 @@ def main(argv):
   data["accuracy_drop_points"] = 100 * (base["accuracy"] - sharcs["accuracy"])
   data["share_per_width"] = {f"{w:g}": float(np.mean(predictions.widths == w))
                              for w in engine.widths}
-  notes = (f"{len(dev)} QQP dev examples, token ids to labels, batch buckets {batch_buckets}, "
+  notes = (f"{len(dev)} {run.task.name} dev examples, token ids to labels, batch buckets {batch_buckets}, "
            f"median of {FLAGS.rounds} interleaved passes. SHARCS is {data['speedup']:.2f}x the "
            f"full-width throughput at {data['flops_reduction']:.2f}x fewer FLOPs, "
            f"{data['accuracy_drop_points']:+.2f} points accuracy drop; routed "
            + ", ".join(f"{w}: {100 * s:.1f}%" for w, s in data["share_per_width"].items()) + ".")
-  common.write_outputs(FLAGS.out, "throughput", data, "QQP dev throughput", [
+  common.write_outputs(FLAGS.out, "throughput", data, f"{run.task.name} dev throughput", [
       "path", "examples/s", "accuracy", "F1", "GFLOPs/example"], rows, notes)
   plot(os.path.join(FLAGS.out, "throughput.png"), data)
   print(open(os.path.join(FLAGS.out, "throughput.md")).read())

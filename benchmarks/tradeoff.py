@@ -4,12 +4,15 @@ Every run starts from the same config (backbone, data, held-back rows, epochs, o
 schedule); only the method differs:
   - SHARCS, two-bucket ranges {narrow: [t, 1], full: [0, t]} for each t, router argmax (the paper);
   - SHARCS at other router layers K (t = the config's), and with the entropy hardness signal;
+  - SHARCS trained with the paper's recipe (one width a batch, no distillation), where the
+    config's recipe differs (sandwich, distillation);
   - SHARCS with the budget rule and with the cascade (--rules): the SHARCS models at the config's
     t (each K, and the entropy hardness model) routed to several FLOPs targets, calibrated on the
     held-back training examples (no retraining), and so too SHARCS runs trained elsewhere on the
     same task (--with_runs, e.g. the main job's workdir);
   - static width after layer K (no router) at every width of the config, trained only at it;
-  - early exit: an exit after every layer, DeeBERT's entropy threshold and PABEE's patience.
+  - early exit: an exit after every layer, DeeBERT's entropy threshold and PABEE's patience, with
+    exits on [CLS] as the papers have them and on the mean over tokens (a stronger baseline).
 Runs live in OUT/runs/NAME and resume (or are skipped once finished) when the command is run
 again. Writes OUT/tradeoff_TASK.{json,md,png}.
 
@@ -28,6 +31,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from sharcs_jax import config as config_lib
+from sharcs_jax.model.widths import width_label
 from sharcs_jax.serve import routing
 from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import quiet_orbax_logging
@@ -50,11 +54,13 @@ flags.DEFINE_list("rules", ["router", "cascade"], "Rules that meet each of --bud
                   "escalate).")
 flags.DEFINE_list("with_runs", [], "Finished SHARCS workdirs of the same task and backbone "
                   "trained elsewhere (e.g. the main job's), routed to --budgets beside the sweep.")
-flags.DEFINE_list("only", [], "Run only these methods (sharcs, router_layer, entropy, static, "
-                  "early_exit); default all.")
+flags.DEFINE_list("only", [], "Run only these methods (sharcs, router_layer, entropy, "
+                  "paper_recipe, static, early_exit, early_exit_mean); default all.")
 FLAGS = flags.FLAGS
 
-METHODS = ("sharcs", "router_layer", "entropy", "static", "early_exit")
+METHODS = ("sharcs", "router_layer", "entropy", "paper_recipe", "static", "early_exit",
+           "early_exit_mean")
+EXIT_RUNS = {"early_exit": ("cls", "early exit"), "early_exit_mean": ("mean", "early exit mean-pool")}
 
 
 def config_file() -> str:
@@ -79,8 +85,14 @@ def base_config():
   return config
 
 
-def run_name(k: int, t: float, signal: str = "confidence") -> str:
-  return f"sharcs_{'entropy_' if signal == 'entropy' else ''}K{k}_t{t:g}"
+def run_name(k: int, t: float, signal: str = "confidence", paper: bool = False) -> str:
+  return (f"sharcs_{'entropy_' if signal == 'entropy' else ''}K{k}_t{t:g}"
+          f"{'_paper_recipe' if paper else ''}")
+
+
+def paper_recipe(config) -> bool:
+  """Whether the config trains as the paper does (then there is no separate paper-recipe run)."""
+  return not config.train.sandwich and config.train.distill == "none"
 
 
 def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
@@ -88,17 +100,21 @@ def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
   t_default = float(config.hardness.ranges[0][0])
   k_default = config.model.router_layer
 
-  def variant(t: float, k: int, signal: str = "confidence", static: float = 0.0):
+  def variant(t: float, k: int, signal: str = "confidence", static: float = 0.0,
+              paper: bool = False):
     c = config.copy_and_resolve_references()
     c.hardness.ranges = ((t, 1.0), (0.0, t))
     c.model.router_layer, c.hardness.signal, c.train.static_width = k, signal, static
-    c.routing.budget = ""  # the router's argmax, as the paper routes
+    # the router's argmax, as the paper routes; budgets and rules are applied after training
+    c.routing.budget, c.routing.rule, c.routing.start_budget = "", "router", ""
+    if static or paper:  # a static width has no teacher; the paper trains one width a batch
+      c.train.sandwich, c.train.distill = False, "none"
     return c
 
   runs = {}  # in the order they train: baselines first, then SHARCS at the config's t first
   if "static" in methods():
     for w in config.model.widths:
-      runs[f"static_w{w:g}"] = ("static", float(w), variant(t_default, k_default, static=w))
+      runs[f"static_w{width_label(w)}"] = ("static", float(w), variant(t_default, k_default, static=w))
   if "sharcs" in methods():
     for t in [t_default] + sorted(set(map(float, FLAGS.thresholds)) - {t_default}):
       runs[run_name(k_default, t)] = ("sharcs", t, variant(t, k_default))
@@ -108,6 +124,9 @@ def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
   if "entropy" in methods():
     runs[run_name(k_default, t_default, "entropy")] = (
         "sharcs entropy", t_default, variant(t_default, k_default, "entropy"))
+  if "paper_recipe" in methods() and not paper_recipe(config):
+    runs[run_name(k_default, t_default, paper=True)] = (
+        "sharcs paper recipe", t_default, variant(t_default, k_default, paper=True))
   return runs
 
 
@@ -180,6 +199,9 @@ def routed_runs(config, out: str, others: dict[str, dict]) -> list[tuple[str, st
   if "entropy" in methods():
     named.append(("sharcs entropy budget rule",
                   run_name(config.model.router_layer, t_default, "entropy")))
+  if "paper_recipe" in methods() and not paper_recipe(config):
+    named.append(("sharcs paper recipe budget rule",
+                  run_name(config.model.router_layer, t_default, paper=True)))
   runs = [(method, name, os.path.join(out, "runs", name)) for method, name in named]
   for workdir, report in others.items():
     name = os.path.basename(os.path.normpath(workdir))
@@ -190,19 +212,24 @@ def routed_runs(config, out: str, others: dict[str, dict]) -> list[tuple[str, st
 def collect(config, out: str, others: dict[str, dict]) -> dict:
   """Trains (or reads) every run; one record per point of the trade-off."""
   points, reference = [], None
-  if "early_exit" in methods():
-    workdir = os.path.join(out, "runs", "early_exit")
+  for name, (pooling, label) in EXIT_RUNS.items():
+    if name not in methods():
+      continue
+    workdir = os.path.join(out, "runs", name)
     path = os.path.join(workdir, "early_exit.json")
-    summary = json.load(open(path)) if os.path.exists(path) else train_early_exit(config, workdir)
+    exit_config = config.copy_and_resolve_references()
+    exit_config.model.exit_pooling = pooling
+    summary = (json.load(open(path)) if os.path.exists(path)
+               else train_early_exit(exit_config, workdir))
     for p in summary["points"]:
-      method = "early exit (DeeBERT entropy)" if p["rule"] == "entropy" else "early exit (PABEE)"
-      points.append({"method": method, "setting": p["setting"], "run": "early_exit",
+      rule = "DeeBERT entropy" if p["rule"] == "entropy" else "PABEE"
+      points.append({"method": f"{label} ({rule})", "setting": p["setting"], "run": name,
                      "best_epoch": summary["best_epoch"], **_metrics(p)})
   for name, (method, setting, run_config) in sharcs_runs(config).items():
     summary = run_or_load(name, run_config, out)
     reference = reference or summary["full_width"]["gflops"]
     if method == "static":
-      result = summary["static"][f"{setting:g}"]
+      result = summary["static"][width_label(setting)]
     else:
       result = summary["sharcs"]
     points.append({"method": method, "setting": setting, "run": name,
@@ -258,8 +285,13 @@ STYLES = {"sharcs": ("o-", "tab:red"), "sharcs budget rule": ("*-", "darkred"),
           "sharcs entropy cascade": ("X--", "tab:pink"),
           "sharcs entropy": ("D", "tab:purple"),
           "sharcs entropy budget rule": ("*--", "tab:purple"), "static": ("s", "tab:blue"),
+          "sharcs paper recipe": ("o", "tab:orange"),
+          "sharcs paper recipe budget rule": ("*-.", "tab:orange"),
+          "sharcs paper recipe cascade": ("X-.", "tab:orange"),
           "early exit (DeeBERT entropy)": ("^-", "tab:green"),
-          "early exit (PABEE)": ("v-", "tab:olive")}
+          "early exit (PABEE)": ("v-", "tab:olive"),
+          "early exit mean-pool (DeeBERT entropy)": ("^--", "tab:cyan"),
+          "early exit mean-pool (PABEE)": ("v--", "tab:gray")}
 
 
 def plot(path: str, data: dict) -> None:

@@ -22,7 +22,7 @@ from sharcs_jax import config as config_lib
 from sharcs_jax.data import glue
 from sharcs_jax.errors import RunError
 from sharcs_jax.model.flops import param_shapes
-from sharcs_jax.model.sharcs import SharcsModel, default_router_hidden
+from sharcs_jax.model.sharcs import SharcsModel, router_hidden_size
 from sharcs_jax.serve.routing import Rule, rule_from_json
 
 # Settings that change only what a run shows, never what it computes: a resume may differ in them.
@@ -158,7 +158,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> SharcsModel:
   cfg = config_lib.backbone_config(config)
   return SharcsModel(cfg, num_classes=glue.get_task(config.task).num_classes,
                      widths=tuple(m.widths), router_layer=m.router_layer,
-                     router_hidden=m.router_hidden or default_router_hidden(cfg))
+                     router_hidden=router_hidden_size(cfg, m.router_hidden))
 
 
 def on_one_device(abstract: Any) -> Any:

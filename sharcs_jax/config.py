@@ -16,6 +16,7 @@ from absl import app
 from sharcs_jax.data.glue import get_task, resolve_data_dir
 from sharcs_jax.train.hardness import SIGNALS, check_ranges
 from sharcs_jax.model.config import EncoderConfig
+from sharcs_jax.model.early_exit import EXIT_POOLINGS
 from sharcs_jax.model.sharcs import check_model_settings
 from sharcs_jax.model.weights import LAYERNORM_INITS, resolve_model_dir
 from sharcs_jax.serve.routing import CONFIDENCE_SIGNALS, RULES, parse_budget
@@ -62,6 +63,8 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.layernorm_init = "pretrained"  # per-width LayerNorms: "pretrained" slice or "fresh"
   c.model.reorder = True  # DynaBERT importance reordering before training
   c.model.reorder_batches = 16  # labelled train batches for the importance pass
+  # The early-exit baseline only: what each exit reads, "cls" (DeeBERT, PABEE) or "mean".
+  c.model.exit_pooling = "cls"
 
   c.hardness = ml_collections.ConfigDict()
   c.hardness.window = 2  # W: warm-up epochs, and confidences per label decision
@@ -272,6 +275,9 @@ def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
     raise ValueError(f"config.train.static_width={config.train.static_width} is not one of "
                      f"config.model.widths={tuple(m.widths)}")
   check_training_recipe(config.train)
+  if config.model.exit_pooling not in EXIT_POOLINGS:
+    raise ValueError(f"config.model.exit_pooling={config.model.exit_pooling!r} is not one of "
+                     f"{EXIT_POOLINGS}")
   if config.checkpoint.select not in SELECTION_RULES:
     raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
                      f"{SELECTION_RULES}")

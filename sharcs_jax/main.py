@@ -20,6 +20,7 @@ from sharcs_jax import parallel
 from sharcs_jax.serve import predict, summary
 from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import quiet_orbax_logging
+from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
 
@@ -45,7 +46,8 @@ flags.DEFINE_enum("rule", "router", ["router", "cascade", "router+cascade"], "pr
 flags.DEFINE_enum("signal", "max_prob", ["max_prob", "margin", "entropy"], "cascade: the "
                   "confidence an input escalates on.")
 flags.DEFINE_string("start_budget", "", "router+cascade: the router's own budget, e.g. 3x.")
-flags.DEFINE_list("batch_buckets", ["1", "8", "32"], "predict: batch sizes to precompile.")
+flags.DEFINE_list("batch_buckets", [str(b) for b in BATCH_BUCKETS],
+                  "predict: batch sizes to precompile.")
 flags.DEFINE_enum("precision", None, ["fp32", "bf16", "auto"], "The matmuls' compute dtype; "
                   "auto: bf16 where the CPU multiplies bf16 natively (avx512_bf16, AMX), else "
                   "fp32. Default: auto for predict; fp32 for export, whose files may run on "

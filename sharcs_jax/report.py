@@ -8,6 +8,8 @@ import os
 import tempfile
 from typing import Any, Iterator, Sequence
 
+from sharcs_jax.model.widths import width_label
+
 
 def umask() -> int:
   """The process's umask: from /proc on Linux, else by setting it and straight back."""
@@ -102,13 +104,13 @@ def _history_table(summary: dict) -> str:
   if not summary.get("history"):
     return ""
   widths = summary["widths"]
-  header = (["epoch", "full width"] + [f"w={w:g}" for w in widths[:-1]]
-            + ["SHARCS", "reduction"] + [f"share {w:g}" for w in widths])
+  header = (["epoch", "full width"] + [f"w={width_label(w)}" for w in widths[:-1]]
+            + ["SHARCS", "reduction"] + [f"share {width_label(w)}" for w in widths])
   argmax = any("sharcs_argmax" in h for h in summary["history"])
   if argmax:
     header += ["argmax SHARCS", "argmax reduction"]
   rows = [[h["epoch"], 100 * h["full_width"]["accuracy"]]
-          + [100 * h["static"][f"{w:g}"]["accuracy"] for w in widths[:-1]]
+          + [100 * h["static"][width_label(w)]["accuracy"] for w in widths[:-1]]
           + [100 * h["sharcs"]["accuracy"], h["sharcs"]["flops_reduction"]]
           + [f"{100 * x:.1f}%" for x in h["sharcs"]["share_per_width"]]
           + ([100 * h["sharcs_argmax"]["accuracy"], h["sharcs_argmax"]["flops_reduction"]]
@@ -155,15 +157,18 @@ def write_run_report(workdir: str, summary: dict) -> None:
             + [r["gflops"], full / r["gflops"], share])
 
   rows = [row("full width", summary["full_width"])]
-  rows += [row(f"static w={w}", r) for w, r in summary["static"].items() if w != "1"]
+  rows += [row(f"static w={label}", summary["static"][label])
+           for label in map(width_label, summary["widths"][:-1])]
   s = summary["sharcs"]
-  shares = ", ".join(f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], s["share_per_width"]))
+  shares = ", ".join(f"{width_label(w)}: {100 * x:.1f}%"
+                     for w, x in zip(summary["widths"], s["share_per_width"]))
   name = f"SHARCS, budget {s['routing']['budget']}" if "routing" in s else "SHARCS"
   rows.append(row(name, s, shares))
   if "sharcs_argmax" in summary:
     a = summary["sharcs_argmax"]
     rows.append(row("SHARCS, router argmax (paper)", a, ", ".join(
-        f"{w:g}: {100 * x:.1f}%" for w, x in zip(summary["widths"], a["share_per_width"]))))
+        f"{width_label(w)}: {100 * x:.1f}%" for w, x in zip(summary["widths"],
+                                                            a["share_per_width"]))))
   text = (f"# SHARCS on {summary['task']} ({summary['model']})\n\n"
           f"Router after layer {summary['router_layer']}, widths {summary['widths']}, ranges "
           f"{summary['ranges']}, window {summary['window']}; best epoch {summary['best_epoch']} "

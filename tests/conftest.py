@@ -159,7 +159,8 @@ def tiny_batch():
 TRADEOFF_OVERRIDES = (
     "model.widths=(0.5, 1.0)", "hardness.ranges=((0.6, 1.0), (0.0, 0.6))", "data.train_limit=96",
     "data.dev_limit=48", "train.batch_size=16", "eval.batch_size=16",
-    "routing.calibration_examples=32", "model.reorder=False", "train.weight_decay=0.0")
+    "routing.calibration_examples=32", "model.reorder=False", "train.weight_decay=0.0",
+    "train.sandwich=True", "train.distill=inplace")
 TRADEOFF_ARGS = ("--router_layers=1", "--thresholds=0.6", "--budgets=1.2x,9x")
 
 

@@ -50,6 +50,36 @@ def test_early_exit_model_exits_agree_and_share_the_pretrained_encoder(tiny_back
     model.apply({"params": params}, ids, mask, exit_layer=3)
 
 
+def test_mean_pool_exits_read_the_real_tokens(tiny_backbone):
+  """Exits on the mean over tokens: the same parameters as [CLS] exits, padding ignored."""
+  cls_model, params = load_pretrained_early_exit(tiny_backbone, num_classes=2, key=jax.random.key(0))
+  mean_model, mean_params = load_pretrained_early_exit(tiny_backbone, num_classes=2,
+                                                       key=jax.random.key(0), pooling="mean")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, mean_params)
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 1, 1000)
+  mask = np.array([[1] * 12, [1] * 7 + [0] * 5], np.int32)
+  logits = mean_model.apply({"params": params}, ids, mask)
+  # Changing what sits in the padded positions changes nothing.
+  other_padding = ids.at[1, 7:].set(5)
+  np.testing.assert_allclose(mean_model.apply({"params": params}, other_padding, mask), logits,
+                             atol=1e-6)
+  # The last exit is the pooler and classifier on the masked mean of the last layer.
+  hidden = weights.load_pretrained(tiny_backbone, num_classes=2, widths=(1.0,), router_layer=1,
+                                   key=jax.random.key(0))
+  sharcs, sharcs_params = hidden
+  last = sharcs.apply({"params": sharcs_params}, ids, mask, width=1.0).last_hidden_state
+  m = mask[..., None]
+  mean = (last * m).sum(1) / m.sum(1)
+  exit_2 = params["exits_2"]
+  expected = (np.tanh(mean @ exit_2["pooler"]["kernel"] + exit_2["pooler"]["bias"])
+              @ exit_2["classifier"]["kernel"] + exit_2["classifier"]["bias"])
+  np.testing.assert_allclose(logits[2], expected, atol=1e-5)
+  assert not np.allclose(logits, cls_model.apply({"params": params}, ids, mask), atol=1e-3)
+  with pytest.raises(ValueError, match="exit pooling 'max' is not one of"):
+    EarlyExitModel(cls_model.encoder, num_classes=2, pooling="max").init(
+        jax.random.key(0), ids, mask)
+
+
 def test_exit_flops_follow_the_analytic_count():
   cfg = config_lib.backbone_config(config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py")))
   table = exit_flops_table(EarlyExitModel(cfg, num_classes=2), (32,))

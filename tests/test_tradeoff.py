@@ -24,7 +24,20 @@ def test_tradeoff_benchmark(tradeoff):
   assert ("sharcs K=1 budget rule", "1.2x") in methods and ("sharcs entropy", 0.6) in methods
   assert ("sharcs entropy budget rule", "1.2x") in methods
   assert ("sharcs cascade", "1.2x") in methods and ("sharcs K=1 cascade", "1.2x") in methods
-  assert sum(m.startswith("early exit") for m, _ in methods) == 10 + 2  # thresholds + patiences
+  # The config trains with the sandwich and distillation; the paper's recipe is a method beside.
+  assert ("sharcs paper recipe", 0.6) in methods
+  assert ("sharcs paper recipe cascade", "1.2x") in methods
+  paper = json.loads((out / "runs" / "sharcs_K2_t0.6_paper_recipe" / "report.json").read_text())
+  ours = json.loads((out / "runs" / "sharcs_K2_t0.6" / "report.json").read_text())
+  assert paper["recipe"] == {"sandwich": False, "distill": "none", "distill_weight": 0.5,
+                             "distill_temperature": 1.0}
+  assert ours["recipe"]["sandwich"] and ours["recipe"]["distill"] == "inplace"
+  static = json.loads((out / "runs" / "static_w0.5" / "report.json").read_text())
+  assert static["recipe"]["distill"] == "none"
+  for exits in ("early exit (", "early exit mean-pool ("):  # thresholds + patiences, each run
+    assert sum(m.startswith(exits) for m, _ in methods) == 10 + 2, exits
+  mean_run = json.loads((out / "runs" / "early_exit_mean" / "early_exit.json").read_text())
+  assert mean_run["exit_pooling"] == "mean"
   by = {(p["method"], p["setting"]): p for p in data["points"]}
   assert "out of reach" in by["sharcs budget rule", "9x"]["error"]
   assert by["static", 1.0]["flops_reduction"] == pytest.approx(1.0)
@@ -47,7 +60,8 @@ def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):
                                 f"--with_runs={tmp_path / 'runs' / 'sharcs_K2_t0.6'}")
   assert "finished earlier" in process.stderr and "trained and evaluated" not in process.stderr
   kept = [p for p in data["points"]
-          if p["method"] == "static" or p["method"].startswith(("early exit", "sharcs entropy"))]
+          if p["method"] == "static" or p.get("run") == "early_exit"
+          or p["method"].startswith("sharcs entropy")]
   routed = [{**p, "method": f"{p['method']} (sharcs_K2_t0.6)"} for p in data["points"]
             if p["method"] in ("sharcs budget rule", "sharcs cascade")]
   assert len(routed) == 2 * len(TRADEOFF_ARGS[-1].split(","))

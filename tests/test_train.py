@@ -134,7 +134,7 @@ def test_throughput_benchmark_writes_its_reports(trained, tmp_path):
   workdir, report = trained
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.throughput", f"--workdir={workdir}", f"--out={tmp_path}",
-       "--rounds=1", "--limit=48", f"--data_dir={glue_data_dir()}"],
+       "--rounds=1", "--limit=48"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads((tmp_path / "throughput.json").read_text())

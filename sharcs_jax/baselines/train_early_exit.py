@@ -119,7 +119,8 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   key = jax.random.PRNGKey(config.seed)
   model, params = load_pretrained_early_exit(config.model.backbone,
                                              num_classes=task.num_classes,
-                                             key=jax.random.fold_in(key, 1))
+                                             key=jax.random.fold_in(key, 1),
+                                             pooling=config.model.exit_pooling)
   num_layers = model.encoder.num_layers
   tx = make_optimizer(t)
   state = ExitTrainState(step=jnp.int32(0), epoch=jnp.int32(0), train_seconds=jnp.float32(0),
@@ -165,6 +166,7 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                                   entropy_fractions,
                                   patiences or tuple(range(1, num_layers)))
   summary = {"task": task.name, "model": config.model.backbone, "method": "early exit",
+             "exit_pooling": config.model.exit_pooling,
              "loss": "PABEE weighted mean of exit losses", "epochs": t.epochs,
              "best_epoch": best_epoch, "train_examples": len(train_data),
              "dev_examples": len(dev_data), "train_seconds": float(state.train_seconds),

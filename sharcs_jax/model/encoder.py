@@ -166,6 +166,12 @@ class EncoderLayer(nn.Module):
     return layer_norm(x + dropout(h, deterministic=deterministic), ffn_ln, cfg.layer_norm_eps)
 
 
+def masked_mean(x: Array, mask: Array) -> Array:
+  """Mean over the real tokens [B, d] of hidden states [B, S, d] (padding excluded)."""
+  m = mask.astype(x.dtype)[..., None]
+  return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
 class Router(nn.Module):
   """Masked mean over real tokens -> Linear -> ReLU -> Linear: one logit per width."""
 
@@ -176,8 +182,7 @@ class Router(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array) -> Array:
     d = x.shape[-1]
-    m = mask.astype(x.dtype)[..., None]
-    mean = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    mean = masked_mean(x, mask)
     w1 = self.param("hidden", dense_init((d, self.hidden), (self.hidden,), self.init_std))
     w2 = self.param("out", dense_init((self.hidden, self.num_widths), (self.num_widths,),
                                       self.init_std))

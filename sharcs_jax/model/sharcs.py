@@ -119,6 +119,11 @@ def default_router_hidden(cfg: EncoderConfig) -> int:
   return max(1, round(1024 * cfg.hidden_size / 768))
 
 
+def router_hidden_size(cfg: EncoderConfig, configured: int) -> int:
+  """`config.model.router_hidden`, where 0 means the default: the one place that rule lives."""
+  return configured or default_router_hidden(cfg)
+
+
 def init_params(model: SharcsModel, key: Array, seq_len: int = 8) -> dict[str, Any]:
   """Fresh parameters for every width (per-width LayerNorms included)."""
   ids = jnp.zeros((1, seq_len), jnp.int32)

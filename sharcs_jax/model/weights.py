@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.early_exit import EarlyExitModel
-from sharcs_jax.model.sharcs import (SharcsModel, check_model_settings, default_router_hidden,
+from sharcs_jax.model.sharcs import (SharcsModel, check_model_settings, router_hidden_size,
                                      init_params)
 from sharcs_jax.model.torch_pickle import load_torch_state_dict
 from sharcs_jax.model.widths import width_dims, width_tag
@@ -266,16 +266,17 @@ def _pretrained(name_or_path: str, check: Callable[[EncoderConfig], None] = lamb
 
 
 def load_pretrained(name_or_path: str, *, num_classes: int, widths: tuple[float, ...],
-                    router_layer: int, key: jax.Array, router_hidden: int | None = None,
+                    router_layer: int, key: jax.Array, router_hidden: int = 0,
                     layernorm_init: str = "pretrained") -> tuple[SharcsModel, dict[str, Any]]:
-  """Builds the SHARCS model around a pretrained encoder; fresh parts come from `key`."""
+  """Builds the SHARCS model around a pretrained encoder; fresh parts come from `key`.
+  `router_hidden` 0 takes the default size (`router_hidden_size`)."""
   if layernorm_init not in LAYERNORM_INITS:
     raise ValueError(f"layernorm_init {layernorm_init!r} is not one of {LAYERNORM_INITS}")
   cfg, converted = _pretrained(
       name_or_path, lambda cfg: check_model_settings(cfg, tuple(widths), router_layer))
   model = SharcsModel(cfg, num_classes=num_classes, widths=tuple(widths),
                       router_layer=router_layer,
-                      router_hidden=router_hidden or default_router_hidden(cfg))
+                      router_hidden=router_hidden_size(cfg, router_hidden))
   params = jax.tree_util.tree_map(np.asarray, unfreeze(init_params(model, key)))
   for path, value in converted.items():
     _set_path(params, path, value)
@@ -284,12 +285,12 @@ def load_pretrained(name_or_path: str, *, num_classes: int, widths: tuple[float,
   return model, jax.tree_util.tree_map(jax.numpy.asarray, params)
 
 
-def load_pretrained_early_exit(name_or_path: str, *, num_classes: int,
-                               key: jax.Array) -> tuple[EarlyExitModel, dict[str, Any]]:
+def load_pretrained_early_exit(name_or_path: str, *, num_classes: int, key: jax.Array,
+                               pooling: str = "cls") -> tuple[EarlyExitModel, dict[str, Any]]:
   """The early-exit baseline around the same pretrained encoder: every exit's pooler starts
   from the checkpoint's pooler (fresh where it has none), every classifier fresh."""
   cfg, converted = _pretrained(name_or_path)
-  model = EarlyExitModel(cfg, num_classes=num_classes)
+  model = EarlyExitModel(cfg, num_classes=num_classes, pooling=pooling)
   ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
   params = jax.tree_util.tree_map(np.asarray, unfreeze(jax.jit(
       lambda k: model.init(k, ids, jax.numpy.ones_like(ids))["params"])(key)))

@@ -41,6 +41,11 @@ def width_dims(cfg: EncoderConfig, width: float) -> WidthDims:
   )
 
 
+def width_label(width: float) -> str:
+  """How reports, JSON keys and file names spell a width: 0.25 -> '0.25', 1.0 -> '1'."""
+  return f"{check_width(width):g}"
+
+
 def width_tag(width: float) -> str:
-  """Parameter-tree key suffix that names a width: 0.25 -> 'w0p25'."""
-  return "w" + f"{check_width(width):g}".replace(".", "p")
+  """Parameter-tree key suffix that names a width: 0.25 -> 'w0p25' (an identifier)."""
+  return "w" + width_label(width).replace(".", "p")

@@ -43,6 +43,7 @@ def file_sha256(path: str) -> str:
 
 
 def adaptive_part_name(width: float) -> str:
+  # model.widths.width_label's spelling; the loader does not import the flax model package
   return f"adaptive_{width:g}"
 
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from sharcs_jax import report
 from sharcs_jax.data.glue import Task
+from sharcs_jax.model.widths import width_label
+from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 
 
@@ -129,7 +131,7 @@ def check_paths(input_path: str, output_path: str) -> None:
 
 
 def run(workdir: str, input_path: str, output_path: str,
-        batch_buckets: tuple[int, ...] = (1, 8, 32), budget: str = "", rule: str = "router",
+        batch_buckets: tuple[int, ...] = BATCH_BUCKETS, budget: str = "", rule: str = "router",
         signal: str = "max_prob", start_budget: str = "", precision: str = "fp32"
         ) -> dict[str, Any]:
   """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`).
@@ -158,7 +160,7 @@ def run(workdir: str, input_path: str, output_path: str,
       "routing": engine.rule.budget or "router argmax", "rule": engine.rule.name,
       "precision": engine.precision,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
-      "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w)) if len(texts) else 0.0
+      "share_per_width": {width_label(w): float(np.mean(predictions.widths == w)) if len(texts) else 0.0
                           for w in engine.widths},
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,
       "full_width_gflops_per_example": float(full.mean()) if len(texts) else 0.0,

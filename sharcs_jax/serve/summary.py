@@ -26,7 +26,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   encoder = config_lib.validate(config)
   m = config.model
   model, _ = load_pretrained(m.backbone, num_classes=2, widths=tuple(m.widths),
-                             router_layer=m.router_layer, router_hidden=m.router_hidden or None,
+                             router_layer=m.router_layer, router_hidden=m.router_hidden,
                              layernorm_init=m.layernorm_init, key=jax.random.key(config.seed))
   logging.info("Loaded %s (%s, %d layers, hidden %d) in %.1fs", m.backbone, encoder.layout,
                encoder.num_layers, encoder.hidden_size, time.time() - start)

@@ -36,6 +36,7 @@ from sharcs_jax.data import batching, glue
 from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.reorder import reorder_by_importance
 from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.model.widths import width_label
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
 from sharcs_jax.serve.programs import Programs
 from sharcs_jax.progress import progress
@@ -252,7 +253,8 @@ def _importance_batches(data: batching.Encoded, batch_size: int, count: int):
 
 
 def _log_eval(epoch: int, result: dict, widths: tuple[float, ...]) -> None:
-  static = ", ".join(f"w{w:g}={result['static'][i]['accuracy']:.4f}" for i, w in enumerate(widths))
+  static = ", ".join(f"w{width_label(w)}={result['static'][i]['accuracy']:.4f}"
+                     for i, w in enumerate(widths))
   s = result["sharcs"]
   logging.info("epoch %d dev: %s | SHARCS %.4f at %.3f GFLOPs (%.2fx), share %s", epoch, static,
                s["accuracy"], s["gflops"], s["flops_reduction"],
@@ -266,7 +268,7 @@ def _log_eval(epoch: int, result: dict, widths: tuple[float, ...]) -> None:
 
 def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str, Any]:
   return {"full_width": result["full_width"],
-          "static": {f"{w:g}": result["static"][i] for i, w in enumerate(widths)},
+          "static": {width_label(w): result["static"][i] for i, w in enumerate(widths)},
           **{k: result[k] for k in ("sharcs", "sharcs_argmax") if k in result}}
 
 
@@ -315,7 +317,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   key = jax.random.PRNGKey(config.seed)
   model, params = load_pretrained(m.backbone, num_classes=task.num_classes, widths=widths,
                                   router_layer=m.router_layer,
-                                  router_hidden=m.router_hidden or None,
+                                  router_hidden=m.router_hidden,
                                   layernorm_init=m.layernorm_init, key=jax.random.fold_in(key, 1))
   # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
   programs = Programs(model, param_shapes(model),
