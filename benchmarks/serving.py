@@ -338,7 +338,7 @@ def main(argv):
     results = measure(paths, texts, split.labels, task.metrics, FLAGS.rounds)
   import onnxruntime
   import torch
-  data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": engine.config.model.backbone,
+  data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": engine.trained.config.model.backbone,
           "examples": len(texts), "rounds": FLAGS.rounds, "max_length": engine.length_buckets[-1],
           "length_buckets": list(engine.length_buckets), "cpu": cpu_info(),
           "threads": {"pytorch": torch.get_num_threads(), "onnxruntime_intra_op": threads,

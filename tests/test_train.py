@@ -205,15 +205,15 @@ def test_one_compile_per_width_and_bucket(tiny_backbone, tmp_path, monkeypatch):
   original = train.train_step
 
   @functools.wraps(original)  # the same name, so the same XLA programs as other runs (cache hits)
-  def counting_step(state, batch, *, width, **kwargs):
-    traces.append((width, batch["input_ids"].shape))
-    return original(state, batch, width=width, **kwargs)
+  def counting_step(state, batch, *, widths, **kwargs):
+    traces.append((widths, batch["input_ids"].shape))
+    return original(state, batch, widths=widths, **kwargs)
 
   monkeypatch.setattr(train, "train_step", counting_step)
   config = _tiny_config(tiny_backbone)
   train.train_and_evaluate(config, str(tmp_path))
   assert len(traces) == len(set(traces)), traces
-  assert {w for w, _ in traces} == set(config.model.widths)  # every width was trained
+  assert {w for (w,), _ in traces} == set(config.model.widths)  # every width was trained
 
 
 def _result(full, sharcs, reduction):
@@ -303,7 +303,7 @@ def test_two_runs_on_one_workdir(trained, tmp_path):
   run = tmp_path / "run"
   first = subprocess.Popen(
       [sys.executable, "-c", "import sys\nfrom conftest import tiny_run_config\n"
-       "from sharcs_jax import train\n"
+       "from sharcs_jax.train import loop as train\n"
        "train.train_and_evaluate(tiny_run_config(sys.argv[1]), sys.argv[2])",
        lone["model"], str(run)],
       cwd=REPO_ROOT / "tests", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
