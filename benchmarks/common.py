@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import sys
 import time
 from typing import Callable
@@ -17,6 +18,24 @@ from sharcs_jax.data import batching, glue
 from sharcs_jax.serve.dispatch import split_into_batches
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.programs import Programs
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+             "amx_int8")
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+  """The CPU model and the instruction-set flags that decide the int8 and bf16 kernels."""
+  fields: dict[str, str] = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's
+  present = set(fields.get("flags", "").split())
+  return {"model": fields.get("model name") or platform.processor() or "unknown",
+          "flags": {f: f in present for f in CPU_FLAGS},
+          "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
 
 
 def dev_split(task: str, data_dir: str | None, limit: int = 0) -> glue.Split:

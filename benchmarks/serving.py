@@ -62,28 +62,10 @@ FLAGS = flags.FLAGS
 
 BATCH = 32
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
-             "amx_int8")
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "tokenizers", "onnx", "onnxruntime",
             "numpy")
 
 RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ids, mask, types -> logits
-
-
-# --- the machine -------------------------------------------------------------------------------
-
-def cpu_info(path: str = "/proc/cpuinfo") -> dict:
-  """The CPU model and the instruction-set flags that decide the int8 and bf16 kernels."""
-  fields: dict[str, str] = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())  # the first CPU's
-  present = set(fields.get("flags", "").split())
-  return {"model": fields.get("model name") or platform.processor() or "unknown",
-          "flags": {f: f in present for f in CPU_FLAGS},
-          "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
 
 
 def versions() -> dict:
@@ -340,7 +322,7 @@ def main(argv):
   import torch
   data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": engine.trained.config.model.backbone,
           "examples": len(texts), "rounds": FLAGS.rounds, "max_length": engine.length_buckets[-1],
-          "length_buckets": list(engine.length_buckets), "cpu": cpu_info(),
+          "length_buckets": list(engine.length_buckets), "cpu": common.cpu_info(),
           "threads": {"pytorch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
                       "xla": "XLA CPU's own pool (all usable CPUs)",
                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
@@ -361,7 +343,7 @@ def write_reports(out: str, data: dict, task: glue.Task) -> None:
              p.get("gflops_per_example", "")]
           for name, p in data["paths"].items()]
   cpu = data["cpu"]
-  flags_on = ", ".join(f for f, on in cpu["flags"].items() if on) or "none of " + ", ".join(CPU_FLAGS)
+  flags_on = ", ".join(f for f, on in cpu["flags"].items() if on) or "none of " + ", ".join(common.CPU_FLAGS)
   v = data["versions"]
   notes = (f"{data['examples']} {data['task']} dev examples, text in -> labels out (tokenisation "
            f"inside every timed pass, truncation at {data['max_length']} tokens), median of "

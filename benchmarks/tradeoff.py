@@ -243,9 +243,12 @@ def collect(config, out: str, others: dict[str, dict]) -> dict:
       else:
         points.append({"method": named, "setting": p["budget"], "run": run,
                        "calibration_reduction": p["calibration_reduction"], **_metrics(p)})
+  reference = reference or next(
+      (report["full_width"]["gflops"] for report in others.values()), None)
   if reference is None:
-    raise app.UsageError("--only must include a SHARCS or static run: they give the full-width "
-                         "GFLOPs that reductions are measured against")
+    raise app.UsageError("--only must include a SHARCS or static run, or --with_runs must name "
+                         "one: they give the full-width GFLOPs that reductions are measured "
+                         "against")
   for p in points:
     if "gflops" in p:
       p["flops_reduction"] = reference / p["gflops"]

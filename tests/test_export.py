@@ -183,3 +183,13 @@ def test_exported_cascade_equals_the_engine(trained, tmp_path):
   assert len(set(theirs.widths.tolist())) > 1  # the cascade stopped some inputs early
   np.testing.assert_allclose(ours.probabilities, theirs.probabilities, atol=1e-5)
   np.testing.assert_allclose(ours.gflops, theirs.gflops, rtol=1e-9)
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5, 0.125, 1.0])
+def test_exported_part_names_spell_widths_as_the_model_does(width):
+  # the loader spells the width itself (it does not import the flax model package); the two
+  # spellings must not drift apart, or an export would name parts its loader cannot find
+  from sharcs_jax.model.widths import width_label
+  from sharcs_jax.serve.exported import adaptive_part_name
+
+  assert adaptive_part_name(width) == f"adaptive_{width_label(width)}"

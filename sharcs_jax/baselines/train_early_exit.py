@@ -50,8 +50,9 @@ class ExitTrainState:
 
 
 def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: EarlyExitModel,
-                    tx: optax.GradientTransformation) -> tuple[ExitTrainState, Array]:
-  """One optimiser step on PABEE's weighted exit losses; returns the per-exit losses [L]."""
+                    tx: optax.GradientTransformation) -> tuple[ExitTrainState, dict[str, Array]]:
+  """One optimiser step on PABEE's weighted exit losses; metrics {"loss": per-exit losses [L]}
+  as `train_epoch` reads them."""
   weight = batch["weight"]
   count = jnp.maximum(weight.sum(), 1.0)
 
@@ -67,11 +68,8 @@ def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: Ea
   (_, per_exit), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   params, opt_state = apply_gradients(tx, state.opt_state, state.params, grads,
                                       batch["learning_rate"])
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), per_exit
-
-
-def _with_loss(state: ExitTrainState, per_exit: Array) -> tuple[ExitTrainState, dict]:
-  return state, {"loss": per_exit}
+  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+          {"loss": per_exit})
 
 
 def exit_logits(model: EarlyExitModel, forward: Any, params: Any, data: batching.Encoded,
@@ -142,9 +140,10 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   for epoch in range(int(state.epoch), t.epochs):
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),
                                      t.batch_size, epoch_rng(state, epoch))
-    state, trained = train_epoch(state, lambda s, b, _: _with_loss(*step_fn(s, b)), plan,
-                                 train_data, t, epoch, mesh, f"early exit, epoch {epoch}")
-    epoch_start, losses = time.time() - trained.seconds, trained.losses
+    epoch_start = time.time()
+    state, trained = train_epoch(state, lambda s, b, _: step_fn(s, b), plan, train_data, t,
+                                 epoch, mesh, f"early exit, epoch {epoch}")
+    losses = trained.losses
     logits = exit_logits(model, forward, state.params, dev_data, config.eval.batch_size)
     accuracy = [classification_metrics(l.argmax(-1), dev_data.labels, task.metrics)["accuracy"]
                 for l in logits]

@@ -139,8 +139,10 @@ class Engine:
   def predict(self, texts: Sequence[Text]) -> Predictions:
     return self.run(self.encode(texts))
 
-  def run(self, data: batching.Encoded) -> Predictions:
-    """Predictions for every row of `data`, in row order (through `dispatch.run_rows`)."""
+  def run(self, data: batching.Encoded, runner: dispatch.Runner | None = None) -> Predictions:
+    """Predictions for every row of `data`, in row order (through `dispatch.run_rows`).
+
+    `runner` replaces the engine's programs runner (a profiler wraps it to time each call)."""
     if data.length_buckets != self.length_buckets:
       raise ValueError(f"inputs were bucketed to {data.length_buckets}, the engine was compiled "
                        f"for {self.length_buckets}")
@@ -148,7 +150,7 @@ class Engine:
     probabilities = np.zeros((n, self.model.num_classes), np.float32)
     routed = np.zeros(n, np.int64)
     gflops = np.zeros(n, np.float64)
-    runner = ProgramRunner(self.programs, self.params)
+    runner = runner or ProgramRunner(self.programs, self.params)
     for bucket, length in enumerate(self.length_buckets):
       for rows in _blocks(np.flatnonzero(data.bucket_of == bucket), self.block_size):
         out = dispatch.run_rows(

@@ -1,0 +1,201 @@
+"""Where the engine's serving time goes: tokenising, each compiled program, padding, and how close
+each program's arithmetic rate comes to the CPU's matmul rate at the same compute dtype.
+
+    python -m benchmarks.profile --workdir=W --out=O [--precision=auto] [--budget=2x --rule=cascade]
+
+Every program call is timed to completion (blocked on), so the program rows add up to the routed
+pass; the unblocked pass (host work overlapping compute) is reported beside it. The matmul
+ceiling is one [rows, in] x [in, out] product per kind of layer matmul at full width, timed
+alone; a program near it has little left to gain from XLA flags or layouts, only from doing fewer
+FLOPs (less padding, a smaller width). Writes profile.{json,md,png} into --out.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks import common
+from sharcs_jax import report
+from sharcs_jax.model.encoder import contract
+from sharcs_jax.run import load_run
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.programs import ProgramKey, ProgramRunner
+from sharcs_jax.serve.precision import PRECISIONS
+
+flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
+flags.DEFINE_string("out", None, "Output directory.", required=True)
+flags.DEFINE_enum("precision", "auto", list(PRECISIONS), "The engine's compute precision.")
+flags.DEFINE_string("budget", "2x", "FLOPs budget the engine is routed to ('' = the run's rule).")
+flags.DEFINE_string("rule", "cascade", "Rule that meets --budget (router, cascade, ...).")
+flags.DEFINE_integer("rounds", 3, "Passes over dev per measurement (median).")
+flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
+flags.DEFINE_integer("gemm_rows", 1024, "Rows of the matmul-ceiling products (batch x length).")
+FLAGS = flags.FLAGS
+
+
+class TimedRunner(ProgramRunner):
+  """Blocks on every program and adds its seconds and calls under its `ProgramKey`."""
+
+  def __init__(self, programs, variables):
+    super().__init__(programs, variables)
+    self.seconds = collections.defaultdict(float)
+    self.calls = collections.Counter()
+
+  def _timed(self, key: ProgramKey, call):
+    start = time.perf_counter()
+    out = jax.block_until_ready(call())
+    self.seconds[key] += time.perf_counter() - start
+    self.calls[key] += 1
+    return out
+
+  def prefix(self, batch, length, ids, mask, types):
+    return self._timed(ProgramKey("prefix", None, batch, length),
+                       lambda: super(TimedRunner, self).prefix(batch, length, ids, mask, types))
+
+  def part(self, width_index, batch, length, hidden, mask):
+    key = ProgramKey("adaptive", self.programs.model.widths[width_index], batch, length)
+    return self._timed(key, lambda: super(TimedRunner, self).part(width_index, batch, length,
+                                                                  hidden, mask))
+
+
+MATMUL_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def _product(compute_dtype: str):
+  """x @ w as a layer would run it at `compute_dtype`: float32 and bfloat16 as the model contracts
+  (float32 results); int8 inputs with int32 accumulation, what int8 weights would need."""
+  if compute_dtype == "int8":
+    return lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.int32)
+  return lambda a, b: contract("mk,kn->mn", a, b, compute_dtype)
+
+
+def gemm_ceiling(d: int, f: int, rows: int, rounds: int = 20) -> dict[str, dict[str, float]]:
+  """GFLOP/s (GOP/s for int8) of each full-width layer matmul shape at every `MATMUL_DTYPES`."""
+  rng = np.random.default_rng(0)
+  out = {}
+  for name, (k, n) in {"qkv": (d, 3 * d), "attn_out": (d, d), "ffn_in": (d, f),
+                       "ffn_out": (f, d)}.items():
+    rates = {}
+    for dtype in MATMUL_DTYPES:
+      array_dtype = jnp.int8 if dtype == "int8" else jnp.float32
+      x = jnp.asarray(rng.integers(-100, 100, (rows, k)), array_dtype)
+      w = jnp.asarray(rng.integers(-100, 100, (k, n)), array_dtype)
+      product = jax.jit(_product(dtype))
+      jax.block_until_ready(product(x, w))
+      seconds = []
+      for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(product(x, w))
+        seconds.append(time.perf_counter() - start)
+      rates[dtype] = 2 * rows * k * n / np.median(seconds) / 1e9
+    out[f"{name} [{rows},{k}]x[{k},{n}]"] = rates
+  return out
+
+
+def main(argv):
+  del argv
+  run = load_run(FLAGS.workdir)
+  engine = Engine.from_run(run, precision=FLAGS.precision, budget=FLAGS.budget,
+                           rule=FLAGS.rule if FLAGS.budget else "router")
+  (dev_split,) = run.splits("dev", limit=FLAGS.limit)
+  texts = dev_split.texts
+  dev = engine.encode(texts)
+  engine.run(dev)  # first calls: loading and warm-up stay out of the timings
+
+  timed = TimedRunner(engine.programs, engine.params)
+  candidates = {"tokenise": lambda: engine.encode(texts), "routed pass": lambda: engine.run(dev)}
+  times = common.time_side_by_side(candidates, FLAGS.rounds, warmup=0)
+  start = time.perf_counter()
+  predictions = engine.run(dev, runner=timed)
+  blocked = time.perf_counter() - start
+
+  enc = engine.model.encoder
+  ceiling = gemm_ceiling(enc.hidden_size, enc.intermediate_size, FLAGS.gemm_rows)
+  programs = []
+  for key, seconds in sorted(timed.seconds.items(), key=lambda kv: -kv[1]):
+    gflop = program_gflop(engine, key)
+    programs.append({"kind": key.kind, "width": key.width, "batch": key.batch,
+                     "length": key.length, "calls": timed.calls[key], "seconds": seconds,
+                     "share": seconds / blocked, "gflop_per_call": gflop,
+                     "gflops_per_second": gflop * timed.calls[key] / seconds})
+  lengths = np.asarray(engine.length_buckets)[dev.bucket_of]
+  tokenise, routed = float(np.median(times["tokenise"])), float(np.median(times["routed pass"]))
+  data = {"workdir": FLAGS.workdir, "task": run.task.name, "examples": len(dev),
+          "precision": engine.precision, "rule": engine.rule.to_json(), "cpu": common.cpu_info(),
+          "rounds": FLAGS.rounds, "tokenise_seconds": tokenise, "routed_seconds": routed,
+          "examples_per_second": len(dev) / (tokenise + routed),
+          "blocked_pass_seconds": blocked, "program_seconds": sum(timed.seconds.values()),
+          "gflops_per_example": float(predictions.gflops.mean()),
+          "mean_tokens": float(dev.lengths.mean()), "mean_padded_length": float(lengths.mean()),
+          "length_buckets": list(engine.length_buckets),
+          "bucket_share": (np.bincount(dev.bucket_of, minlength=len(engine.length_buckets)) / len(dev)).tolist(),
+          "matmul_ceiling_gflops_per_second": ceiling, "programs": programs}
+  write(data)
+
+
+def program_gflop(engine: Engine, key: ProgramKey) -> float:
+  """One call's GFLOP as the engine counts them (the float32 programs' per example, whatever the
+  precision, times the batch)."""
+  widths = engine.model.widths
+  column = engine.length_buckets.index(key.length)
+  if key.kind == "prefix":
+    return engine.prefix_flops[column] * key.batch / 1e9
+  return (engine.flops[widths.index(key.width), column] - engine.prefix_flops[column]) \
+      * key.batch / 1e9
+
+
+def write(data: dict) -> None:
+  cpu = data["cpu"]
+  notes = (
+      f"{data['examples']} {data['task']} dev examples, {data['precision']}, rule "
+      f"`{data['rule']}`; CPU: {cpu.get('model')}, {cpu.get('usable_cpus')} usable CPUs, flags "
+      f"{', '.join(f for f, on in cpu['flags'].items() if on)}. Median of {data['rounds']} passes: tokenising "
+      f"{data['tokenise_seconds']:.2f} s, the routed pass {data['routed_seconds']:.2f} s "
+      f"({data['examples_per_second']:.0f} examples/s text to labels, "
+      f"{data['gflops_per_example']:.4f} GFLOPs/example). One pass with every program blocked "
+      f"on: {data['blocked_pass_seconds']:.2f} s, of which programs "
+      f"{data['program_seconds']:.2f} s.\n\nPadding: {data['mean_tokens']:.1f} real tokens per "
+      f"example, {data['mean_padded_length']:.1f} after padding to the buckets "
+      f"{tuple(data['length_buckets'])} (shares "
+      f"{', '.join(f'{s:.1%}' for s in data['bucket_share'])}).\n\nMatmul ceiling, each "
+      "layer matmul shape alone, GFLOP/s (int8: GOP/s, int32 accumulation): " + "; ".join(
+          f"{shape} " + " / ".join(f"{dtype} {rate:.0f}" for dtype, rate in rates.items())
+          for shape, rates in data["matmul_ceiling_gflops_per_second"].items()) +
+      "\n\nPrograms (GFLOP counted as the engine counts them: float32 XLA cost analysis):")
+  rows = [[p["kind"], "" if p["width"] is None else p["width"], p["batch"], p["length"],
+           p["calls"], f"{p['seconds']:.3f}", f"{p['share']:.1%}", f"{p['gflop_per_call']:.3f}",
+           f"{p['gflops_per_second']:.0f}"] for p in data["programs"]]
+  common.write_outputs(FLAGS.out, "profile", data, "Where the engine's time goes",
+                       ["program", "width", "batch", "length", "calls", "seconds", "share",
+                        "GFLOP/call", "GFLOP/s"], rows, notes)
+  plot(data)
+
+
+def plot(data: dict) -> None:
+  plt = report.pyplot()
+  by_kind = collections.defaultdict(float)
+  for p in data["programs"]:
+    by_kind[p["kind"] if p["width"] is None else f"width {p['width']:g}"] += p["seconds"]
+  by_kind["tokenise"] = data["tokenise_seconds"]
+  other = data["blocked_pass_seconds"] - data["program_seconds"]
+  by_kind["host (dispatch, gathers)"] = max(other, 0.0)
+  fig, ax = plt.subplots(figsize=(6, 3))
+  left = 0.0
+  for name, seconds in by_kind.items():
+    ax.barh([0], [seconds], left=left, label=f"{name}: {seconds:.2f} s")
+    left += seconds
+  ax.set_yticks([])
+  ax.set_xlabel("seconds per pass over dev")
+  ax.set_title(f"{data['task']} dev, {data['precision']}: where the time goes")
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2)
+  report.save_figure(fig, f"{FLAGS.out}/profile.png")
+
+
+if __name__ == "__main__":
+  app.run(main)
