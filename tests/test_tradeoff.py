@@ -68,6 +68,22 @@ def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):
   assert again["points"] == kept + routed
 
 
+def test_early_exit_alone_measures_against_a_run_from_elsewhere(tiny_backbone, tradeoff,
+                                                                tmp_path):
+  # No SHARCS or static run in the sweep: the --with_runs run's full width is the reference.
+  out, data = tradeoff
+  shutil.copytree(out / "runs", tmp_path / "runs")
+  elsewhere = tmp_path / "runs" / "sharcs_K2_t0.6"
+  again, process = run_tradeoff(tiny_backbone, tmp_path, *TRADEOFF_ARGS, "--only=early_exit",
+                                f"--with_runs={elsewhere}")
+  assert "trained and evaluated" not in process.stderr
+  reference = json.loads((elsewhere / "report.json").read_text())["full_width"]["gflops"]
+  assert again["full_width_gflops"] == reference
+  exits = [p for p in again["points"] if p.get("run") == "early_exit"]
+  assert exits and all(p["flops_reduction"] == pytest.approx(reference / p["gflops"])
+                       for p in exits)
+
+
 def test_runs_from_elsewhere_are_checked_before_training(trained, tmp_path):
   command = [sys.executable, "-m", "benchmarks.tradeoff", f"--out={tmp_path}",
              f"--config={REPO_ROOT / 'configs' / 'sst2.py'}"]
