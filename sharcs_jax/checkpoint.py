@@ -175,7 +175,11 @@ def _latest(workdir: str) -> tuple[ocp.CheckpointManager, int, ml_collections.Co
   if step is None:
     raise FileNotFoundError(f"{manager.directory} holds no checkpoint: train with "
                             f"--workdir={workdir} first")
-  saved = _restore(manager, step, config=ocp.args.JsonRestore())
+  try:
+    saved = _restore(manager, step, config=ocp.args.JsonRestore())
+  except BaseException:
+    manager.close()
+    raise
   return manager, step, ml_collections.ConfigDict(saved.config)
 
 
@@ -190,28 +194,32 @@ def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any
   router's argmax.
   """
   manager, step, config = _latest(workdir)
-  model = model_from_config(config)
-  abstract = on_one_device(jax.eval_shape(initial_best, param_shapes(model)))
-  best = _restore(manager, step, best=ocp.args.StandardRestore(abstract)).best
-  if int(best["epoch"]) < 0:
-    raise CheckpointError(
-        f"{workdir}: no epoch of this run can be served yet: {step} of {config.train.epochs} "
-        f"epochs finished, and epochs before hardness.window={config.hardness.window} are never "
-        "kept; resume training by re-running the command that started it with the same "
-        f"--workdir={workdir}")
-  logging.info("Loaded %s: epoch %d of the run (checkpoint %d)", workdir, int(best["epoch"]), step)
-  rule = _saved_rule(manager, step)
-  if rule is None:
-    rule = _reported_rule(workdir)
-  if rule is None and config.routing.budget:
-    raise CheckpointError(
-        f"{workdir}: the run routes to budget {config.routing.budget} but neither its checkpoint "
-        "nor report.json holds the calibrated rule; finish training (re-run its command) or pass "
-        "--budget to calibrate one now")
-  rule = rule or Rule()
-  if rule.budget:
-    logging.info("Routing as trained: %s", rule.to_json())
-  return config, model, best["params"], rule
+  try:  # closed on every path: a manager left open at exit races its threads' shutdown
+    model = model_from_config(config)
+    abstract = on_one_device(jax.eval_shape(initial_best, param_shapes(model)))
+    best = _restore(manager, step, best=ocp.args.StandardRestore(abstract)).best
+    if int(best["epoch"]) < 0:
+      raise CheckpointError(
+          f"{workdir}: no epoch of this run can be served yet: {step} of {config.train.epochs} "
+          f"epochs finished, and epochs before hardness.window={config.hardness.window} are never "
+          "kept; resume training by re-running the command that started it with the same "
+          f"--workdir={workdir}")
+    logging.info("Loaded %s: epoch %d of the run (checkpoint %d)", workdir, int(best["epoch"]),
+                 step)
+    rule = _saved_rule(manager, step)
+    if rule is None:
+      rule = _reported_rule(workdir)
+    if rule is None and config.routing.budget:
+      raise CheckpointError(
+          f"{workdir}: the run routes to budget {config.routing.budget} but neither its checkpoint "
+          "nor report.json holds the calibrated rule; finish training (re-run its command) or pass "
+          "--budget to calibrate one now")
+    rule = rule or Rule()
+    if rule.budget:
+      logging.info("Routing as trained: %s", rule.to_json())
+    return config, model, best["params"], rule
+  finally:
+    manager.close()
 
 
 def _reported_rule(workdir: str) -> Rule | None:

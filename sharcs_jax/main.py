@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, Callable
 
 import jax
 from absl import app, flags, logging
@@ -61,9 +62,27 @@ flags.DEFINE_integer("process_id", None, "distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
+def ignore_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """An unraisable-exception hook that drops asyncio's "Event loop is closed" and passes on
+  everything else.
+
+  orbax reads a checkpoint through tensorstore futures whose callbacks post to an asyncio loop.
+  When one array of a damaged checkpoint fails, the loop closes while the other reads are still
+  pending, and each of them then reports that error at random moments around the one-line FATAL
+  message. That is noise about reads already abandoned, not a second fault.
+  """
+  def hook(unraisable: Any) -> None:
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+  return hook
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  sys.unraisablehook = ignore_closed_loop_callbacks(sys.unraisablehook)
   try:
     run_mode()
   except RunError as e:  # its message names the file or setting: a traceback would bury it

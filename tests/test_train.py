@@ -462,3 +462,19 @@ def test_history_of_earlier_versions_reads_in_todays_names():
          "sharcs_argmax": {"bucket_share": [0.4, 0.6]}}
   assert _upgrade_epoch(old) == {"epoch": 0, "sharcs": {"accuracy": 0.8, "share_per_width": [0.7, 0.3]},
                                  "sharcs_argmax": {"share_per_width": [0.4, 0.6]}}
+
+
+def test_only_closed_loop_callbacks_are_silenced():
+  # the CLI's hook drops the abandoned checkpoint reads' "Event loop is closed" and nothing else
+  import types
+
+  from sharcs_jax.main import ignore_closed_loop_callbacks
+
+  seen = []
+  hook = ignore_closed_loop_callbacks(seen.append)
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed, and more"))
+  value = types.SimpleNamespace(exc_value=ValueError("Event loop is closed"))
+  for unraisable in (closed, other, value):
+    hook(unraisable)
+  assert seen == [other, value]
