@@ -134,7 +134,8 @@ def main(argv):
           "gflops_per_example": float(predictions.gflops.mean()),
           "mean_tokens": float(dev.lengths.mean()), "mean_padded_length": float(lengths.mean()),
           "length_buckets": list(engine.length_buckets),
-          "bucket_share": (np.bincount(dev.bucket_of, minlength=len(engine.length_buckets)) / len(dev)).tolist(),
+          "bucket_share": (np.bincount(dev.bucket_of, minlength=len(engine.length_buckets))
+                           / len(dev)).tolist(),
           "matmul_ceiling_gflops_per_second": ceiling, "programs": programs}
   write(data)
 
@@ -155,7 +156,8 @@ def write(data: dict) -> None:
   notes = (
       f"{data['examples']} {data['task']} dev examples, {data['precision']}, rule "
       f"`{data['rule']}`; CPU: {cpu.get('model')}, {cpu.get('usable_cpus')} usable CPUs, flags "
-      f"{', '.join(f for f, on in cpu['flags'].items() if on)}. Median of {data['rounds']} passes: tokenising "
+      f"{', '.join(f for f, on in cpu['flags'].items() if on)}. Median of {data['rounds']} "
+      f"passes: tokenising "
       f"{data['tokenise_seconds']:.2f} s, the routed pass {data['routed_seconds']:.2f} s "
       f"({data['examples_per_second']:.0f} examples/s text to labels, "
       f"{data['gflops_per_example']:.4f} GFLOPs/example). One pass with every program blocked "
