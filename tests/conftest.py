@@ -39,7 +39,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# Tests that train a model, run a benchmark end to end or start subprocesses that do: `slow`.
+# Tests that train a model, run a benchmark end to end or start subprocesses that do: `slow` (as
+# are the few that compile or run the real backbone, marked where they are defined).
 # `pytest -m "not slow"` is the fast lane (a few minutes); the full suite runs them all.
 SLOW_FIXTURES = ("trained", "tradeoff", "serving", "early_exit_run", "one_device")
 
@@ -134,8 +135,11 @@ def tiny_model(tiny_config) -> SharcsModel:
 
 @pytest.fixture(scope="session")
 def tiny_params(tiny_model):
-  params = init_params(tiny_model, jax.random.key(0))
-  # Fresh LayerNorms are exactly 1/0; randomise them so that any mix-up of norms shows.
+  return noisy_layernorms(init_params(tiny_model, jax.random.key(0)))
+
+
+def noisy_layernorms(params):
+  """Fresh LayerNorms are exactly 1/0; randomise them so that any mix-up of norms shows."""
   leaves, tree = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   noisy = [x + 0.1 * jax.random.normal(k, x.shape) if "ln" in jax.tree_util.keystr(p) else x
@@ -164,15 +168,31 @@ TRADEOFF_OVERRIDES = (
 TRADEOFF_ARGS = ("--router_layers=1", "--thresholds=0.6", "--budgets=1.2x,9x")
 
 
+def assert_png(path: pathlib.Path) -> None:
+  """A real plot: PNG's signature and more than an empty canvas's bytes."""
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (path, len(data))
+
+
+def run_benchmark(module: str, out: pathlib.Path, *args: str, report: str,
+                  timeout: int = 900) -> tuple[dict, subprocess.CompletedProcess]:
+  """(OUT/REPORT.json's data, the finished process) of `python -m benchmarks.MODULE --out=OUT
+  ARGS`, run as a user runs it: from the repository root, finding the GLUE data as tests do."""
+  env = dict(os.environ)
+  if glue_data_dir() is not None:
+    env["SHARCS_DATA_DIR"] = str(glue_data_dir())
+  result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", f"--out={out}", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads((out / f"{report}.json").read_text()), result
+
+
 def run_tradeoff(backbone: str, out: pathlib.Path, *extra: str):
   """(tradeoff_qqp.json's data, the finished process) of one benchmark invocation."""
-  command = [sys.executable, "-m", "benchmarks.tradeoff",
-             f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke", f"--out={out}",
-             f"--config.model.backbone={backbone}", *(f"--config.{o}" for o in TRADEOFF_OVERRIDES),
-             *extra]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads((out / "tradeoff_qqp.json").read_text()), result
+  return run_benchmark(
+      "tradeoff", out, f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke",
+      f"--config.model.backbone={backbone}", *(f"--config.{o}" for o in TRADEOFF_OVERRIDES),
+      *extra, report="tradeoff_qqp")
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, glue_data_dir, tiny_run_config
+from conftest import REPO_ROOT, glue_data_dir, run_benchmark, tiny_run_config
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
@@ -174,13 +172,10 @@ def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
 @needs_glue
 @pytest.mark.slow
 def test_exit_probe_benchmark_reports_every_layer(tiny_backbone, tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.exit_probe", f"--model={tiny_backbone}", f"--out={tmp_path}",
-       "--train_examples=64", "--dev_limit=48", "--probe_steps=20", "--max_length=32",
-       f"--data_dir={glue_data_dir()}"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  data = json.loads((tmp_path / "exit_probe_sst2.json").read_text())
+  data, _ = run_benchmark("exit_probe", tmp_path, f"--model={tiny_backbone}",
+                          "--train_examples=64", "--dev_limit=48", "--probe_steps=20",
+                          "--max_length=32", f"--data_dir={glue_data_dir()}",
+                          report="exit_probe_sst2", timeout=300)
   assert (data["train_examples"], data["dev_examples"]) == (64, 48)
   assert [layer["layer"] for layer in data["layers"]] == [1, 2, 3]  # the tiny backbone's layers
   for layer in data["layers"]:

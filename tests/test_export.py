@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, glue_data_dir
+from conftest import REPO_ROOT, glue_data_dir, run_benchmark
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve import export
 from sharcs_jax import report
@@ -29,13 +29,10 @@ def exported(trained, tmp_path_factory):
   """Runs the parity benchmark: export, then predict dev in a fresh process."""
   workdir, _ = trained
   out = tmp_path_factory.mktemp("parity")
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.export_parity", f"--workdir={workdir}",
-       f"--export_dir={out / 'export'}", f"--out={out}", "--limit=48"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "SHARCS_DATA_DIR": str(glue_data_dir())})
-  assert result.returncode == 0, result.stderr[-3000:]
-  return out / "export", json.loads((out / "export_parity.json").read_text())
+  data, _ = run_benchmark("export_parity", out, f"--workdir={workdir}",
+                          f"--export_dir={out / 'export'}", "--limit=48",
+                          report="export_parity", timeout=600)
+  return out / "export", data
 
 
 def test_fresh_process_reproduces_the_engine(exported):

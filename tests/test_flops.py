@@ -27,6 +27,8 @@ def minilm():
   return SharcsModel(MINILM, num_classes=2, widths=WIDTHS, router_layer=2, router_hidden=512)
 
 
+# Compiling the real backbone takes 1-2 s a program: `slow`, out of the fast lane.
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size, seq_len", [(1, 32), (8, 64)])
 def test_xla_flops_fall_with_width_and_match_analytic(minilm, batch_size, seq_len):
   xla = [forward_flops(minilm, w, batch_size, seq_len) for w in WIDTHS]
@@ -36,6 +38,7 @@ def test_xla_flops_fall_with_width_and_match_analytic(minilm, batch_size, seq_le
     assert abs(measured / counted - 1) < 0.01, (w, measured, counted)
 
 
+@pytest.mark.slow
 def test_flops_scale_with_batch_and_router_layer(minilm):
   one, four = (forward_flops(minilm, 0.5, b, 32) for b in (1, 4))
   assert 3.9 < four / one < 4.1
@@ -50,6 +53,7 @@ def test_narrow_layer_costs_about_w_squared(minilm):
     assert 0.8 * w**2 < parts[w] / parts[1.0] < 1.5 * w**2
 
 
+@pytest.mark.slow
 def test_engine_example_flops_match_analytic(minilm):
   """Per-example FLOPs as the engine counts them (prefix + router program, plus the routed
   width's program) agree with the analytic count of the whole forward."""

@@ -4,12 +4,10 @@ counted, and the counts cover every input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import assert_png, run_benchmark
 
 LIMIT = 48
 
@@ -18,19 +16,19 @@ LIMIT = 48
 def profiled(trained, tmp_path_factory):
   workdir, _ = trained
   out = tmp_path_factory.mktemp("profile")
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.profile", f"--workdir={workdir}", f"--out={out}",
-       f"--limit={LIMIT}", "--rounds=1", "--budget=1.1x", "--rule=cascade", "--precision=fp32",
-       "--gemm_rows=64"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return out, json.loads((out / "profile.json").read_text())
+  data, _ = run_benchmark("profile", out, f"--workdir={workdir}", f"--limit={LIMIT}",
+                          "--rounds=1", "--budget=1.1x", "--rule=cascade", "--precision=fp32",
+                          "--gemm_rows=64", report="profile")
+  return out, data
 
 
 def test_reports_are_written(profiled):
   out, data = profiled
-  for suffix in ("json", "md", "png"):
-    assert (out / f"profile.{suffix}").stat().st_size > 0
+  assert_png(out / "profile.png")
+  table = (out / "profile.md").read_text()
+  for p in data["programs"]:  # one row per program called, with its call count
+    width = "" if p["width"] is None else f"{p['width']:.4g}"
+    assert f"| {p['kind']} | {width} | {p['batch']} | {p['length']} | {p['calls']} |" in table
   assert data["examples"] == LIMIT and data["precision"] == "fp32"
   assert '"rule": "cascade"' in json.dumps(data["rule"])
   ceiling = data["matmul_ceiling_gflops_per_second"]

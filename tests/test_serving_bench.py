@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
 
-from conftest import REPO_ROOT, glue_data_dir
+from conftest import assert_png, glue_data_dir, run_benchmark
 from sharcs_jax.run import load_run
 from sharcs_jax.data import glue
 from sharcs_jax.serve.engine import Engine
@@ -37,13 +33,10 @@ INT8_LABEL_TOLERANCE = 2
 def serving(trained, tmp_path_factory):
   workdir, _ = trained
   out = tmp_path_factory.mktemp("serving")
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.serving", f"--workdir={workdir}", f"--out={out}",
-       f"--limit={LIMIT}", "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}",
-       "--precisions=fp32,bf16"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return out, json.loads((out / "serving.json").read_text())
+  data, _ = run_benchmark("serving", out, f"--workdir={workdir}", f"--limit={LIMIT}",
+                          "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}",
+                          "--precisions=fp32,bf16", report="serving")
+  return out, data
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +138,7 @@ def test_machine_and_reports(serving):
   for name in PATHS:
     assert f"| {name} |" in table
   assert UNREACHABLE in table  # the skipped budget is explained
-  png = (out / "serving.png").read_bytes()
-  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+  assert_png(out / "serving.png")
 
 
 def test_bf16_paths_keep_the_fp32_answers(serving):

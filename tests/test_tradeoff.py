@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, TRADEOFF_ARGS, glue_data_dir, run_tradeoff
+from conftest import REPO_ROOT, TRADEOFF_ARGS, assert_png, glue_data_dir, run_tradeoff
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,
                                 reason="needs the local GLUE copy (network otherwise)")
@@ -47,8 +47,10 @@ def test_tradeoff_benchmark(tradeoff):
   assert "out of reach: this cascade reaches" in by["sharcs cascade", "9x"]["error"]
   entropy_run = json.loads((out / "runs" / "sharcs_entropy_K2_t0.6" / "report.json").read_text())
   assert entropy_run["hardness_signal"] == "entropy"
-  for name in ("tradeoff_qqp.md", "tradeoff_qqp.png"):
-    assert (out / name).stat().st_size > 0
+  assert_png(out / "tradeoff_qqp.png")
+  table = (out / "tradeoff_qqp.md").read_text()
+  for method in {p["method"] for p in data["points"]}:
+    assert f"| {method} |" in table
 
 
 def test_tradeoff_rerun_reads_finished_runs(tiny_backbone, tradeoff, tmp_path):

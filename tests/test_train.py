@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO_ROOT, glue_data_dir
+from conftest import REPO_ROOT, assert_png, glue_data_dir, run_benchmark
 from conftest import tiny_run_config as _tiny_config
 from sharcs_jax import config as config_lib
 from sharcs_jax.serve import predict, routing
@@ -132,12 +132,8 @@ def test_predict_mode_bad_inputs(trained, tmp_path, name, content, message):
 
 def test_throughput_benchmark_writes_its_reports(trained, tmp_path):
   workdir, report = trained
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.throughput", f"--workdir={workdir}", f"--out={tmp_path}",
-       "--rounds=1", "--limit=48"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  data = json.loads((tmp_path / "throughput.json").read_text())
+  data, _ = run_benchmark("throughput", tmp_path, f"--workdir={workdir}", "--rounds=1",
+                          "--limit=48", report="throughput", timeout=300)
   assert data["examples"] == 48
   assert set(data["paths"]) == {"SHARCS engine", "full width"}
   engine, full = data["paths"]["SHARCS engine"], data["paths"]["full width"]
@@ -149,7 +145,7 @@ def test_throughput_benchmark_writes_its_reports(trained, tmp_path):
   assert engine["accuracy"] == pytest.approx(report["sharcs"]["accuracy"])
   assert full["accuracy"] == pytest.approx(report["full_width"]["accuracy"])
   assert data["flops_reduction"] == pytest.approx(report["sharcs"]["flops_reduction"], rel=1e-3)
-  assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert_png(tmp_path / "throughput.png")
   assert "examples/s" in (tmp_path / "throughput.md").read_text()
 
 
@@ -157,20 +153,16 @@ def test_pareto_benchmark_meets_its_budgets(trained, tmp_path):
   workdir, report = trained
   assert report["sharcs"]["routing"]["budget"] == "1.1x"
   assert report["routing"]["calibration_examples"] == 32 and report["train_examples"] == 64
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.pareto", f"--workdir={workdir}", f"--out={tmp_path}",
-       "--rounds=1", "--limit=48", "--budgets=1x,1.1x,max,9x"],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "SHARCS_DATA_DIR": str(glue_data_dir())})
-  assert result.returncode == 0, result.stderr[-3000:]
-  data = json.loads((tmp_path / "pareto_qqp.json").read_text())
+  data, _ = run_benchmark("pareto", tmp_path, f"--workdir={workdir}", "--rounds=1",
+                          "--limit=48", "--budgets=1x,1.1x,max,9x", report="pareto_qqp",
+                          timeout=300)
   met = {b["budget"]: b for b in data["budgets"]}
   assert met["1x"]["calibration_reduction"] == pytest.approx(1.0)
   assert 1.1 <= met["1.1x"]["calibration_reduction"] <= 1.1 * 1.05
   assert met["max"]["calibration_reduction"] == pytest.approx(data["reachable_reductions"][1])
   assert "out of reach" in met["9x"]["error"] and "error" not in met["1.1x"]
   assert met["1.1x"]["dev"]["flops_reduction"] > 1
-  assert (tmp_path / "pareto_qqp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert_png(tmp_path / "pareto_qqp.png")
 
 
 def test_predict_mode_needs_a_trained_workdir(tmp_path):
@@ -293,7 +285,7 @@ def test_smoke_config_end_to_end(tmp_path):
   dev = glue.load_split("qqp", "dev", str(glue_data_dir()), limit=128)
   assert s["accuracy"] * len(dev) == pytest.approx(round(s["accuracy"] * len(dev)))  # of 128
   assert "f1" in s and report["dev_examples"] == len(dev) == 128
-  assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert_png(tmp_path / "report.png")
   assert "SHARCS" in (tmp_path / "report.md").read_text()
 
 

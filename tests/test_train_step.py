@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_run_config
+from conftest import noisy_layernorms, tiny_run_config
 from sharcs_jax import config as config_lib
 from sharcs_jax.train import hardness, loop as train
 from sharcs_jax.model import SharcsModel, init_params
@@ -66,10 +66,11 @@ def _changed(before, after, part):
 
 
 def _dropout_free(cfg):
-  """Two widths without dropout, so that a training step's logits equal an inference pass's."""
+  """Three widths without dropout, so that a training step's logits equal an inference pass's."""
   cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
-  model = SharcsModel(cfg, num_classes=3, widths=(0.25, 1.0), router_layer=2, router_hidden=16)
-  return model, init_params(model, jax.random.key(0))
+  model = SharcsModel(cfg, num_classes=3, widths=(0.25, 0.5, 1.0), router_layer=2,
+                      router_hidden=16)
+  return model, noisy_layernorms(init_params(model, jax.random.key(0)))
 
 
 def _step(model, tx, **kw):
@@ -77,34 +78,29 @@ def _step(model, tx, **kw):
                                    **kw), static_argnames="widths")
 
 
-def test_sandwich_step_trains_every_width(tiny_model, tiny_params, tiny_batch):
-  state, tx = _state(tiny_model, tiny_params, 2)
-  batch = _batch(tiny_batch)
-  new, metrics = _step(tiny_model, tx, distill="inplace", distill_weight=0.5)(
-      state, batch, widths=(0.25, 0.5, 1.0))
-  # Each narrow width's private LayerNorms moved: all three widths trained in one step.
-  assert _changed(tiny_params, new.params, "ln_w0p25")
-  assert _changed(tiny_params, new.params, "ln_w0p5")
-  assert np.isfinite(metrics["loss"]) and metrics["count"] == 2
-  # The paper's single-width step leaves the other widths' private parameters untouched.
-  single, _ = _step(tiny_model, tx)(state, batch, widths=(1.0,))
-  assert not _changed(tiny_params, single.params, "ln_w0p25")
-  assert _changed(tiny_params, single.params, "['attn_ln']")
+def _logits(model, params, batch, widths):
+  return {w: model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], width=w).logits for w in widths}
 
 
-def test_sandwich_loss_is_the_sum_of_the_widths_losses(tiny_config, tiny_batch):
-  """With dropout off, the step's task loss is CE(full) + mix of CE and KD for each narrow width."""
+# Each distinct train step costs ~10 s of XLA compilation even on the tiny model, so these tests
+# share two steps: the sandwich over three widths, and the frozen-teacher step.
+def test_sandwich_step_trains_every_width_on_the_sum_of_their_losses(tiny_config, tiny_batch):
+  """With dropout off, the step's task loss is CE(full) + the CE/KD mix of each narrow width,
+  every width's private LayerNorms move, and the easiness recorded is the narrowest width's."""
   model, params = _dropout_free(tiny_config)
   state, tx = _state(model, params, 2)
   batch = _batch(tiny_batch)
-  _, metrics = _step(model, tx, distill="inplace", distill_weight=0.3)(state, batch,
-                                                                     widths=(0.25, 1.0))
-  logits = {w: model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                           batch["token_type_ids"], width=w).logits for w in (0.25, 1.0)}
+  new, metrics = _step(model, tx, distill="inplace", distill_weight=0.3)(
+      state, batch, widths=(0.25, 0.5, 1.0))
+  assert _changed(params, new.params, "ln_w0p25")
+  assert _changed(params, new.params, "ln_w0p5")
+  assert metrics["count"] == 2
+  logits = _logits(model, params, batch, (0.25, 0.5, 1.0))
   expected = (train.width_loss(logits[1.0], batch["label"], None, 0.3, 1.0)
+              + train.width_loss(logits[0.5], batch["label"], logits[1.0], 0.3, 1.0)
               + train.width_loss(logits[0.25], batch["label"], logits[1.0], 0.3, 1.0)).mean()
   np.testing.assert_allclose(metrics["task_loss"], expected, rtol=1e-5)
-  new, _ = _step(model, tx, distill="none")(state, batch, widths=(0.25, 1.0))
   np.testing.assert_allclose(
       new.hardness.confidence[0],
       jax.nn.softmax(logits[0.25])[jnp.arange(2), batch["label"]], rtol=1e-5)
@@ -113,21 +109,21 @@ def test_sandwich_loss_is_the_sum_of_the_widths_losses(tiny_config, tiny_batch):
 def test_frozen_teacher_is_written_in_the_warm_up_only(tiny_config, tiny_batch):
   model, params = _dropout_free(tiny_config)
   batch = _batch(tiny_batch)
-  full = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                     batch["token_type_ids"]).logits
+  logits = _logits(model, params, batch, (0.25, 1.0))
   state, tx = _state(model, params, 3, window=1, epoch=0, teacher=True)
   step = _step(model, tx, distill="frozen", distill_weight=1.0)
   warm, _ = step(state, batch, widths=(1.0,))
-  np.testing.assert_allclose(warm.teacher[:2], full, rtol=1e-5)
+  np.testing.assert_allclose(warm.teacher[:2], logits[1.0], rtol=1e-5)
   np.testing.assert_array_equal(warm.teacher[2], 0.0)  # example 2 was not in the batch
+  # The paper's single-width step leaves the other widths' private parameters untouched.
+  assert not _changed(params, warm.params, "ln_w0p25")
+  assert _changed(params, warm.params, "['attn_ln']")
   # After the warm-up the teacher stays; a narrow step's loss is then pure KD against it.
   later = warm.replace(epoch=jnp.int32(1), params=params)
   after, metrics = step(later, batch, widths=(0.25,))
   np.testing.assert_array_equal(after.teacher, warm.teacher)
-  narrow = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                       batch["token_type_ids"], width=0.25).logits
   np.testing.assert_allclose(metrics["task_loss"],
-                             train.distillation_loss(narrow, warm.teacher[:2], 1.0).mean(),
+                             train.distillation_loss(logits[0.25], warm.teacher[:2], 1.0).mean(),
                              rtol=1e-5)
 
 

@@ -49,6 +49,7 @@ def _assert_parity(ours, theirs, mask):
     assert pooled_error <= 1e-4, pooled_error
 
 
+@pytest.mark.slow  # loads and runs the real backbone in PyTorch and in JAX
 def test_minilm_parity_on_real_sentences():
   model_dir = resolve_model_dir("all-MiniLM-L6-v2")
   sentences = real_sentences(16)
