@@ -178,9 +178,9 @@ def run_benchmark(module: str, out: pathlib.Path, *args: str, report: str,
                   timeout: int = 900) -> tuple[dict, subprocess.CompletedProcess]:
   """(OUT/REPORT.json's data, the finished process) of `python -m benchmarks.MODULE --out=OUT
   ARGS`, run as a user runs it: from the repository root, finding the GLUE data as tests do."""
-  env = dict(os.environ)
-  if glue_data_dir() is not None:
-    env["SHARCS_DATA_DIR"] = str(glue_data_dir())
+  env, data_dir = dict(os.environ), glue_data_dir()
+  if data_dir is not None:
+    env["SHARCS_DATA_DIR"] = str(data_dir)
   result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", f"--out={out}", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
