@@ -38,6 +38,12 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict:
           "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
 
 
+def cpu_line(cpu: dict) -> str:
+  """`cpu_info` in words, for a report's notes: every number is named with its CPU."""
+  flags = ", ".join(f for f, on in cpu["flags"].items() if on) or "none of " + ", ".join(cpu["flags"])
+  return f"{cpu['model']}, {cpu['usable_cpus']} usable CPUs, flags {flags}"
+
+
 def dev_split(task: str, data_dir: str | None, limit: int = 0) -> glue.Split:
   """A task's dev texts and labels, found as every benchmark finds them."""
   return glue.load_split(task, "dev", glue.resolve_data_dir(data_dir), limit=limit)

@@ -155,8 +155,7 @@ def write(data: dict) -> None:
   cpu = data["cpu"]
   notes = (
       f"{data['examples']} {data['task']} dev examples, {data['precision']}, rule "
-      f"`{data['rule']}`; CPU: {cpu.get('model')}, {cpu.get('usable_cpus')} usable CPUs, flags "
-      f"{', '.join(f for f, on in cpu['flags'].items() if on)}. Median of {data['rounds']} "
+      f"`{data['rule']}`; CPU: {common.cpu_line(cpu)}. Median of {data['rounds']} "
       f"passes: tokenising "
       f"{data['tokenise_seconds']:.2f} s, the routed pass {data['routed_seconds']:.2f} s "
       f"({data['examples_per_second']:.0f} examples/s text to labels, "

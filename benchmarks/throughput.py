@@ -1,10 +1,11 @@
 """A trained run's dev split end to end (token ids to labels): the SHARCS engine against the full-width program.
 
-    python -m benchmarks.throughput --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rounds=3]
+    python -m benchmarks.throughput --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rounds=3] \
+        [--budget=2x --rule=cascade] [--precision=auto]
 
-Both paths use the trained model in --workdir, the same length buckets and the same batch
-buckets (full batches of 32, remainders as the engine splits them), and run in interleaved rounds
-in one process. Writes throughput.json, throughput.md and throughput.png into --out.
+Both paths use the trained model in --workdir, the same precision, the same length buckets and
+the same batch buckets (full batches of 32, remainders as the engine splits them), and run in
+interleaved rounds in one process. Writes throughput.json, throughput.md and throughput.png into --out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sharcs_jax.serve import evaluate
 from sharcs_jax import report
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.precision import PRECISIONS
 from sharcs_jax.serve.programs import Programs
 from sharcs_jax.run import load_run
 
@@ -29,6 +31,9 @@ flags.DEFINE_list("batch_buckets", [str(b) for b in BATCH_BUCKETS],
 flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
 flags.DEFINE_string("budget", "", "Route to this budget ('2.5x' or '0.4gflops'), calibrated on "
                     "the run's held-out training examples; default: the run's own rule.")
+flags.DEFINE_string("rule", "router", "Rule that meets --budget (router, cascade, ...).")
+flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "Compute precision of both paths "
+                  "(auto: bf16 where the CPU multiplies it natively).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 FLAGS = flags.FLAGS
 
@@ -37,7 +42,8 @@ def main(argv):
   del argv
   batch_buckets = tuple(int(b) for b in FLAGS.batch_buckets)
   run = load_run(FLAGS.workdir)
-  engine = Engine.from_run(run, batch_buckets=batch_buckets, budget=FLAGS.budget)
+  engine = Engine.from_run(run, batch_buckets=batch_buckets, budget=FLAGS.budget,
+                           rule=FLAGS.rule, precision=FLAGS.precision)
   full = Programs(engine.model, engine.params["params"], batch_buckets=batch_buckets,
                   length_buckets=engine.length_buckets, kinds=("forward",),
                   cache_dir=os.path.join(FLAGS.workdir, "executables"))
@@ -53,7 +59,8 @@ def main(argv):
   predictions = engine.run(dev)
   full_gflops = engine.full_width_gflops(dev)
   data = {"examples": len(dev), "batch_buckets": list(batch_buckets), "rounds": FLAGS.rounds,
-          "workdir": FLAGS.workdir, "paths": {}}
+          "workdir": FLAGS.workdir, "precision": engine.precision, "rule": engine.rule.to_json(),
+          "cpu": common.cpu_info(), "paths": {}}
   rows = []
   for name, t in times.items():
     metrics = evaluate.classification_metrics(outputs[name], dev.labels, run.task.metrics)
@@ -70,7 +77,8 @@ def main(argv):
   data["accuracy_drop_points"] = 100 * (base["accuracy"] - sharcs["accuracy"])
   data["share_per_width"] = {f"{w:g}": float(np.mean(predictions.widths == w))
                              for w in engine.widths}
-  notes = (f"{len(dev)} {run.task.name} dev examples, token ids to labels, batch buckets {batch_buckets}, "
+  notes = (f"{len(dev)} {run.task.name} dev examples, token ids to labels, {engine.precision}, "
+           f"batch buckets {batch_buckets}, CPU: {common.cpu_line(data['cpu'])}; "
            f"median of {FLAGS.rounds} interleaved passes. SHARCS is {data['speedup']:.2f}x the "
            f"full-width throughput at {data['flops_reduction']:.2f}x fewer FLOPs, "
            f"{data['accuracy_drop_points']:+.2f} points accuracy drop; routed "

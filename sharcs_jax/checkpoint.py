@@ -7,10 +7,11 @@ orbax step. Only finished steps are ever read back, so a reader never sees half 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -168,19 +169,20 @@ def on_one_device(abstract: Any) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
-def _latest(workdir: str) -> tuple[ocp.CheckpointManager, int, ml_collections.ConfigDict]:
-  """(manager, latest finished step, config) of the run in `workdir`."""
+@contextlib.contextmanager
+def _latest(workdir: str) -> Iterator[tuple[ocp.CheckpointManager, int, ml_collections.ConfigDict]]:
+  """(read-only manager, latest finished step, config) of the run in `workdir`; the manager is
+  closed on every path, since one left open at exit races its threads' shutdown."""
   manager = _manager(workdir, create=False, read_only=True)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{manager.directory} holds no checkpoint: train with "
-                            f"--workdir={workdir} first")
   try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{manager.directory} holds no checkpoint: train with "
+                              f"--workdir={workdir} first")
     saved = _restore(manager, step, config=ocp.args.JsonRestore())
-  except BaseException:
+    yield manager, step, ml_collections.ConfigDict(saved.config)
+  finally:
     manager.close()
-    raise
-  return manager, step, ml_collections.ConfigDict(saved.config)
 
 
 def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any, Rule]:
@@ -193,8 +195,7 @@ def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any
   and a run with a budget configured but neither is an error, never a silent switch to the
   router's argmax.
   """
-  manager, step, config = _latest(workdir)
-  try:  # closed on every path: a manager left open at exit races its threads' shutdown
+  with _latest(workdir) as (manager, step, config):
     model = model_from_config(config)
     abstract = on_one_device(jax.eval_shape(initial_best, param_shapes(model)))
     best = _restore(manager, step, best=ocp.args.StandardRestore(abstract)).best
@@ -218,8 +219,6 @@ def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any
     if rule.budget:
       logging.info("Routing as trained: %s", rule.to_json())
     return config, model, best["params"], rule
-  finally:
-    manager.close()
 
 
 def _reported_rule(workdir: str) -> Rule | None:

@@ -149,6 +149,20 @@ def test_throughput_benchmark_writes_its_reports(trained, tmp_path):
   assert "examples/s" in (tmp_path / "throughput.md").read_text()
 
 
+def test_throughput_benchmark_serves_a_cascade_at_bf16(trained, tmp_path):
+  workdir, report = trained
+  data, _ = run_benchmark("throughput", tmp_path, f"--workdir={workdir}", "--rounds=1",
+                          "--limit=48", "--budget=1.2x", "--rule=cascade", "--precision=bf16",
+                          report="throughput", timeout=300)
+  assert data["precision"] == "bf16"
+  assert (data["rule"]["rule"], data["rule"]["budget"]) == ("cascade", "1.2x")
+  # FLOPs are counted on the float32 programs whatever the precision, so reductions compare
+  assert data["paths"]["full width"]["gflops_per_example"] == pytest.approx(
+      report["full_width"]["gflops"], rel=1e-3)
+  assert set(data["cpu"]) >= {"model", "flags", "usable_cpus"}
+  assert "bf16" in (tmp_path / "throughput.md").read_text()
+
+
 def test_pareto_benchmark_meets_its_budgets(trained, tmp_path):
   workdir, report = trained
   assert report["sharcs"]["routing"]["budget"] == "1.1x"
