@@ -26,6 +26,7 @@ from sharcs_jax.data import batching, glue
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.model.weights import load_pretrained, resolve_model_dir
 from sharcs_jax.serve.programs import ProgramKey, Programs
+from sharcs_jax.model.widths import width_label
 
 flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_string("backbone", "all-MiniLM-L6-v2", "Packaged model name or HF model directory.")
@@ -87,7 +88,7 @@ def main(argv):
     candidates = {}
     for w in widths:
       program = programs("forward", w, b, length)
-      candidates[f"jax w={w:g}"] = (
+      candidates[f"jax w={width_label(w)}"] = (
           lambda p=program: p(variables, *device_inputs).block_until_ready())
 
     def run_torch():

@@ -22,6 +22,7 @@ from sharcs_jax.serve import routing
 from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.run import load_run
+from sharcs_jax.model.widths import width_label
 
 flags.DEFINE_string("workdir", None, "A trained run whose config held back calibration examples.",
                     required=True)
@@ -76,7 +77,7 @@ def main(argv):
     rows.append([spec, rule.calibration_reduction, 100 * dev_result["accuracy"],
                  100 * dev_result["f1"] if "f1" in dev_result else "", dev_result["gflops"],
                  dev_result["flops_reduction"],
-                 ", ".join(f"{w:g}: {100 * s:.1f}%" for w, s in zip(engine.widths,
+                 ", ".join(f"{width_label(w)}: {100 * s:.1f}%" for w, s in zip(engine.widths,
                                                                      dev_result["share_per_width"])),
                  entry["examples_per_second"]])
     print(f"budget {spec}: {rule.calibration_reduction:.2f}x on calibration, dev "
@@ -84,7 +85,7 @@ def main(argv):
           f"{entry['examples_per_second']:.0f} ex/s", flush=True)
   static = sweep.summary()
   data["full_width"], data["router_argmax"] = static["full_width"], static["sharcs"]
-  data["static"] = {f"{w:g}": static["static"][i] for i, w in enumerate(engine.widths)}
+  data["static"] = {width_label(w): static["static"][i] for i, w in enumerate(engine.widths)}
   notes = (f"{task.name} dev ({len(dev)} examples), rules calibrated on {len(calibration)} "
            f"{source}; reachable reductions {reach[0]:g}x to {reach[1]:.2f}x. "
            f"Full width: {100 * static['full_width']['accuracy']:.2f}% at "

@@ -44,6 +44,7 @@ from sharcs_jax.data import glue
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.precision import resolve as resolve_precision
 from sharcs_jax.serve.programs import Programs
+from sharcs_jax.model.widths import width_label
 
 flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -299,7 +300,7 @@ def jax_details(engine: Engine, texts, routed: bool) -> dict:
           "dev_flops_reduction": full / float(predictions.gflops.mean()),
           "rule": engine.rule.to_json(),
           "calibration_reduction": engine.rule.calibration_reduction,
-          "share_per_width": {f"{w:g}": float(np.mean(predictions.widths == w))
+          "share_per_width": {width_label(w): float(np.mean(predictions.widths == w))
                               for w in engine.widths}}
 
 
