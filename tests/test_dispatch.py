@@ -82,6 +82,26 @@ def test_every_width_keeps_each_widths_probabilities():
   np.testing.assert_allclose(out.every_width[..., 0], expected)
 
 
+@pytest.mark.parametrize("rule", [routing.Rule(), routing.Cascade(threshold=0.85),
+                                  dispatch.EVERY_WIDTH], ids=["router", "cascade", "every"])
+def test_small_blocks_carry_partial_batches_to_the_next(rule):
+  """Blocks of 8 rows give the results of one block and the same batches per width: rows that do
+  not fill a batch wait for the next block instead of running as a remainder in each."""
+  runners = {"whole": FakeRunner(), "blocked": FakeRunner()}
+  out = {name: _run(runner, 37, rule, keep_every_width=True,
+                    block_size=None if name == "whole" else 8)[0]
+         for name, runner in runners.items()}
+  np.testing.assert_array_equal(out["blocked"].final, out["whole"].final)
+  np.testing.assert_array_equal(out["blocked"].ran, out["whole"].ran)
+  np.testing.assert_allclose(out["blocked"].probabilities, out["whole"].probabilities)
+  np.testing.assert_allclose(out["blocked"].every_width, out["whole"].every_width)
+  sizes = {name: [sorted(c[2] for c in r.calls if c[0] == "part" and c[1] == w) for w in range(3)]
+           for name, r in runners.items()}
+  assert sizes["blocked"] == sizes["whole"]
+  prefix_calls = sum(c[0] == "prefix" for c in runners["blocked"].calls)
+  assert prefix_calls == 5  # four blocks of 8, then 5 rows in one batch of 8
+
+
 def test_no_rows():
   out = dispatch.run_rows(FakeRunner(), np.zeros((0, 6), int), np.zeros((0, 6), int),
                           np.zeros((0, 6), int), length=6, batch_buckets=(1, 4), num_widths=3,

@@ -4,7 +4,9 @@ For rows of one length bucket: the prefix (layers 1..K and the router) runs once
 batch buckets; a routing rule picks each row's first width from the router's logits; each width's
 part then runs on the rows at that width, in increasing width order, and a rule that escalates
 (the cascade) sends rows on to the next width from that width's probabilities, reusing the
-prefix's hidden states. Every caller (the engine, dev evaluation, the exported loader) supplies a
+prefix's hidden states. Rows run in blocks (bounding the hidden states held); a width's rows
+that do not fill a batch wait for the next block, so that small remainder batches, which cost
+several times more per row, run once per length bucket rather than once per block. Every caller (the engine, dev evaluation, the exported loader) supplies a
 `Runner` for its programs; routing every row to every width is the rule `EVERY_WIDTH`.
 
 Imports only numpy, so that the exported loader, which has no flax, uses it too.
@@ -101,71 +103,138 @@ class Dispatched:
   every_width: np.ndarray | None  # float32 [m, n, C] each width's probabilities (0 if not run)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _PrefixBatch:
   start: int  # first row
   count: int  # real rows; the rest of `size` is padding
   size: int  # the batch bucket it ran at
   hidden: Any  # [size, S, d], as the runner returned it (on the device)
   mask: np.ndarray  # int32 [size, S], padding rows included
+  on_host: np.ndarray | None = None  # `hidden` as a host array, once a row is gathered from it
+
+  def host(self, to_host: Callable[[Any], np.ndarray]) -> np.ndarray:
+    if self.on_host is None:
+      self.on_host = to_host(self.hidden)
+    return self.on_host
+
+
+# Where a queued row's hidden states are: (its prefix batch, its position there) while that batch
+# is held, or a host copy of the row once its block is done.
+_Source = tuple[_PrefixBatch, int] | np.ndarray
+
+
+class _Queue:
+  """One width's rows waiting for a full batch, in ascending row order, with their sources."""
+
+  def __init__(self):
+    self.rows: list[int] = []
+    self.sources: list[_Source] = []
+
+  def add(self, rows: Sequence[int], sources: Sequence[_Source]) -> None:
+    self.rows.extend(rows)
+    self.sources.extend(sources)
+
+  def take(self, batch_buckets: Sequence[int],
+           flush: bool) -> list[tuple[np.ndarray, list[_Source], int]]:
+    """(rows, sources, batch bucket) to run now: full batches of the largest bucket, and with
+    `flush` the remainder split as `split_into_batches` does."""
+    full = max(batch_buckets)
+    cut = len(self.rows) if flush else len(self.rows) - len(self.rows) % full
+    chunks = []
+    for start, size in split_into_batches(cut, batch_buckets):
+      stop = min(start + size, cut)
+      chunks.append((np.asarray(self.rows[start:stop], np.int64), self.sources[start:stop], size))
+    del self.rows[:cut], self.sources[:cut]
+    return chunks
+
+  def detach(self, to_host: Callable[[Any], np.ndarray]) -> None:
+    """Copies the rows still waiting to the host, so that their prefix batches can be freed."""
+    self.sources = [s if isinstance(s, np.ndarray) else np.array(s[0].host(to_host)[s[1]])
+                    for s in self.sources]
+
+
+def block_rows(batch_buckets: Sequence[int]) -> int:
+  """Rows whose prefix hidden states are held at once: a few full batches per width while the
+  hidden states stay small (about 20 MB at length 32 for MiniLM with batches of 32)."""
+  return 16 * max(batch_buckets)
 
 
 def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *,
              length: int, batch_buckets: Sequence[int], num_widths: int, rule: Routing,
              width_flops: np.ndarray, keep_every_width: bool = False,
+             block_size: int | None = None,
              to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
   """Routes rows [n, length] of one length bucket through prefix and parts (see module doc).
 
-  `width_flops` [m]: FLOPs of one row at each width at this length (for cost-aware rules).
-  A group that is exactly one prefix batch (every row of a request routed alike) takes that
-  batch's hidden states as they lie on the device; others are gathered on the host. Without
-  escalation every group is dispatched before any result is read, so host work overlaps compute.
+  Rows are taken in blocks of `block_size` (default `block_rows`): the prefix runs on a block,
+  then each width's part on the rows routed or escalated there. Rows of a width that do not fill
+  a batch of the largest bucket wait for the next block, so that only the last block runs
+  remainders. `width_flops` [m]: FLOPs of one row at each width at this length (for cost-aware
+  rules). A batch that is exactly one prefix batch takes that batch's hidden states as they lie
+  on the device; others are gathered on the host. Without escalation every batch of a block is
+  dispatched before any result is read, so host work overlaps compute.
   """
   n = len(ids)
-  if not n:
-    return Dispatched(np.zeros((0, 0), np.float32), np.zeros(0, np.int64),
-                      np.zeros((0, num_widths), bool), np.zeros((0, num_widths), np.float32),
-                      np.zeros((num_widths, 0, 0), np.float32) if keep_every_width else None)
-  batches, router = _prefix(runner, ids, mask, types, length, batch_buckets, to_host)
-  whole = {(b.start, b.count, b.size): b for b in batches}
-  host_hidden = None
-  current = np.asarray(rule.first_widths(router, np.broadcast_to(width_flops, router.shape)),
-                       np.int64)
+  block_size = block_size or block_rows(batch_buckets)
   final = np.full(n, -1, np.int64)
   ran = np.zeros((n, num_widths), bool)
+  router = np.zeros((n, num_widths), np.float32)
   probabilities = every = None
-  pending = []  # (width, rows, device probabilities)
-  for i in range(num_widths):
-    group = np.flatnonzero((current == i) & (final < 0))  # ascending row numbers
-    for start, size in split_into_batches(len(group), batch_buckets):
-      part = group[start:start + size]
-      batch = whole.get((int(part[0]), len(part), size))
-      if batch is not None and part[-1] - part[0] == len(part) - 1:
-        inputs = (batch.hidden, batch.mask)
-      else:
-        if host_hidden is None:
-          host_hidden = np.concatenate([to_host(b.hidden)[:b.count] for b in batches])
-        inputs = (pad_rows(host_hidden[part], size), pad_mask(mask[part], size))
-      pending.append((i, part, runner.part(i, size, length, *inputs)))
-    ran[group, i] = True
-    if not rule.escalating and i < num_widths - 1:
-      final[group] = i
-      continue
-    for width, part, probs in pending:  # an escalating rule needs this width's results now
-      probs = to_host(probs)[:len(part)]
-      if probabilities is None:  # the class count is known from the first result
-        probabilities = np.zeros((n, probs.shape[-1]), np.float32)
-        if keep_every_width:
-          every = np.zeros((num_widths,) + probabilities.shape, np.float32)
-      probabilities[part] = probs
-      if every is not None:
-        every[width, part] = probs
-      go_on = (rule.escalates(probs, width) if width < num_widths - 1
-               else np.zeros(len(part), bool))
-      final[part[~go_on]] = width
-      current[part[go_on]] = width + 1
-    pending = []
+  queues = [_Queue() for _ in range(num_widths)]
+  for start in range(0, n, block_size):
+    stop = min(n, start + block_size)
+    batches, router[start:stop] = _prefix(runner, ids[start:stop], mask[start:stop],
+                                          types[start:stop], length, batch_buckets, to_host)
+    first = np.asarray(rule.first_widths(router[start:stop],
+                                         np.broadcast_to(width_flops, (stop - start, num_widths))))
+    for b in batches:
+      for i in range(num_widths):
+        at = np.flatnonzero(first[b.start:b.start + b.count] == i)
+        queues[i].add((start + b.start + at).tolist(), [(b, int(p)) for p in at])
+    pending = []  # (width, rows, sources, device probabilities)
+    for i in range(num_widths):
+      for rows, sources, size in queues[i].take(batch_buckets, flush=stop == n):
+        hidden, batch_mask = _inputs(sources, mask[rows], size, to_host)
+        pending.append((i, rows, sources, runner.part(i, size, length, hidden, batch_mask)))
+        ran[rows, i] = True
+      if not rule.escalating and i < num_widths - 1:
+        continue  # read once every width is dispatched
+      for width, rows, sources, probs in pending:
+        probs = to_host(probs)[:len(rows)]
+        if probabilities is None:  # the class count is known from the first result
+          probabilities = np.zeros((n, probs.shape[-1]), np.float32)
+          if keep_every_width:
+            every = np.zeros((num_widths,) + probabilities.shape, np.float32)
+        probabilities[rows] = probs
+        if every is not None:
+          every[width, rows] = probs
+        go_on = (rule.escalates(probs, width) if rule.escalating and width < num_widths - 1
+                 else np.zeros(len(rows), bool))
+        final[rows[~go_on]] = width
+        if go_on.any():
+          queues[width + 1].add(rows[go_on].tolist(), [sources[j] for j in np.flatnonzero(go_on)])
+      pending = []
+    for queue in queues:
+      queue.detach(to_host)
+  if probabilities is None:
+    probabilities = np.zeros((n, 0), np.float32)
+    every = np.zeros((num_widths, n, 0), np.float32) if keep_every_width else None
   return Dispatched(probabilities, final, ran, router, every)
+
+
+def _inputs(sources: Sequence[_Source], mask: np.ndarray, size: int,
+            to_host: Callable[[Any], np.ndarray]) -> tuple[Any, np.ndarray]:
+  """A part's (hidden states, mask) for these rows padded to `size`: a whole prefix batch as it
+  lies on the device, else the rows gathered on the host."""
+  head = sources[0]
+  if not isinstance(head, np.ndarray):
+    batch = head[0]
+    if (batch.size == size and batch.count == len(sources) and all(
+        not isinstance(s, np.ndarray) and s[0] is batch and s[1] == p
+        for p, s in enumerate(sources))):
+      return batch.hidden, batch.mask
+  rows = np.stack([s if isinstance(s, np.ndarray) else s[0].host(to_host)[s[1]] for s in sources])
+  return pad_rows(rows, size), pad_mask(mask, size)
 
 
 def _prefix(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, length: int,

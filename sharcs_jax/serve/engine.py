@@ -57,9 +57,7 @@ class Engine:
     self.widths = model.widths
     self.tokenizer = tokenizer
     self.task = task
-    # Rows per prefix-then-dispatch round: bounds the hidden states held between the two (about
-    # 20 MB at length 32 for MiniLM) while leaving each width a few full batches.
-    self.block_size = 16 * self.batch_buckets[-1]
+    self.block_size = dispatch.block_rows(self.batch_buckets)
     self.programs = Programs(model, params, batch_buckets=batch_buckets,
                              length_buckets=length_buckets, cache_dir=cache_dir)
     # FLOPs are the float32 programs' whatever the precision: the same arithmetic (XLA would
@@ -152,18 +150,18 @@ class Engine:
     gflops = np.zeros(n, np.float64)
     runner = runner or ProgramRunner(self.programs, self.params)
     for bucket, length in enumerate(self.length_buckets):
-      for rows in _blocks(np.flatnonzero(data.bucket_of == bucket), self.block_size):
-        out = dispatch.run_rows(
-            runner, data.input_ids[rows, :length], batching.attention_mask_of(data, rows, length),
-            data.token_type_ids[rows, :length], length=length, batch_buckets=self.batch_buckets,
-            num_widths=len(self.widths), rule=self.rule, width_flops=self.flops[:, bucket])
-        probabilities[rows], routed[rows] = out.probabilities, out.final
-        gflops[rows] = ran_flops(out.final, out.ran, self.flops[:, bucket],
-                                 self.prefix_flops[bucket]) / 1e9
+      rows = np.flatnonzero(data.bucket_of == bucket)
+      if not len(rows):
+        continue
+      out = dispatch.run_rows(
+          runner, data.input_ids[rows, :length], batching.attention_mask_of(data, rows, length),
+          data.token_type_ids[rows, :length], length=length, batch_buckets=self.batch_buckets,
+          num_widths=len(self.widths), rule=self.rule, width_flops=self.flops[:, bucket],
+          block_size=self.block_size)
+      probabilities[rows], routed[rows] = out.probabilities, out.final
+      gflops[rows] = ran_flops(out.final, out.ran, self.flops[:, bucket],
+                               self.prefix_flops[bucket]) / 1e9
     return Predictions(labels=probabilities.argmax(-1).astype(np.int32),
                        probabilities=probabilities,
                        widths=np.asarray(self.widths, np.float32)[routed], gflops=gflops)
 
-
-def _blocks(rows: np.ndarray, size: int) -> list[np.ndarray]:
-  return [rows[i:i + size] for i in range(0, len(rows), size)]
