@@ -6,8 +6,9 @@ part then runs on the rows at that width, in increasing width order, and a rule 
 (the cascade) sends rows on to the next width from that width's probabilities, reusing the
 prefix's hidden states. Rows run in blocks (bounding the hidden states held); a width's rows
 that do not fill a batch wait for the next block, so that small remainder batches, which cost
-several times more per row, run once per length bucket rather than once per block. Every caller (the engine, dev evaluation, the exported loader) supplies a
-`Runner` for its programs; routing every row to every width is the rule `EVERY_WIDTH`.
+several times more per row, run once per length bucket rather than once per block. Every caller
+(the engine, dev evaluation, the exported loader) supplies a `Runner` for its programs; routing
+every row to every width is the rule `EVERY_WIDTH`.
 
 Imports only numpy, so that the exported loader, which has no flax, uses it too.
 """
