@@ -102,11 +102,42 @@ def test_small_blocks_carry_partial_batches_to_the_next(rule):
   assert prefix_calls == 5  # four blocks of 8, then 5 rows in one batch of 8
 
 
+@pytest.mark.parametrize("rule", [routing.Cascade(threshold=0.85), dispatch.EVERY_WIDTH],
+                         ids=["cascade", "every"])
+def test_run_buckets_runs_each_row_at_its_length_bucket_in_row_order(rule):
+  """Rows of mixed lengths: each length bucket's rows give what `run_rows` gives them alone, at
+  that bucket's length, and come back in row order."""
+  ids, mask, types = _rows(29)
+  lengths = mask.sum(1)
+  runner = FakeRunner()
+  out = dispatch.run_buckets(runner, ids, types, lengths, length_buckets=(3, 6),
+                             batch_buckets=(1, 4, 8), num_widths=3, num_classes=2, rule=rule,
+                             width_flops=np.array([[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]]),
+                             keep_every_width=True)
+  assert sorted({c[-1].shape[1] for c in runner.calls}) == [3, 6]
+  for bucket, length in enumerate((3, 6)):
+    rows = np.flatnonzero((lengths > 3) == bool(bucket))
+    alone = dispatch.run_rows(FakeRunner(), ids[rows, :length], mask[rows, :length],
+                              types[rows, :length], length=length, batch_buckets=(1, 4, 8),
+                              num_widths=3, rule=rule, width_flops=np.array([1.0, 2.0, 4.0]) *
+                              (1 + bucket), keep_every_width=True)
+    np.testing.assert_array_equal(out.final[rows], alone.final)
+    np.testing.assert_array_equal(out.ran[rows], alone.ran)
+    np.testing.assert_allclose(out.probabilities[rows], alone.probabilities)
+    np.testing.assert_allclose(out.every_width[:, rows], alone.every_width)
+    np.testing.assert_allclose(out.router[rows], alone.router)
+
+
 def test_no_rows():
   out = dispatch.run_rows(FakeRunner(), np.zeros((0, 6), int), np.zeros((0, 6), int),
                           np.zeros((0, 6), int), length=6, batch_buckets=(1, 4), num_widths=3,
                           rule=routing.Rule(), width_flops=np.ones(3))
   assert out.final.shape == (0,) and out.ran.shape == (0, 3)
+  out = dispatch.run_buckets(FakeRunner(), np.zeros((0, 6), int), np.zeros((0, 6), int),
+                             np.zeros(0, int), length_buckets=(3, 6), batch_buckets=(1, 4),
+                             num_widths=3, num_classes=2, rule=routing.Rule(),
+                             width_flops=np.ones((3, 2)))
+  assert out.probabilities.shape == (0, 2) and out.final.shape == (0,)
 
 
 @pytest.mark.parametrize("count, buckets, expected", [

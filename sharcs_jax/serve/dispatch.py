@@ -6,9 +6,10 @@ part then runs on the rows at that width, in increasing width order, and a rule 
 (the cascade) sends rows on to the next width from that width's probabilities, reusing the
 prefix's hidden states. Rows run in blocks (bounding the hidden states held); a width's rows
 that do not fill a batch wait for the next block, so that small remainder batches, which cost
-several times more per row, run once per length bucket rather than once per block. Every caller
-(the engine, dev evaluation, the exported loader) supplies a `Runner` for its programs; routing
-every row to every width is the rule `EVERY_WIDTH`.
+several times more per row, run once per length bucket rather than once per block. `run_buckets`
+takes rows of any length, one `run_rows` per length bucket. Every caller (the engine, dev
+evaluation, the exported loader) calls it with a `Runner` for its programs; routing every row to
+every width is the rule `EVERY_WIDTH`.
 
 Imports only numpy, so that the exported loader, which has no flax, uses it too.
 """
@@ -158,6 +159,37 @@ def block_rows(batch_buckets: Sequence[int]) -> int:
   """Rows whose prefix hidden states are held at once: a few full batches per width while the
   hidden states stay small (about 20 MB at length 32 for MiniLM with batches of 32)."""
   return 16 * max(batch_buckets)
+
+
+def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *,
+                length_buckets: Sequence[int], batch_buckets: Sequence[int], num_widths: int,
+                num_classes: int, rule: Routing, width_flops: np.ndarray,
+                keep_every_width: bool = False, block_size: int | None = None,
+                to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
+  """Rows of any length, results in row order: each row runs in the shortest length bucket that
+  holds its `lengths` [N] real tokens (`ids`, `types` [N, >= the longest bucket]), one `run_rows`
+  per bucket. `width_flops` [m, length buckets]: one row's FLOPs at each width and bucket."""
+  n = len(lengths)
+  bucket_of = np.searchsorted(np.asarray(length_buckets), lengths)
+  probabilities = np.zeros((n, num_classes), np.float32)
+  final = np.zeros(n, np.int64)
+  ran = np.zeros((n, num_widths), bool)
+  router = np.zeros((n, num_widths), np.float32)
+  every = np.zeros((num_widths, n, num_classes), np.float32) if keep_every_width else None
+  for bucket, length in enumerate(length_buckets):
+    rows = np.flatnonzero(bucket_of == bucket)
+    if not len(rows):
+      continue
+    mask = (np.arange(length)[None] < lengths[rows, None]).astype(np.int32)
+    out = run_rows(runner, ids[rows, :length], mask, types[rows, :length], length=length,
+                   batch_buckets=batch_buckets, num_widths=num_widths, rule=rule,
+                   width_flops=width_flops[:, bucket], keep_every_width=keep_every_width,
+                   block_size=block_size, to_host=to_host)
+    probabilities[rows], final[rows], ran[rows], router[rows] = (
+        out.probabilities, out.final, out.ran, out.router)
+    if every is not None:
+      every[:, rows] = out.every_width
+  return Dispatched(probabilities, final, ran, router, every)
 
 
 def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *,

@@ -138,30 +138,21 @@ class Engine:
     return self.run(self.encode(texts))
 
   def run(self, data: batching.Encoded, runner: dispatch.Runner | None = None) -> Predictions:
-    """Predictions for every row of `data`, in row order (through `dispatch.run_rows`).
+    """Predictions for every row of `data`, in row order (through `dispatch.run_buckets`).
 
     `runner` replaces the engine's programs runner (a profiler wraps it to time each call)."""
     if data.length_buckets != self.length_buckets:
       raise ValueError(f"inputs were bucketed to {data.length_buckets}, the engine was compiled "
                        f"for {self.length_buckets}")
-    n = len(data)
-    probabilities = np.zeros((n, self.model.num_classes), np.float32)
-    routed = np.zeros(n, np.int64)
-    gflops = np.zeros(n, np.float64)
-    runner = runner or ProgramRunner(self.programs, self.params)
-    for bucket, length in enumerate(self.length_buckets):
-      rows = np.flatnonzero(data.bucket_of == bucket)
-      if not len(rows):
-        continue
-      out = dispatch.run_rows(
-          runner, data.input_ids[rows, :length], batching.attention_mask_of(data, rows, length),
-          data.token_type_ids[rows, :length], length=length, batch_buckets=self.batch_buckets,
-          num_widths=len(self.widths), rule=self.rule, width_flops=self.flops[:, bucket],
-          block_size=self.block_size)
-      probabilities[rows], routed[rows] = out.probabilities, out.final
-      gflops[rows] = ran_flops(out.final, out.ran, self.flops[:, bucket],
-                               self.prefix_flops[bucket]) / 1e9
-    return Predictions(labels=probabilities.argmax(-1).astype(np.int32),
-                       probabilities=probabilities,
-                       widths=np.asarray(self.widths, np.float32)[routed], gflops=gflops)
+    out = dispatch.run_buckets(
+        runner or ProgramRunner(self.programs, self.params), data.input_ids,
+        data.token_type_ids, data.lengths, length_buckets=self.length_buckets,
+        batch_buckets=self.batch_buckets, num_widths=len(self.widths),
+        num_classes=self.model.num_classes, rule=self.rule, width_flops=self.flops,
+        block_size=self.block_size)
+    gflops = ran_flops(out.final, out.ran, self.flops[:, data.bucket_of].T,
+                       self.prefix_flops[data.bucket_of]) / 1e9
+    return Predictions(labels=out.probabilities.argmax(-1).astype(np.int32),
+                       probabilities=out.probabilities,
+                       widths=np.asarray(self.widths, np.float32)[out.final], gflops=gflops)
 

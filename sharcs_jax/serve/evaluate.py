@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sharcs_jax.serve import dispatch, routing
-from sharcs_jax.data.batching import Encoded, attention_mask_of, eval_batches
+from sharcs_jax.data.batching import Encoded, eval_batches
 from sharcs_jax.parallel import to_host
 from sharcs_jax.serve.programs import ProgramRunner, Programs
 from sharcs_jax.serve.routing import Budget, Cascade, Rule, ran_flops, route_all
@@ -40,22 +40,14 @@ def predict_all_widths(programs: Programs, params: Any, data: Encoded,
   The dispatch core with every example routed to every width: the prefix runs once per batch of
   `batch_size`, and every width's part on the same hidden states where they lie.
   """
-  widths = programs.model.widths
-  probabilities = np.zeros((len(widths), len(data), programs.model.num_classes), np.float32)
-  router = np.zeros((len(data), len(widths)), np.float32)
-  runner = ProgramRunner(programs, {"params": params})
-  for bucket, length in enumerate(data.length_buckets):
-    rows = np.flatnonzero(data.bucket_of == bucket)
-    if not len(rows):
-      continue
-    out = dispatch.run_rows(runner, data.input_ids[rows, :length],
-                            attention_mask_of(data, rows, length),
-                            data.token_type_ids[rows, :length], length=length,
-                            batch_buckets=(batch_size,), num_widths=len(widths),
-                            rule=dispatch.EVERY_WIDTH, width_flops=np.ones(len(widths)),
-                            keep_every_width=True, to_host=to_host)
-    probabilities[:, rows], router[rows] = out.every_width, out.router
-  return probabilities, router
+  widths = len(programs.model.widths)
+  out = dispatch.run_buckets(ProgramRunner(programs, {"params": params}), data.input_ids,
+                             data.token_type_ids, data.lengths, length_buckets=data.length_buckets,
+                             batch_buckets=(batch_size,), num_widths=widths,
+                             num_classes=programs.model.num_classes, rule=dispatch.EVERY_WIDTH,
+                             width_flops=np.ones((widths, len(data.length_buckets))),
+                             keep_every_width=True, to_host=to_host)
+  return out.every_width, out.router
 
 
 def router_logits(programs: Programs, params: Any, data: Encoded, batch_size: int) -> np.ndarray:

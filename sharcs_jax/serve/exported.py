@@ -134,25 +134,16 @@ class ExportedModel:
     return ids, types, lengths
 
   def predict(self, texts: Sequence[str | Sequence[str]]) -> ExportedPredictions:
-    """Through `dispatch.run_rows`, as the engine serves: the same rule, batches and order."""
+    """Through `dispatch.run_buckets`, as the engine serves: the same rule, batches and order."""
     ids, types, lengths = self.encode(texts)
-    n = len(lengths)
+    out = dispatch.run_buckets(self, ids, types, lengths, length_buckets=self.length_buckets,
+                               batch_buckets=dispatch.BATCH_BUCKETS, num_widths=len(self.widths),
+                               num_classes=len(self.label_names), rule=self.rule,
+                               width_flops=self.gflops)
     buckets = np.searchsorted(np.asarray(self.length_buckets), lengths)
-    probabilities = np.zeros((n, len(self.label_names)), np.float32)
-    routed = np.zeros(n, np.int64)
-    gflops = np.zeros(n, np.float64)
-    for b, size in enumerate(self.length_buckets):
-      rows = np.flatnonzero(buckets == b)
-      if not len(rows):
-        continue
-      mask = (np.arange(size)[None] < lengths[rows, None]).astype(np.int32)
-      out = dispatch.run_rows(self, ids[rows, :size], mask, types[rows, :size], length=size,
-                              batch_buckets=dispatch.BATCH_BUCKETS, num_widths=len(self.widths),
-                              rule=self.rule, width_flops=self.gflops[:, b])
-      probabilities[rows], routed[rows] = out.probabilities, out.final
-      gflops[rows] = ran_flops(out.final, out.ran, self.gflops[:, b], self.prefix_gflops[b])
-    return ExportedPredictions(probabilities.argmax(-1).astype(np.int32), probabilities,
-                               np.asarray(self.widths, np.float32)[routed], gflops)
+    gflops = ran_flops(out.final, out.ran, self.gflops[:, buckets].T, self.prefix_gflops[buckets])
+    return ExportedPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
+                               np.asarray(self.widths, np.float32)[out.final], gflops)
 
   def prefix(self, batch: int, length: int, ids, mask, types):
     """`dispatch.Runner`: the prefix part (symbolic shapes: any batch and length)."""
