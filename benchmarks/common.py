@@ -12,10 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from sharcs_jax.serve import evaluate, routing
+from sharcs_jax.serve import dispatch, evaluate, routing
 from sharcs_jax import report
 from sharcs_jax.data import batching, glue
-from sharcs_jax.serve.dispatch import split_into_batches
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.programs import Programs
 
@@ -52,16 +51,10 @@ def dev_split(task: str, data_dir: str | None, limit: int = 0) -> glue.Split:
 def full_width_probabilities(programs: Programs, params, data: batching.Encoded) -> np.ndarray:
   """The baseline: every example through the whole model at width 1.0, no router; [N, C]."""
   variables = {"params": params}
-  probabilities = np.zeros((len(data), programs.model.num_classes), np.float32)
-  for bucket, length in enumerate(data.length_buckets):
-    rows = np.flatnonzero(data.bucket_of == bucket)
-    for start, size in split_into_batches(len(rows), programs.batch_buckets):
-      part = rows[start:start + size]
-      batch = batching.make_batch(data, part, bucket, size)
-      probs = programs("forward", 1.0, size, length)(
-          variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-      probabilities[part] = np.asarray(probs)[:len(part)]
-  return probabilities
+  return dispatch.run_each_row(
+      lambda size, length, *inputs: programs("forward", 1.0, size, length)(variables, *inputs),
+      data.input_ids, data.token_type_ids, data.lengths, columns=programs.model.num_classes,
+      length_buckets=data.length_buckets, batch_buckets=programs.batch_buckets)
 
 
 def full_width_labels(programs: Programs, params, data: batching.Encoded) -> np.ndarray:

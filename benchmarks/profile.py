@@ -23,6 +23,7 @@ from absl import app, flags
 from benchmarks import common
 from sharcs_jax import report
 from sharcs_jax.model.encoder import contract
+from sharcs_jax.model.widths import width_label
 from sharcs_jax.run import load_run
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.programs import ProgramKey, ProgramRunner
@@ -134,8 +135,8 @@ def main(argv):
           "gflops_per_example": float(predictions.gflops.mean()),
           "mean_tokens": float(dev.lengths.mean()), "mean_padded_length": float(lengths.mean()),
           "length_buckets": list(engine.length_buckets),
-          "bucket_share": (np.bincount(dev.bucket_of, minlength=len(engine.length_buckets))
-                           / len(dev)).tolist(),
+          "share_per_length_bucket": (
+              np.bincount(dev.bucket_of, minlength=len(engine.length_buckets)) / len(dev)).tolist(),
           "matmul_ceiling_gflops_per_second": ceiling, "programs": programs}
   write(data)
 
@@ -164,7 +165,7 @@ def write(data: dict) -> None:
       f"{data['program_seconds']:.2f} s.\n\nPadding: {data['mean_tokens']:.1f} real tokens per "
       f"example, {data['mean_padded_length']:.1f} after padding to the buckets "
       f"{tuple(data['length_buckets'])} (shares "
-      f"{', '.join(f'{s:.1%}' for s in data['bucket_share'])}).\n\nMatmul ceiling, each "
+      f"{', '.join(f'{s:.1%}' for s in data['share_per_length_bucket'])}).\n\nMatmul ceiling, each "
       "layer matmul shape alone, GFLOP/s (int8: GOP/s, int32 accumulation): " + "; ".join(
           f"{shape} " + " / ".join(f"{dtype} {rate:.0f}" for dtype, rate in rates.items())
           for shape, rates in data["matmul_ceiling_gflops_per_second"].items()) +
@@ -182,7 +183,7 @@ def plot(data: dict) -> None:
   plt = report.pyplot()
   by_kind = collections.defaultdict(float)
   for p in data["programs"]:
-    by_kind[p["kind"] if p["width"] is None else f"width {p['width']:g}"] += p["seconds"]
+    by_kind[p["kind"] if p["width"] is None else f"width {width_label(p['width'])}"] += p["seconds"]
   by_kind["tokenise"] = data["tokenise_seconds"]
   other = data["blocked_pass_seconds"] - data["program_seconds"]
   by_kind["host (dispatch, gathers)"] = max(other, 0.0)

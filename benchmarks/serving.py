@@ -56,7 +56,6 @@ flags.DEFINE_list("rules", ["router", "cascade"], "Routing rules to meet each bu
                   "(router, cascade).")
 flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at (fp32, bf16, "
                   "auto: bf16 where the CPU multiplies bf16 natively).")
-flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
 flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
                      "CPU (XLA always sizes its own pool to the machine).")
 FLAGS = flags.FLAGS
@@ -309,7 +308,7 @@ def main(argv):
   threads = FLAGS.threads or len(os.sched_getaffinity(0))
   engine = Engine.from_workdir(FLAGS.workdir)
   task = engine.task
-  split = common.dev_split(task.name, FLAGS.data_dir, FLAGS.limit)
+  (split,) = engine.trained.splits("dev", limit=FLAGS.limit)  # as the run read it
   texts = split.texts
   with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:
     hf_dir = os.path.join(tmp, "hf")

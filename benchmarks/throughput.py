@@ -70,8 +70,8 @@ def main(argv):
              "examples_per_second": len(dev) / float(np.median(t)), "gflops_per_example": gflops,
              **metrics}
     data["paths"][name] = entry
-    rows.append([name, entry["examples_per_second"], 100 * metrics["accuracy"],
-                 100 * metrics["f1"], gflops])
+    rows.append([name, entry["examples_per_second"], *(100 * v for v in metrics.values()),
+                 gflops])
   sharcs, base = data["paths"]["SHARCS engine"], data["paths"]["full width"]
   data["speedup"] = sharcs["examples_per_second"] / base["examples_per_second"]
   data["flops_reduction"] = base["gflops_per_example"] / sharcs["gflops_per_example"]
@@ -84,8 +84,9 @@ def main(argv):
            f"full-width throughput at {data['flops_reduction']:.2f}x fewer FLOPs, "
            f"{data['accuracy_drop_points']:+.2f} points accuracy drop; routed "
            + ", ".join(f"{w}: {100 * s:.1f}%" for w, s in data["share_per_width"].items()) + ".")
+  columns = [name if name == "accuracy" else name.upper() for name in metrics]  # the task's
   common.write_outputs(FLAGS.out, "throughput", data, f"{run.task.name} dev throughput", [
-      "path", "examples/s", "accuracy", "F1", "GFLOPs/example"], rows, notes)
+      "path", "examples/s", *columns, "GFLOPs/example"], rows, notes)
   plot(os.path.join(FLAGS.out, "throughput.png"), data)
   print(open(os.path.join(FLAGS.out, "throughput.md")).read())
 

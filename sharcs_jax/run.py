@@ -46,8 +46,8 @@ class Run:
 
   def encoded(self, *names: str, limit: int = 0) -> tuple[batching.Encoded, ...]:
     """The named splits tokenised into the run's length buckets."""
-    return tuple(batching.encode(s, self.tokenizer, self.length_buckets)
-                 for s in self.splits(*names, limit=limit))
+    return batching.encode_splits(self.splits(*names, limit=limit), self.tokenizer,
+                                  self.length_buckets)
 
 
 def load_run(workdir: str) -> Run:

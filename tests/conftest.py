@@ -65,6 +65,15 @@ def glue_data_dir() -> pathlib.Path | None:
   return None if found is None else pathlib.Path(found)
 
 
+needs_glue = pytest.mark.skipif(glue_data_dir() is None,
+                                reason="needs the local GLUE copy (network otherwise)")
+
+
+def without_time(report: dict) -> dict:
+  """A run's report without its wall-clock time: what must repeat exactly."""
+  return {k: v for k, v in report.items() if k != "train_seconds"}
+
+
 def real_sentences(count: int) -> list[str]:
   """SST-2 dev sentences: real text of mixed lengths."""
   data_dir = glue_data_dir()
@@ -79,8 +88,10 @@ def real_sentences(count: int) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
   """A 3-layer, 32-wide random BERT with all-MiniLM-L6-v2's tokenizer: compiles in a second."""
+  import torch
   import transformers  # the test extra's torch writes the checkpoint
 
+  torch.manual_seed(0)  # the same weights whichever tests ran before in this process
   path = tmp_path_factory.mktemp("tiny_bert")
   cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
                                 num_attention_heads=4, intermediate_size=64,

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, glue_data_dir, run_benchmark, tiny_run_config
+from conftest import REPO_ROOT, glue_data_dir, needs_glue, run_benchmark, tiny_run_config
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
@@ -17,8 +17,7 @@ from sharcs_jax.model.weights import load_pretrained_early_exit
 from sharcs_jax.baselines import train_early_exit as train_early_exit_module
 from sharcs_jax.baselines.train_early_exit import exit_flops_table, train_early_exit
 
-needs_glue = pytest.mark.skipif(glue_data_dir() is None,
-                                reason="needs the local GLUE copy (network otherwise)")
+
 
 
 @pytest.mark.slow
@@ -113,9 +112,13 @@ def test_early_exit_baseline_end_to_end(early_exit_run):
   # Threshold 0 never exits early: the last exit's accuracy at the full cost.
   assert by["entropy", 0.0]["gflops"] == pytest.approx(dearest)
   assert by["entropy", 0.0]["accuracy"] == per_exit[-1]["accuracy"]
+  # Threshold 1 always exits at the first exit: its accuracy at its cost.
   assert by["entropy", 1.0]["gflops"] == pytest.approx(cheapest)
-  for p in summary["points"]:
-    assert cheapest - 1e-9 <= p["gflops"] <= dearest + 1e-9 and 0.0 <= p["accuracy"] <= 1.0
+  assert by["entropy", 1.0]["accuracy"] == per_exit[0]["accuracy"]
+  for p in summary["points"]:  # a share of the dev examples, at a cost between the exits'
+    assert cheapest - 1e-9 <= p["gflops"] <= dearest + 1e-9
+    assert p["accuracy"] * summary["dev_examples"] == pytest.approx(
+        round(p["accuracy"] * summary["dev_examples"]))
   # Train data: the same held-back split as a SHARCS run of this config.
   assert summary["train_examples"] == 96 - config.routing.calibration_examples
 
@@ -179,7 +182,8 @@ def test_exit_probe_benchmark_reports_every_layer(tiny_backbone, tmp_path):
   assert (data["train_examples"], data["dev_examples"]) == (64, 48)
   assert [layer["layer"] for layer in data["layers"]] == [1, 2, 3]  # the tiny backbone's layers
   for layer in data["layers"]:
-    assert layer["cls_spread"] > 0
-    assert 0 <= layer["cls_probe_accuracy"] <= 1 and 0 <= layer["mean_pool_probe_accuracy"] <= 1
+    assert layer["cls_spread"] > 0  # [CLS] differs across inputs (0 if one input were read)
+    for probe in ("cls_probe_accuracy", "mean_pool_probe_accuracy"):  # a share of the 48 pairs
+      assert layer[probe] * 48 == pytest.approx(round(layer[probe] * 48))
   assert 0.3 < data["majority_accuracy"] < 0.7  # SST-2 dev is about balanced
   assert (tmp_path / "exit_probe_sst2.md").read_text().count("\n| ") == 4  # header + 3 layers

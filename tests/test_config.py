@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, needs_glue
+from conftest import tiny_run_config as _tiny_config
 from sharcs_jax import config as config_lib
+from sharcs_jax.train import loop as train
 
 
 def _load(spec: str):
@@ -103,3 +105,40 @@ def test_every_numeric_field_of_the_base_config_has_a_range():
              for key, value in values.items()
              if isinstance(value, (int, float)) and not isinstance(value, bool)}
   assert numeric == {field for field, _, _ in config_lib.NUMERIC_FIELDS} | {"model.router_layer"}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model__widths", (0.5, 0.25, 1.0), "strictly increasing"),
+    ("hardness__ranges", ((0.7, 1.0), (0.4, 0.9), (0.0, 1.5)), "0 <= lo < hi <= 1"),
+    ("hardness__ranges", ((0.7, 1.0), (-0.1, 0.9), (0.0, 0.5)), "0 <= lo < hi <= 1"),
+    ("model__router_layer", 3, r"outside 1..2"),
+    ("model__router_layer", 0, r"outside 1..2"),
+])
+@needs_glue
+def test_bad_config_fails_before_training(tiny_backbone, tmp_path, field, value, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_tiny_config(tiny_backbone, **{field: value}), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@needs_glue
+def test_unknown_task_and_missing_data_dir(tiny_backbone, tmp_path):
+  config = _tiny_config(tiny_backbone)
+  config.task = "cola"
+  with pytest.raises(ValueError, match="unknown task 'cola'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = _tiny_config(tiny_backbone)
+  config.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@needs_glue
+@pytest.mark.slow
+def test_budget_out_of_reach_fails_before_training(tiny_backbone, tmp_path):
+  for budget in ("9x", "0.0001gflops"):
+    with pytest.raises(ValueError, match=rf"config.routing.budget='{budget}': budget .* is out "
+                       r"of reach: this model reaches reductions from 1x to \d+\.\d+x"):
+      train.train_and_evaluate(_tiny_config(tiny_backbone, routing__budget=budget), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()

@@ -115,6 +115,9 @@ def test_run_buckets_runs_each_row_at_its_length_bucket_in_row_order(rule):
                              width_flops=np.array([[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]]),
                              keep_every_width=True)
   assert sorted({c[-1].shape[1] for c in runner.calls}) == [3, 6]
+  logits = dispatch.run_each_row(lambda *batch: FakeRunner().prefix(*batch)[1], ids, types,
+                                 lengths, columns=3, length_buckets=(3, 6), batch_buckets=(1, 4))
+  np.testing.assert_array_equal(logits, out.router)  # the prefix alone, rows in the same order
   for bucket, length in enumerate((3, 6)):
     rows = np.flatnonzero((lengths > 3) == bool(bucket))
     alone = dispatch.run_rows(FakeRunner(), ids[rows, :length], mask[rows, :length],

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import transformers
 
+from conftest import needs_glue
+from conftest import tiny_run_config as _tiny_config
+
 from sharcs_jax.serve import evaluate, routing
 from sharcs_jax.data import batching, glue
 from sharcs_jax.data.batching import Encoded
@@ -326,3 +329,27 @@ def test_bf16_engine_stays_near_fp32_and_counts_the_same_flops(engine, tiny_mode
   assert 0 < difference <= 2e-2  # different arithmetic, close answers
   assert "bf16" in bf16.programs.executables[ProgramKey("adaptive", 1.0, 1, 8)].as_text()
   assert "bf16" not in engine.programs.executables[ProgramKey("adaptive", 1.0, 1, 8)].as_text()
+
+
+@needs_glue
+def test_engine_from_workdir_reproduces_the_report(trained):
+  """The deployed engine, loaded from the checkpoint, scores dev as the training report did."""
+  workdir, report = trained
+  engine = Engine.from_workdir(str(workdir), batch_buckets=(1, 4))  # shapes no other test uses
+  assert engine.programs.compiled > 0 and os.listdir(workdir / "executables")
+  config = _tiny_config(report["model"])
+  dev = glue.load_split("qqp", "dev", config.data_dir, limit=config.data.dev_limit)
+  out = engine.predict(dev.texts)
+  assert np.mean(out.labels == dev.labels) == pytest.approx(report["sharcs"]["accuracy"])
+  assert out.gflops.mean() == pytest.approx(report["sharcs"]["gflops"], rel=1e-3)
+  shares = [np.mean(out.widths == w) for w in report["widths"]]
+  np.testing.assert_allclose(shares, report["sharcs"]["share_per_width"])
+  again = Engine.from_workdir(str(workdir), batch_buckets=(1, 4))  # a restart: nothing compiles
+  assert again.programs.compiled == 0
+
+
+@needs_glue
+def test_engine_on_no_inputs(trained):
+  out = Engine.from_workdir(str(trained[0]), batch_buckets=(16,)).predict([])
+  assert out.labels.shape == (0,) and out.probabilities.shape == (0, 2)
+  assert out.widths.shape == out.gflops.shape == (0,)

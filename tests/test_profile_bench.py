@@ -34,7 +34,10 @@ def test_reports_are_written(profiled):
   ceiling = data["matmul_ceiling_gflops_per_second"]
   assert len(ceiling) == 4  # Q/K/V, attention output, FFN in, FFN out
   for rates in ceiling.values():
-    assert set(rates) == {"float32", "bfloat16", "int8"} and all(r > 0 for r in rates.values())
+    # GFLOP/s (GOP/s for int8): a CPU core does more than 1 and far less than 10^5; a slip of
+    # units (FLOP/s, milliseconds) lands outside
+    assert set(rates) == {"float32", "bfloat16", "int8"}
+    assert all(1 < r < 1e5 for r in rates.values()), rates
 
 
 def test_every_input_runs_the_prefix_and_the_narrowest_width(profiled):
@@ -49,8 +52,8 @@ def test_every_input_runs_the_prefix_and_the_narrowest_width(profiled):
   # padding rows fill batch buckets, so the rows run are at least the inputs, never fewer
   assert rows("prefix") >= LIMIT
   assert rows("adaptive", narrowest) >= LIMIT  # the cascade starts every input there
-  assert sum(data["bucket_share"]) == pytest.approx(1.0)
-  assert len(data["bucket_share"]) == len(data["length_buckets"])
+  assert sum(data["share_per_length_bucket"]) == pytest.approx(1.0)
+  assert len(data["share_per_length_bucket"]) == len(data["length_buckets"])
 
 
 def test_program_times_add_up_to_the_blocked_pass(profiled):

@@ -12,6 +12,7 @@ from sharcs_jax.run import load_run
 from sharcs_jax.data import glue
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.model.weights import resolve_model_dir
+from sharcs_jax.model.widths import width_label
 
 LIMIT = 48
 BUDGETS = ("1.1x", "1.2x")
@@ -117,7 +118,7 @@ def test_budget_paths_are_the_engines(serving, trained, dev, budget, rule):
   assert path["rule"]["rule"] == rule
   assert path["accuracy"] == np.mean(predictions.labels == dev.labels)
   assert path["gflops_per_example"] == pytest.approx(predictions.gflops.mean())
-  assert path["share_per_width"] == {f"{w:g}": float(np.mean(predictions.widths == w))
+  assert path["share_per_width"] == {width_label(w): float(np.mean(predictions.widths == w))
                                      for w in (0.25, 0.5, 1.0)}
   full = data["paths"]["sharcs_jax full width"]["gflops_per_example"]
   assert path["dev_flops_reduction"] == pytest.approx(full / path["gflops_per_example"])

@@ -112,8 +112,8 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   t = config.train
   buckets = tuple(config.data.length_buckets)
   tokenizer = batching.load_tokenizer(resolve_model_dir(config.model.backbone))
-  train, dev, _ = glue.run_splits(config)  # the same held-back rows as the SHARCS run
-  train_data, dev_data = (batching.encode(s, tokenizer, buckets) for s in (train, dev))
+  # the same held-back rows as the SHARCS run
+  train_data, dev_data = batching.encode_splits(glue.run_splits(config)[:2], tokenizer, buckets)
   key = jax.random.PRNGKey(config.seed)
   model, params = load_pretrained_early_exit(config.model.backbone,
                                              num_classes=task.num_classes,

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sharcs_jax.data.glue import Split
+from sharcs_jax.data.padding import length_mask, pad_mask
 
 Batch = dict[str, np.ndarray]
 
@@ -72,9 +73,20 @@ def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tu
                  bucket_of, tuple(length_buckets), tokenizer.pad_token_id)
 
 
+def encode_splits(splits: Sequence[Split | None], tokenizer, length_buckets: tuple[int, ...]
+                  ) -> tuple[Encoded | None, ...]:
+  """Splits tokenised into the length buckets, in order: the one place a run's splits are
+  encoded. None stays None; a split given twice (calibration on dev) is encoded once."""
+  done: dict[int, Encoded] = {}
+  for split in splits:
+    if split is not None and id(split) not in done:
+      done[id(split)] = encode(split, tokenizer, length_buckets)
+  return tuple(None if s is None else done[id(s)] for s in splits)
+
+
 def attention_mask_of(data: Encoded, rows: np.ndarray, length: int) -> np.ndarray:
   """int32 [len(rows), length]: 1 on each row's real tokens."""
-  return (np.arange(length)[None, :] < data.lengths[rows][:, None]).astype(np.int32)
+  return length_mask(data.lengths[rows], length)
 
 
 def make_batch(data: Encoded, rows: np.ndarray, bucket: int, batch_size: int) -> Batch:
@@ -87,12 +99,9 @@ def make_batch(data: Encoded, rows: np.ndarray, bucket: int, batch_size: int) ->
   input_ids[:len(rows)] = data.input_ids[rows, :length]
   token_type_ids = np.zeros((batch_size, length), np.int32)
   token_type_ids[:len(rows)] = data.token_type_ids[rows, :length]
-  attention_mask = np.concatenate([attention_mask_of(data, rows, length),
-                                   np.zeros((fill, length), np.int32)])
-  attention_mask[len(rows):, 0] = 1  # dummy rows attend to one token: no empty softmax
   return {
       "input_ids": input_ids,
-      "attention_mask": attention_mask,
+      "attention_mask": pad_mask(attention_mask_of(data, rows, length), batch_size),
       "token_type_ids": token_type_ids,
       "label": np.concatenate([data.labels[rows], np.zeros(fill, np.int32)]),
       "id": np.concatenate([data.ids[rows], np.full(fill, len(data), np.int32)]),

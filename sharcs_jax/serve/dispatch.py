@@ -21,6 +21,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from sharcs_jax.data.padding import length_mask, pad_mask, pad_rows
+
 # Batch sizes programs are compiled for by default: a few sizes bound the compiles while small
 # groups waste little padding.
 BATCH_BUCKETS = (1, 8, 32)
@@ -41,22 +43,6 @@ def split_into_batches(count: int, batch_buckets: Sequence[int]) -> list[tuple[i
     out.append((start, size))
     start += min(size, left)
   return out
-
-
-def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-  """`x` with zero rows appended up to `size` rows."""
-  x = np.asarray(x)
-  if len(x) == size:
-    return x
-  return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
-
-
-def pad_mask(mask: np.ndarray, size: int) -> np.ndarray:
-  """Attention masks padded to `size` rows; padding rows attend to one token, so that no softmax
-  is empty (an empty one is NaN, which padding rows must not produce even unread)."""
-  padded = pad_rows(mask, size).copy()
-  padded[len(mask):, 0] = 1
-  return padded
 
 
 class Runner(Protocol):
@@ -170,18 +156,14 @@ def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.
   holds its `lengths` [N] real tokens (`ids`, `types` [N, >= the longest bucket]), one `run_rows`
   per bucket. `width_flops` [m, length buckets]: one row's FLOPs at each width and bucket."""
   n = len(lengths)
-  bucket_of = np.searchsorted(np.asarray(length_buckets), lengths)
   probabilities = np.zeros((n, num_classes), np.float32)
   final = np.zeros(n, np.int64)
   ran = np.zeros((n, num_widths), bool)
   router = np.zeros((n, num_widths), np.float32)
   every = np.zeros((num_widths, n, num_classes), np.float32) if keep_every_width else None
-  for bucket, length in enumerate(length_buckets):
-    rows = np.flatnonzero(bucket_of == bucket)
-    if not len(rows):
-      continue
-    mask = (np.arange(length)[None] < lengths[rows, None]).astype(np.int32)
-    out = run_rows(runner, ids[rows, :length], mask, types[rows, :length], length=length,
+  for bucket, length, rows in _by_length_bucket(lengths, length_buckets):
+    out = run_rows(runner, ids[rows, :length], length_mask(lengths[rows], length),
+                   types[rows, :length], length=length,
                    batch_buckets=batch_buckets, num_widths=num_widths, rule=rule,
                    width_flops=width_flops[:, bucket], keep_every_width=keep_every_width,
                    block_size=block_size, to_host=to_host)
@@ -190,6 +172,33 @@ def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.
     if every is not None:
       every[:, rows] = out.every_width
   return Dispatched(probabilities, final, ran, router, every)
+
+
+def run_each_row(call: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], Any],
+                 ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *, columns: int,
+                 length_buckets: Sequence[int], batch_buckets: Sequence[int],
+                 to_host: Callable[[Any], np.ndarray] = np.asarray) -> np.ndarray:
+  """One program over every row, without routing (the router's logits alone, the full-width
+  baseline): `call(batch, length, ids, mask, types)` -> [batch, columns] runs in batch buckets
+  per length bucket, padded as `run_rows` pads; float32 [N, columns] in row order."""
+  out = np.zeros((len(lengths), columns), np.float32)
+  for _, length, rows in _by_length_bucket(lengths, length_buckets):
+    mask = length_mask(lengths[rows], length)
+    for start, size in split_into_batches(len(rows), batch_buckets):
+      batch = rows[start:start + size]
+      out[batch] = to_host(call(size, length, pad_rows(ids[batch, :length], size),
+                                pad_mask(mask[start:start + size], size),
+                                pad_rows(types[batch, :length], size)))[:len(batch)]
+  return out
+
+
+def _by_length_bucket(lengths: np.ndarray, length_buckets: Sequence[int]):
+  """(bucket, length, rows) for every length bucket that holds rows: the shortest that fits."""
+  bucket_of = np.searchsorted(np.asarray(length_buckets), lengths)
+  for bucket, length in enumerate(length_buckets):
+    rows = np.flatnonzero(bucket_of == bucket)
+    if len(rows):
+      yield bucket, length, rows
 
 
 def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sharcs_jax.serve import dispatch, routing
-from sharcs_jax.data.batching import Encoded, eval_batches
+from sharcs_jax.data.batching import Encoded
 from sharcs_jax.parallel import to_host
 from sharcs_jax.serve.programs import ProgramRunner, Programs
 from sharcs_jax.serve.routing import Budget, Cascade, Rule, ran_flops, route_all
@@ -52,13 +52,12 @@ def predict_all_widths(programs: Programs, params: Any, data: Encoded,
 
 def router_logits(programs: Programs, params: Any, data: Encoded, batch_size: int) -> np.ndarray:
   """Router logits [N, m] from the prefix alone: all a routing rule is calibrated on."""
-  variables = {"params": params}
-  router = np.zeros((len(data), len(programs.model.widths)), np.float32)
-  for rows, batch in eval_batches(data, batch_size):
-    _, logits = programs("prefix", None, batch_size, batch["input_ids"].shape[1])(
-        variables, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    router[rows] = to_host(logits)[:len(rows)]
-  return router
+  runner = ProgramRunner(programs, {"params": params})
+  return dispatch.run_each_row(lambda *batch: runner.prefix(*batch)[1], data.input_ids,
+                               data.token_type_ids, data.lengths,
+                               columns=len(programs.model.widths),
+                               length_buckets=data.length_buckets, batch_buckets=(batch_size,),
+                               to_host=to_host)
 
 
 def calibrate_rule(programs: Programs, params: Any, data: Encoded, batch_size: int,

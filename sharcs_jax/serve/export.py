@@ -16,7 +16,6 @@ import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import export
 
@@ -25,7 +24,7 @@ from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
 from sharcs_jax.serve.exported import FORMAT_VERSION, MANIFEST, adaptive_part_name, file_sha256
 from sharcs_jax.model.weights import resolve_model_dir
-from sharcs_jax.serve.programs import functions
+from sharcs_jax.serve.programs import argument_specs, functions
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
@@ -37,13 +36,13 @@ def _export_parts(engine: Engine) -> dict[str, bytes]:
   variables = {"params": jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), engine.params["params"])}
   batch, length = export.symbolic_shape("batch, length")
-  ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-  hidden = jax.ShapeDtypeStruct((batch, length, engine.model.encoder.hidden_size), jnp.float32)
   function = functions(engine.model)
-  parts = {"prefix": export.export(jax.jit(function["prefix"]))(variables, ids, ids, ids)}
+  parts = {"prefix": export.export(jax.jit(function["prefix"]))(
+      variables, *argument_specs(engine.model, "prefix", batch, length))}
   for width in engine.widths:
     part = _adaptive_part(function["adaptive"], width)
-    parts[part.__name__] = export.export(jax.jit(part))(variables, hidden, ids)
+    parts[part.__name__] = export.export(jax.jit(part))(
+        variables, *argument_specs(engine.model, "adaptive", batch, length))
   return {name: part.serialize() for name, part in parts.items()}
 
 

@@ -89,6 +89,18 @@ def functions(model: SharcsModel) -> dict[str, Callable[..., Any]]:
   return {"prefix": prefix, "adaptive": adaptive, "forward": forward}
 
 
+def argument_specs(model: SharcsModel, kind: str, batch: Any, length: Any,
+                   sharding: Any = None) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """What a part takes after its variables: (ids, mask, types), or (hidden, mask) for an
+  adaptive part. The one place these shapes are spelled, for compiling and for `jax.export`
+  (where batch and length are symbolic)."""
+  ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
+  if kind == "adaptive":
+    return (jax.ShapeDtypeStruct((batch, length, model.encoder.hidden_size), jnp.float32,
+                                 sharding=sharding), ids)
+  return ids, ids, ids
+
+
 @contextlib.contextmanager
 def _without_compilation_cache() -> Iterator[None]:
   """Compiles afresh even where jax's persistent compilation cache is on.
@@ -228,17 +240,12 @@ class Programs:
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(self.mesh)),
           variables)
       rows = parallel.batch_sharded(self.mesh)
-    ids = jax.ShapeDtypeStruct((key.batch, key.length), jnp.int32, sharding=rows)
+    args = argument_specs(self.model, key.kind, key.batch, key.length, rows)
     function = self._functions[key.kind]
     if key.kind == "prefix":
-      return jax.jit(function, out_shardings=rows).lower(variables, ids, ids, ids)
-    if key.kind == "adaptive":
-      hidden = jax.ShapeDtypeStruct((key.batch, key.length, self.model.encoder.hidden_size),
-                                    jnp.float32, sharding=rows)
-      return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
-          variables, hidden, ids, width=key.width)
+      return jax.jit(function, out_shardings=rows).lower(variables, *args)
     return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
-        variables, ids, ids, ids, width=key.width)
+        variables, *args, width=key.width)
 
 
 class ProgramRunner:

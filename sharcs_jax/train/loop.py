@@ -276,13 +276,11 @@ def _load_data(config: ml_collections.ConfigDict, tokenizer: Any
                ) -> tuple[batching.Encoded, batching.Encoded, batching.Encoded | None]:
   """(train, dev, calibration) encoded; calibration is None without held-out examples."""
   buckets = tuple(config.data.length_buckets)
-  train, dev, calibration = glue.run_splits(config)
-  train_data, dev_data = (batching.encode(s, tokenizer, buckets) for s in (train, dev))
-  calibration_data = (None if calibration is None else dev_data if calibration is dev
-                      else batching.encode(calibration, tokenizer, buckets))
+  train_data, dev_data, calibration_data = batching.encode_splits(glue.run_splits(config),
+                                                                  tokenizer, buckets)
   logging.info("%s: %d train, %d dev, %d calibration examples; buckets %s hold %s of train",
                config.task, len(train_data), len(dev_data),
-               0 if calibration is None else len(calibration), buckets,
+               0 if calibration_data is None else len(calibration_data), buckets,
                np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
   return train_data, dev_data, calibration_data
 

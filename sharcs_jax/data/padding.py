@@ -1,0 +1,27 @@
+"""Padding to fixed shapes, numpy only: the one home of the padding-row rule, shared by training
+batches and the dispatch core (which the exported loader, without flax, also imports)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def length_mask(lengths: np.ndarray, length: int) -> np.ndarray:
+  """int32 [len(lengths), length]: 1 on each row's real tokens."""
+  return (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """`x` with zero rows appended up to `size` rows."""
+  x = np.asarray(x)
+  if len(x) == size:
+    return x
+  return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
+
+
+def pad_mask(mask: np.ndarray, size: int) -> np.ndarray:
+  """Attention masks padded to `size` rows; padding rows attend to one token, so that no softmax
+  is empty (an empty one is NaN, which padding rows must not produce even unread)."""
+  padded = pad_rows(mask, size).copy()
+  padded[len(mask):, 0] = 1
+  return padded
