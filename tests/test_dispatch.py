@@ -113,7 +113,7 @@ def test_run_buckets_runs_each_row_at_its_length_bucket_in_row_order(rule):
   out = dispatch.run_buckets(runner, ids, types, lengths, length_buckets=(3, 6),
                              batch_buckets=(1, 4, 8), num_widths=3, num_classes=2, rule=rule,
                              width_flops=np.array([[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]]),
-                             keep_every_width=True)
+                             prefix_flops=np.array([0.5, 1.0]), keep_every_width=True)
   assert sorted({c[-1].shape[1] for c in runner.calls}) == [3, 6]
   logits = dispatch.run_each_row(lambda *batch: FakeRunner().prefix(*batch)[1], ids, types,
                                  lengths, columns=3, length_buckets=(3, 6), batch_buckets=(1, 4))
@@ -129,6 +129,8 @@ def test_run_buckets_runs_each_row_at_its_length_bucket_in_row_order(rule):
     np.testing.assert_allclose(out.probabilities[rows], alone.probabilities)
     np.testing.assert_allclose(out.every_width[:, rows], alone.every_width)
     np.testing.assert_allclose(out.router[rows], alone.router)
+    np.testing.assert_allclose(out.flops[rows], routing.ran_flops(
+        alone.final, alone.ran, np.array([1.0, 2.0, 4.0]) * (1 + bucket), 0.5 * (1 + bucket)))
 
 
 def test_no_rows():
@@ -139,8 +141,8 @@ def test_no_rows():
   out = dispatch.run_buckets(FakeRunner(), np.zeros((0, 6), int), np.zeros((0, 6), int),
                              np.zeros(0, int), length_buckets=(3, 6), batch_buckets=(1, 4),
                              num_widths=3, num_classes=2, rule=routing.Rule(),
-                             width_flops=np.ones((3, 2)))
-  assert out.probabilities.shape == (0, 2) and out.final.shape == (0,)
+                             width_flops=np.ones((3, 2)), prefix_flops=np.zeros(2))
+  assert out.probabilities.shape == (0, 2) and out.final.shape == (0,) and out.flops.shape == (0,)
 
 
 @pytest.mark.parametrize("count, buckets, expected", [

@@ -16,6 +16,7 @@ from conftest import tiny_run_config as _tiny_config
 
 from sharcs_jax.serve import evaluate, routing
 from sharcs_jax.data import batching, glue
+from sharcs_jax.data.padding import length_bucket_of
 from sharcs_jax.data.batching import Encoded
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.model import EncoderConfig, SharcsModel, init_params
@@ -44,7 +45,7 @@ def _inputs(n=23, buckets=(8, 16), seed=0):
   ids = np.where(np.arange(16)[None] < lengths[:, None], rng.integers(5, 50, (n, 16)), 0)
   return Encoded(ids.astype(np.int32), np.zeros((n, 16), np.int32), lengths,
                  np.zeros(n, np.int32), np.arange(n, dtype=np.int32),
-                 np.searchsorted(np.asarray(buckets), lengths).astype(np.int32), buckets, 0)
+                 length_bucket_of(lengths, buckets), buckets, 0)
 
 
 @pytest.fixture(scope="module")

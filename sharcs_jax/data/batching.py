@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sharcs_jax.data.glue import Split
-from sharcs_jax.data.padding import length_mask, pad_mask
+from sharcs_jax.data.padding import length_bucket_of, length_mask, pad_mask
 
 Batch = dict[str, np.ndarray]
 
@@ -66,7 +66,7 @@ def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tu
   input_ids = enc["input_ids"].astype(np.int32).reshape(n, max_len)
   token_type_ids = enc["token_type_ids"].astype(np.int32).reshape(n, max_len)
   lengths = enc["attention_mask"].astype(np.int32).reshape(n, max_len).sum(axis=1).astype(np.int32)
-  bucket_of = np.searchsorted(np.asarray(length_buckets), lengths).astype(np.int32)
+  bucket_of = length_bucket_of(lengths, length_buckets)
   return Encoded(input_ids, token_type_ids, lengths,
                  np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32),
                  np.arange(n, dtype=np.int32) if ids is None else np.asarray(ids, np.int32),

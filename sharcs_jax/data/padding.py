@@ -1,9 +1,15 @@
-"""Padding to fixed shapes, numpy only: the one home of the padding-row rule, shared by training
-batches and the dispatch core (which the exported loader, without flax, also imports)."""
+"""Padding to fixed shapes, numpy only: the one home of the length-bucket and padding-row rules,
+shared by encoding, training batches and the dispatch core (which the exported loader, without
+flax, also imports)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def length_bucket_of(lengths: np.ndarray, length_buckets) -> np.ndarray:
+  """int32 [N]: the index of the shortest length bucket that holds each row's real tokens."""
+  return np.searchsorted(np.asarray(length_buckets), np.asarray(lengths)).astype(np.int32)
 
 
 def length_mask(lengths: np.ndarray, length: int) -> np.ndarray:

@@ -11,7 +11,8 @@ takes rows of any length, one `run_rows` per length bucket. Every caller (the en
 evaluation, the exported loader) calls it with a `Runner` for its programs; routing every row to
 every width is the rule `EVERY_WIDTH`.
 
-Imports only numpy, so that the exported loader, which has no flax, uses it too.
+Imports only numpy (and the numpy-only padding and routing modules), so that the exported
+loader, which has no flax, uses it too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from sharcs_jax.data.padding import length_mask, pad_mask, pad_rows
+from sharcs_jax.data.padding import length_bucket_of, length_mask, pad_mask, pad_rows
+from sharcs_jax.serve.routing import ran_flops
 
 # Batch sizes programs are compiled for by default: a few sizes bound the compiles while small
 # groups waste little padding.
@@ -89,6 +91,7 @@ class Dispatched:
   ran: np.ndarray  # bool [n, m] widths whose part ran for the row
   router: np.ndarray  # float32 [n, m]
   every_width: np.ndarray | None  # float32 [m, n, C] each width's probabilities (0 if not run)
+  flops: np.ndarray | None = None  # float64 [n] what each row ran (`run_buckets` only)
 
 
 @dataclasses.dataclass
@@ -150,18 +153,21 @@ def block_rows(batch_buckets: Sequence[int]) -> int:
 def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *,
                 length_buckets: Sequence[int], batch_buckets: Sequence[int], num_widths: int,
                 num_classes: int, rule: Routing, width_flops: np.ndarray,
-                keep_every_width: bool = False, block_size: int | None = None,
+                prefix_flops: np.ndarray, keep_every_width: bool = False, block_size: int | None = None,
                 to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
   """Rows of any length, results in row order: each row runs in the shortest length bucket that
   holds its `lengths` [N] real tokens (`ids`, `types` [N, >= the longest bucket]), one `run_rows`
-  per bucket. `width_flops` [m, length buckets]: one row's FLOPs at each width and bucket."""
+  per bucket. `width_flops` [m, length buckets]: one row's FLOPs at each width and bucket (prefix
+  included), `prefix_flops` [length buckets] the prefix's; `flops` in the result counts each
+  row's prefix once and the part of every width it ran (`routing.ran_flops`)."""
   n = len(lengths)
   probabilities = np.zeros((n, num_classes), np.float32)
   final = np.zeros(n, np.int64)
   ran = np.zeros((n, num_widths), bool)
   router = np.zeros((n, num_widths), np.float32)
   every = np.zeros((num_widths, n, num_classes), np.float32) if keep_every_width else None
-  for bucket, length, rows in _by_length_bucket(lengths, length_buckets):
+  bucket_of = length_bucket_of(lengths, length_buckets)
+  for bucket, length, rows in _by_length_bucket(bucket_of, length_buckets):
     out = run_rows(runner, ids[rows, :length], length_mask(lengths[rows], length),
                    types[rows, :length], length=length,
                    batch_buckets=batch_buckets, num_widths=num_widths, rule=rule,
@@ -171,7 +177,9 @@ def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.
         out.probabilities, out.final, out.ran, out.router)
     if every is not None:
       every[:, rows] = out.every_width
-  return Dispatched(probabilities, final, ran, router, every)
+  flops = ran_flops(final, ran, np.asarray(width_flops)[:, bucket_of].T,
+                    np.asarray(prefix_flops)[bucket_of])
+  return Dispatched(probabilities, final, ran, router, every, flops)
 
 
 def run_each_row(call: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], Any],
@@ -182,7 +190,8 @@ def run_each_row(call: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], 
   baseline): `call(batch, length, ids, mask, types)` -> [batch, columns] runs in batch buckets
   per length bucket, padded as `run_rows` pads; float32 [N, columns] in row order."""
   out = np.zeros((len(lengths), columns), np.float32)
-  for _, length, rows in _by_length_bucket(lengths, length_buckets):
+  for _, length, rows in _by_length_bucket(length_bucket_of(lengths, length_buckets),
+                                           length_buckets):
     mask = length_mask(lengths[rows], length)
     for start, size in split_into_batches(len(rows), batch_buckets):
       batch = rows[start:start + size]
@@ -192,9 +201,8 @@ def run_each_row(call: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], 
   return out
 
 
-def _by_length_bucket(lengths: np.ndarray, length_buckets: Sequence[int]):
-  """(bucket, length, rows) for every length bucket that holds rows: the shortest that fits."""
-  bucket_of = np.searchsorted(np.asarray(length_buckets), lengths)
+def _by_length_bucket(bucket_of: np.ndarray, length_buckets: Sequence[int]):
+  """(bucket, length, rows) for every length bucket that holds rows (`bucket_of` [N])."""
   for bucket, length in enumerate(length_buckets):
     rows = np.flatnonzero(bucket_of == bucket)
     if len(rows):

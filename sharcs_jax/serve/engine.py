@@ -27,7 +27,7 @@ from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.serve.precision import COMPUTE_DTYPES
 from sharcs_jax.serve.precision import resolve as resolve_precision
 from sharcs_jax.serve.programs import ProgramRunner, Programs
-from sharcs_jax.serve.routing import Budget, Cascade, Rule, parse_budget, ran_flops
+from sharcs_jax.serve.routing import Budget, Cascade, Rule, parse_budget
 from sharcs_jax.run import Run, load_run
 
 Text = str | Sequence[str]
@@ -149,10 +149,9 @@ class Engine:
         data.token_type_ids, data.lengths, length_buckets=self.length_buckets,
         batch_buckets=self.batch_buckets, num_widths=len(self.widths),
         num_classes=self.model.num_classes, rule=self.rule, width_flops=self.flops,
-        block_size=self.block_size)
-    gflops = ran_flops(out.final, out.ran, self.flops[:, data.bucket_of].T,
-                       self.prefix_flops[data.bucket_of]) / 1e9
+        prefix_flops=self.prefix_flops, block_size=self.block_size)
     return Predictions(labels=out.probabilities.argmax(-1).astype(np.int32),
                        probabilities=out.probabilities,
-                       widths=np.asarray(self.widths, np.float32)[out.final], gflops=gflops)
+                       widths=np.asarray(self.widths, np.float32)[out.final],
+                       gflops=out.flops / 1e9)
 

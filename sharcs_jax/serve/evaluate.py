@@ -46,6 +46,7 @@ def predict_all_widths(programs: Programs, params: Any, data: Encoded,
                              batch_buckets=(batch_size,), num_widths=widths,
                              num_classes=programs.model.num_classes, rule=dispatch.EVERY_WIDTH,
                              width_flops=np.ones((widths, len(data.length_buckets))),
+                             prefix_flops=np.zeros(len(data.length_buckets)),
                              keep_every_width=True, to_host=to_host)
   return out.every_width, out.router
 

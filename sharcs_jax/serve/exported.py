@@ -23,7 +23,7 @@ import numpy as np
 from jax import export
 
 from sharcs_jax.serve import dispatch
-from sharcs_jax.serve.routing import ran_flops, rule_from_json
+from sharcs_jax.serve.routing import rule_from_json
 
 # 2: parts are named after their width and the manifest records the position offset, so that
 # the loader can check the manifest against the parts and parameters.
@@ -139,11 +139,9 @@ class ExportedModel:
     out = dispatch.run_buckets(self, ids, types, lengths, length_buckets=self.length_buckets,
                                batch_buckets=dispatch.BATCH_BUCKETS, num_widths=len(self.widths),
                                num_classes=len(self.label_names), rule=self.rule,
-                               width_flops=self.gflops)
-    buckets = np.searchsorted(np.asarray(self.length_buckets), lengths)
-    gflops = ran_flops(out.final, out.ran, self.gflops[:, buckets].T, self.prefix_gflops[buckets])
+                               width_flops=self.gflops, prefix_flops=self.prefix_gflops)
     return ExportedPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
-                               np.asarray(self.widths, np.float32)[out.final], gflops)
+                               np.asarray(self.widths, np.float32)[out.final], out.flops)
 
   def prefix(self, batch: int, length: int, ids, mask, types):
     """`dispatch.Runner`: the prefix part (symbolic shapes: any batch and length)."""
