@@ -41,10 +41,10 @@ from benchmarks import common
 from sharcs_jax.serve import evaluate, hf_export
 from sharcs_jax import report
 from sharcs_jax.data import glue
+from sharcs_jax.data.padding import length_mask
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.precision import resolve as resolve_precision
 from sharcs_jax.serve.programs import Programs
-from sharcs_jax.model.widths import width_label
 
 flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -95,7 +95,7 @@ def pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
   out = np.full((len(rows), lengths.max()), pad_id, np.int64)
   for i, r in enumerate(rows):
     out[i, :len(r)] = r
-  return out, (np.arange(out.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+  return out, length_mask(lengths, out.shape[1]).astype(np.int64)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
@@ -299,8 +299,7 @@ def jax_details(engine: Engine, texts, routed: bool) -> dict:
           "dev_flops_reduction": full / float(predictions.gflops.mean()),
           "rule": engine.rule.to_json(),
           "calibration_reduction": engine.rule.calibration_reduction,
-          "share_per_width": {width_label(w): float(np.mean(predictions.widths == w))
-                              for w in engine.widths}}
+          "share_per_width": predictions.share_per_width(engine.widths)}
 
 
 def main(argv):
@@ -343,12 +342,10 @@ def write_reports(out: str, data: dict, task: glue.Task) -> None:
              p.get("gflops_per_example", "")]
           for name, p in data["paths"].items()]
   cpu = data["cpu"]
-  flags_on = ", ".join(f for f, on in cpu["flags"].items() if on) or "none of " + ", ".join(common.CPU_FLAGS)
   v = data["versions"]
   notes = (f"{data['examples']} {data['task']} dev examples, text in -> labels out (tokenisation "
            f"inside every timed pass, truncation at {data['max_length']} tokens), median of "
-           f"{data['rounds']} interleaved passes. CPU: {cpu['model']}, {cpu['usable_cpus']} usable "
-           f"CPUs; flags: {flags_on}. Threads: PyTorch {data['threads']['pytorch']}, ONNX Runtime "
+           f"{data['rounds']} interleaved passes. CPU: {common.cpu_line(cpu)}. Threads: PyTorch {data['threads']['pytorch']}, ONNX Runtime "
            f"{data['threads']['onnxruntime_intra_op']} intra-op. Versions: jax {v['jax']}, torch "
            f"{v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}.")
   if data["skipped"]:

@@ -23,7 +23,6 @@ from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.precision import PRECISIONS
 from sharcs_jax.serve.programs import Programs
 from sharcs_jax.run import load_run
-from sharcs_jax.model.widths import width_label
 
 flags.DEFINE_string("workdir", None, "A trained run (its checkpoints); its task's dev split is read.", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -76,8 +75,7 @@ def main(argv):
   data["speedup"] = sharcs["examples_per_second"] / base["examples_per_second"]
   data["flops_reduction"] = base["gflops_per_example"] / sharcs["gflops_per_example"]
   data["accuracy_drop_points"] = 100 * (base["accuracy"] - sharcs["accuracy"])
-  data["share_per_width"] = {width_label(w): float(np.mean(predictions.widths == w))
-                             for w in engine.widths}
+  data["share_per_width"] = predictions.share_per_width(engine.widths)
   notes = (f"{len(dev)} {run.task.name} dev examples, token ids to labels, {engine.precision}, "
            f"batch buckets {batch_buckets}, CPU: {common.cpu_line(data['cpu'])}; "
            f"median of {FLAGS.rounds} interleaved passes. SHARCS is {data['speedup']:.2f}x the "

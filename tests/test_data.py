@@ -100,8 +100,7 @@ def _encoded(n=50, buckets=(8, 16)):
   ids = np.where(np.arange(16)[None] < lengths[:, None], rng.integers(5, 100, (n, 16)), 0)
   return batching.Encoded(ids.astype(np.int32), np.zeros((n, 16), np.int32), lengths,
                           rng.integers(0, 2, n).astype(np.int32), np.arange(n, dtype=np.int32),
-                          length_bucket_of(lengths, buckets),
-                          buckets, 0)
+                          length_bucket_of(lengths, buckets), buckets)
 
 
 def test_make_batch_pads_with_dummy_rows():

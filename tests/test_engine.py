@@ -45,7 +45,7 @@ def _inputs(n=23, buckets=(8, 16), seed=0):
   ids = np.where(np.arange(16)[None] < lengths[:, None], rng.integers(5, 50, (n, 16)), 0)
   return Encoded(ids.astype(np.int32), np.zeros((n, 16), np.int32), lengths,
                  np.zeros(n, np.int32), np.arange(n, dtype=np.int32),
-                 length_bucket_of(lengths, buckets), buckets, 0)
+                 length_bucket_of(lengths, buckets), buckets)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_input_order_is_kept(engine):
   order = np.random.default_rng(5).permutation(len(data))
   shuffled = Encoded(data.input_ids[order], data.token_type_ids[order], data.lengths[order],
                      data.labels[order], data.ids[order], data.bucket_of[order],
-                     data.length_buckets, data.pad_id)
+                     data.length_buckets)
   a, b = engine.run(data), engine.run(shuffled)
   np.testing.assert_allclose(b.probabilities, a.probabilities[order], atol=1e-6)
   np.testing.assert_array_equal(b.widths, a.widths[order])

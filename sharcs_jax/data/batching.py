@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sharcs_jax.data.glue import Split
-from sharcs_jax.data.padding import length_bucket_of, length_mask, pad_mask
+from sharcs_jax.data.padding import length_bucket_of, length_mask, pad_mask, pad_rows
 
 Batch = dict[str, np.ndarray]
 
@@ -29,7 +29,6 @@ class Encoded:
   ids: np.ndarray  # int32 [N] stable example ids
   bucket_of: np.ndarray  # int32 [N] index into length_buckets
   length_buckets: tuple[int, ...]
-  pad_id: int
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -70,7 +69,7 @@ def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tu
   return Encoded(input_ids, token_type_ids, lengths,
                  np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32),
                  np.arange(n, dtype=np.int32) if ids is None else np.asarray(ids, np.int32),
-                 bucket_of, tuple(length_buckets), tokenizer.pad_token_id)
+                 bucket_of, tuple(length_buckets))
 
 
 def encode_splits(splits: Sequence[Split | None], tokenizer, length_buckets: tuple[int, ...]
@@ -95,14 +94,10 @@ def make_batch(data: Encoded, rows: np.ndarray, bucket: int, batch_size: int) ->
     raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
   length = data.length_buckets[bucket]
   fill = batch_size - len(rows)
-  input_ids = np.full((batch_size, length), data.pad_id, np.int32)
-  input_ids[:len(rows)] = data.input_ids[rows, :length]
-  token_type_ids = np.zeros((batch_size, length), np.int32)
-  token_type_ids[:len(rows)] = data.token_type_ids[rows, :length]
   return {
-      "input_ids": input_ids,
+      "input_ids": pad_rows(data.input_ids[rows, :length], batch_size),
       "attention_mask": pad_mask(attention_mask_of(data, rows, length), batch_size),
-      "token_type_ids": token_type_ids,
+      "token_type_ids": pad_rows(data.token_type_ids[rows, :length], batch_size),
       "label": np.concatenate([data.labels[rows], np.zeros(fill, np.int32)]),
       "id": np.concatenate([data.ids[rows], np.full(fill, len(data), np.int32)]),
       "weight": np.concatenate([np.ones(len(rows), np.float32), np.zeros(fill, np.float32)]),

@@ -24,6 +24,7 @@ from absl import logging
 from sharcs_jax.serve import dispatch, evaluate
 from sharcs_jax.data import batching, glue
 from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.model.widths import width_label
 from sharcs_jax.serve.precision import COMPUTE_DTYPES
 from sharcs_jax.serve.precision import resolve as resolve_precision
 from sharcs_jax.serve.programs import ProgramRunner, Programs
@@ -39,6 +40,11 @@ class Predictions:
   probabilities: np.ndarray  # float32 [N, C]
   widths: np.ndarray  # float32 [N] the routed width
   gflops: np.ndarray  # float64 [N] per example: prefix + router + routed part
+
+  def share_per_width(self, widths: Sequence[float]) -> dict[str, float]:
+    """The share of inputs that ended at each of `widths`, keyed by width label (0 if none)."""
+    return {width_label(w): float(np.mean(self.widths == w)) if len(self.widths) else 0.0
+            for w in widths}
 
 
 class Engine:

@@ -20,7 +20,6 @@ import numpy as np
 
 from sharcs_jax import report
 from sharcs_jax.data.glue import Task
-from sharcs_jax.model.widths import width_label
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 
@@ -160,8 +159,7 @@ def run(workdir: str, input_path: str, output_path: str,
       "routing": engine.rule.budget or "router argmax", "rule": engine.rule.name,
       "precision": engine.precision,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
-      "share_per_width": {width_label(w): float(np.mean(predictions.widths == w)) if len(texts) else 0.0
-                          for w in engine.widths},
+      "share_per_width": predictions.share_per_width(engine.widths),
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,
       "full_width_gflops_per_example": float(full.mean()) if len(texts) else 0.0,
   }
