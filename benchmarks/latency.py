@@ -36,10 +36,16 @@ flags.DEFINE_string("task", "qqp", "GLUE task whose dev inputs are timed (and wh
                     "the head has).")
 flags.DEFINE_integer("length", 32, "Padded sequence length (QQP pairs average 31 tokens).")
 flags.DEFINE_integer("rounds", 30, "Interleaved timing rounds (each times every row once).")
-flags.DEFINE_string("data_dir", None, "GLUE directory; default $SHARCS_DATA_DIR.")
+flags.DEFINE_string("data_dir", None, "GLUE directory; default as configs resolve it "
+                    "($SHARCS_DATA_DIR, else ../shared/data/glue, else the hub).")
 FLAGS = flags.FLAGS
 
 BATCHES = (1, 32)
+
+
+def jax_name(width: float) -> str:
+  """The row of the jitted whole model at `width`."""
+  return f"jax w={width_label(width)}"
 
 
 def torch_model(model_dir: str, params: dict):
@@ -61,6 +67,9 @@ def main(argv):
 
   torch.set_num_threads(os.cpu_count())
   widths = tuple(float(w) for w in FLAGS.widths)
+  if 1.0 not in widths:
+    raise app.UsageError(f"--widths={','.join(FLAGS.widths)}: include 1.0, the full width every "
+                         "ratio is taken against")
   task = glue.get_task(FLAGS.task)
   model, params = load_pretrained(FLAGS.backbone, num_classes=task.num_classes, widths=widths,
                                   router_layer=FLAGS.router_layer, key=jax.random.key(0))
@@ -88,7 +97,7 @@ def main(argv):
     candidates = {}
     for w in widths:
       program = programs("forward", w, b, length)
-      candidates[f"jax w={width_label(w)}"] = (
+      candidates[jax_name(w)] = (
           lambda p=program: p(variables, *device_inputs).block_until_ready())
 
     def run_torch():
@@ -107,9 +116,9 @@ def main(argv):
   rows, data = [], {"length": length, "backbone": FLAGS.backbone, "router_layer": FLAGS.router_layer,
                     "threads": os.cpu_count(), "rows": []}
   for b in BATCHES:
-    full = np.median(results[b]["jax w=1"])
+    full = np.median(results[b][jax_name(1.0)])
     for name, t in results[b].items():
-      f = flops[float(name.split("=")[1])] if name.startswith("jax w=") else None
+      f = next((flops[w] for w in widths if name == jax_name(w)), None)
       row = {"name": name, "batch": b, "median_ms": 1e3 * float(np.median(t)),
              "p90_ms": 1e3 * float(np.percentile(t, 90)),
              "examples_per_s": b / float(np.median(t)),
@@ -121,10 +130,10 @@ def main(argv):
                    "" if f is None else row["flops_ratio_vs_full"]])
   data["max_abs_probability_difference_jax_vs_pytorch"] = {
       b: float(np.abs(outputs[b][0] - outputs[b][1]).max()) for b in BATCHES}
-  overhead = (np.median(results[32]["engine, all to 1.0"]) / np.median(results[32]["jax w=1"]) - 1)
+  overhead = (np.median(results[32]["engine, all to 1.0"]) / np.median(results[32][jax_name(1.0)]) - 1)
   data["engine_router_grouping_overhead_batch32"] = float(overhead)
   data["jax_full_vs_pytorch_speedup"] = {
-      b: float(np.median(results[b]["pytorch eager"]) / np.median(results[b]["jax w=1"]))
+      b: float(np.median(results[b]["pytorch eager"]) / np.median(results[b][jax_name(1.0)]))
       for b in BATCHES}
   notes = (f"{FLAGS.backbone}, {task.name} dev inputs padded to {length} tokens, {os.cpu_count()} threads, "
            f"{FLAGS.rounds} interleaved rounds (x4 at batch 1). Full-width JAX is "
