@@ -23,6 +23,7 @@ from absl import logging
 
 from sharcs_jax.serve import dispatch, evaluate
 from sharcs_jax.data import batching, glue
+from sharcs_jax.data.inputs import text_rows
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.widths import width_label
 from sharcs_jax.serve.precision import COMPUTE_DTYPES
@@ -130,14 +131,7 @@ class Engine:
     if self.tokenizer is None or self.task is None:
       raise ValueError("this engine has no tokenizer and task: build it with from_workdir, or "
                        "pass tokenizer= and task=")
-    fields = len(self.task.text_columns)
-    rows = []
-    for i, text in enumerate(texts):
-      row = (text,) if isinstance(text, str) else tuple(text)
-      if len(row) != fields or not all(isinstance(t, str) for t in row):
-        raise ValueError(f"input {i} has {len(row)} field(s) {row!r:.120}; {self.task.name} "
-                         f"takes {fields} string(s): {', '.join(self.task.text_columns)}")
-      rows.append(row)
+    rows = text_rows(texts, self.task.text_columns, self.task.name)
     return batching.encode_texts(rows, self.tokenizer, self.length_buckets, labels)
 
   def predict(self, texts: Sequence[Text]) -> Predictions:

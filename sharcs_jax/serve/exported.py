@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax import export
 
+from sharcs_jax.data.inputs import text_rows
 from sharcs_jax.serve import dispatch
 from sharcs_jax.serve.routing import rule_from_json
 
@@ -116,13 +117,8 @@ class ExportedModel:
 
   def encode(self, texts: Sequence[str | Sequence[str]]) -> tuple[np.ndarray, ...]:
     """Token ids, type ids and lengths [N, max length], as the training tokenizer makes them."""
-    rows = []
-    for i, text in enumerate(texts):
-      row = (text,) if isinstance(text, str) else tuple(text)
-      if len(row) != len(self.text_fields) or not all(isinstance(t, str) for t in row):
-        raise ValueError(f"input {i} has {len(row)} field(s) {row!r:.120}; this model takes "
-                         f"{len(self.text_fields)} string(s): {', '.join(self.text_fields)}")
-      rows.append(row[0] if len(row) == 1 else row)
+    rows = [row[0] if len(row) == 1 else row
+            for row in text_rows(texts, self.text_fields, "this model")]
     encodings = self._tokenizer.encode_batch(rows) if rows else []
     size = self.length_buckets[-1]
     ids = np.full((len(rows), size), self.manifest["tokenizer"]["pad_id"], np.int32)
