@@ -153,8 +153,8 @@ def block_rows(batch_buckets: Sequence[int]) -> int:
 def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *,
                 length_buckets: Sequence[int], batch_buckets: Sequence[int], num_widths: int,
                 num_classes: int, rule: Routing, width_flops: np.ndarray,
-                prefix_flops: np.ndarray, keep_every_width: bool = False, block_size: int | None = None,
-                to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
+                prefix_flops: np.ndarray, keep_every_width: bool = False,
+                block_size: int | None = None, to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
   """Rows of any length, results in row order: each row runs in the shortest length bucket that
   holds its `lengths` [N] real tokens (`ids`, `types` [N, >= the longest bucket]), one `run_rows`
   per bucket. `width_flops` [m, length buckets]: one row's FLOPs at each width and bucket (prefix
