@@ -61,6 +61,8 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class ExportedPredictions:
+  """The engine's `Predictions` fields; its own class because the engine's module imports flax."""
+
   labels: np.ndarray  # int32 [N]
   probabilities: np.ndarray  # float32 [N, C]
   widths: np.ndarray  # float32 [N]
