@@ -130,7 +130,8 @@ def main(argv):
                    "" if f is None else row["flops_ratio_vs_full"]])
   data["max_abs_probability_difference_jax_vs_pytorch"] = {
       b: float(np.abs(outputs[b][0] - outputs[b][1]).max()) for b in BATCHES}
-  overhead = (np.median(results[32]["engine, all to 1.0"]) / np.median(results[32][jax_name(1.0)]) - 1)
+  overhead = (np.median(results[32]["engine, all to 1.0"])
+              / np.median(results[32][jax_name(1.0)]) - 1)
   data["engine_router_grouping_overhead_batch32"] = float(overhead)
   data["jax_full_vs_pytorch_speedup"] = {
       b: float(np.median(results[b]["pytorch eager"]) / np.median(results[b][jax_name(1.0)]))

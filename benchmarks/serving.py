@@ -345,8 +345,9 @@ def write_reports(out: str, data: dict, task: glue.Task) -> None:
   v = data["versions"]
   notes = (f"{data['examples']} {data['task']} dev examples, text in -> labels out (tokenisation "
            f"inside every timed pass, truncation at {data['max_length']} tokens), median of "
-           f"{data['rounds']} interleaved passes. CPU: {common.cpu_line(cpu)}. Threads: PyTorch {data['threads']['pytorch']}, ONNX Runtime "
-           f"{data['threads']['onnxruntime_intra_op']} intra-op. Versions: jax {v['jax']}, torch "
+           f"{data['rounds']} interleaved passes. CPU: {common.cpu_line(cpu)}. Threads: PyTorch "
+           f"{data['threads']['pytorch']}, ONNX Runtime {data['threads']['onnxruntime_intra_op']} "
+           f"intra-op. Versions: jax {v['jax']}, torch "
            f"{v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}.")
   if data["skipped"]:
     notes += " Skipped: " + "; ".join(f"{k}: {e}" for k, e in data["skipped"].items())
