@@ -154,7 +154,8 @@ def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.
                 length_buckets: Sequence[int], batch_buckets: Sequence[int], num_widths: int,
                 num_classes: int, rule: Routing, width_flops: np.ndarray,
                 prefix_flops: np.ndarray, keep_every_width: bool = False,
-                block_size: int | None = None, to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
+                block_size: int | None = None,
+                to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
   """Rows of any length, results in row order: each row runs in the shortest length bucket that
   holds its `lengths` [N] real tokens (`ids`, `types` [N, >= the longest bucket]), one `run_rows`
   per bucket. `width_flops` [m, length buckets]: one row's FLOPs at each width and bucket (prefix
