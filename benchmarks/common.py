@@ -81,9 +81,10 @@ class BudgetSweep:
   def build(cls, engine: Engine, dev: batching.Encoded,
             calibration: batching.Encoded) -> "BudgetSweep":
     params, batch = engine.params["params"], engine.batch_buckets[-1]
-    probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch)
+    probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch,
+                                                            engine.runner)
     calibration_probabilities, calibration_router = evaluate.predict_all_widths(
-        engine.programs, params, calibration, batch)
+        engine.programs, params, calibration, batch, engine.runner)
     return cls(engine, dev, calibration_router,
                evaluate.per_example_flops(engine.flops, calibration), calibration_probabilities,
                engine.prefix_flops[calibration.bucket_of], probabilities, dev_router)

@@ -2,10 +2,12 @@
 
 Exports the run in --workdir to --export_dir, then loads the export in a fresh process that may
 import only jax, numpy and tokenizers (checked through sys.modules) and predicts every dev pair;
-reports agreement, load time and directory size as JSON and Markdown.
+reports agreement, load time and directory size as JSON and Markdown. With
+--runtime=onnxruntime the fresh process cannot import jax at all (`import jax` raises there), and
+its labels are compared with the engine on the same runtime and precision.
 
     python -m benchmarks.export_parity --workdir=/tmp/sharcs_qqp --export_dir=/tmp/qqp_export \
-        --out=/tmp/bench
+        --out=/tmp/bench [--runtime=onnxruntime --precision=int8]
 """
 
 from __future__ import annotations
@@ -31,11 +33,16 @@ flags.DEFINE_string("export_dir", None, "Where to write the export.", required=T
 flags.DEFINE_string("out", None, "Output directory for the report.", required=True)
 flags.DEFINE_string("budget", "", "Route to this budget (default: the run's own rule).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
+flags.DEFINE_enum("runtime", "xla", ["xla", "onnxruntime"], "The engine's (and export's) runtime.")
+flags.DEFINE_string("precision", "fp32", "The engine's precision (int8 on onnxruntime).")
 FLAGS = flags.FLAGS
 
 FORBIDDEN = ("flax", "optax", "orbax", "transformers", "torch")
+NO_JAX = ("jax", "jaxlib")  # an ONNX export's loader runs where these cannot be imported
 LOADER = """
 import json, sys, time
+for name in sys.argv[4].split(",") if sys.argv[4] else []:
+  sys.modules[name] = None  # `import name` now raises ImportError
 start = time.perf_counter()
 from sharcs_jax.serve.exported import ExportedModel
 model = ExportedModel.load(sys.argv[1])
@@ -48,7 +55,7 @@ forbidden = sorted(m for m in sys.modules if m.split(".")[0] in %r)
 json.dump({"labels": out.labels.tolist(), "probabilities": out.probabilities.tolist(),
            "widths": out.widths.tolist(), "load_seconds": loaded, "predict_seconds": seconds,
            "forbidden_modules": forbidden}, open(sys.argv[3], "w"))
-""" % (FORBIDDEN,)
+""" % (FORBIDDEN + NO_JAX,)
 
 
 def directory_bytes(path: str) -> int:
@@ -60,7 +67,9 @@ def main(argv):
   del argv
   quiet_orbax_logging()
   run = load_run(FLAGS.workdir)
-  engine = Engine.from_run(run, budget=FLAGS.budget)
+  engine = Engine.from_run(run, budget=FLAGS.budget, runtime=FLAGS.runtime,
+                           precision=FLAGS.precision)
+  blocked = NO_JAX if FLAGS.runtime == "onnxruntime" else ()
   start = time.perf_counter()
   manifest = export.export_engine(engine, FLAGS.export_dir)
   export_seconds = time.perf_counter() - start
@@ -70,7 +79,8 @@ def main(argv):
     with open(os.path.join(tmp, "texts.json"), "w") as f:
       json.dump(split.texts, f)
     result = subprocess.run([sys.executable, "-c", LOADER, FLAGS.export_dir,
-                             os.path.join(tmp, "texts.json"), os.path.join(tmp, "out.json")],
+                             os.path.join(tmp, "texts.json"), os.path.join(tmp, "out.json"),
+                             ",".join(blocked)],
                             capture_output=True, text=True)
     if result.returncode:
       raise RuntimeError(f"the export loader failed:\n{result.stderr[-3000:]}")
@@ -79,6 +89,8 @@ def main(argv):
   probabilities = np.asarray(loaded["probabilities"], np.float32)
   data = {
       "task": engine.task.name, "examples": len(split), "routing": manifest["routing"],
+      "runtime": manifest["runtime"], "precision": manifest["precision"],
+      "imports_blocked_in_loader": list(blocked),
       "labels_equal": float(np.mean(np.asarray(loaded["labels"]) == reference.labels)),
       "widths_equal": float(np.mean(np.asarray(loaded["widths"]) == reference.widths)),
       "max_probability_difference": float(np.abs(probabilities - reference.probabilities).max()),
@@ -91,8 +103,12 @@ def main(argv):
           for k, v in data.items() if k != "routing"]
   common.write_outputs(FLAGS.out, "export_parity", data, "Exported model against the engine",
                        ["", "value"], rows,
-                       f"{engine.task.name} dev, routing {manifest['routing']['budget']}; the "
-                       "export ran in a fresh process importing only jax, numpy and tokenizers.")
+                       f"{engine.task.name} dev, routing {manifest['routing']['budget']}, runtime "
+                       f"{manifest['runtime']} {manifest['precision']}; the export ran in a fresh "
+                       "process importing only " + ("onnxruntime, numpy and tokenizers (import "
+                                                    "jax raised there)" if blocked else
+                                                    "jax, numpy and tokenizers") + ". CPU: "
+                       f"{common.cpu_line(common.cpu_info())}.")
   print(open(os.path.join(FLAGS.out, "export_parity.md")).read())
 
 

@@ -8,6 +8,9 @@ the engine's measured examples/s (token ids to labels, batch buckets up to 32). 
 the model's reach (below 1x, or cheaper than all-narrowest) is reported with the reachable range.
 
     python -m benchmarks.pareto --workdir=/tmp/sharcs_qqp --out=/tmp/bench [--rule=cascade]
+        [--runtime=onnxruntime --precision=int8]
+
+On another runtime or precision every figure (calibration included) comes from its programs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from benchmarks import common
 from sharcs_jax.serve import routing
 from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.precision import PRECISIONS, RUNTIMES
 from sharcs_jax.run import load_run
 from sharcs_jax.model.widths import width_label
 
@@ -37,6 +41,9 @@ flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests)
 flags.DEFINE_enum("rule", "router", list(routing.RULES), "How each budget is met.")
 flags.DEFINE_enum("signal", "max_prob", list(routing.CONFIDENCE_SIGNALS), "cascade: confidence.")
 flags.DEFINE_string("start_budget", "", "router+cascade: the router's own budget, e.g. 3x.")
+flags.DEFINE_enum("runtime", "xla", list(RUNTIMES), "What runs the engine's programs.")
+flags.DEFINE_enum("precision", "fp32", sorted(set(sum(PRECISIONS.values(), ()))),
+                  "The engine's precision (bf16 on xla, int8 on onnxruntime).")
 FLAGS = flags.FLAGS
 
 
@@ -44,7 +51,8 @@ def main(argv):
   del argv
   quiet_orbax_logging()
   run = load_run(FLAGS.workdir)
-  engine, task = Engine.from_run(run), run.task
+  engine = Engine.from_run(run, runtime=FLAGS.runtime, precision=FLAGS.precision)
+  task = run.task
   (dev,) = run.encoded("dev", limit=FLAGS.limit)
   calibration = dev if FLAGS.calibrate_on_dev else run.encoded("calibration")[0]
   source = "dev itself" if FLAGS.calibrate_on_dev else "held-out training examples"
@@ -52,6 +60,7 @@ def main(argv):
   reach = sweep.reachable()
 
   rows, data = [], {"task": task.name, "workdir": FLAGS.workdir, "rule": FLAGS.rule,
+                    "runtime": engine.runtime, "precision": engine.precision,
                     "signal": FLAGS.signal, "start_budget": FLAGS.start_budget,
                     "dev_examples": len(dev),
                     "calibration_examples": len(calibration), "calibration_source": source,

@@ -2,6 +2,7 @@
 each program's arithmetic rate comes to the CPU's matmul rate at the same compute dtype.
 
     python -m benchmarks.profile --workdir=W --out=O [--precision=auto] [--budget=2x --rule=cascade]
+        [--runtime=onnxruntime --precision=int8]
 
 Every program call is timed to completion (blocked on), so the program rows add up to the routed
 pass; the unblocked pass (host work overlapping compute) is reported beside it. The matmul
@@ -26,12 +27,14 @@ from sharcs_jax.model.encoder import contract
 from sharcs_jax.model.widths import width_label
 from sharcs_jax.run import load_run
 from sharcs_jax.serve.engine import Engine
-from sharcs_jax.serve.programs import ProgramKey, ProgramRunner
-from sharcs_jax.serve.precision import PRECISIONS
+from sharcs_jax.serve.programs import ProgramKey
+from sharcs_jax.serve.precision import PRECISIONS, RUNTIMES
 
 flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
 flags.DEFINE_string("out", None, "Output directory.", required=True)
-flags.DEFINE_enum("precision", "auto", list(PRECISIONS), "The engine's compute precision.")
+flags.DEFINE_enum("runtime", "xla", list(RUNTIMES), "What runs the engine's programs.")
+flags.DEFINE_enum("precision", "auto", sorted(set(sum(PRECISIONS.values(), ()))),
+                  "The engine's compute precision (bf16 on xla, int8 on onnxruntime).")
 flags.DEFINE_string("budget", "2x", "FLOPs budget the engine is routed to ('' = the run's rule).")
 flags.DEFINE_string("rule", "cascade", "Rule that meets --budget (router, cascade, ...).")
 flags.DEFINE_integer("rounds", 3, "Passes over dev per measurement (median).")
@@ -40,11 +43,12 @@ flags.DEFINE_integer("gemm_rows", 1024, "Rows of the matmul-ceiling products (ba
 FLAGS = flags.FLAGS
 
 
-class TimedRunner(ProgramRunner):
-  """Blocks on every program and adds its seconds and calls under its `ProgramKey`."""
+class TimedRunner:
+  """Wraps a `dispatch.Runner`: blocks on every program and adds its seconds and calls under its
+  `ProgramKey`."""
 
-  def __init__(self, programs, variables):
-    super().__init__(programs, variables)
+  def __init__(self, runner, widths):
+    self.runner, self.widths = runner, widths
     self.seconds = collections.defaultdict(float)
     self.calls = collections.Counter()
 
@@ -57,12 +61,11 @@ class TimedRunner(ProgramRunner):
 
   def prefix(self, batch, length, ids, mask, types):
     return self._timed(ProgramKey("prefix", None, batch, length),
-                       lambda: super(TimedRunner, self).prefix(batch, length, ids, mask, types))
+                       lambda: self.runner.prefix(batch, length, ids, mask, types))
 
   def part(self, width_index, batch, length, hidden, mask):
-    key = ProgramKey("adaptive", self.programs.model.widths[width_index], batch, length)
-    return self._timed(key, lambda: super(TimedRunner, self).part(width_index, batch, length,
-                                                                  hidden, mask))
+    key = ProgramKey("adaptive", self.widths[width_index], batch, length)
+    return self._timed(key, lambda: self.runner.part(width_index, batch, length, hidden, mask))
 
 
 MATMUL_DTYPES = ("float32", "bfloat16", "int8")
@@ -103,13 +106,13 @@ def main(argv):
   del argv
   run = load_run(FLAGS.workdir)
   engine = Engine.from_run(run, precision=FLAGS.precision, budget=FLAGS.budget,
-                           rule=FLAGS.rule if FLAGS.budget else "router")
+                           rule=FLAGS.rule if FLAGS.budget else "router", runtime=FLAGS.runtime)
   (dev_split,) = run.splits("dev", limit=FLAGS.limit)
   texts = dev_split.texts
   dev = engine.encode(texts)
   engine.run(dev)  # first calls: loading and warm-up stay out of the timings
 
-  timed = TimedRunner(engine.programs, engine.params)
+  timed = TimedRunner(engine.runner, engine.widths)
   candidates = {"tokenise": lambda: engine.encode(texts), "routed pass": lambda: engine.run(dev)}
   times = common.time_side_by_side(candidates, FLAGS.rounds, warmup=0)
   start = time.perf_counter()
@@ -128,7 +131,8 @@ def main(argv):
   lengths = np.asarray(engine.length_buckets)[dev.bucket_of]
   tokenise, routed = float(np.median(times["tokenise"])), float(np.median(times["routed pass"]))
   data = {"workdir": FLAGS.workdir, "task": run.task.name, "examples": len(dev),
-          "precision": engine.precision, "rule": engine.rule.to_json(), "cpu": common.cpu_info(),
+          "runtime": engine.runtime, "precision": engine.precision,
+          "rule": engine.rule.to_json(), "cpu": common.cpu_info(),
           "rounds": FLAGS.rounds, "tokenise_seconds": tokenise, "routed_seconds": routed,
           "examples_per_second": len(dev) / (tokenise + routed),
           "blocked_pass_seconds": blocked, "program_seconds": sum(timed.seconds.values()),
@@ -155,7 +159,8 @@ def program_gflop(engine: Engine, key: ProgramKey) -> float:
 def write(data: dict) -> None:
   cpu = data["cpu"]
   notes = (
-      f"{data['examples']} {data['task']} dev examples, {data['precision']}, rule "
+      f"{data['examples']} {data['task']} dev examples, {data['runtime']} "
+      f"{data['precision']}, rule "
       f"`{data['rule']}`; CPU: {common.cpu_line(cpu)}. Median of {data['rounds']} "
       f"passes: tokenising "
       f"{data['tokenise_seconds']:.2f} s, the routed pass {data['routed_seconds']:.2f} s "

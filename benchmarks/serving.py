@@ -1,14 +1,17 @@
 """Text in, labels out: the SHARCS engine against stock CPU serving stacks on the same model.
 
     python -m benchmarks.serving --workdir=/tmp/sharcs_qqp --out=/tmp/bench \
-        [--budgets=2x,2.5x] [--rounds=3] [--limit=0]
+        [--budgets=1.5x,2x,2.5x] [--runtimes=xla,onnxruntime] [--rounds=3] [--limit=0]
 
 Every path serves the full-width model of the run in --workdir (or, for the engine at a budget,
 the run's SHARCS model routed to that FLOPs budget), on the dev split of the run's own task:
-  - `sharcs_jax full width`: the whole model at width 1.0 on its precompiled programs (no
+  - `sharcs_jax full width`: the whole model at width 1.0 on its precompiled XLA programs (no
     router), length buckets and batch buckets as `throughput.py` times it;
-  - `sharcs_jax engine <budget>`: `Engine` with the rule calibrated to that budget on the run's
-    held-out calibration split;
+  - `sharcs_jax engine <budget> <rule>`: `Engine` with the rule calibrated to that budget on the
+    run's held-out calibration split;
+  - `sharcs_jax ort full width` / `sharcs_jax ort engine <budget> <rule>`: the same engine with
+    its programs on ONNX Runtime (fp32 or int8; the full width is every input at width 1.0, the
+    budget rules calibrated on the ONNX programs' own probabilities);
   - `pytorch eager b32`: `BertForSequenceClassification` on the Hugging Face export
     (`sharcs_jax.serve.hf_export`; transformers' default SDPA attention), batches of 32 sorted by
     length, each padded to its longest row;
@@ -18,15 +21,16 @@ the run's SHARCS model routed to that FLOPs budget), on the dev split of the run
     int8 activations).
 Each timed pass tokenises the texts (the same tokenizer files and the same truncation for every
 path) and ends with class probabilities (labels are their argmax) in input order. Paths run in
-interleaved rounds in one process; the median pass is reported with each path's dev metrics.
-Writes serving.json, serving.md and serving.png into --out. torch, onnx and onnxruntime come from the `test` extra.
+interleaved rounds in one process; the median pass is reported with each path's dev metrics and
+its speed as a multiple of ONNX Runtime int8 of the HF export (sorted batches of 32). Writes
+serving.json, serving.md, serving.png (bars) and serving_pareto.png (pairs/s against dev accuracy)
+into --out. torch, onnx and onnxruntime come from the `test` extra.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import importlib.metadata
 import os
 import platform
 import tempfile
@@ -43,6 +47,8 @@ from sharcs_jax import report
 from sharcs_jax.data import glue
 from sharcs_jax.data.padding import length_mask
 from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve import routing
+from sharcs_jax.serve.precision import PRECISIONS
 from sharcs_jax.serve.precision import resolve as resolve_precision
 from sharcs_jax.serve.programs import Programs
 
@@ -50,17 +56,25 @@ flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", require
 flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_integer("rounds", 3, "Interleaved timed passes over dev per path.")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples.")
-flags.DEFINE_list("budgets", ["2x", "2.5x"], "FLOPs budgets to route the engine to ('2x', "
+flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x"], "FLOPs budgets to route the engine to ('2x', "
                   "'0.4gflops'), calibrated on the run's held-out examples.")
-flags.DEFINE_list("rules", ["router", "cascade"], "Routing rules to meet each budget with "
+flags.DEFINE_list("rules", ["cascade"], "Routing rules to meet each budget with "
                   "(router, cascade).")
-flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at (fp32, bf16, "
-                  "auto: bf16 where the CPU multiplies bf16 natively).")
+flags.DEFINE_list("runtimes", ["xla", "onnxruntime"], "Runtimes of the engine's programs.")
+flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at, each on every "
+                  "runtime that runs it: fp32; bf16 (xla); int8 (onnxruntime); auto: bf16 where "
+                  "the CPU multiplies bf16 natively on xla, int8 where it has an int8 dot product "
+                  "on onnxruntime.")
+flags.DEFINE_list("cls_only", ["onnxruntime:int8"], "runtime:precision engines also served with "
+                  "the last layer computed for [CLS] alone (paths named '... cls-only').")
+flags.DEFINE_list("hf_batches", [str(32)], "Batch sizes of the ONNX Runtime paths of the HF export "
+                  "(1: one input at a time; 32: sorted batches).")
 flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
                      "CPU (XLA always sizes its own pool to the machine).")
 FLAGS = flags.FLAGS
 
 BATCH = 32
+BAR = f"onnxruntime int8 b{BATCH}"  # the strongest stock path: every speed is also a multiple of it
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "tokenizers", "onnx", "onnxruntime",
             "numpy")
@@ -69,13 +83,8 @@ RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ids, ma
 
 
 def versions() -> dict:
-  out = {"python": platform.python_version()}
-  for name in PACKAGES:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = None
-  return out
+  return {"python": platform.python_version(),
+          **{name: report.package_version(name) for name in PACKAGES}}
 
 
 # --- tokenisation and sorted batches for the Hugging Face paths --------------------------------
@@ -169,14 +178,14 @@ def onnx_runner(path: str, threads: int) -> RunBatch:
       ["logits"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
 
 
-def budget_engines(engine: Engine, budgets: Sequence[str], rules: Sequence[str] = ("router",)
-                   ) -> tuple[dict[str, Engine], dict]:
-  """One engine per reachable budget and rule, sharing the compiled programs; unreachable ones
-  named."""
+def budget_engines(engine: Engine, budgets: Sequence[str], rules: Sequence[str] = ("router",),
+                   prefix: str = "sharcs_jax") -> tuple[dict[str, Engine], dict]:
+  """One engine per reachable budget and rule, sharing the compiled programs (each rule
+  calibrated on those programs' probabilities); unreachable ones named."""
   (calibration,) = engine.trained.encoded("calibration")
   engines, skipped = {}, {}
   for budget, rule_name in itertools.product(budgets, rules):
-    name = f"sharcs_jax engine {budget}" + ("" if rule_name == "router" else f" {rule_name}")
+    name = f"{prefix} engine {budget}" + ("" if rule_name == "router" else f" {rule_name}")
     try:
       rule = engine.calibrate(budget, calibration, rule_name)
     except ValueError as e:
@@ -201,22 +210,33 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
   params, max_length = engine.params["params"], engine.length_buckets[-1]
   classes = engine.model.num_classes
   paths, skipped = {}, {}
-  for precision in precisions(FLAGS.precisions):
-    at = engine if precision == engine.precision else at_precision(engine, precision)
-    suffix = "" if precision == "fp32" else f" {precision}"
-    full = Programs(at.model, params, batch_buckets=at.batch_buckets,
-                    length_buckets=at.length_buckets, kinds=("forward",),
-                    cache_dir=os.path.join(workdir, "executables"))
-    paths["sharcs_jax full width" + suffix] = dict(
-        runtime="sharcs_jax", precision=precision, batch="buckets " + str(at.batch_buckets),
-        run=lambda t, f=full, e=at: common.full_width_probabilities(f, params, e.encode(t)),
-        engine=at)
-    engines, unreachable = budget_engines(at, budgets, FLAGS.rules)
+  served = runtime_precisions(FLAGS.runtimes, FLAGS.precisions)
+  variants = [(r, p, False) for r, p in served] + [
+      (r, p, True) for r, p in served if f"{r}:{p}" in FLAGS.cls_only]
+  for runtime, precision, cls_only in variants:
+    at = engine if (runtime, precision, cls_only) == (engine.runtime, engine.precision, False) \
+        else at_precision(engine, precision, runtime, cls_only)
+    suffix = ("" if precision == "fp32" else f" {precision}") + (" cls-only" if cls_only else "")
+    prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
+    described = dict(runtime=prefix, precision=precision, cls_only_last_layer=cls_only,
+                     batch="buckets " + str(at.batch_buckets) if runtime == "xla" else
+                     "any, buckets " + str(at.batch_buckets))
+    if runtime == "xla":
+      full = Programs(at.model, params, batch_buckets=at.batch_buckets,
+                      length_buckets=at.length_buckets, kinds=("forward",),
+                      cache_dir=os.path.join(workdir, "executables"))
+      paths[prefix + " full width" + suffix] = dict(
+          described, run=lambda t, f=full, e=at: common.full_width_probabilities(
+              f, params, e.encode(t)), engine=at)
+    else:  # every input at full width through the same sessions: the ONNX full-width model
+      fixed = copy.copy(at)
+      fixed.rule = routing.Fixed(len(at.widths) - 1, budget="1x")
+      paths[prefix + " full width" + suffix] = dict(
+          described, run=lambda t, e=fixed: e.predict(t).probabilities, engine=fixed)
+    engines, unreachable = budget_engines(at, budgets, FLAGS.rules, prefix)
     skipped |= {name + suffix: why for name, why in unreachable.items()}
     for name, routed in engines.items():
-      paths[name + suffix] = dict(runtime="sharcs_jax", precision=precision,
-                                  batch="buckets " + str(at.batch_buckets),
-                                  run=lambda t, e=routed: e.predict(t).probabilities,
+      paths[name + suffix] = dict(described, run=lambda t, e=routed: e.predict(t).probabilities,
                                   engine=routed, routed=True)
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -235,7 +255,7 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
   quantize_int8(files["fp32"], files["int8"])
   for precision, path in files.items():
     session = onnx_runner(path, threads)
-    for batch in (1, BATCH):
+    for batch in sorted({int(b) for b in FLAGS.hf_batches} | {BATCH}):
       paths[f"onnxruntime {precision} b{batch}"] = dict(
           runtime="onnxruntime", precision=precision,
           batch="1" if batch == 1 else f"{batch}, length-sorted",
@@ -249,18 +269,26 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
   return paths, skipped, sizes
 
 
-def precisions(requested: Sequence[str]) -> list[str]:
-  """The requested engine precisions, "auto" resolved for this CPU, each once, fp32 first."""
-  resolved = [resolve_precision(p, jax.default_backend()) for p in requested]
-  return sorted(set(resolved), key=["fp32", "bf16"].index)
+def runtime_precisions(runtimes: Sequence[str], requested: Sequence[str]
+                       ) -> list[tuple[str, str]]:
+  """(runtime, precision) for every requested precision each runtime runs ("auto" resolved for
+  this CPU), each once, XLA fp32 (the reference) first."""
+  order = ["fp32", "bf16", "int8"]
+  out = []
+  for runtime in ["xla"] + [r for r in runtimes if r != "xla"]:
+    allowed = [p for p in requested if p in PRECISIONS[runtime]]
+    resolved = {resolve_precision(p, jax.default_backend(), runtime=runtime) for p in allowed}
+    out += [(runtime, p) for p in sorted(resolved, key=order.index)]
+  return out
 
 
-def at_precision(engine: Engine, precision: str) -> Engine:
-  """The same run's engine with its matmuls at `precision` (its own programs)."""
+def at_precision(engine: Engine, precision: str, runtime: str = "xla",
+                 cls_only_last_layer: bool = False) -> Engine:
+  """The same run's engine with its matmuls at `precision` on `runtime` (its own programs)."""
   other = Engine(engine.model, engine.params["params"], length_buckets=engine.length_buckets,
                  batch_buckets=engine.batch_buckets, tokenizer=engine.tokenizer,
                  task=engine.task, cache_dir=os.path.join(engine.trained.workdir, "executables"),
-                 precision=precision)
+                 precision=precision, runtime=runtime, cls_only_last_layer=cls_only_last_layer)
   other.trained = engine.trained
   return other
 
@@ -286,6 +314,10 @@ def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[st
     if "engine" in path:
       entry |= jax_details(path["engine"], texts, path.get("routed", False))
     results[name] = entry
+  if BAR in results:
+    for entry in results.values():
+      entry["speed_vs_onnxruntime_int8"] = (entry["examples_per_second"]
+                                            / results[BAR]["examples_per_second"])
   return results
 
 
@@ -332,10 +364,11 @@ def main(argv):
 
 def write_reports(out: str, data: dict, task: glue.Task) -> None:
   has_f1 = "f1" in task.metrics
-  header = ["path", "batch", "examples/s", "median s", "accuracy (%)"] + (
+  header = ["path", "batch", "examples/s", f"x {BAR}", "median s", "accuracy (%)"] + (
       ["F1 (%)"] if has_f1 else []) + ["same label as full width (%)", "max abs prob. diff.",
                                        "GFLOPs/example"]
-  rows = [[name, p["batch"], p["examples_per_second"], p["median_seconds"], 100 * p["accuracy"]]
+  rows = [[name, p["batch"], p["examples_per_second"], p.get("speed_vs_onnxruntime_int8", ""),
+           p["median_seconds"], 100 * p["accuracy"]]
           + ([100 * p["f1"]] if has_f1 else [])
           + [100 * p["agreement_with_full_width"],
              f"{p['max_abs_probability_difference_vs_full_width']:.1e}",
@@ -354,6 +387,7 @@ def write_reports(out: str, data: dict, task: glue.Task) -> None:
   common.write_outputs(out, "serving", data, f"{data['task'].upper()} serving on CPU", header,
                        rows, notes)
   plot(os.path.join(out, "serving.png"), data)
+  plot_pareto(os.path.join(out, "serving_pareto.png"), data)
   print(open(os.path.join(out, "serving.md")).read())
 
 
@@ -361,7 +395,8 @@ def plot(path: str, data: dict) -> None:
   """Examples/s per path, each bar labelled with its dev accuracy."""
   names = list(data["paths"])
   speeds = [data["paths"][n]["examples_per_second"] for n in names]
-  colors = {"sharcs_jax": "tab:red", "pytorch": "tab:orange", "onnxruntime": "tab:blue"}
+  colors = {"sharcs_jax": "tab:red", "sharcs_jax ort": "tab:purple", "pytorch": "tab:orange",
+            "onnxruntime": "tab:blue"}
   fig, ax = report.pyplot().subplots(figsize=(8, 0.45 * len(names) + 1.5))
   bars = ax.barh(names, speeds, color=[colors[data["paths"][n]["runtime"]] for n in names])
   for bar, name in zip(bars, names):
@@ -374,6 +409,39 @@ def plot(path: str, data: dict) -> None:
   ax.set_title(f"{data['task']} dev, {data['examples']} examples, {data['cpu']['model']}",
                fontsize=9)
   ax.grid(axis="x", alpha=0.3)
+  report.save_figure(fig, path, dpi=110)
+
+
+def plot_pareto(path: str, data: dict) -> None:
+  """Pairs/s against dev accuracy: one line per engine runtime and precision through its full
+  width and budgets, one marker per stock path."""
+  fig, ax = report.pyplot().subplots(figsize=(8, 5.5))
+  lines: dict[tuple[str, str, bool], list[tuple[float, float, str]]] = {}
+  for name, p in data["paths"].items():
+    point = (100 * p["accuracy"], p["examples_per_second"])
+    if p["runtime"].startswith("sharcs_jax"):
+      reduction = p.get("dev_flops_reduction", 1.0)
+      key = (p["runtime"], p["precision"], p["cls_only_last_layer"])
+      lines.setdefault(key, []).append((*point, f"{reduction:.2g}x"))
+    else:
+      ax.scatter(*point, marker="s", s=40, label=f"{name}", zorder=3)
+  styles = {"fp32": "--", "bf16": "-", "int8": "-"}
+  for (runtime, precision, cls_only), points in lines.items():
+    points.sort(key=lambda q: q[1])
+    label = (f"{'XLA' if runtime == 'sharcs_jax' else 'ONNX Runtime'} {precision} (engine"
+             f"{', [CLS]-only last layer' if cls_only else ''})")
+    color = "tab:green" if cls_only else {"sharcs_jax": "tab:red",
+                                          "sharcs_jax ort": "tab:purple"}[runtime]
+    ax.plot([q[0] for q in points], [q[1] for q in points], styles[precision], marker="o",
+            label=label, color=color, alpha=1.0 if precision != "fp32" else 0.6)
+    for accuracy, speed, tag in points:
+      ax.annotate(tag, (accuracy, speed), textcoords="offset points", xytext=(4, 3), fontsize=7)
+  ax.set_xlabel("dev accuracy (%)")
+  ax.set_ylabel("pairs / s (text in, labels out; median pass)")
+  ax.set_title(f"{data['task']} dev, {data['examples']} examples, {common.cpu_line(data['cpu'])}",
+               fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="best")
   report.save_figure(fig, path, dpi=110)
 
 

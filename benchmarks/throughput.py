@@ -32,7 +32,7 @@ flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
 flags.DEFINE_string("budget", "", "Route to this budget ('2.5x' or '0.4gflops'), calibrated on "
                     "the run's held-out training examples; default: the run's own rule.")
 flags.DEFINE_string("rule", "router", "Rule that meets --budget (router, cascade, ...).")
-flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "Compute precision of both paths "
+flags.DEFINE_enum("precision", "fp32", list(PRECISIONS["xla"]), "Compute precision of both paths "
                   "(auto: bf16 where the CPU multiplies it natively).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 FLAGS = flags.FLAGS

@@ -19,6 +19,8 @@ from ml_collections import config_flags
 from sharcs_jax import config as config_lib
 from sharcs_jax import parallel
 from sharcs_jax.serve import predict, summary
+from sharcs_jax.serve import precision as precision_lib
+from sharcs_jax.serve.ort_runner import MissingExtra
 from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
@@ -49,10 +51,14 @@ flags.DEFINE_enum("signal", "max_prob", ["max_prob", "margin", "entropy"], "casc
 flags.DEFINE_string("start_budget", "", "router+cascade: the router's own budget, e.g. 3x.")
 flags.DEFINE_list("batch_buckets", [str(b) for b in BATCH_BUCKETS],
                   "predict: batch sizes to precompile.")
-flags.DEFINE_enum("precision", None, ["fp32", "bf16", "auto"], "The matmuls' compute dtype; "
-                  "auto: bf16 where the CPU multiplies bf16 natively (avx512_bf16, AMX), else "
-                  "fp32. Default: auto for predict; fp32 for export, whose files may run on "
-                  "another CPU.")
+flags.DEFINE_enum("runtime", "xla", list(precision_lib.RUNTIMES), "predict, export: what runs "
+                  "the programs: xla (jax's compiled programs), or onnxruntime (the same programs "
+                  "as ONNX models; the 'serve' install extra).")
+flags.DEFINE_enum("precision", None, ["fp32", "bf16", "int8", "auto"], "The matmuls' precision: "
+                  "fp32 or bf16 on xla (auto: bf16 where the CPU multiplies bf16 natively, "
+                  "avx512_bf16 or AMX), fp32 or int8 on onnxruntime (auto: int8 where the CPU "
+                  "has an int8 dot product, VNNI or AVX2). Default: auto for predict; fp32 for "
+                  "export, whose files may run on another CPU.")
 flags.DEFINE_bool("distributed", False, "Join a jax.distributed job: coordinator and process ids "
                   "from the flags below, else detected from SLURM, Cloud TPU or JAX_COORDINATOR_* "
                   "environment variables.")
@@ -85,11 +91,21 @@ def main(argv: list[str]) -> None:
   sys.unraisablehook = ignore_closed_loop_callbacks(sys.unraisablehook)
   try:
     run_mode()
-  except RunError as e:  # its message names the file or setting: a traceback would bury it
+  except (RunError, MissingExtra) as e:  # its message names the file, setting or extra
     logging.flush()
     sys.stderr.write(f"FATAL {e}\n")
     sys.stderr.flush()
     os._exit(1)  # at once: orbax's reader threads would print their own tracebacks at shutdown
+
+
+def checked_precision(default: str) -> str:
+  """--precision (or `default`), refused before any work where --runtime does not run it."""
+  precision = FLAGS.precision or default
+  try:
+    precision_lib.resolve(precision, "cpu", frozenset(), FLAGS.runtime)
+  except ValueError as e:
+    raise RunError(f"--precision={precision} --runtime={FLAGS.runtime}: {e}") from None
+  return precision
 
 
 def run_mode() -> None:
@@ -102,7 +118,8 @@ def run_mode() -> None:
       raise app.UsageError("--mode=predict needs --input and --output")
     result = predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output,
                          tuple(int(b) for b in FLAGS.batch_buckets), FLAGS.budget, FLAGS.rule,
-                         FLAGS.signal, FLAGS.start_budget, FLAGS.precision or "auto")
+                         FLAGS.signal, FLAGS.start_budget, checked_precision("auto"),
+                         FLAGS.runtime)
     print(open(f"{FLAGS.output}.summary.md").read(), end="")
     logging.info("%d predictions in %s (%.1f examples/s)", result["examples"], FLAGS.output,
                  result["examples_per_second"])
@@ -114,7 +131,7 @@ def run_mode() -> None:
     export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
     engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
                                  signal=FLAGS.signal, start_budget=FLAGS.start_budget,
-                                 precision=FLAGS.precision or "fp32")
+                                 precision=checked_precision("fp32"), runtime=FLAGS.runtime)
     manifest = export.export_engine(engine, FLAGS.output)
     logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
                  manifest["routing"]["budget"] or "router argmax", FLAGS.output)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import tempfile
 from typing import Any, Iterator, Sequence
 
 from sharcs_jax.model.widths import width_label
+
+
+def package_version(name: str) -> str | None:
+  """An installed package's version, None where it is not installed (reports and fingerprints)."""
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
 
 
 def umask() -> int:

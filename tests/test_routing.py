@@ -166,3 +166,10 @@ def test_named_rules_and_their_json():
     routing.calibrate_rule("oracle", budget, logits, example)
   with pytest.raises(ValueError, match="needs a start budget"):
     routing.calibrate_rule("router+cascade", budget, logits, example, probabilities, prefix)
+
+
+def test_fixed_width_rule_routes_everything_to_one_width_and_round_trips():
+  rule = routing.Fixed(1, budget="1x")
+  assert rule.first_widths(np.zeros((4, 2)), np.ones((4, 2))).tolist() == [1, 1, 1, 1]
+  assert not rule.escalating and not rule.escalates(np.full((3, 2), 0.5), 0).any()
+  assert routing.rule_from_json(rule.to_json()) == rule

@@ -19,9 +19,11 @@ BUDGETS = ("1.1x", "1.2x")
 UNREACHABLE = "99x"
 JAX_PATHS = {"sharcs_jax full width", *(f"sharcs_jax engine {b}" for b in BUDGETS),
              *(f"sharcs_jax engine {b} cascade" for b in BUDGETS)}
-PATHS = {*JAX_PATHS, *(f"{name} bf16" for name in JAX_PATHS),
-         "pytorch eager b32", "onnxruntime fp32 b1", "onnxruntime fp32 b32",
-         "onnxruntime int8 b1", "onnxruntime int8 b32"}
+ORT_PATHS = {name.replace("sharcs_jax", "sharcs_jax ort") for name in JAX_PATHS}
+CLS_ONLY = {f"{name} int8 cls-only" for name in ORT_PATHS}
+PATHS = {*JAX_PATHS, *(f"{name} bf16" for name in JAX_PATHS), *CLS_ONLY,
+         *ORT_PATHS, *(f"{name} int8" for name in ORT_PATHS), "pytorch eager b32",
+         "onnxruntime fp32 b1", "onnxruntime fp32 b32", "onnxruntime int8 b1", "onnxruntime int8 b32"}
 FP32_COPIES = ("pytorch eager b32", "onnxruntime fp32 b1", "onnxruntime fp32 b32")
 INT8 = ("onnxruntime int8 b1", "onnxruntime int8 b32")
 # Dynamic int8 quantisation of a model whose probabilities sit within 0.01 of each other may flip
@@ -36,7 +38,9 @@ def serving(trained, tmp_path_factory):
   out = tmp_path_factory.mktemp("serving")
   data, _ = run_benchmark("serving", out, f"--workdir={workdir}", f"--limit={LIMIT}",
                           "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}",
-                          "--precisions=fp32,bf16", report="serving")
+                          "--precisions=fp32,bf16,int8", "--rules=router,cascade",
+                          "--runtimes=xla,onnxruntime", "--hf_batches=1,32",
+                          "--cls_only=onnxruntime:int8", report="serving")
   return out, data
 
 
@@ -62,8 +66,10 @@ def _full_width_labels(workdir, dev) -> np.ndarray:
 def test_every_path_and_the_unreachable_budget(serving):
   _, data = serving
   assert set(data["paths"]) == PATHS
-  assert set(data["skipped"]) == {f"sharcs_jax engine {UNREACHABLE}{rule}{precision}"
-                                  for rule in ("", " cascade") for precision in ("", " bf16")}
+  assert set(data["skipped"]) == {
+      f"sharcs_jax{runtime} engine {UNREACHABLE}{rule}{precision}"
+      for runtime, precisions in (("", ("", " bf16")), (" ort", ("", " int8", " int8 cls-only")))
+      for rule in ("", " cascade") for precision in precisions}
   assert "out of reach" in data["skipped"][f"sharcs_jax engine {UNREACHABLE}"]
   assert "this cascade reaches" in data["skipped"][f"sharcs_jax engine {UNREACHABLE} cascade"]
   assert data["examples"] == LIMIT and data["task"] == "qqp"
@@ -140,6 +146,35 @@ def test_machine_and_reports(serving):
     assert f"| {name} |" in table
   assert UNREACHABLE in table  # the skipped budget is explained
   assert_png(out / "serving.png")
+  assert_png(out / "serving_pareto.png")
+  bar = data["paths"]["onnxruntime int8 b32"]["examples_per_second"]
+  for path in data["paths"].values():
+    assert path["speed_vs_onnxruntime_int8"] == pytest.approx(path["examples_per_second"] / bar)
+
+
+def test_ort_fp32_paths_are_the_xla_paths(serving):
+  """The engine's programs on ONNX Runtime fp32: the XLA engine's answers and FLOPs; at int8 the
+  same FLOPs and probabilities near them."""
+  _, data = serving
+  for name in JAX_PATHS:
+    xla, ort = data["paths"][name], data["paths"][name.replace("sharcs_jax", "sharcs_jax ort")]
+    int8 = data["paths"][name.replace("sharcs_jax", "sharcs_jax ort") + " int8"]
+    assert (ort["runtime"], ort["precision"], int8["precision"]) == (
+        "sharcs_jax ort", "fp32", "int8")
+    assert ort["gflops_per_example"] == pytest.approx(xla["gflops_per_example"]), name
+    if ort.get("share_per_width") == xla.get("share_per_width"):
+      assert ort["accuracy"] == xla["accuracy"], name
+    if not name.endswith("cascade"):  # a cascade may route near-ties differently (see bf16)
+      assert ort["max_abs_probability_difference_vs_full_width"] <= max(
+          1e-4, xla["max_abs_probability_difference_vs_full_width"] + 1e-4), name
+  full = data["paths"]["sharcs_jax full width"]
+  int8 = data["paths"]["sharcs_jax ort full width int8"]
+  assert int8["gflops_per_example"] == pytest.approx(full["gflops_per_example"])
+  assert 0 < int8["max_abs_probability_difference_vs_full_width"] <= INT8_PROBABILITY_TOLERANCE
+  cls_only = data["paths"]["sharcs_jax ort full width int8 cls-only"]
+  assert cls_only["cls_only_last_layer"] and not int8["cls_only_last_layer"]
+  assert cls_only["gflops_per_example"] < 0.95 * int8["gflops_per_example"]  # fewer FLOPs
+  assert cls_only["max_abs_probability_difference_vs_full_width"] <= INT8_PROBABILITY_TOLERANCE
 
 
 def test_bf16_paths_keep_the_fp32_answers(serving):

@@ -54,9 +54,13 @@ class Engine:
   def __init__(self, model: SharcsModel, params: Any, *, length_buckets: Sequence[int],
                batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS, tokenizer: Any = None,
                task: glue.Task | None = None, cache_dir: str | None = None,
-               rule: Rule | Cascade = Rule(), precision: str = "fp32"):
-    self.precision = resolve_precision(precision, jax.default_backend())
-    model = model.clone(compute_dtype=COMPUTE_DTYPES[self.precision])
+               rule: Rule | Cascade = Rule(), precision: str = "fp32", runtime: str = "xla",
+               threads: int = 0, cls_only_last_layer: bool = False):
+    self.runtime = runtime
+    self.precision = resolve_precision(precision, jax.default_backend(), runtime=runtime)
+    xla_precision = self.precision if runtime == "xla" else "fp32"
+    model = model.clone(compute_dtype=COMPUTE_DTYPES[xla_precision],
+                        cls_only_last_layer=cls_only_last_layer)
     self.model = model
     self.params = {"params": params}
     self.length_buckets = tuple(length_buckets)
@@ -65,13 +69,25 @@ class Engine:
     self.tokenizer = tokenizer
     self.task = task
     self.block_size = dispatch.block_rows(self.batch_buckets)
-    self.programs = Programs(model, params, batch_buckets=batch_buckets,
-                             length_buckets=length_buckets, cache_dir=cache_dir)
-    # FLOPs are the float32 programs' whatever the precision: the same arithmetic (XLA would
-    # also count a bf16 program's conversions), so reductions compare across precisions.
-    counted = self.programs if self.precision == "fp32" else Programs(
-        model.clone(compute_dtype="float32"), params, batch_buckets=batch_buckets[:1],
-        length_buckets=length_buckets, cache_dir=cache_dir)
+    # FLOPs are the float32 XLA programs' whatever runs them: the same arithmetic (XLA would also
+    # count a bf16 program's conversions), so reductions compare across precisions and runtimes.
+    fp32 = model.clone(compute_dtype="float32")
+    if runtime == "xla":
+      self.programs = Programs(model, params, batch_buckets=batch_buckets,
+                               length_buckets=length_buckets, cache_dir=cache_dir)
+      counted = self.programs if self.precision == "fp32" else Programs(
+          fp32, params, batch_buckets=batch_buckets[:1], length_buckets=length_buckets,
+          cache_dir=cache_dir)
+      self.runner: dispatch.Runner = ProgramRunner(self.programs, self.params)
+    else:
+      from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
+
+      # The XLA programs at batch 1 only: the FLOPs table, and the model's shapes for evaluation.
+      self.programs = counted = Programs(fp32, params, batch_buckets=batch_buckets[:1],
+                                         length_buckets=length_buckets, cache_dir=cache_dir)
+      self.onnx = OnnxPrograms(model, params, length_buckets=length_buckets,
+                               precision=self.precision, cache_dir=cache_dir)
+      self.runner = self.onnx.runner(threads)
     self.flops = counted.flops_table()  # [m, length buckets]
     self.prefix_flops = counted.prefix_flops_row()  # [length buckets]
     self.rule = rule
@@ -80,21 +96,27 @@ class Engine:
   @classmethod
   def from_run(cls, run: Run, *, batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
                cache_dir: str | None = None, budget: str = "", rule: str = "router",
-               signal: str = "max_prob", start_budget: str = "", precision: str = "fp32"
+               signal: str = "max_prob", start_budget: str = "", precision: str = "fp32",
+               runtime: str = "xla", threads: int = 0, cls_only_last_layer: bool = False
                ) -> "Engine":
     """The kept model of a training run; programs are stored under `workdir/executables`.
 
     Routing is the rule kept with the run's checkpoint, or with `budget` ("2.5x", "0.4gflops") the
     rule named by `rule` (`routing.RULES`) calibrated now on the run's calibration split (its
     held-out training examples). `precision` ("fp32", "bf16", "auto": bf16 where the CPU has
-    fast bf16) is the matmuls' compute dtype.
+    fast bf16) is the matmuls' compute dtype on `runtime` "xla"; on "onnxruntime" it is "fp32" or
+    "int8" ("auto": int8 where the CPU has an int8 dot product), with `threads` intra-op threads
+    (0: every usable core). A budget is calibrated on the runtime's own probabilities.
+    `cls_only_last_layer` computes the last layer for [CLS] alone (the same logits, fewer FLOPs;
+    the FLOPs table and budgets are then this model's).
     """
     if rule != "router" and not budget:
       raise ValueError(f"the {rule!r} rule is calibrated to a budget: give one, e.g. budget='2x'")
     engine = cls(run.model, run.params, length_buckets=run.length_buckets,
                  batch_buckets=batch_buckets, tokenizer=run.tokenizer, task=run.task,
                  cache_dir=cache_dir or os.path.join(run.workdir, "executables"),
-                 rule=Rule() if budget else run.rule, precision=precision)
+                 rule=Rule() if budget else run.rule, precision=precision, runtime=runtime,
+                 threads=threads, cls_only_last_layer=cls_only_last_layer)
     engine.trained = run
     if budget:
       (calibration,) = run.encoded("calibration")
@@ -116,7 +138,8 @@ class Engine:
     start_budget = parse_budget(start_budget) if isinstance(start_budget, str) and start_budget \
         else start_budget or None
     return evaluate.calibrate_rule(self.programs, self.params["params"], data,
-                                   self.batch_buckets[-1], budget, rule, signal, start_budget)
+                                   self.batch_buckets[-1], budget, rule, signal, start_budget,
+                                   runner=self.runner)
 
   def example_gflops(self, width: float, length: int) -> float:
     """GFLOPs of one example routed to `width` at padded length `length`."""
@@ -140,12 +163,12 @@ class Engine:
   def run(self, data: batching.Encoded, runner: dispatch.Runner | None = None) -> Predictions:
     """Predictions for every row of `data`, in row order (through `dispatch.run_buckets`).
 
-    `runner` replaces the engine's programs runner (a profiler wraps it to time each call)."""
+    `runner` replaces the engine's own (a profiler wraps it to time each call)."""
     if data.length_buckets != self.length_buckets:
       raise ValueError(f"inputs were bucketed to {data.length_buckets}, the engine was compiled "
                        f"for {self.length_buckets}")
     out = dispatch.run_buckets(
-        runner or ProgramRunner(self.programs, self.params), data.input_ids,
+        runner or self.runner, data.input_ids,
         data.token_type_ids, data.lengths, length_buckets=self.length_buckets,
         batch_buckets=self.batch_buckets, num_widths=len(self.widths),
         num_classes=self.model.num_classes, rule=self.rule, width_flops=self.flops,

@@ -1,10 +1,14 @@
 """Writes a trained model as a portable export directory that `exported.py` runs without flax.
 
-Each part (the prefix with the router, and each width's adaptive part with the head) is
-`jax.export`ed with symbolic batch and length, so one file serves every batch size and length
-bucket; parameters are an argument (one `.npz`), not constants baked into each part.
+On the XLA runtime each part (the prefix with the router, and each width's adaptive part with the
+head) is `jax.export`ed with symbolic batch and length, so one file serves every batch size and
+length bucket; parameters are an argument (one `.npz`), not constants baked into each part. On
+ONNX Runtime the parts are the engine's ONNX programs (one per length bucket, weights inside, fp32
+or int8), and the export needs nothing but onnxruntime, numpy and tokenizers to serve.
 
     python -m sharcs_jax.main --mode=export --workdir=/tmp/sharcs_qqp --output=/tmp/qqp_export
+    python -m sharcs_jax.main --mode=export --workdir=/tmp/sharcs_qqp --output=/tmp/qqp_int8 \
+        --runtime=onnxruntime --precision=int8
 """
 
 from __future__ import annotations
@@ -120,13 +124,28 @@ def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
   return manifest
 
 
-def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
+def _write_parts(engine: Engine, tmp: str) -> tuple[dict[str, str], dict[str, Any]]:
+  """The parts' files ({part name: file}) and what the manifest says of the runtime."""
   files = {}
+  if engine.runtime == "onnxruntime":
+    for key, source in engine.onnx.paths.items():
+      files[key.name] = f"{key.name}.onnx"
+      shutil.copyfile(source, os.path.join(tmp, files[key.name]))
+    return files, {"runtime": "onnxruntime", "hidden_size": engine.model.encoder.hidden_size,
+                   "reduce_range": engine.onnx.reduce_range,
+                   "onnxruntime_version": report.package_version("onnxruntime")}
   for name, blob in _export_parts(engine).items():
     files[name] = f"{name}.jaxexport"
     with open(os.path.join(tmp, files[name]), "wb") as f:
       f.write(blob)
   np.savez(os.path.join(tmp, "params.npz"), **_flatten(engine.params["params"]))
+  return files, {"runtime": "jax", "jax_version": jax.__version__,
+                 "params": {"file": "params.npz", "sha256": file_sha256(
+                     os.path.join(tmp, "params.npz"))}}
+
+
+def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
+  files, runtime = _write_parts(engine, tmp)
   shutil.copy(os.path.join(resolve_model_dir(engine.trained.config.model.backbone), "tokenizer.json"),
               os.path.join(tmp, "tokenizer.json"))
 
@@ -134,7 +153,8 @@ def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
     return {"file": file, "sha256": file_sha256(os.path.join(tmp, file))}
 
   manifest = {
-      "format_version": FORMAT_VERSION, "task": engine.task.name,
+      "format_version": FORMAT_VERSION, "runtime": runtime.pop("runtime"),
+      "task": engine.task.name,
       "label_names": list(engine.task.label_names), "text_fields": list(engine.task.text_columns),
       "widths": list(engine.widths), "length_buckets": list(engine.length_buckets),
       "position_offset": int(engine.model.encoder.position_offset),
@@ -142,9 +162,8 @@ def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
       "gflops_per_example": (engine.flops / 1e9).tolist(),
       "prefix_gflops_per_example": (engine.prefix_flops / 1e9).tolist(),
       "routing": engine.rule.to_json(),
-      "batch": "symbolic", "jax_version": jax.__version__,
+      "batch": "symbolic", **runtime,
       "parts": {name: entry(file) for name, file in files.items()},
-      "params": entry("params.npz"),
       "tokenizer": {**entry("tokenizer.json"), "pad_id": int(engine.tokenizer.pad_token_id)},
   }
   report.write_json(os.path.join(tmp, MANIFEST), manifest)

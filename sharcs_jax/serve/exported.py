@@ -1,10 +1,13 @@
-"""Runs an exported SHARCS model with only jax, numpy and tokenizers: no flax, optax, orbax or
-transformers, and none of the training code.
+"""Runs an exported SHARCS model without flax, optax, orbax, transformers or the training code.
 
-An export directory (written by `export.py`) holds serialized StableHLO for the prefix with the
-router and for each width's adaptive part (batch and length symbolic), the parameters as one
-`.npz`, the tokenizer's `tokenizer.json` and `manifest.json`, which names every file with its
-SHA-256 and records widths, length buckets, FLOPs per part, label names and the routing rule.
+An export directory (written by `export.py`) holds the tokenizer's `tokenizer.json`, the programs
+and `manifest.json`, which names every file with its SHA-256 and records the runtime, widths,
+length buckets, FLOPs per part, label names and the routing rule. The programs are either
+  - runtime "jax": serialized StableHLO for the prefix with the router and for each width's
+    adaptive part (batch and length symbolic) and the parameters as one `.npz`; loading needs jax;
+  - runtime "onnxruntime": one ONNX model per program and length bucket (batch symbolic), weights
+    inside, fp32 or int8; loading needs only onnxruntime, numpy and tokenizers (no jax).
+Both run through the same numpy-only dispatch core as the engine.
 
     model = ExportedModel.load("/tmp/qqp_export")
     out = model.predict([("How do I learn JAX?", "What is the best way to learn JAX?")])
@@ -18,21 +21,20 @@ import json
 import os
 from typing import Any, Sequence
 
-import jax
 import numpy as np
-from jax import export
 
 from sharcs_jax.data.inputs import text_rows
 from sharcs_jax.serve import dispatch
 from sharcs_jax.serve.routing import rule_from_json
 
 # 2: parts are named after their width and the manifest records the position offset, so that
-# the loader can check the manifest against the parts and parameters.
-FORMAT_VERSION = 2
+# the loader can check the manifest against the parts and parameters. 3: the manifest names its
+# runtime ("jax" or "onnxruntime"); an ONNX export has one part per program and length bucket.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
-MANIFEST_KEYS = ("format_version", "task", "label_names", "text_fields", "widths",
+MANIFEST_KEYS = ("format_version", "runtime", "task", "label_names", "text_fields", "widths",
                  "length_buckets", "position_offset", "gflops_per_example",
-                 "prefix_gflops_per_example", "routing", "parts", "params", "tokenizer")
+                 "prefix_gflops_per_example", "routing", "parts", "tokenizer")
 
 
 def file_sha256(path: str) -> str:
@@ -46,6 +48,18 @@ def file_sha256(path: str) -> str:
 def adaptive_part_name(width: float) -> str:
   # model.widths.width_label's spelling; the loader does not import the flax model package
   return f"adaptive_{width:g}"
+
+
+def onnx_part_name(width: float | None, length: int) -> str:
+  """An ONNX program's part name: the prefix (width None) or a width's part, at one length."""
+  return f"{'prefix' if width is None else adaptive_part_name(width)}_s{length}"
+
+
+def expected_parts(manifest: dict) -> set[str]:
+  widths = manifest["widths"]
+  if manifest["runtime"] == "jax":
+    return {"prefix"} | {adaptive_part_name(w) for w in widths}
+  return {onnx_part_name(w, s) for w in [None, *widths] for s in manifest["length_buckets"]}
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -72,10 +86,10 @@ class ExportedPredictions:
 class ExportedModel:
   """Tokenise, route, group by width, run each group's part, restore the input order."""
 
-  def __init__(self, directory: str, manifest: dict, parts: dict[str, export.Exported],
-               params: dict, tokenizer: Any):
+  def __init__(self, directory: str, manifest: dict, runner: dispatch.Runner, tokenizer: Any):
     self.directory = directory
     self.manifest = manifest
+    self.runtime = manifest["runtime"]
     self.widths = tuple(manifest["widths"])
     self.length_buckets = tuple(manifest["length_buckets"])
     self.label_names = tuple(manifest["label_names"])
@@ -83,9 +97,8 @@ class ExportedModel:
     self.gflops = np.asarray(manifest["gflops_per_example"], np.float64)  # [m, length buckets]
     self.prefix_gflops = np.asarray(manifest["prefix_gflops_per_example"], np.float64)
     self.rule = rule_from_json(manifest["routing"])
-    self._variables = {"params": jax.device_put(params)}
+    self.runner = runner
     self._tokenizer = tokenizer
-    self._calls = {name: jax.jit(part.call) for name, part in parts.items()}
 
   @classmethod
   def load(cls, directory: str) -> "ExportedModel":
@@ -95,27 +108,23 @@ class ExportedModel:
     path = os.path.join(directory, MANIFEST)
     manifest = _read_manifest(path)
     files = {**{name: entry for name, entry in manifest["parts"].items()},
-             "params": manifest["params"], "tokenizer": manifest["tokenizer"]}
+             "tokenizer": manifest["tokenizer"]}
+    if manifest["runtime"] == "jax":
+      files["params"] = manifest["params"]
     for name, entry in files.items():
       file = os.path.join(directory, entry["file"])
       if not os.path.isfile(file):
         raise FileNotFoundError(f"{directory}: part {name!r} ({entry['file']}) is missing")
       if file_sha256(file) != entry["sha256"]:
         raise ValueError(f"{file}: contents do not match the manifest's SHA-256 for {name!r}")
-    parts = {}
-    for name, entry in manifest["parts"].items():
-      with open(os.path.join(directory, entry["file"]), "rb") as f:
-        parts[name] = export.deserialize(bytearray(f.read()))
-    _check_parts(path, manifest, parts)
-    with np.load(os.path.join(directory, manifest["params"]["file"])) as flat:
-      params = _unflatten({k: flat[k] for k in flat.files})
-    _check_params(path, manifest, parts["prefix"], params)
+    load_runner = _jax_runner if manifest["runtime"] == "jax" else _onnx_runner
+    runner = load_runner(directory, path, manifest)
     tokenizer = tokenizers.Tokenizer.from_file(
         os.path.join(directory, manifest["tokenizer"]["file"]))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=manifest["length_buckets"][-1],
                                 strategy="longest_first")
-    return cls(directory, manifest, parts, params, tokenizer)
+    return cls(directory, manifest, runner, tokenizer)
 
   def encode(self, texts: Sequence[str | Sequence[str]]) -> tuple[np.ndarray, ...]:
     """Token ids, type ids and lengths [N, max length], as the training tokenizer makes them."""
@@ -134,20 +143,72 @@ class ExportedModel:
   def predict(self, texts: Sequence[str | Sequence[str]]) -> ExportedPredictions:
     """Through `dispatch.run_buckets`, as the engine serves: the same rule, batches and order."""
     ids, types, lengths = self.encode(texts)
-    out = dispatch.run_buckets(self, ids, types, lengths, length_buckets=self.length_buckets,
+    out = dispatch.run_buckets(self.runner, ids, types, lengths,
+                               length_buckets=self.length_buckets,
                                batch_buckets=dispatch.BATCH_BUCKETS, num_widths=len(self.widths),
                                num_classes=len(self.label_names), rule=self.rule,
                                width_flops=self.gflops, prefix_flops=self.prefix_gflops)
     return ExportedPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
                                np.asarray(self.widths, np.float32)[out.final], out.flops)
 
+
+class _JaxParts:
+  """`dispatch.Runner` over jax.export parts (symbolic shapes: any batch and length)."""
+
+  def __init__(self, parts: dict[str, Any], params: dict, widths: Sequence[float]):
+    import jax
+
+    self._variables = {"params": jax.device_put(params)}
+    self._calls = {name: jax.jit(part.call) for name, part in parts.items()}
+    self._widths = tuple(widths)
+
   def prefix(self, batch: int, length: int, ids, mask, types):
-    """`dispatch.Runner`: the prefix part (symbolic shapes: any batch and length)."""
     return self._calls["prefix"](self._variables, ids, mask, types)
 
   def part(self, width_index: int, batch: int, length: int, hidden, mask):
-    return self._calls[adaptive_part_name(self.widths[width_index])](self._variables, hidden,
-                                                                      mask)
+    return self._calls[adaptive_part_name(self._widths[width_index])](self._variables, hidden,
+                                                                       mask)
+
+
+def _jax_runner(directory: str, path: str, manifest: dict) -> _JaxParts:
+  from jax import export
+
+  parts = {}
+  for name, entry in manifest["parts"].items():
+    with open(os.path.join(directory, entry["file"]), "rb") as f:
+      parts[name] = export.deserialize(bytearray(f.read()))
+  _check_parts(path, manifest, parts)
+  with np.load(os.path.join(directory, manifest["params"]["file"])) as flat:
+    params = _unflatten({k: flat[k] for k in flat.files})
+  _check_params(path, manifest, parts["prefix"], params)
+  return _JaxParts(parts, params, manifest["widths"])
+
+
+def _onnx_runner(directory: str, path: str, manifest: dict) -> Any:
+  """Sessions for every ONNX part, checked against the manifest before anything runs."""
+  from sharcs_jax.serve import ort_runner
+
+  buckets, widths = manifest["length_buckets"], manifest["widths"]
+  file = {name: os.path.join(directory, entry["file"]) for name, entry in manifest["parts"].items()}
+  runner = ort_runner.OrtRunner({s: file[onnx_part_name(None, s)] for s in buckets},
+                                {(i, s): file[onnx_part_name(w, s)] for i, w in enumerate(widths)
+                                 for s in buckets})
+  for (key, (inputs, outputs)) in runner.io_shapes().items():
+    name = onnx_part_name(None if key[0] == "prefix" else widths[key[0]], key[1])
+    if [shape[1] for shape in inputs] != [key[1]] * len(inputs):
+      raise ValueError(f"{path}: part {name!r} takes lengths {[s[1] for s in inputs]}, its "
+                       f"length bucket is {key[1]}")
+    if key[0] == "prefix" and outputs[1][-1] != len(widths):
+      raise ValueError(f"{path}: part {name!r}'s router scores {outputs[1][-1]} widths, the "
+                       f"manifest lists {len(widths)}")
+    if key[0] != "prefix" and outputs[0][-1] != len(manifest["label_names"]):
+      raise ValueError(f"{path}: part {name!r} scores {outputs[0][-1]} classes, the manifest "
+                       f"names {len(manifest['label_names'])}")
+    hidden = outputs[0][-1] if key[0] == "prefix" else inputs[0][-1]
+    if hidden != manifest["hidden_size"]:
+      raise ValueError(f"{path}: part {name!r} has hidden size {hidden}, the manifest says "
+                       f"{manifest['hidden_size']}")
+  return runner
 
 
 def _read_manifest(path: str) -> dict:
@@ -175,14 +236,21 @@ def _read_manifest(path: str) -> dict:
       or any(a >= b for a, b in zip(widths, widths[1:]))):
     raise ValueError(f"{path}: widths {widths} must increase to 1.0, the order in which the "
                      "router scores them")
-  expected = {"prefix"} | {adaptive_part_name(w) for w in widths}
-  if set(manifest["parts"]) != expected:
-    raise ValueError(f"{path}: the manifest lists parts {sorted(manifest['parts'])} but its "
-                     f"widths {widths} need {sorted(expected)}")
+  runtime = manifest["runtime"]
+  if runtime not in ("jax", "onnxruntime"):
+    raise ValueError(f"{path}: runtime {runtime!r} is not 'jax' or 'onnxruntime'")
+  needed = {"jax": ("params",), "onnxruntime": ("precision", "hidden_size")}[runtime]
+  missing = [k for k in needed if k not in manifest]
+  if missing:
+    raise ValueError(f"{path}: keys {missing} are missing (runtime {runtime!r})")
   buckets = manifest["length_buckets"]
   if (not buckets or any(not isinstance(b, int) or b < 2 for b in buckets)
       or any(a >= b for a, b in zip(buckets, buckets[1:]))):
     raise ValueError(f"{path}: length_buckets {buckets} must be increasing lengths >= 2")
+  expected = expected_parts(manifest)
+  if set(manifest["parts"]) != expected:
+    raise ValueError(f"{path}: the manifest lists parts {sorted(manifest['parts'])} but its "
+                     f"widths {widths} need {sorted(expected)}")
   gflops = np.asarray(manifest["gflops_per_example"], np.float64)
   if gflops.shape != (len(widths), len(buckets)) or not np.all(gflops > 0) or np.any(
       np.diff(gflops, axis=0) <= 0):
@@ -192,8 +260,10 @@ def _read_manifest(path: str) -> dict:
   return manifest
 
 
-def _check_params(path: str, manifest: dict, prefix: export.Exported, params: dict) -> None:
+def _check_params(path: str, manifest: dict, prefix: Any, params: dict) -> None:
   """The parameters must be the tree the parts take, and cover every length bucket's positions."""
+  import jax
+
   (variables, *_), _ = prefix.in_tree.unflatten(prefix.in_avals)
   expected = {"/".join(str(k.key) for k in p): a.shape
               for p, a in jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
@@ -212,7 +282,7 @@ def _check_params(path: str, manifest: dict, prefix: export.Exported, params: di
                      f"model's {positions} positions")
 
 
-def _check_parts(path: str, manifest: dict, parts: dict[str, export.Exported]) -> None:
+def _check_parts(path: str, manifest: dict, parts: dict[str, Any]) -> None:
   """The parts must fit together and fit the manifest: hidden size, classes, widths, inputs."""
   prefix = parts["prefix"]
   if len(prefix.out_avals) != 2:

@@ -131,8 +131,8 @@ def check_paths(input_path: str, output_path: str) -> None:
 
 def run(workdir: str, input_path: str, output_path: str,
         batch_buckets: tuple[int, ...] = BATCH_BUCKETS, budget: str = "", rule: str = "router",
-        signal: str = "max_prob", start_budget: str = "", precision: str = "fp32"
-        ) -> dict[str, Any]:
+        signal: str = "max_prob", start_budget: str = "", precision: str = "fp32",
+        runtime: str = "xla") -> dict[str, Any]:
   """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`).
 
   `budget` ("2.5x", "0.4gflops"): route by the rule named `rule` ("router", "cascade",
@@ -140,7 +140,8 @@ def run(workdir: str, input_path: str, output_path: str,
   """
   check_paths(input_path, output_path)
   engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget, rule=rule,
-                               signal=signal, start_budget=start_budget, precision=precision)
+                               signal=signal, start_budget=start_budget, precision=precision,
+                               runtime=runtime)
   task = engine.task
   texts, labels = read_inputs(input_path, task)
   start = time.perf_counter()
@@ -157,7 +158,7 @@ def run(workdir: str, input_path: str, output_path: str,
   summary = {
       "task": task.name, "examples": len(texts), "seconds": seconds,
       "routing": engine.rule.budget or "router argmax", "rule": engine.rule.name,
-      "precision": engine.precision,
+      "runtime": engine.runtime, "precision": engine.precision,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
       "share_per_width": predictions.share_per_width(engine.widths),
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,

@@ -66,7 +66,7 @@ def fingerprint(model: SharcsModel, shapes: Any) -> str:
   for part in (jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
                repr(dataclasses.asdict(model.encoder)), repr(model.num_classes),
                repr(model.widths), repr(model.router_layer), repr(model.router_hidden),
-               repr(model.compute_dtype),
+               repr(model.compute_dtype), repr(model.cls_only_last_layer),
                repr(jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), shapes))):
     h.update(part.encode())
   for source in [m.__file__ for m in _MODEL_SOURCES] + [__file__]:

@@ -125,10 +125,34 @@ class Cascade:
             "calibration_reduction": self.calibration_reduction}
 
 
-def rule_from_json(saved: dict) -> "Rule | Cascade":
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+  """Every input at one width, the router unread: the static baseline served by the engine."""
+
+  width_index: int
+  budget: str = ""
+  calibration_reduction: float = 1.0
+
+  name = "fixed"
+  escalating = False
+
+  def first_widths(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray:
+    return np.full(len(router_logits), self.width_index, np.int64)
+
+  def escalates(self, probabilities: np.ndarray, width_index: int) -> np.ndarray:
+    return np.zeros(len(probabilities), bool)
+
+  def to_json(self) -> dict:
+    return {"rule": self.name, "budget": self.budget, "width_index": self.width_index,
+            "calibration_reduction": self.calibration_reduction}
+
+
+def rule_from_json(saved: dict) -> "Rule | Cascade | Fixed":
   """The inverse of `to_json`; {} (or no budget) is the router's argmax."""
   if not saved:
     return Rule()
+  if saved.get("rule") == "fixed":
+    return Fixed(int(saved["width_index"]), saved["budget"], float(saved["calibration_reduction"]))
   if saved.get("rule") == "cascade":
     start = saved.get("start_cost_weight")
     return Cascade(float(saved["threshold"]), saved.get("signal", "max_prob"), saved["budget"],

@@ -1,0 +1,296 @@
+"""The SHARCS programs as ONNX models for ONNX Runtime, from the Flax functions XLA compiles.
+
+Each program of `programs.functions` (the prefix with the router; each width's adaptive part with
+its head) is converted by jax2onnx with the parameters as constants, one model per length bucket
+(jax2onnx cannot trace the position embeddings' `arange` over a symbolic length) and a symbolic
+batch. Then:
+  1. ONNX Runtime's basic optimisations fold the constants (the weights' width slices become
+     initializers, dropout goes);
+  2. `onnx_graph.lower_to_matmul` turns every Einsum and Gemm into MatMul (+ Add);
+  3. for int8 (`Int8Recipe`; the default measured best, docs/serving.md), `quantize_dynamic`:
+     signed int8 weights per output channel, activations quantised to uint8 at run time (u8 x s8
+     is the kernel VNNI and AVX2 run), MatMul with a constant weight only. Without VNNI the
+     weights keep 7 bits (`reduce_range`), since AVX2's u8 x s8 multiply (vpmaddubsw) saturates
+     at 8 bits. The alternatives measured: per-tensor weights, static QDQ quantisation calibrated
+     on held-out inputs, and onnxruntime.transformers' BERT fusions before quantising.
+Models are stored under `cache_dir/onnx-<fingerprint>/` (the fingerprint covers the parameter
+values, the model code and the converter versions), so a restart converts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging as std_logging
+import os
+import tempfile
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sharcs_jax import report
+from sharcs_jax.model import config as model_config
+from sharcs_jax.model import encoder, sharcs, widths
+from sharcs_jax.data.padding import length_bucket_of, length_mask
+from sharcs_jax.model.sharcs import SharcsModel
+from sharcs_jax.serve import ort_runner
+
+try:
+  import onnx
+except ImportError:
+  raise ort_runner.missing_extra("the onnx package (to convert the programs)") from None
+from sharcs_jax.serve import onnx_graph  # pylint: disable=g-import-not-at-top
+from sharcs_jax.serve.exported import onnx_part_name
+from sharcs_jax.serve.precision import PRECISIONS, cpu_flags, int8_reduce_range
+from sharcs_jax.serve.programs import argument_specs, functions
+
+_SOURCES = (model_config, encoder, sharcs, widths, onnx_graph)
+_VERSIONED = ("jax", "jax2onnx", "onnx", "onnx-ir", "onnxruntime")
+
+
+@contextlib.contextmanager
+def _quiet(name: str, level: int = std_logging.ERROR) -> Iterator[None]:
+  """Raises one logger's level for a block."""
+  logger = std_logging.getLogger(name)
+  before = logger.level
+  logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(before)
+
+
+def import_jax2onnx() -> Any:
+  try:
+    import jax2onnx
+  except ImportError:
+    raise ort_runner.missing_extra("jax2onnx (to convert the programs)") from None
+  return jax2onnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Recipe:
+  """How int8 programs are made (module doc, step 3)."""
+
+  method: str = "dynamic"  # "dynamic", or "static": QDQ with activation ranges from calibration
+  per_channel: bool = True  # weight scales per output channel (else one per matrix)
+  bert_fusions: bool = False  # onnxruntime.transformers' BERT fusions before quantising
+
+  def __post_init__(self):
+    if self.method not in ("dynamic", "static"):
+      raise ValueError(f"int8 method {self.method!r} is not 'dynamic' or 'static'")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxKey:
+  kind: str  # "prefix" or "adaptive"
+  width: float | None
+  length: int
+
+  @property
+  def name(self) -> str:
+    return onnx_part_name(self.width, self.length)
+
+
+def fingerprint(model: SharcsModel, params: Any, precision: str, reduce_range: bool,
+                recipe: Int8Recipe, calibration: Any = None) -> str:
+  """Everything a converted model depends on, parameter values (and calibration rows) included."""
+  h = hashlib.sha256()
+  for part in (repr(dataclasses.asdict(model.encoder)), repr(model.num_classes),
+               repr(model.widths), repr(model.router_layer), repr(model.router_hidden),
+               repr(model.cls_only_last_layer), precision, repr(reduce_range),
+               repr(recipe) if precision == "int8" else "",
+               *(str(report.package_version(p)) for p in _VERSIONED)):
+    h.update(part.encode())
+  if precision == "int8" and recipe.method == "static":
+    for rows in calibration:
+      h.update(np.ascontiguousarray(rows).tobytes())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  for source in [m.__file__ for m in _SOURCES] + [__file__]:
+    with open(source, "rb") as f:
+      h.update(f.read())
+  return h.hexdigest()[:20]
+
+
+def convert(function: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct],
+            input_names: Sequence[str], output_names: Sequence[str], name: str) -> Any:
+  """One jitted function -> an ONNX model (jax2onnx), batch symbolic as 'batch'."""
+  jax2onnx = import_jax2onnx()
+  # Its plugins for equinox and dm_pix models, loaded on first use, log a traceback each where
+  # those packages are missing; the conversion needs none of them.
+  with _quiet("jax2onnx.plugins.plugin_system"):
+    return jax2onnx.to_onnx(function, list(specs), model_name=name,
+                            input_names=list(input_names), output_names=list(output_names))
+
+
+def fold_constants(model: Any) -> Any:
+  """ONNX Runtime's basic (device-independent) optimisations, written back as a model."""
+  ort = ort_runner.import_onnxruntime()
+  with tempfile.TemporaryDirectory() as tmp:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = os.path.join(tmp, "folded.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                         providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
+def bert_fusions(model: Any, heads: int, hidden: int) -> tuple[Any, dict[str, int]]:
+  """onnxruntime.transformers' BERT graph fusions (GELU, SkipLayerNorm, attention where the
+  pattern matches) and what each fused. Its LayerNorm pass is off: on these graphs its simplified-
+  LayerNorm fusion fails (onnxruntime 1.32: "'NodeProto' object is not subscriptable"), and the
+  session's own optimiser fuses LayerNorm anyway."""
+  ort_runner.import_onnxruntime()
+  from onnxruntime.transformers import optimizer
+  from onnxruntime.transformers.fusion_options import FusionOptions
+
+  options = FusionOptions("bert")
+  options.enable_layer_norm = False
+  with _quiet("onnxruntime.transformers"):  # it warns that the producer is not PyTorch
+    fused = optimizer.optimize_model(model, model_type="bert", num_heads=heads,
+                                     hidden_size=hidden, optimization_options=options, opt_level=0)
+  return fused.model, {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+
+
+class _Feeds:
+  """onnxruntime's CalibrationDataReader over a list of input feeds."""
+
+  def __init__(self, feeds: list[dict[str, np.ndarray]]):
+    self.feeds = iter(feeds)
+
+  def get_next(self) -> dict[str, np.ndarray] | None:
+    return next(self.feeds, None)
+
+
+def quantize_int8(model: Any, reduce_range: bool, recipe: Int8Recipe = Int8Recipe(),
+                  feeds: list[dict[str, np.ndarray]] | None = None) -> Any:
+  """int8 weights of every constant MatMul (module doc); `feeds` calibrate a static recipe."""
+  ort_runner.import_onnxruntime()
+  from onnxruntime import quantization as q
+
+  # It advises pre-processing on the root logger: the folding above is that pre-processing.
+  with _quiet(""), tempfile.TemporaryDirectory() as tmp:
+    source, target = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+    onnx.save(model, source)
+    if recipe.method == "dynamic":
+      q.quantize_dynamic(source, target, op_types_to_quantize=["MatMul"],
+                         per_channel=recipe.per_channel, reduce_range=reduce_range,
+                         weight_type=q.QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    else:
+      q.quantize_static(source, target, _Feeds(feeds or []), quant_format=q.QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], per_channel=recipe.per_channel,
+                        reduce_range=reduce_range, activation_type=q.QuantType.QUInt8,
+                        weight_type=q.QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    return onnx.load(target)
+
+
+def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
+                  reduce_range: bool, recipe: Int8Recipe = Int8Recipe(),
+                  feeds: list[dict[str, np.ndarray]] | None = None) -> Any:
+  """One program as a lowered (and for int8 quantised) ONNX model."""
+  model = model.clone(compute_dtype="float32")
+  function = functions(model)
+  variables = {"params": params}
+  specs = argument_specs(model, key.kind, "batch", key.length)
+  if key.kind == "prefix":
+    onnx_model = convert(lambda ids, mask, types: function["prefix"](variables, ids, mask, types),
+                         specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_OUTPUTS, key.name)
+  else:
+    onnx_model = convert(
+        lambda hidden, mask: function["adaptive"](variables, hidden, mask, width=key.width),
+        specs, ort_runner.PART_INPUTS, ort_runner.PART_OUTPUTS, key.name)
+  onnx_model = onnx_graph.lower_to_matmul(fold_constants(onnx_model))
+  if precision != "int8":
+    return onnx_model
+  if recipe.bert_fusions:
+    dims = widths.width_dims(model.encoder, 1.0 if key.width is None else key.width)
+    onnx_model, fused = bert_fusions(onnx_model, dims.heads, dims.hidden)
+    logging.info("%s: BERT fusions %s", key.name, fused or "none matched")
+  return quantize_int8(onnx_model, reduce_range, recipe, feeds)
+
+
+def calibration_feeds(model: SharcsModel, params: Any, key: OnnxKey,
+                      length_buckets: Sequence[int], ids: np.ndarray, types: np.ndarray,
+                      lengths: np.ndarray, batch: int = 32, most: int = 512
+                      ) -> list[dict[str, np.ndarray]]:
+  """A program's inputs for (at most `most`) calibration rows of its length bucket (the first
+  rows, truncated, where the bucket has none): token ids for the prefix, the float32 prefix's
+  hidden states for a part."""
+  rows = np.flatnonzero(length_bucket_of(lengths, length_buckets)
+                        == list(length_buckets).index(key.length))[:most]
+  rows = rows if len(rows) else np.arange(min(len(lengths), batch))
+  prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
+  feeds = []
+  for start in range(0, len(rows), batch):
+    chosen = rows[start:start + batch]
+    mask = length_mask(np.minimum(lengths[chosen], key.length), key.length)
+    feed = {"input_ids": ids[chosen, :key.length], "attention_mask": mask,
+            "token_type_ids": types[chosen, :key.length]}
+    if key.kind != "prefix":
+      hidden, _ = prefix({"params": params}, *feed.values())
+      feed = {"hidden": np.asarray(hidden), "attention_mask": mask}
+    feeds.append(feed)
+  return feeds
+
+
+class OnnxPrograms:
+  """Every program as an ONNX file, converted once and stored (see module doc)."""
+
+  def __init__(self, model: SharcsModel, params: Any, *, length_buckets: Sequence[int],
+               precision: str, cache_dir: str | None = None, reduce_range: bool | None = None,
+               recipe: Int8Recipe = Int8Recipe(),
+               calibration: tuple[np.ndarray, ...] | None = None):
+    """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe."""
+    if precision not in PRECISIONS["onnxruntime"][1:]:
+      raise ValueError(f"ONNX Runtime precision {precision!r} is not one of "
+                       f"{PRECISIONS['onnxruntime'][1:]} (resolve 'auto' first)")
+    self.model = model
+    self.precision = precision
+    self.reduce_range = (int8_reduce_range(cpu_flags()) if reduce_range is None
+                         else reduce_range) if precision == "int8" else False
+    self.length_buckets = tuple(length_buckets)
+    self.recipe, self.calibration = recipe, calibration
+    if precision == "int8" and recipe.method == "static" and calibration is None:
+      raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
+    params = jax.tree_util.tree_map(np.asarray, params)
+    key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
+    self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
+                                  f"onnx-{key}")
+    self.keys = [OnnxKey("prefix", None, s) for s in self.length_buckets] + [
+        OnnxKey("adaptive", w, s) for w in model.widths for s in self.length_buckets]
+    self.converted = self.loaded = 0
+    self.paths = {key: self._obtain(key, params) for key in self.keys}
+    logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
+                 precision, self.converted, self.loaded, self.directory)
+
+  def _obtain(self, key: OnnxKey, params: Any) -> str:
+    path = os.path.join(self.directory, f"{key.name}.onnx")
+    if os.path.isfile(path):
+      self.loaded += 1
+      return path
+    static = self.precision == "int8" and self.recipe.method == "static"
+    feeds = (calibration_feeds(self.model, params, key, self.length_buckets, *self.calibration)
+             if static else None)
+    onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range,
+                               self.recipe, feeds)
+    os.makedirs(self.directory, exist_ok=True)
+    with report.atomic_path(path) as tmp:
+      onnx.save(onnx_model, tmp)
+    self.converted += 1
+    return path
+
+  def runner(self, threads: int = 0) -> ort_runner.OrtRunner:
+    """Sessions for every program (built now, never while serving)."""
+    widths_index = {w: i for i, w in enumerate(self.model.widths)}
+    return ort_runner.OrtRunner(
+        {k.length: p for k, p in self.paths.items() if k.kind == "prefix"},
+        {(widths_index[k.width], k.length): p for k, p in self.paths.items()
+         if k.kind == "adaptive"}, threads)
+
