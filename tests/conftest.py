@@ -198,6 +198,25 @@ def run_benchmark(module: str, out: pathlib.Path, *args: str, report: str,
   return json.loads((out / f"{report}.json").read_text()), result
 
 
+def export_and_compare(workdir, out: pathlib.Path, *extra: str) -> tuple[pathlib.Path, dict]:
+  """(export directory, export_parity's report) of `workdir` exported into OUT/export and
+  predicted on 48 dev pairs in a fresh process."""
+  data, _ = run_benchmark("export_parity", out, f"--workdir={workdir}",
+                          f"--export_dir={out / 'export'}", "--limit=48", *extra,
+                          report="export_parity", timeout=600)
+  return out / "export", data
+
+
+def damaged_copy(directory: pathlib.Path, tmp_path: pathlib.Path, change) -> str:
+  """A copy of an export directory after `change(copy, manifest)`, its manifest rewritten."""
+  copy = tmp_path / "copy"
+  shutil.copytree(directory, copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  change(copy, manifest)
+  (copy / "manifest.json").write_text(json.dumps(manifest))
+  return str(copy)
+
+
 def run_tradeoff(backbone: str, out: pathlib.Path, *extra: str):
   """(tradeoff_qqp.json's data, the finished process) of one benchmark invocation."""
   return run_benchmark(

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, glue_data_dir, run_benchmark
+from conftest import REPO_ROOT, damaged_copy, export_and_compare, glue_data_dir
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve import export
 from sharcs_jax import report
@@ -27,12 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
   """Runs the parity benchmark: export, then predict dev in a fresh process."""
-  workdir, _ = trained
-  out = tmp_path_factory.mktemp("parity")
-  data, _ = run_benchmark("export_parity", out, f"--workdir={workdir}",
-                          f"--export_dir={out / 'export'}", "--limit=48",
-                          report="export_parity", timeout=600)
-  return out / "export", data
+  return export_and_compare(trained[0], tmp_path_factory.mktemp("parity"))
 
 
 def test_fresh_process_reproduces_the_engine(exported):
@@ -67,15 +62,6 @@ def _drop_a_parameter(directory, manifest):
   manifest["params"]["sha256"] = file_sha256(str(directory / "params.npz"))
 
 
-def _damaged(directory, tmp_path, change):
-  copy = tmp_path / "copy"
-  shutil.copytree(directory, copy)
-  manifest = json.loads((copy / "manifest.json").read_text())
-  change(copy, manifest)
-  (copy / "manifest.json").write_text(json.dumps(manifest))
-  return str(copy)
-
-
 @pytest.mark.parametrize("change, error, message", [
     (lambda d, m: (d / "adaptive_0.5.jaxexport").unlink(), FileNotFoundError,
      r"part 'adaptive_0.5' \(adaptive_0.5.jaxexport\) is missing"),
@@ -103,7 +89,7 @@ def _damaged(directory, tmp_path, change):
 def test_damaged_exports_are_refused(exported, tmp_path, change, error, message):
   directory, _ = exported
   with pytest.raises(error, match=message):
-    ExportedModel.load(_damaged(directory, tmp_path, change))
+    ExportedModel.load(damaged_copy(directory, tmp_path, change))
 
 
 def test_not_an_export(tmp_path):

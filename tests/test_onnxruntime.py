@@ -15,11 +15,12 @@ import onnx
 import optax
 import pytest
 
-from conftest import REPO_ROOT, needs_glue, run_benchmark
+from conftest import REPO_ROOT, damaged_copy, export_and_compare, needs_glue
 from sharcs_jax.data.batching import Encoded
 from sharcs_jax.data.padding import length_bucket_of, length_mask
 from sharcs_jax.serve import dispatch, onnx_graph, ort_runner, precision, routing
 from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.exported import ExportedModel
 from sharcs_jax.serve.onnx_programs import Int8Recipe, OnnxPrograms
 from sharcs_jax.serve.programs import functions
 
@@ -268,13 +269,8 @@ def test_cli_refuses_a_precision_the_runtime_cannot_run(tmp_path):
 @pytest.fixture(scope="module")
 def onnx_export(trained, tmp_path_factory):
   """(export directory, export_parity's report) of the tiny run exported at int8."""
-  workdir, _ = trained
-  out = tmp_path_factory.mktemp("onnx_export")
-  data, _ = run_benchmark("export_parity", out, f"--workdir={workdir}",
-                          f"--export_dir={out / 'export'}", "--limit=48",
-                          "--runtime=onnxruntime", "--precision=int8", report="export_parity",
-                          timeout=600)
-  return out / "export", data
+  return export_and_compare(trained[0], tmp_path_factory.mktemp("onnx_export"),
+                            "--runtime=onnxruntime", "--precision=int8")
 
 
 @needs_glue
@@ -314,15 +310,5 @@ def _swap_parts(manifest, a, b):
      "do not match the manifest's SHA-256 for 'prefix_s32'"),
 ])
 def test_damaged_onnx_exports_are_refused(onnx_export, tmp_path, change, error, message):
-  import json
-  import shutil
-
-  from sharcs_jax.serve.exported import ExportedModel
-
-  copy = tmp_path / "copy"
-  shutil.copytree(onnx_export[0], copy)
-  manifest = json.loads((copy / "manifest.json").read_text())
-  change(copy, manifest)
-  (copy / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(error, match=message):
-    ExportedModel.load(str(copy))
+    ExportedModel.load(damaged_copy(onnx_export[0], tmp_path, change))
