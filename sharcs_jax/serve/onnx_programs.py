@@ -216,7 +216,7 @@ def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
   return quantize_int8(onnx_model, reduce_range, recipe, feeds)
 
 
-def calibration_feeds(model: SharcsModel, params: Any, key: OnnxKey,
+def calibration_feeds(prefix: Callable[..., Any], params: Any, key: OnnxKey,
                       length_buckets: Sequence[int], ids: np.ndarray, types: np.ndarray,
                       lengths: np.ndarray, batch: int = 32, most: int = 512
                       ) -> list[dict[str, np.ndarray]]:
@@ -226,7 +226,6 @@ def calibration_feeds(model: SharcsModel, params: Any, key: OnnxKey,
   rows = np.flatnonzero(length_bucket_of(lengths, length_buckets)
                         == list(length_buckets).index(key.length))[:most]
   rows = rows if len(rows) else np.arange(min(len(lengths), batch))
-  prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
   feeds = []
   for start in range(0, len(rows), batch):
     chosen = rows[start:start + batch]
@@ -260,6 +259,8 @@ class OnnxPrograms:
     if precision == "int8" and recipe.method == "static" and calibration is None:
       raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
     params = jax.tree_util.tree_map(np.asarray, params)
+    # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
+    self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
     key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
                                   f"onnx-{key}")
@@ -276,8 +277,8 @@ class OnnxPrograms:
       self.loaded += 1
       return path
     static = self.precision == "int8" and self.recipe.method == "static"
-    feeds = (calibration_feeds(self.model, params, key, self.length_buckets, *self.calibration)
-             if static else None)
+    feeds = (calibration_feeds(self._float32_prefix, params, key, self.length_buckets,
+                               *self.calibration) if static else None)
     onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range,
                                self.recipe, feeds)
     os.makedirs(self.directory, exist_ok=True)
