@@ -13,6 +13,7 @@ import sys
 import ml_collections
 from absl import app
 
+from sharcs_jax.errors import ConfigError
 from sharcs_jax.data.glue import get_task, resolve_data_dir
 from sharcs_jax.train.hardness import SIGNALS, check_ranges
 from sharcs_jax.model.config import EncoderConfig
@@ -248,7 +249,17 @@ def check_training_recipe(train: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> EncoderConfig:
-  """Raises ValueError naming the bad field; returns the backbone's architecture."""
+  """Raises ConfigError (a ValueError) naming the bad field; returns the backbone's architecture."""
+  try:
+    return check_config(config)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
+  """Every section of the config, in order; the first bad field raises ValueError."""
   check_numbers(config)
   encoder = backbone_config(config)
   m = config.model

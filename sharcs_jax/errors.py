@@ -7,3 +7,8 @@ bury the file, key or value that the message names.
 
 class RunError(RuntimeError):
   """A problem with a run's inputs, outputs or workdir, stated in full by its message."""
+
+
+class ConfigError(RunError, ValueError):
+  """A config value out of its range or set, named by the message (a ValueError for callers that
+  catch that, a RunError so the command line prints it as one line)."""

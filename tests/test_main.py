@@ -17,3 +17,20 @@ def test_only_closed_loop_callbacks_are_silenced():
   for unraisable in (closed, other, value):
     hook(unraisable)
   assert seen == [other, value]
+
+
+def test_a_bad_config_value_is_one_line_without_a_traceback(tmp_path):
+  import pathlib
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "sharcs_jax.main", "--config=configs/qqp.py", f"--workdir={workdir}",
+       "--config.train.learning_rate=-1"], capture_output=True, text=True, timeout=120,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "FATAL config.train.learning_rate=-1.0 must be a number in (0, inf)")
+  assert not workdir.exists()  # refused before anything was written
