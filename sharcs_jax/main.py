@@ -26,16 +26,18 @@ from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
+from sharcs_jax.run import load_run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/qqp.py or "
                                 "configs/qqp.py:smoke.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and reports; re-running the "
                     "same command resumes from its latest checkpoint.")
-flags.DEFINE_enum("mode", "train", ["train", "summary", "predict", "export"],
+flags.DEFINE_enum("mode", "train", ["train", "summary", "predict", "export", "serve"],
                   "train: train SHARCS and report on dev; summary: FLOPs per width only; "
                   "predict: run the model trained in --workdir on --input; export: write the "
-                  "model trained in --workdir to --output as jax.export parts + manifest.")
+                  "model trained in --workdir to --output as jax.export parts + manifest; serve: "
+                  "TEI-compatible HTTP /predict for the model trained in --workdir.")
 flags.DEFINE_string("input", None, "predict: a .tsv (GLUE columns) or .jsonl file of inputs.")
 flags.DEFINE_string("output", None, "predict: where to write predictions (JSONL); export: the "
                     "export directory.")
@@ -59,6 +61,15 @@ flags.DEFINE_enum("precision", None, ["fp32", "bf16", "int8", "auto"], "The matm
                   "avx512_bf16 or AMX), fp32 or int8 on onnxruntime (auto: int8 where the CPU "
                   "has an int8 dot product, VNNI or AVX2). Default: auto for predict; fp32 for "
                   "export, whose files may run on another CPU.")
+flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on.")
+flags.DEFINE_integer("port", 8080, "serve: the port to listen on.")
+flags.DEFINE_integer("max_batch_tokens", 16384, "serve: tokens the worker takes from the queue "
+                     "per engine call (oldest requests first).")
+flags.DEFINE_float("max_wait_ms", 0.0, "serve: how long a batch may wait for more requests.")
+flags.DEFINE_integer("max_client_batch_size", 32, "serve: inputs per request (413 above).")
+flags.DEFINE_integer("payload_limit", 2_000_000, "serve: bytes per request body (413 above).")
+flags.DEFINE_integer("max_queued_pairs", 1024, "serve: queued inputs before 429.")
+flags.DEFINE_float("request_timeout_s", 30.0, "serve: seconds queued before 504.")
 flags.DEFINE_bool("distributed", False, "Join a jax.distributed job: coordinator and process ids "
                   "from the flags below, else detected from SLURM, Cloud TPU or JAX_COORDINATOR_* "
                   "environment variables.")
@@ -108,6 +119,40 @@ def checked_precision(default: str) -> str:
   return precision
 
 
+def serve_http() -> None:
+  """--mode=serve: checks the limits, then `serve.http.serve` until SIGTERM."""
+  try:
+    from sharcs_jax.serve import http
+    from sharcs_jax.serve.batcher import Limits
+  except ImportError as e:
+    raise MissingExtra(f"--mode=serve needs the 'serve' install extra (bash launch/install.sh "
+                       f"serve): {e}") from None
+  for name in ("max_batch_tokens", "max_client_batch_size", "payload_limit", "max_queued_pairs"):
+    if getattr(FLAGS, name) < 1:
+      raise RunError(f"--{name}={getattr(FLAGS, name)} must be at least 1")
+  if FLAGS.max_wait_ms < 0 or FLAGS.request_timeout_s <= 0:
+    raise RunError(f"--max_wait_ms={FLAGS.max_wait_ms:g} must be >= 0 and --request_timeout_s="
+                   f"{FLAGS.request_timeout_s:g} > 0")
+  if not 0 < FLAGS.port < 65536:
+    raise RunError(f"--port={FLAGS.port} is not a port")
+  options = http.ServerOptions(
+      Limits(FLAGS.max_batch_tokens, FLAGS.max_wait_ms, FLAGS.max_queued_pairs,
+             FLAGS.request_timeout_s), FLAGS.max_client_batch_size, FLAGS.payload_limit)
+  precision = checked_precision("auto")
+  run = load_run(FLAGS.workdir)  # a missing or damaged run is one line before the port is taken
+
+  def build() -> Engine:
+    return Engine.from_run(run, budget=FLAGS.budget, rule=FLAGS.rule,
+                               signal=FLAGS.signal, start_budget=FLAGS.start_budget,
+                               precision=precision, runtime=FLAGS.runtime)
+
+  code = http.serve(build, FLAGS.host, FLAGS.port, options,
+                    lambda engine: http.engine_info(engine, options, FLAGS.rule, FLAGS.budget),
+                    lambda line: logging.info("%s", line))
+  logging.flush()
+  sys.exit(code)
+
+
 def run_mode() -> None:
   quiet_orbax_logging()
   if FLAGS.distributed or FLAGS.coordinator_address:
@@ -135,6 +180,9 @@ def run_mode() -> None:
     manifest = export.export_engine(engine, FLAGS.output)
     logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
                  manifest["routing"]["budget"] or "router argmax", FLAGS.output)
+    return
+  if FLAGS.mode == "serve":
+    serve_http()
     return
   if FLAGS.config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config")

@@ -1,0 +1,227 @@
+"""The HTTP server: TEI's `/predict` over the routed engine, batched across requests.
+
+Starlette on uvicorn: the smallest ASGI stack with a real event loop, streaming-free JSON routes
+and uvicorn's graceful shutdown; the engine runs on the batcher's one worker thread, so the loop
+never blocks on a program. The engine is built after the socket is bound: `/health` answers 503
+until every program is loaded or compiled, and again while draining after SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import prometheus_client as prom
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sharcs_jax.model.widths import width_label
+from sharcs_jax.serve import tei
+from sharcs_jax.serve.batcher import Batcher, Limits, Pending
+from sharcs_jax.serve.tei import RequestError
+
+VERSION = "0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+  limits: Limits = Limits()
+  max_client_batch_size: int = 32
+  payload_limit: int = 2_000_000  # bytes
+  drain_timeout_s: float = 60.0
+
+
+class Metrics:
+  """The server's Prometheus metrics, in a registry of its own."""
+
+  def __init__(self):
+    self.registry = prom.CollectorRegistry()
+    self.requests = prom.Counter("sharcs_requests", "Requests by HTTP status", ["status"],
+                                 registry=self.registry)
+    self.queue_time = prom.Histogram("sharcs_queue_seconds", "Time queued before the worker took "
+                                     "the request", registry=self.registry)
+    self.inference_time = prom.Histogram("sharcs_inference_seconds", "Engine time per batch, by "
+                                         "the widest width it ran", ["width"],
+                                         registry=self.registry)
+    self.batch_size = prom.Histogram("sharcs_batch_pairs", "Pairs per width group of a batch",
+                                     ["width"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                                     registry=self.registry)
+    self.pairs = prom.Counter("sharcs_pairs", "Pairs answered, by routed width", ["width"],
+                              registry=self.registry)
+    self.queue_length = prom.Gauge("sharcs_queue_pairs", "Pairs waiting in the queue",
+                                   registry=self.registry)
+
+  def observe(self, batch: list[Pending], predictions: Any, seconds: float) -> None:
+    for pending in batch:
+      self.queue_time.observe(pending.started - pending.enqueued)
+    widths, counts = np.unique(predictions.widths, return_counts=True)
+    for width, count in zip(widths, counts):
+      self.batch_size.labels(width_label(float(width))).observe(int(count))
+      self.pairs.labels(width_label(float(width))).inc(int(count))
+    self.inference_time.labels(width_label(float(widths.max()))).observe(seconds)
+
+
+def error_response(error: RequestError, metrics: Metrics) -> JSONResponse:
+  metrics.requests.labels(str(error.status)).inc()
+  headers = {"Retry-After": "1"} if error.status == 429 else None
+  return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class State:
+  """What the routes share: the engine once ready, its batcher, and whether the server drains."""
+
+  def __init__(self, options: ServerOptions):
+    self.options = options
+    self.metrics = Metrics()
+    self.engine: Any = None
+    self.batcher: Batcher | None = None
+    self.info: dict[str, Any] = {}
+    self.draining = False
+    self.failed: str | None = None
+
+  def ready(self) -> bool:
+    return self.batcher is not None and not self.draining
+
+  def start(self, engine: Any, info: dict[str, Any]) -> None:
+    self.engine, self.info = engine, info
+    self.batcher = Batcher(engine.predict, self.options.limits, self.metrics.observe)
+
+
+def make_app(state: State) -> Starlette:
+  metrics = state.metrics
+
+  async def health(request: Request) -> Response:
+    return Response(status_code=200 if state.ready() else 503)
+
+  async def info(request: Request) -> Response:
+    if state.batcher is None:
+      return error_response(RequestError(503, "unhealthy", "the programs are loading"), metrics)
+    return JSONResponse(state.info)
+
+  async def metrics_route(request: Request) -> Response:
+    if state.batcher is not None:
+      metrics.queue_length.set(state.batcher.queue_length())
+    return Response(prom.generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+  async def predict(request: Request) -> Response:
+    arrived = time.monotonic()
+    try:
+      if not state.ready():
+        raise RequestError(503, "unhealthy", "the server is shutting down" if state.draining
+                           else "the programs are loading")
+      length = request.headers.get("content-length")
+      if length is not None and int(length) > state.options.payload_limit:
+        raise RequestError(413, "payload", f"a body of {length} bytes exceeds --payload_limit="
+                           f"{state.options.payload_limit}")
+      raw = await request.body()
+      if len(raw) > state.options.payload_limit:
+        raise RequestError(413, "payload", f"a body of {len(raw)} bytes exceeds "
+                           f"--payload_limit={state.options.payload_limit}")
+      try:
+        body = json.loads(raw)
+      except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(422, "validation", f"the body is not JSON: {e}") from None
+      rows, single = tei.parse_inputs(body, len(state.engine.task.text_columns),
+                                      state.options.max_client_batch_size)
+      longest = state.engine.length_buckets[-1]
+      tokens = sum(min(len(state.engine.tokenizer(*row)["input_ids"]), longest) for row in rows)
+      future = state.batcher.submit(rows, tokens)
+      try:
+        predictions, begin, end, seconds = await future
+      except asyncio.CancelledError:
+        future.cancel()  # the worker skips it
+        raise
+    except RequestError as e:
+      return error_response(e, metrics)
+    except ClientDisconnect:
+      metrics.requests.labels("499").inc()
+      return Response(status_code=499)
+    except Exception as e:  # the engine failed: answered, never lost
+      return error_response(RequestError(500, "backend", f"{type(e).__name__}: {e}"), metrics)
+    labels = state.engine.task.label_names
+    raw_scores = bool(body.get("raw_scores", False))
+    answers = []
+    for i in range(begin, end):
+      answer: Any = tei.scores(predictions.probabilities[i], labels, raw_scores)
+      if body.get("details"):
+        answer = {"scores": answer, "width": float(predictions.widths[i]),
+                  "gflops": float(predictions.gflops[i])}
+      answers.append(answer)
+    done = time.monotonic()
+    metrics.requests.labels("200").inc()
+    total = done - arrived
+    headers = {"x-queue-time": f"{1e3 * max(total - seconds, 0.0):.3f}",
+               "x-inference-time": f"{1e3 * seconds:.3f}", "x-total-time": f"{1e3 * total:.3f}"}
+    return JSONResponse(answers[0] if single else answers, headers=headers)
+
+  return Starlette(routes=[Route("/health", health), Route("/info", info),
+                           Route("/metrics", metrics_route),
+                           Route("/predict", predict, methods=["POST"])])
+
+
+def engine_info(engine: Any, options: ServerOptions, rule: str, budget: str) -> dict[str, Any]:
+  limits = options.limits
+  return {"model": engine.trained.workdir if engine.trained else None,
+          "task": engine.task.name, "labels": list(engine.task.label_names),
+          "widths": [float(w) for w in engine.widths], "rule": engine.rule.to_json(),
+          "budget": budget or None, "rule_name": rule, "precision": engine.precision,
+          "runtime": engine.runtime, "version": VERSION,
+          "limits": {**dataclasses.asdict(limits),
+                     "max_client_batch_size": options.max_client_batch_size,
+                     "payload_limit": options.payload_limit}}
+
+
+def serve(build_engine: Callable[[], Any], host: str, port: int, options: ServerOptions,
+          describe: Callable[[Any], dict[str, Any]], log: Callable[[str], None]) -> int:
+  """Binds host:port, builds the engine behind a 503 `/health`, serves until SIGTERM or SIGINT,
+  then drains: `/health` and new requests get 503 while everything queued is answered."""
+  import socket
+
+  import uvicorn
+
+  sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((host, port))
+  except OSError as e:
+    from sharcs_jax.errors import RunError
+    raise RunError(f"--host={host} --port={port}: cannot listen there ({e.strerror})") from None
+  state = State(options)
+
+  def build() -> None:
+    try:
+      engine = build_engine()
+      state.start(engine, describe(engine))
+      log(f"ready on http://{host}:{port}")
+    except Exception as e:  # shown, and the server stops: /health never turned 200
+      state.failed = f"{type(e).__name__}: {e}"
+      log(f"FATAL {state.failed}")
+      server.should_exit = True
+
+  class DrainingServer(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: Any) -> None:
+      if state.draining:
+        return super().handle_exit(sig, frame)
+      state.draining = True
+      log("draining: answering queued requests, refusing new ones")
+
+      def drain() -> None:
+        if state.batcher is not None:
+          state.batcher.drain(options.drain_timeout_s)
+        time.sleep(0.2)  # let the loop write the last responses
+        self.should_exit = True
+      threading.Thread(target=drain, daemon=True).start()
+
+  config = uvicorn.Config(make_app(state), log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=int(options.drain_timeout_s))
+  server = DrainingServer(config)
+  threading.Thread(target=build, name="sharcs-build", daemon=True).start()
+  server.run(sockets=[sock])
+  return 1 if state.failed else 0

@@ -1,0 +1,132 @@
+"""The HTTP server as a real process on 127.0.0.1: API shapes, errors, online == offline, metrics,
+/health before the programs are ready, and draining on SIGTERM. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, real_sentences
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def call(port: int, path: str, body: bytes | None = None, timeout: float = 60.0):
+  """(status, headers, parsed body or text) of one request."""
+  request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                   headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      status, headers, raw = response.status, dict(response.headers), response.read()
+  except urllib.error.HTTPError as e:
+    status, headers, raw = e.code, dict(e.headers), e.read()
+  try:
+    return status, headers, json.loads(raw)
+  except ValueError:
+    return status, headers, raw.decode()
+
+
+def predict(port: int, payload) -> tuple[int, dict, object]:
+  return call(port, "/predict", json.dumps(payload).encode())
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+  """(port, process, health statuses seen while starting) of the tiny run's server at fp32."""
+  port = free_port()
+  process = subprocess.Popen(
+      [sys.executable, "-m", "sharcs_jax.main", "--mode=serve", f"--workdir={trained[0]}",
+       f"--port={port}", "--precision=fp32", "--max_client_batch_size=8", "--payload_limit=4000"],
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  seen = []
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and process.poll() is None:
+    try:
+      status = call(port, "/health", timeout=5)[0]
+    except OSError:
+      status = None  # not listening yet
+    seen.append(status)
+    if status == 200:
+      break
+    time.sleep(0.05)
+  assert seen[-1] == 200, (seen[-5:], process.poll())
+  yield port, process, seen
+  if process.poll() is None:
+    process.kill()
+    process.wait(10)
+
+
+def test_health_is_503_until_the_programs_are_ready(server):
+  assert 503 in server[2]
+
+
+def test_shapes_match_tei(server, trained):
+  port = server[0]
+  a, b = real_sentences(2)
+  status, headers, one = predict(port, {"inputs": [a, b]})
+  assert status == 200
+  assert [s["label"] for s in one] in (["not_duplicate", "duplicate"],
+                                       ["duplicate", "not_duplicate"])
+  assert one[0]["score"] >= one[1]["score"] and abs(sum(s["score"] for s in one) - 1) < 1e-5
+  assert {"x-queue-time", "x-inference-time", "x-total-time"} <= set(headers)
+  status, _, many = predict(port, {"inputs": [[a, b], [b, a], [a, a]], "details": True})
+  assert status == 200 and len(many) == 3
+  assert set(many[0]) == {"scores", "width", "gflops"} and many[0]["gflops"] > 0
+  status, _, info = call(port, "/info")
+  assert info["task"] == "qqp" and info["labels"] == ["not_duplicate", "duplicate"]
+  assert info["limits"]["max_client_batch_size"] == 8
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{not json", 422), (json.dumps({"inputs": ["only one field"]}).encode(), 422),
+    (json.dumps({"text": ["a", "b"]}).encode(), 422), (json.dumps({"inputs": []}).encode(), 400),
+    (json.dumps({"inputs": [["a", "b"]] * 9}).encode(), 413),
+    (json.dumps({"inputs": ["a" * 5000, "b"]}).encode(), 413)])
+def test_errors(server, body, status):
+  got, _, answer = call(server[0], "/predict", body)
+  assert got == status and set(answer) == {"error", "error_type"}, answer
+
+
+def test_online_equals_offline_and_metrics_count(server, trained):
+  from sharcs_jax.serve.engine import Engine
+
+  port = server[0]
+  sentences = real_sentences(24)
+  pairs = [[sentences[i], sentences[i + 1]] for i in range(0, 24, 2)]
+  online = []
+  for pair in pairs:
+    status, _, answer = predict(port, {"inputs": pair, "details": True})
+    assert status == 200
+    online.append({s["label"]: s["score"] for s in answer["scores"]}["duplicate"])
+  offline = Engine.from_workdir(str(trained[0]), precision="fp32").predict(pairs)
+  np.testing.assert_allclose(online, offline.probabilities[:, 1], atol=1e-6, rtol=0)
+  status, _, text = call(port, "/metrics")
+  counted = [line for line in text.splitlines() if line.startswith('sharcs_requests_total{status="200"}')]
+  assert counted and float(counted[0].split()[-1]) >= len(pairs)
+
+
+def test_sigterm_answers_what_was_sent_and_exits_0(server):
+  import concurrent.futures
+
+  port, process, _ = server
+  a, b = real_sentences(2)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    futures = [pool.submit(predict, port, {"inputs": [[a, b]] * 8}) for _ in range(16)]
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    statuses = [f.result(timeout=120)[0] for f in futures]
+  assert set(statuses) <= {200, 503}, statuses
+  assert process.wait(timeout=120) == 0
