@@ -130,3 +130,16 @@ def test_sigterm_answers_what_was_sent_and_exits_0(server):
     statuses = [f.result(timeout=120)[0] for f in futures]
   assert set(statuses) <= {200, 503}, statuses
   assert process.wait(timeout=120) == 0
+
+
+def test_a_port_in_use_is_one_line(trained):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "sharcs_jax.main", "--mode=serve", f"--workdir={trained[0]}",
+         f"--port={port}"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"FATAL --host=127.0.0.1 --port={port}: cannot listen there"), result.stderr
