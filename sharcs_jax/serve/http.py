@@ -9,6 +9,7 @@ until every program is loaded or compiled, and again while draining after SIGTER
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import threading
@@ -91,6 +92,10 @@ class State:
 
   def start(self, engine: Any, info: dict[str, Any]) -> None:
     self.engine, self.info = engine, info
+    # The loop counts tokens with its own copy: a fast tokenizer keeps padding and truncation as
+    # state of the object, so a count on the loop while the worker encodes a batch would change
+    # how that batch is padded (seen as ragged rows under load).
+    self.token_counter = copy.deepcopy(engine.tokenizer)
     self.batcher = Batcher(engine.predict, self.options.limits, self.metrics.observe)
 
 
@@ -131,7 +136,7 @@ def make_app(state: State) -> Starlette:
       rows, single = tei.parse_inputs(body, len(state.engine.task.text_columns),
                                       state.options.max_client_batch_size)
       longest = state.engine.length_buckets[-1]
-      tokens = sum(min(len(state.engine.tokenizer(*row)["input_ids"]), longest) for row in rows)
+      tokens = sum(min(len(state.token_counter(*row)["input_ids"]), longest) for row in rows)
       future = state.batcher.submit(rows, tokens)
       try:
         predictions, begin, end, seconds = await future

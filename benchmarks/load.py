@@ -1,0 +1,215 @@
+"""Load test of `--mode=serve`: the server as a subprocess on 127.0.0.1, driven by asyncio clients.
+
+    python -m benchmarks.load --workdir=W --out=O [--budget=2x --rule=cascade]
+
+Closed loop at each --concurrency (one pair per request, QQP dev pairs), then Poisson arrivals at
+--open_loop fractions of the best closed-loop throughput; the same at budget 1x (full width), and
+offline `Engine.predict` on the same pairs beside them. Every level is bounded by
+--requests_per_level and --seconds_per_level. Writes load.json, load.md and load.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks import common
+from sharcs_jax import report
+from sharcs_jax.serve.engine import Engine
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run's workdir.")
+flags.DEFINE_string("out", None, "Output directory.")
+flags.DEFINE_string("budget", "2x", "The routed server's budget.")
+flags.DEFINE_string("rule", "cascade", "The routed server's rule.")
+flags.DEFINE_string("precision", "auto", "Both servers' --precision.")
+flags.DEFINE_string("runtime", "xla", "Both servers' --runtime.")
+flags.DEFINE_list("concurrency", ["1", "4", "16", "32", "64"], "Closed-loop client counts.")
+flags.DEFINE_list("open_loop", ["0.5", "1.0", "1.5"], "Open-loop rates, as fractions of the best "
+                  "closed-loop pairs/s.")
+flags.DEFINE_integer("pairs", 4000, "Dev pairs to send (each level cycles through them).")
+flags.DEFINE_integer("requests_per_level", 4000, "At most this many requests per level.")
+flags.DEFINE_float("seconds_per_level", 60.0, "At most this long per level.")
+flags.DEFINE_float("max_wait_ms", 0.0, "The servers' --max_wait_ms.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+async def post(reader, writer, port: int, body: bytes) -> tuple[int, bytes]:
+  """One HTTP/1.1 request on a kept-alive connection: (status, body)."""
+  writer.write(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
+               b"\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body))
+  await writer.drain()
+  head = await reader.readuntil(b"\r\n\r\n")
+  lines = head.decode("latin-1").split("\r\n")
+  status = int(lines[0].split()[1])
+  length = next(int(l.split(":", 1)[1]) for l in lines if l.lower().startswith("content-length"))
+  return status, await reader.readexactly(length)
+
+
+async def one_request(port: int, body: bytes, results: list) -> None:
+  """A request on its own connection (open loop); a failure to get an answer counts as lost."""
+  start = time.perf_counter()
+  try:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    status, answer = await asyncio.wait_for(post(reader, writer, port, body), 120)
+    writer.close()
+  except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+    status, answer = 0, b""
+  results.append((status, time.perf_counter() - start, answer))
+
+
+async def closed_loop(port: int, bodies: list[bytes], clients: int, limit: int, seconds: float):
+  results: list = []
+  counter = iter(range(limit))
+  deadline = time.perf_counter() + seconds
+
+  async def client() -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in counter:
+      if time.perf_counter() > deadline:
+        break
+      start = time.perf_counter()
+      try:
+        status, answer = await asyncio.wait_for(post(reader, writer, port,
+                                                     bodies[i % len(bodies)]), 120)
+      except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        status, answer = 0, b""
+      results.append((status, time.perf_counter() - start, answer))
+    writer.close()
+
+  start = time.perf_counter()
+  await asyncio.gather(*(client() for _ in range(clients)))
+  return results, time.perf_counter() - start
+
+
+async def open_loop(port: int, bodies: list[bytes], rate: float, limit: int, seconds: float,
+                    seed: int = 0):
+  results: list = []
+  rng = random.Random(seed)
+  tasks = []
+  start = time.perf_counter()
+  next_at = start
+  for i in range(limit):
+    next_at += rng.expovariate(rate)
+    if next_at - start > seconds:
+      break
+    await asyncio.sleep(max(next_at - time.perf_counter(), 0))
+    tasks.append(asyncio.create_task(one_request(port, bodies[i % len(bodies)], results)))
+  await asyncio.gather(*tasks)
+  return results, time.perf_counter() - start
+
+
+def summarise(results: list, seconds: float, sent: int) -> dict:
+  ok = [(latency, json.loads(answer)) for status, latency, answer in results if status == 200]
+  latencies = np.array([latency for latency, _ in ok]) * 1e3
+  statuses: dict[str, int] = {}
+  errors: dict[str, str] = {}  # one answer per error status, to say what went wrong
+  for status, _, answer in results:
+    statuses[str(status)] = statuses.get(str(status), 0) + 1
+    if status != 200:
+      errors.setdefault(str(status), answer.decode(errors="replace")[:300])
+  widths = [answer["width"] for _, answer in ok]
+  values, counts = np.unique(widths, return_counts=True) if widths else ([], [])
+  pct = (lambda q: float(np.percentile(latencies, q))) if len(latencies) else (lambda q: None)
+  return {"sent": sent, "answered": len(results), "lost": sent - len(results) + statuses.get("0", 0),
+          "statuses": statuses, "errors": errors, "seconds": seconds, "pairs_per_second": len(ok) / seconds,
+          "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+          "max_ms": float(latencies.max()) if len(latencies) else None,
+          "share_per_width": {f"{v:g}": int(c) / len(widths) for v, c in zip(values, counts)}}
+
+
+def start_server(budget: str) -> tuple[subprocess.Popen, int]:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  process = subprocess.Popen(
+      [sys.executable, "-m", "sharcs_jax.main", "--mode=serve", f"--workdir={FLAGS.workdir}",
+       f"--port={port}", f"--budget={budget}", f"--rule={FLAGS.rule}",
+       f"--precision={FLAGS.precision}", f"--runtime={FLAGS.runtime}",
+       f"--max_wait_ms={FLAGS.max_wait_ms}", "--max_queued_pairs=256"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 900
+  while time.monotonic() < deadline and process.poll() is None:
+    try:
+      with socket.create_connection(("127.0.0.1", port), 1) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        if b" 200 " in s.recv(64):
+          return process, port
+    except OSError:
+      pass
+    time.sleep(0.5)
+  process.kill()
+  raise SystemExit(f"FATAL the server for budget {budget} did not become healthy")
+
+
+def drive(budget: str, bodies: list[bytes]) -> dict:
+  process, port = start_server(budget)
+  levels = {}
+  try:
+    for clients in (int(c) for c in FLAGS.concurrency):
+      results, seconds = asyncio.run(closed_loop(port, bodies, clients, FLAGS.requests_per_level,
+                                                 FLAGS.seconds_per_level))
+      levels[f"closed {clients}"] = summarise(results, seconds, len(results))
+      print(budget, f"closed {clients}", {k: levels[f"closed {clients}"][k] for k in
+                                          ("pairs_per_second", "p99_ms", "statuses")}, flush=True)
+    best = max(level["pairs_per_second"] for level in levels.values())
+    for fraction in (float(f) for f in FLAGS.open_loop):
+      sent_limit = FLAGS.requests_per_level
+      results, seconds = asyncio.run(open_loop(port, bodies, fraction * best, sent_limit,
+                                               FLAGS.seconds_per_level))
+      levels[f"open {fraction:g}"] = summarise(results, seconds, len(results))
+      levels[f"open {fraction:g}"]["rate"] = fraction * best
+      print(budget, f"open {fraction:g}", levels[f"open {fraction:g}"]["statuses"], flush=True)
+  finally:
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(120)
+  return {"levels": levels, "exit_code": code}
+
+
+def main(argv):
+  del argv
+  engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
+                               precision=FLAGS.precision, runtime=FLAGS.runtime)
+  dev = common.dev_split(engine.task.name, None, FLAGS.pairs)
+  pairs = [list(text) if len(text) > 1 else text[0] for text in dev.texts]
+  start = time.perf_counter()
+  engine.predict(pairs)
+  offline = len(pairs) / (time.perf_counter() - start)
+  del engine
+  bodies = [json.dumps({"inputs": pair, "details": True}).encode() for pair in pairs]
+  data = {"pairs": len(pairs), "cpu": common.cpu_info(), "offline_pairs_per_second": offline,
+          "budget": FLAGS.budget, "rule": FLAGS.rule, "precision": FLAGS.precision,
+          "runtime": FLAGS.runtime, "servers": {FLAGS.budget: drive(FLAGS.budget, bodies),
+                                                "1x": drive("1x", bodies)}}
+  rows = [[budget, level, v["pairs_per_second"], v["p50_ms"], v["p99_ms"], v["max_ms"],
+           v["lost"], json.dumps(v["statuses"])]
+          for budget, server in data["servers"].items() for level, v in server["levels"].items()]
+  notes = (f"{len(pairs)} {dev.task.name} dev pairs, one pair per request; offline "
+           f"Engine.predict {offline:.1f} pairs/s; CPU: {common.cpu_line(data['cpu'])}.")
+  common.write_outputs(FLAGS.out, "load", data, "HTTP server load", [
+      "budget", "level", "pairs/s", "p50 ms", "p99 ms", "max ms", "lost", "statuses"], rows, notes)
+  fig, ax = report.pyplot().subplots(figsize=(5, 3.5))
+  for budget, server in data["servers"].items():
+    points = [(v["pairs_per_second"], v["p99_ms"]) for v in server["levels"].values()
+              if v["p99_ms"] is not None]
+    ax.plot(*zip(*points), "o-", label=f"budget {budget}")
+  ax.axvline(offline, color="gray", linestyle=":", label="offline Engine.predict")
+  ax.set_xlabel("pairs / s")
+  ax.set_ylabel("p99 latency (ms)")
+  ax.legend()
+  report.save_figure(fig, os.path.join(FLAGS.out, "load.png"), dpi=110)
+  print(open(os.path.join(FLAGS.out, "load.md")).read())
+
+
+if __name__ == "__main__":
+  app.run(main)
