@@ -143,3 +143,22 @@ def test_a_port_in_use_is_one_line(trained):
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(
       f"FATAL --host=127.0.0.1 --port={port}: cannot listen there"), result.stderr
+
+
+def test_load_benchmark_loses_nothing_and_reports_every_level(trained, tmp_path):
+  from conftest import assert_png, run_benchmark
+
+  data, _ = run_benchmark("load", tmp_path, f"--workdir={trained[0]}", "--budget=1.1x",
+                          "--precision=fp32", "--pairs=48", "--concurrency=1,4",
+                          "--open_loop=1.5", "--requests_per_level=48",
+                          "--seconds_per_level=10", report="load", timeout=600)
+  assert set(data["servers"]) == {"1.1x", "1x"} and data["offline_pairs_per_second"] > 0
+  for server in data["servers"].values():
+    assert server["exit_code"] == 0  # drained on SIGTERM
+    assert set(server["levels"]) == {"closed 1", "closed 4", "open 1.5"}
+    for level in server["levels"].values():
+      assert level["lost"] == 0 and level["statuses"] == {"200": level["sent"]}, level
+      assert level["p50_ms"] <= level["p99_ms"] <= level["max_ms"]
+      assert abs(sum(level["share_per_width"].values()) - 1) < 1e-9
+  assert_png(tmp_path / "load.png")
+  assert (tmp_path / "load.md").read_text().count("| 1x |") == 3
