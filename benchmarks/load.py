@@ -152,23 +152,52 @@ def start_server(budget: str) -> tuple[subprocess.Popen, int]:
   raise SystemExit(f"FATAL the server for budget {budget} did not become healthy")
 
 
+def batch_totals(port: int) -> dict[str, tuple[float, float]]:
+  """(pairs, width groups) run so far per width, from the server's `sharcs_batch_pairs`."""
+  import urllib.request
+
+  with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+    text = response.read().decode()
+  totals: dict[str, list[float]] = {}
+  for line in text.splitlines():
+    for suffix, slot in (("_sum", 0), ("_count", 1)):
+      if line.startswith(f"sharcs_batch_pairs{suffix}{{"):
+        width = line.split('width="', 1)[1].split('"', 1)[0]
+        totals.setdefault(width, [0.0, 0.0])[slot] = float(line.split()[-1])
+  return {width: (pairs, groups) for width, (pairs, groups) in totals.items()}
+
+
+def realised_batch(before: dict, after: dict) -> dict[str, float]:
+  """Mean pairs per width group between two `batch_totals` readings."""
+  out = {}
+  for width, (pairs, groups) in after.items():
+    pairs0, groups0 = before.get(width, (0.0, 0.0))
+    if groups > groups0:
+      out[width] = (pairs - pairs0) / (groups - groups0)
+  return out
+
+
 def drive(budget: str, bodies: list[bytes]) -> dict:
   process, port = start_server(budget)
   levels = {}
   try:
     for clients in (int(c) for c in FLAGS.concurrency):
+      before = batch_totals(port)
       results, seconds = asyncio.run(closed_loop(port, bodies, clients, FLAGS.requests_per_level,
                                                  FLAGS.seconds_per_level))
       levels[f"closed {clients}"] = summarise(results, seconds, len(results))
+      levels[f"closed {clients}"]["batch_per_width"] = realised_batch(before, batch_totals(port))
       print(budget, f"closed {clients}", {k: levels[f"closed {clients}"][k] for k in
                                           ("pairs_per_second", "p99_ms", "statuses")}, flush=True)
     best = max(level["pairs_per_second"] for level in levels.values())
     for fraction in (float(f) for f in FLAGS.open_loop):
       sent_limit = FLAGS.requests_per_level
+      before = batch_totals(port)
       results, seconds = asyncio.run(open_loop(port, bodies, fraction * best, sent_limit,
                                                FLAGS.seconds_per_level))
       levels[f"open {fraction:g}"] = summarise(results, seconds, len(results))
       levels[f"open {fraction:g}"]["rate"] = fraction * best
+      levels[f"open {fraction:g}"]["batch_per_width"] = realised_batch(before, batch_totals(port))
       print(budget, f"open {fraction:g}", levels[f"open {fraction:g}"]["statuses"], flush=True)
   finally:
     process.send_signal(signal.SIGTERM)
@@ -191,13 +220,16 @@ def main(argv):
           "budget": FLAGS.budget, "rule": FLAGS.rule, "precision": FLAGS.precision,
           "runtime": FLAGS.runtime, "servers": {FLAGS.budget: drive(FLAGS.budget, bodies),
                                                 "1x": drive("1x", bodies)}}
-  rows = [[budget, level, v["pairs_per_second"], v["p50_ms"], v["p99_ms"], v["max_ms"],
-           v["lost"], json.dumps(v["statuses"])]
+  rows = [[budget, level, v["pairs_per_second"], v["p50_ms"], v["p90_ms"], v["p99_ms"],
+           v["max_ms"], v["lost"], json.dumps(v["statuses"]),
+           ", ".join(f"{w}: {100 * v['share_per_width'].get(w, 0):.0f}% x {b:.1f}"
+                     for w, b in v["batch_per_width"].items())]
           for budget, server in data["servers"].items() for level, v in server["levels"].items()]
   notes = (f"{len(pairs)} {dev.task.name} dev pairs, one pair per request; offline "
            f"Engine.predict {offline:.1f} pairs/s; CPU: {common.cpu_line(data['cpu'])}.")
   common.write_outputs(FLAGS.out, "load", data, "HTTP server load", [
-      "budget", "level", "pairs/s", "p50 ms", "p99 ms", "max ms", "lost", "statuses"], rows, notes)
+      "budget", "level", "pairs/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "statuses",
+      "width: share x mean group"], rows, notes)
   fig, ax = report.pyplot().subplots(figsize=(5, 3.5))
   for budget, server in data["servers"].items():
     points = [(v["pairs_per_second"], v["p99_ms"]) for v in server["levels"].values()

@@ -160,5 +160,7 @@ def test_load_benchmark_loses_nothing_and_reports_every_level(trained, tmp_path)
       assert level["lost"] == 0 and level["statuses"] == {"200": level["sent"]}, level
       assert level["p50_ms"] <= level["p99_ms"] <= level["max_ms"]
       assert abs(sum(level["share_per_width"].values()) - 1) < 1e-9
+      assert set(level["batch_per_width"]) == set(level["share_per_width"])
+      assert all(b >= 1 for b in level["batch_per_width"].values())
   assert_png(tmp_path / "load.png")
   assert (tmp_path / "load.md").read_text().count("| 1x |") == 3
