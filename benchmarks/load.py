@@ -109,7 +109,8 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, limit: int, sec
   return results, time.perf_counter() - start
 
 
-def summarise(results: list, seconds: float, sent: int) -> dict:
+def summarise(results: list, seconds: float) -> dict:
+  """A level's numbers; every sent request has an entry, status 0 where no answer came."""
   ok = [(latency, json.loads(answer)) for status, latency, answer in results if status == 200]
   latencies = np.array([latency for latency, _ in ok]) * 1e3
   statuses: dict[str, int] = {}
@@ -121,7 +122,7 @@ def summarise(results: list, seconds: float, sent: int) -> dict:
   widths = [answer["width"] for _, answer in ok]
   values, counts = np.unique(widths, return_counts=True) if widths else ([], [])
   pct = (lambda q: float(np.percentile(latencies, q))) if len(latencies) else (lambda q: None)
-  return {"sent": sent, "answered": len(results), "lost": sent - len(results) + statuses.get("0", 0),
+  return {"sent": len(results), "lost": statuses.get("0", 0),
           "statuses": statuses, "errors": errors, "seconds": seconds, "pairs_per_second": len(ok) / seconds,
           "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
           "max_ms": float(latencies.max()) if len(latencies) else None,
@@ -185,17 +186,17 @@ def drive(budget: str, bodies: list[bytes]) -> dict:
       before = batch_totals(port)
       results, seconds = asyncio.run(closed_loop(port, bodies, clients, FLAGS.requests_per_level,
                                                  FLAGS.seconds_per_level))
-      levels[f"closed {clients}"] = summarise(results, seconds, len(results))
+      levels[f"closed {clients}"] = summarise(results, seconds)
       levels[f"closed {clients}"]["batch_per_width"] = realised_batch(before, batch_totals(port))
       print(budget, f"closed {clients}", {k: levels[f"closed {clients}"][k] for k in
                                           ("pairs_per_second", "p99_ms", "statuses")}, flush=True)
     best = max(level["pairs_per_second"] for level in levels.values())
     for fraction in (float(f) for f in FLAGS.open_loop):
-      sent_limit = FLAGS.requests_per_level
       before = batch_totals(port)
-      results, seconds = asyncio.run(open_loop(port, bodies, fraction * best, sent_limit,
+      results, seconds = asyncio.run(open_loop(port, bodies, fraction * best,
+                                               FLAGS.requests_per_level,
                                                FLAGS.seconds_per_level))
-      levels[f"open {fraction:g}"] = summarise(results, seconds, len(results))
+      levels[f"open {fraction:g}"] = summarise(results, seconds)
       levels[f"open {fraction:g}"]["rate"] = fraction * best
       levels[f"open {fraction:g}"]["batch_per_width"] = realised_batch(before, batch_totals(port))
       print(budget, f"open {fraction:g}", levels[f"open {fraction:g}"]["statuses"], flush=True)

@@ -142,9 +142,9 @@ def serve_http() -> None:
   run = load_run(FLAGS.workdir)  # a missing or damaged run is one line before the port is taken
 
   def build() -> Engine:
-    return Engine.from_run(run, budget=FLAGS.budget, rule=FLAGS.rule,
-                               signal=FLAGS.signal, start_budget=FLAGS.start_budget,
-                               precision=precision, runtime=FLAGS.runtime)
+    return Engine.from_run(run, budget=FLAGS.budget, rule=FLAGS.rule, signal=FLAGS.signal,
+                           start_budget=FLAGS.start_budget, precision=precision,
+                           runtime=FLAGS.runtime)
 
   code = http.serve(build, FLAGS.host, FLAGS.port, options,
                     lambda engine: http.engine_info(engine, options, FLAGS.rule, FLAGS.budget),

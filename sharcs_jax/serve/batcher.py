@@ -69,7 +69,6 @@ class Batcher:
     self.predict, self.limits, self.observe = predict, limits, observe
     self.queue: collections.deque[Pending] = collections.deque()
     self.queued_pairs = 0
-    self.in_flight = 0
     self.condition = threading.Condition()
     self.stopping = False
     self.thread = threading.Thread(target=self.work, name="sharcs-batcher", daemon=True)
@@ -122,7 +121,6 @@ class Batcher:
           pending.started = now
           live.append(pending)
         if live:
-          self.in_flight = sum(len(p.rows) for p in live)
           return live
 
   def work(self) -> None:
@@ -134,13 +132,11 @@ class Batcher:
       except Exception as e:  # answered, never lost: the server reports a 500
         for pending in batch:
           settle(pending, e)
-        self.in_flight = 0
         continue
       seconds = time.perf_counter() - start
       offsets = np.cumsum([0] + [len(p.rows) for p in batch])
       for pending, begin, end in zip(batch, offsets[:-1], offsets[1:]):
         settle(pending, (predictions, int(begin), int(end), seconds))
-      self.in_flight = 0
       self.observe(batch, predictions, seconds)
 
   def drain(self, timeout_s: float) -> bool:
