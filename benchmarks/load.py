@@ -3,9 +3,10 @@
     python -m benchmarks.load --workdir=W --out=O [--budget=2x --rule=cascade]
 
 Closed loop at each --concurrency (one pair per request, QQP dev pairs), then Poisson arrivals at
---open_loop fractions of the best closed-loop throughput; the same at budget 1x (full width), and
-offline `Engine.predict` on the same pairs beside them. Every level is bounded by
---requests_per_level and --seconds_per_level. Writes load.json, load.md and load.png.
+--open_loop fractions of the best closed-loop throughput, then SIGTERM while --drain_clients
+clients keep sending; the same at budget 1x (full width), and offline `Engine.predict` on the same
+pairs beside them. Every answer's scores are compared with the offline ones. Every level is
+bounded by --requests_per_level and --seconds_per_level. Writes load.json, load.md and load.png.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from absl import app, flags
 
 from benchmarks import common
 from sharcs_jax import report
+from sharcs_jax.run import load_run
 from sharcs_jax.serve.engine import Engine
 
 FLAGS = flags.FLAGS
@@ -41,6 +43,8 @@ flags.DEFINE_integer("pairs", 4000, "Dev pairs to send (each level cycles throug
 flags.DEFINE_integer("requests_per_level", 4000, "At most this many requests per level.")
 flags.DEFINE_float("seconds_per_level", 60.0, "At most this long per level.")
 flags.DEFINE_float("max_wait_ms", 0.0, "The servers' --max_wait_ms.")
+flags.DEFINE_integer("drain_clients", 32, "Closed-loop clients sending while SIGTERM arrives.")
+flags.DEFINE_integer("offline_rounds", 3, "Offline Engine.predict passes (the median is kept).")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -56,7 +60,7 @@ async def post(reader, writer, port: int, body: bytes) -> tuple[int, bytes]:
   return status, await reader.readexactly(length)
 
 
-async def one_request(port: int, body: bytes, results: list) -> None:
+async def one_request(port: int, index: int, body: bytes, results: list) -> None:
   """A request on its own connection (open loop); a failure to get an answer counts as lost."""
   start = time.perf_counter()
   try:
@@ -65,16 +69,22 @@ async def one_request(port: int, body: bytes, results: list) -> None:
     writer.close()
   except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
     status, answer = 0, b""
-  results.append((status, time.perf_counter() - start, answer))
+  results.append((index, status, time.perf_counter() - start, answer))
 
 
-async def closed_loop(port: int, bodies: list[bytes], clients: int, limit: int, seconds: float):
+async def closed_loop(port: int, bodies: list[bytes], clients: int, limit: int, seconds: float,
+                      started=None):
+  """`clients` kept-alive connections, each sending its next request when answered, until
+  `limit` requests or `seconds`; a client stops at its first answer other than 200. `started`
+  (a callable) runs once every client is connected."""
   results: list = []
   counter = iter(range(limit))
   deadline = time.perf_counter() + seconds
+  connected = asyncio.Barrier(clients + 1)
 
   async def client() -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await connected.wait()
     for i in counter:
       if time.perf_counter() > deadline:
         break
@@ -84,11 +94,17 @@ async def closed_loop(port: int, bodies: list[bytes], clients: int, limit: int, 
                                                      bodies[i % len(bodies)]), 120)
       except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
         status, answer = 0, b""
-      results.append((status, time.perf_counter() - start, answer))
+      results.append((i % len(bodies), status, time.perf_counter() - start, answer))
+      if status != 200:
+        break
     writer.close()
 
+  tasks = [asyncio.create_task(client()) for _ in range(clients)]
+  await connected.wait()
   start = time.perf_counter()
-  await asyncio.gather(*(client() for _ in range(clients)))
+  if started is not None:
+    started()
+  await asyncio.gather(*tasks)
   return results, time.perf_counter() - start
 
 
@@ -104,28 +120,39 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, limit: int, sec
     if next_at - start > seconds:
       break
     await asyncio.sleep(max(next_at - time.perf_counter(), 0))
-    tasks.append(asyncio.create_task(one_request(port, bodies[i % len(bodies)], results)))
+    tasks.append(asyncio.create_task(one_request(port, i % len(bodies), bodies[i % len(bodies)],
+                                                 results)))
   await asyncio.gather(*tasks)
   return results, time.perf_counter() - start
 
 
-def summarise(results: list, seconds: float) -> dict:
-  """A level's numbers; every sent request has an entry, status 0 where no answer came."""
-  ok = [(latency, json.loads(answer)) for status, latency, answer in results if status == 200]
-  latencies = np.array([latency for latency, _ in ok]) * 1e3
+def summarise(results: list, seconds: float, offline: np.ndarray, labels: list[str]) -> dict:
+  """A level's numbers; every sent request has an entry, status 0 where no answer came.
+
+  `max_abs_diff` is the largest difference of an answer's scores from `offline` [N, C], the
+  offline engine's probabilities of the same pairs (label order `labels`)."""
+  ok = [(index, latency, json.loads(answer)) for index, status, latency, answer in results
+        if status == 200]
+  latencies = np.array([latency for _, latency, _ in ok]) * 1e3
+  diffs = [abs(score["score"] - offline[index, labels.index(score["label"])])
+           for index, _, answer in ok for score in answer["scores"]]
   statuses: dict[str, int] = {}
   errors: dict[str, str] = {}  # one answer per error status, to say what went wrong
-  for status, _, answer in results:
+  for _, status, _, answer in results:
     statuses[str(status)] = statuses.get(str(status), 0) + 1
     if status != 200:
       errors.setdefault(str(status), answer.decode(errors="replace")[:300])
-  widths = [answer["width"] for _, answer in ok]
+  widths = [answer["width"] for _, _, answer in ok]
   values, counts = np.unique(widths, return_counts=True) if widths else ([], [])
   pct = (lambda q: float(np.percentile(latencies, q))) if len(latencies) else (lambda q: None)
+  refused = [latency * 1e3 for _, status, latency, _ in results if status == 429]
   return {"sent": len(results), "lost": statuses.get("0", 0),
-          "statuses": statuses, "errors": errors, "seconds": seconds, "pairs_per_second": len(ok) / seconds,
+          "statuses": statuses, "errors": errors, "seconds": seconds,
+          "pairs_per_second": len(ok) / seconds,
           "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
           "max_ms": float(latencies.max()) if len(latencies) else None,
+          "max_abs_diff": float(max(diffs)) if diffs else None,
+          "p99_429_ms": float(np.percentile(refused, 99)) if refused else None,
           "share_per_width": {f"{v:g}": int(c) / len(widths) for v, c in zip(values, counts)}}
 
 
@@ -178,15 +205,16 @@ def realised_batch(before: dict, after: dict) -> dict[str, float]:
   return out
 
 
-def drive(budget: str, bodies: list[bytes]) -> dict:
+def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[str]) -> dict:
   process, port = start_server(budget)
   levels = {}
+  summary = lambda results, seconds: summarise(results, seconds, offline, labels)
   try:
     for clients in (int(c) for c in FLAGS.concurrency):
       before = batch_totals(port)
       results, seconds = asyncio.run(closed_loop(port, bodies, clients, FLAGS.requests_per_level,
                                                  FLAGS.seconds_per_level))
-      levels[f"closed {clients}"] = summarise(results, seconds)
+      levels[f"closed {clients}"] = summary(results, seconds)
       levels[f"closed {clients}"]["batch_per_width"] = realised_batch(before, batch_totals(port))
       print(budget, f"closed {clients}", {k: levels[f"closed {clients}"][k] for k in
                                           ("pairs_per_second", "p99_ms", "statuses")}, flush=True)
@@ -196,45 +224,70 @@ def drive(budget: str, bodies: list[bytes]) -> dict:
       results, seconds = asyncio.run(open_loop(port, bodies, fraction * best,
                                                FLAGS.requests_per_level,
                                                FLAGS.seconds_per_level))
-      levels[f"open {fraction:g}"] = summarise(results, seconds)
+      levels[f"open {fraction:g}"] = summary(results, seconds)
       levels[f"open {fraction:g}"]["rate"] = fraction * best
       levels[f"open {fraction:g}"]["batch_per_width"] = realised_batch(before, batch_totals(port))
       print(budget, f"open {fraction:g}", levels[f"open {fraction:g}"]["statuses"], flush=True)
+    # SIGTERM under load: a quarter of a level's time in, the clients still sending.
+    terminate = lambda: asyncio.get_running_loop().call_later(
+        min(2.0, FLAGS.seconds_per_level / 4), process.send_signal, signal.SIGTERM)
+    results, seconds = asyncio.run(closed_loop(port, bodies, FLAGS.drain_clients, 10**9,
+                                               FLAGS.seconds_per_level + 120, terminate))
+    levels[f"sigterm {FLAGS.drain_clients}"] = summary(results, seconds)
+    levels[f"sigterm {FLAGS.drain_clients}"]["batch_per_width"] = {}
+    print(budget, "sigterm", levels[f"sigterm {FLAGS.drain_clients}"]["statuses"], flush=True)
   finally:
-    process.send_signal(signal.SIGTERM)
+    if f"sigterm {FLAGS.drain_clients}" not in levels:  # a level failed: stop it all the same
+      process.send_signal(signal.SIGTERM)
     code = process.wait(120)
   return {"levels": levels, "exit_code": code}
 
 
+def offline_predictions(run, budget: str, pairs: list) -> tuple[np.ndarray, float]:
+  """Offline `Engine.predict` of `pairs` at `budget`: (probabilities [N, C], median pairs/s)."""
+  engine = Engine.from_run(run, budget=budget, rule=FLAGS.rule, precision=FLAGS.precision,
+                           runtime=FLAGS.runtime)
+  rates = []
+  for _ in range(FLAGS.offline_rounds):
+    start = time.perf_counter()
+    predictions = engine.predict(pairs)
+    rates.append(len(pairs) / (time.perf_counter() - start))
+  return predictions.probabilities, float(np.median(rates))
+
+
 def main(argv):
   del argv
-  engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
-                               precision=FLAGS.precision, runtime=FLAGS.runtime)
-  dev = common.dev_split(engine.task.name, None, FLAGS.pairs)
+  run = load_run(FLAGS.workdir)
+  dev = common.dev_split(run.task.name, None, FLAGS.pairs)
   pairs = [list(text) if len(text) > 1 else text[0] for text in dev.texts]
-  start = time.perf_counter()
-  engine.predict(pairs)
-  offline = len(pairs) / (time.perf_counter() - start)
-  del engine
+  labels = list(run.task.label_names)
   bodies = [json.dumps({"inputs": pair, "details": True}).encode() for pair in pairs]
+  servers, offline_rates = {}, {}
+  for budget in (FLAGS.budget, "1x"):
+    probabilities, offline_rates[budget] = offline_predictions(run, budget, pairs)
+    servers[budget] = drive(budget, bodies, probabilities, labels)
+  offline = offline_rates[FLAGS.budget]
   data = {"pairs": len(pairs), "cpu": common.cpu_info(), "offline_pairs_per_second": offline,
-          "budget": FLAGS.budget, "rule": FLAGS.rule, "precision": FLAGS.precision,
-          "runtime": FLAGS.runtime, "servers": {FLAGS.budget: drive(FLAGS.budget, bodies),
-                                                "1x": drive("1x", bodies)}}
+          "offline_pairs_per_second_1x": offline_rates["1x"], "budget": FLAGS.budget,
+          "rule": FLAGS.rule, "precision": FLAGS.precision, "runtime": FLAGS.runtime,
+          "max_wait_ms": FLAGS.max_wait_ms, "servers": servers}
   rows = [[budget, level, v["pairs_per_second"], v["p50_ms"], v["p90_ms"], v["p99_ms"],
-           v["max_ms"], v["lost"], json.dumps(v["statuses"]),
+           v["max_ms"], v["lost"], json.dumps(v["statuses"]), v["max_abs_diff"],
            ", ".join(f"{w}: {100 * v['share_per_width'].get(w, 0):.0f}% x {b:.1f}"
                      for w, b in v["batch_per_width"].items())]
           for budget, server in data["servers"].items() for level, v in server["levels"].items()]
-  notes = (f"{len(pairs)} {dev.task.name} dev pairs, one pair per request; offline "
-           f"Engine.predict {offline:.1f} pairs/s; CPU: {common.cpu_line(data['cpu'])}.")
+  exit_codes = ", ".join(f"{budget} {server['exit_code']}" for budget, server in servers.items())
+  notes = (f"{len(pairs)} {dev.task.name} dev pairs, one pair per request, --max_wait_ms="
+           f"{FLAGS.max_wait_ms:g}; offline Engine.predict {offline:.1f} pairs/s at "
+           f"{FLAGS.budget}, {offline_rates['1x']:.1f} at 1x (median of {FLAGS.offline_rounds}); "
+           f"exit codes after SIGTERM: {exit_codes}; CPU: {common.cpu_line(data['cpu'])}.")
   common.write_outputs(FLAGS.out, "load", data, "HTTP server load", [
       "budget", "level", "pairs/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "statuses",
-      "width: share x mean group"], rows, notes)
+      "max abs diff to offline", "width: share x mean group"], rows, notes)
   fig, ax = report.pyplot().subplots(figsize=(5, 3.5))
   for budget, server in data["servers"].items():
-    points = [(v["pairs_per_second"], v["p99_ms"]) for v in server["levels"].values()
-              if v["p99_ms"] is not None]
+    points = [(v["pairs_per_second"], v["p99_ms"]) for level, v in server["levels"].items()
+              if v["p99_ms"] is not None and not level.startswith("sigterm")]
     ax.plot(*zip(*points), "o-", label=f"budget {budget}")
   ax.axvline(offline, color="gray", linestyle=":", label="offline Engine.predict")
   ax.set_xlabel("pairs / s")

@@ -16,10 +16,11 @@ from sharcs_jax.serve.tei import RequestError
 def fake_engine(gate: threading.Event | None = None):
   calls = []
 
-  def predict(rows):
+  def predict(inputs):
     if gate is not None:
       gate.wait(10)
-    calls.append(list(rows))
+    rows = [row for rows in inputs for row in rows]
+    calls.append(rows)
     n = len(rows)
     return types.SimpleNamespace(widths=np.ones(n, np.float32),
                                  probabilities=np.full((n, 2), 0.5, np.float32))
@@ -32,9 +33,9 @@ def test_batches_form_across_requests_oldest_first_within_the_token_budget():
   batcher = Batcher(predict, Limits(max_batch_tokens=10))
 
   async def main():
-    first = batcher.submit([("a",)], 1)  # taken alone while the others queue
+    first = batcher.submit([("a",)], 1, 1)  # taken alone while the others queue
     await asyncio.sleep(0.05)
-    rest = [batcher.submit([(str(i),)], 4) for i in range(4)]
+    rest = [batcher.submit([(str(i),)], 1, 4) for i in range(4)]
     gate.set()
     return [await f for f in [first, *rest]]
 
@@ -51,11 +52,11 @@ def test_a_full_queue_is_429_for_the_whole_request_and_a_stale_one_504():
   batcher = Batcher(predict, Limits(max_queued_pairs=3, request_timeout_s=0.1))
 
   async def main():
-    running = batcher.submit([("a",)], 1)
+    running = batcher.submit([("a",)], 1, 1)
     await asyncio.sleep(0.05)
-    stale = batcher.submit([("b",), ("c",)], 2)
+    stale = batcher.submit([("b",), ("c",)], 2, 2)
     with pytest.raises(RequestError) as full:
-      batcher.submit([("d",), ("e",)], 2)  # 2 + 2 > 3: none of it queues
+      batcher.submit([("d",), ("e",)], 2, 2)  # 2 + 2 > 3: none of it queues
     await asyncio.sleep(0.2)
     gate.set()
     await running
@@ -75,15 +76,15 @@ def test_a_cancelled_request_is_dropped_and_drain_answers_the_rest():
   batcher = Batcher(predict, Limits())
 
   async def main():
-    running = batcher.submit([("a",)], 1)
+    running = batcher.submit([("a",)], 1, 1)
     await asyncio.sleep(0.05)
-    gone = batcher.submit([("b",)], 1)
-    kept = batcher.submit([("c",)], 1)
+    gone = batcher.submit([("b",)], 1, 1)
+    kept = batcher.submit([("c",)], 1, 1)
     gone.cancel()  # its client disconnected
     threading.Timer(0.1, gate.set).start()
     drained = await asyncio.to_thread(batcher.drain, 5)
     with pytest.raises(RequestError) as refused:
-      batcher.submit([("d",)], 1)
+      batcher.submit([("d",)], 1, 1)
     return drained, await running, await kept, refused.value
 
   drained, _, _, refused = asyncio.run(main())

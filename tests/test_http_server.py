@@ -150,17 +150,22 @@ def test_load_benchmark_loses_nothing_and_reports_every_level(trained, tmp_path)
 
   data, _ = run_benchmark("load", tmp_path, f"--workdir={trained[0]}", "--budget=1.1x",
                           "--precision=fp32", "--pairs=48", "--concurrency=1,4",
-                          "--open_loop=1.5", "--requests_per_level=48",
-                          "--seconds_per_level=10", report="load", timeout=600)
+                          "--open_loop=1.5", "--requests_per_level=48", "--drain_clients=4",
+                          "--seconds_per_level=10", "--offline_rounds=1", report="load",
+                          timeout=600)
   assert set(data["servers"]) == {"1.1x", "1x"} and data["offline_pairs_per_second"] > 0
   for server in data["servers"].values():
     assert server["exit_code"] == 0  # drained on SIGTERM
-    assert set(server["levels"]) == {"closed 1", "closed 4", "open 1.5"}
-    for level in server["levels"].values():
-      assert level["lost"] == 0 and level["statuses"] == {"200": level["sent"]}, level
+    assert set(server["levels"]) == {"closed 1", "closed 4", "open 1.5", "sigterm 4"}
+    for name, level in server["levels"].items():
+      assert level["lost"] == 0 and level["max_abs_diff"] <= 1e-6, level
       assert level["p50_ms"] <= level["p99_ms"] <= level["max_ms"]
       assert abs(sum(level["share_per_width"].values()) - 1) < 1e-9
+      if name.startswith("sigterm"):  # each client sends until its first 503
+        assert level["statuses"].get("503") == 4 and set(level["statuses"]) == {"200", "503"}
+        continue
+      assert level["statuses"] == {"200": level["sent"]}, level
       assert set(level["batch_per_width"]) == set(level["share_per_width"])
       assert all(b >= 1 for b in level["batch_per_width"].values())
   assert_png(tmp_path / "load.png")
-  assert (tmp_path / "load.md").read_text().count("| 1x |") == 3
+  assert (tmp_path / "load.md").read_text().count("| 1x |") == 4

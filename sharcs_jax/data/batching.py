@@ -72,6 +72,18 @@ def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tu
                  bucket_of, tuple(length_buckets))
 
 
+def concatenate(parts: Sequence[Encoded]) -> Encoded:
+  """Rows of `parts` in order, ids renumbered to the row numbers (requests encoded one by one
+  and run as one batch)."""
+  buckets = {part.length_buckets for part in parts}
+  if len(buckets) != 1:
+    raise ValueError(f"cannot concatenate inputs bucketed to {sorted(buckets)}")
+  stack = lambda name: np.concatenate([getattr(part, name) for part in parts])
+  n = sum(len(part) for part in parts)
+  return Encoded(stack("input_ids"), stack("token_type_ids"), stack("lengths"), stack("labels"),
+                 np.arange(n, dtype=np.int32), stack("bucket_of"), buckets.pop())
+
+
 def encode_splits(splits: Sequence[Split | None], tokenizer, length_buckets: tuple[int, ...]
                   ) -> tuple[Encoded | None, ...]:
   """Splits tokenised into the length buckets, in order: the one place a run's splits are

@@ -1,8 +1,9 @@
 """Batching across requests: one worker thread runs the engine on queued inputs, oldest first.
 
 The event loop only enqueues and awaits; the worker takes queued requests up to a token budget
-(TEI's `max_batch_tokens`) whenever it frees, runs them through one `predict` call, so the
-dispatch core forms width groups across requests, and resolves each request's future on its loop.
+(TEI's `max_batch_tokens`) whenever it frees, runs them through one `run` call, so the dispatch
+core forms width groups across requests, and resolves each request's future on its loop. A
+request's inputs are opaque here (the server queues them already tokenised).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,7 +22,8 @@ from sharcs_jax.serve.tei import RequestError
 
 @dataclasses.dataclass
 class Pending:
-  rows: list[tuple[str, ...]]
+  inputs: Any  # what `run` takes a list of
+  pairs: int
   tokens: int
   future: asyncio.Future
   loop: asyncio.AbstractEventLoop
@@ -60,13 +62,13 @@ def take_batch(queue: collections.deque, max_batch_tokens: int) -> list[Pending]
 
 
 class Batcher:
-  """A queue and its worker thread; `predict(rows) -> Predictions` is the engine's.
+  """A queue and its worker thread. `run(inputs) -> predictions` takes the batch's requests'
+  inputs, oldest first, and answers their pairs in that order (`predictions[begin:end]` is one
+  request's); `observe(batch, predictions, seconds)` is called after each run (metrics)."""
 
-  `observe(batch, predictions, seconds)` is called after each run (metrics)."""
-
-  def __init__(self, predict: Callable[[Sequence[tuple[str, ...]]], Any], limits: Limits,
+  def __init__(self, run: Callable[[list[Any]], Any], limits: Limits,
                observe: Callable[[list[Pending], Any, float], None] = lambda *_: None):
-    self.predict, self.limits, self.observe = predict, limits, observe
+    self.run, self.limits, self.observe = run, limits, observe
     self.queue: collections.deque[Pending] = collections.deque()
     self.queued_pairs = 0
     self.condition = threading.Condition()
@@ -74,18 +76,18 @@ class Batcher:
     self.thread = threading.Thread(target=self.work, name="sharcs-batcher", daemon=True)
     self.thread.start()
 
-  def submit(self, rows: list[tuple[str, ...]], tokens: int) -> asyncio.Future:
+  def submit(self, inputs: Any, pairs: int, tokens: int) -> asyncio.Future:
     """Enqueue one request (from the event loop); 429 when its pairs do not fit the queue."""
     loop = asyncio.get_running_loop()
     with self.condition:
       if self.stopping:
         raise RequestError(503, "unhealthy", "the server is shutting down")
-      if self.queued_pairs + len(rows) > self.limits.max_queued_pairs:
+      if self.queued_pairs + pairs > self.limits.max_queued_pairs:
         raise RequestError(429, "overloaded", f"the queue holds {self.queued_pairs} pairs; "
                            f"--max_queued_pairs={self.limits.max_queued_pairs}")
-      pending = Pending(rows, tokens, loop.create_future(), loop, time.monotonic())
+      pending = Pending(inputs, pairs, tokens, loop.create_future(), loop, time.monotonic())
       self.queue.append(pending)
-      self.queued_pairs += len(rows)
+      self.queued_pairs += pairs
       self.condition.notify()
     return pending.future
 
@@ -107,7 +109,7 @@ class Batcher:
                  < self.limits.max_batch_tokens and time.monotonic() < deadline):
             self.condition.wait(max(deadline - time.monotonic(), 0.0))
         batch = take_batch(self.queue, self.limits.max_batch_tokens)
-        self.queued_pairs -= sum(len(p.rows) for p in batch)
+        self.queued_pairs -= sum(p.pairs for p in batch)
         now = time.monotonic()
         live = []
         for pending in batch:
@@ -125,16 +127,15 @@ class Batcher:
 
   def work(self) -> None:
     while (batch := self.next_batch()) is not None:
-      rows = [row for pending in batch for row in pending.rows]
       start = time.perf_counter()
       try:
-        predictions = self.predict(rows)
+        predictions = self.run([pending.inputs for pending in batch])
       except Exception as e:  # answered, never lost: the server reports a 500
         for pending in batch:
           settle(pending, e)
         continue
       seconds = time.perf_counter() - start
-      offsets = np.cumsum([0] + [len(p.rows) for p in batch])
+      offsets = np.cumsum([0] + [p.pairs for p in batch])
       for pending, begin, end in zip(batch, offsets[:-1], offsets[1:]):
         settle(pending, (predictions, int(begin), int(end), seconds))
       self.observe(batch, predictions, seconds)

@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sharcs_jax.data import batching
 from sharcs_jax.model.widths import width_label
 from sharcs_jax.serve import tei
 from sharcs_jax.serve.batcher import Batcher, Limits, Pending
@@ -92,11 +93,21 @@ class State:
 
   def start(self, engine: Any, info: dict[str, Any]) -> None:
     self.engine, self.info = engine, info
-    # The loop counts tokens with its own copy: a fast tokenizer keeps padding and truncation as
-    # state of the object, so a count on the loop while the worker encodes a batch would change
-    # how that batch is padded (seen as ragged rows under load).
-    self.token_counter = copy.deepcopy(engine.tokenizer)
-    self.batcher = Batcher(engine.predict, self.options.limits, self.metrics.observe)
+    # Requests are tokenised once, on the loop, and the worker only runs programs. The loop has a
+    # tokenizer of its own: a fast tokenizer keeps padding and truncation as state of the object,
+    # so sharing one with a thread that also encodes would change how a batch is padded.
+    self.tokenizer = copy.deepcopy(engine.tokenizer)
+    self.batcher = Batcher(lambda parts: engine.run(batching.concatenate(parts)),
+                           self.options.limits, self.metrics.observe)
+
+  def encode(self, rows: list[tuple[str, ...]]) -> batching.Encoded:
+    return batching.encode_texts(rows, self.tokenizer, self.engine.length_buckets)
+
+
+def check_payload(size: int | str | None, limit: int) -> None:
+  """413 for a body over `--payload_limit` (checked on the declared length, then the real one)."""
+  if size is not None and int(size) > limit:
+    raise RequestError(413, "payload", f"a body of {size} bytes exceeds --payload_limit={limit}")
 
 
 def make_app(state: State) -> Starlette:
@@ -121,23 +132,17 @@ def make_app(state: State) -> Starlette:
       if not state.ready():
         raise RequestError(503, "unhealthy", "the server is shutting down" if state.draining
                            else "the programs are loading")
-      length = request.headers.get("content-length")
-      if length is not None and int(length) > state.options.payload_limit:
-        raise RequestError(413, "payload", f"a body of {length} bytes exceeds --payload_limit="
-                           f"{state.options.payload_limit}")
+      check_payload(request.headers.get("content-length"), state.options.payload_limit)
       raw = await request.body()
-      if len(raw) > state.options.payload_limit:
-        raise RequestError(413, "payload", f"a body of {len(raw)} bytes exceeds "
-                           f"--payload_limit={state.options.payload_limit}")
+      check_payload(len(raw), state.options.payload_limit)
       try:
         body = json.loads(raw)
       except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(422, "validation", f"the body is not JSON: {e}") from None
       rows, single = tei.parse_inputs(body, len(state.engine.task.text_columns),
                                       state.options.max_client_batch_size)
-      longest = state.engine.length_buckets[-1]
-      tokens = sum(min(len(state.token_counter(*row)["input_ids"]), longest) for row in rows)
-      future = state.batcher.submit(rows, tokens)
+      inputs = state.encode(rows)
+      future = state.batcher.submit(inputs, len(inputs), int(inputs.lengths.sum()))
       try:
         predictions, begin, end, seconds = await future
       except asyncio.CancelledError:
