@@ -89,11 +89,17 @@ def test_dense_layers_are_matmuls_and_int8_quantises_them(onnx_programs):
   for key, path in onnx_programs.paths.items():
     ops = onnx_graph.op_counts(onnx.load(path))
     assert "Einsum" not in ops and "Gemm" not in ops, (key, ops)
+    # The packed Q/K/V projection is split (the one slice left keeps a narrow part's leading
+    # channels), LayerNorms and GELUs are single nodes.
+    layers = 2
+    assert not {"Erf", "ReduceMean", "Sqrt"} & set(ops), (key, ops)
+    assert ops.get("Slice", 0) == (0 if key.width in (None, 1.0) else 1), (key, ops)
+    assert ops["LayerNormalization"] >= 2 * layers and ops["Gelu"] == layers, (key, ops)
     if onnx_programs.precision == "int8":
-      # Every dense layer (4 per encoder layer; the router's or the head's two) is an int8 matmul;
-      # the float MatMuls left are attention's two activation products per layer.
-      layers = 2
-      assert ops.get("MatMulInteger", 0) == 4 * layers + 2, (key, ops)
+      # Every dense layer (Q, K, V, the attention output and the two feed-forward ones per
+      # encoder layer; the router's or the head's two) is an int8 matmul; the float MatMuls left
+      # are attention's two activation products per layer.
+      assert ops.get("MatMulInteger", 0) == 6 * layers + 2, (key, ops)
       assert ops.get("MatMul", 0) == 2 * layers, (key, ops)
     else:
       assert "MatMulInteger" not in ops

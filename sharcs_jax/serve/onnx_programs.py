@@ -6,7 +6,8 @@ its head) is converted by jax2onnx with the parameters as constants, one model p
 batch. Then:
   1. ONNX Runtime's basic optimisations fold the constants (the weights' width slices become
      initializers, dropout goes);
-  2. `onnx_graph.lower_to_matmul` turns every Einsum and Gemm into MatMul (+ Add);
+  2. `onnx_graph` splits the packed Q/K/V projection into three, turns every Einsum and Gemm
+     into MatMul (+ Add) and each LayerNorm and GELU into one node;
   3. for int8 (`Int8Recipe`; the default measured best, docs/serving.md), `quantize_dynamic`:
      signed int8 weights per output channel, activations quantised to uint8 at run time (u8 x s8
      is the kernel VNNI and AVX2 run), MatMul with a constant weight only. Without VNNI the
@@ -206,7 +207,8 @@ def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
     onnx_model = convert(
         lambda hidden, mask: function["adaptive"](variables, hidden, mask, width=key.width),
         specs, ort_runner.PART_INPUTS, ort_runner.PART_OUTPUTS, key.name)
-  onnx_model = onnx_graph.lower_to_matmul(fold_constants(onnx_model))
+  onnx_model = onnx_graph.split_packed_projections(fold_constants(onnx_model))
+  onnx_model = onnx_graph.fuse_norms_and_gelu(onnx_graph.lower_to_matmul(onnx_model))
   if precision != "int8":
     return onnx_model
   if recipe.bert_fusions:
