@@ -5,6 +5,7 @@ runtime or precision that cannot run is one clear error."""
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -289,6 +290,13 @@ def test_onnx_export_serves_without_jax(onnx_export):
   assert data["labels_equal"] == 1.0 and data["widths_equal"] == 1.0
   assert data["max_probability_difference"] <= 1e-5
   assert "params.npz" not in data["files"] and "prefix_s32.onnx" in data["files"]
+  # The weights every length bucket's part holds are stored once: the embedding table
+  # (30522 x 32 float32, 3.9 MB) is in weights.bin and in none of the prefix files.
+  directory = pathlib.Path(onnx_export[0])
+  assert "weights.bin" in data["files"]
+  prefixes = list(directory.glob("prefix_s*.onnx"))
+  assert len(prefixes) > 1 and all(f.stat().st_size < 1e6 for f in prefixes)
+  assert 3.9e6 < (directory / "weights.bin").stat().st_size < 2 * 3.9e6 + 3e6
   assert not any(f.endswith(".jaxexport") for f in data["files"])
 
 
@@ -314,6 +322,10 @@ def _swap_parts(manifest, a, b):
      "the manifest lists parts .* but its widths .* need"),
     (lambda d, m: (d / "prefix_s32.onnx").write_bytes(b"not onnx"), ValueError,
      "do not match the manifest's SHA-256 for 'prefix_s32'"),
+    (lambda d, m: (d / "weights.bin").write_bytes(b"\0" * 64), ValueError,
+     "weights.bin: contents do not match the manifest's SHA-256 for 'shared weights'"),
+    (lambda d, m: m.pop("shared_weights"), ValueError,
+     r"keys \['shared_weights'\] are missing \(runtime 'onnxruntime'\)"),
 ])
 def test_damaged_onnx_exports_are_refused(onnx_export, tmp_path, change, error, message):
   with pytest.raises(error, match=message):

@@ -3,8 +3,10 @@
 On the XLA runtime each part (the prefix with the router, and each width's adaptive part with the
 head) is `jax.export`ed with symbolic batch and length, so one file serves every batch size and
 length bucket; parameters are an argument (one `.npz`), not constants baked into each part. On
-ONNX Runtime the parts are the engine's ONNX programs (one per length bucket, weights inside, fp32
-or int8), and the export needs nothing but onnxruntime, numpy and tokenizers to serve.
+ONNX Runtime the parts are the engine's ONNX programs (one per length bucket, fp32 or int8), and
+the export needs nothing but onnxruntime, numpy and tokenizers to serve. Every length bucket's
+model holds the same weights (the embedding table alone is 47 MB), so each large initializer is
+stored once, in `weights.bin`, which every part references as ONNX external data.
 
     python -m sharcs_jax.main --mode=export --workdir=/tmp/sharcs_qqp --output=/tmp/qqp_export
     python -m sharcs_jax.main --mode=export --workdir=/tmp/sharcs_qqp --output=/tmp/qqp_int8 \
@@ -14,6 +16,7 @@ or int8), and the export needs nothing but onnxruntime, numpy and tokenizers to 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import tempfile
@@ -26,7 +29,8 @@ from jax import export
 from sharcs_jax import report
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
-from sharcs_jax.serve.exported import FORMAT_VERSION, MANIFEST, adaptive_part_name, file_sha256
+from sharcs_jax.serve.exported import (FORMAT_VERSION, MANIFEST, SHARED_WEIGHTS,
+                                       adaptive_part_name, file_sha256)
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.serve.programs import argument_specs, functions
 
@@ -128,12 +132,14 @@ def _write_parts(engine: Engine, tmp: str) -> tuple[dict[str, str], dict[str, An
   """The parts' files ({part name: file}) and what the manifest says of the runtime."""
   files = {}
   if engine.runtime == "onnxruntime":
-    for key, source in engine.onnx.paths.items():
+    for key in engine.onnx.paths:
       files[key.name] = f"{key.name}.onnx"
-      shutil.copyfile(source, os.path.join(tmp, files[key.name]))
+    share_weights({files[k.name]: p for k, p in engine.onnx.paths.items()}, tmp, SHARED_WEIGHTS)
     return files, {"runtime": "onnxruntime", "hidden_size": engine.model.encoder.hidden_size,
                    "reduce_range": engine.onnx.reduce_range,
-                   "onnxruntime_version": report.package_version("onnxruntime")}
+                   "onnxruntime_version": report.package_version("onnxruntime"),
+                   "shared_weights": {"file": SHARED_WEIGHTS, "sha256": file_sha256(
+                       os.path.join(tmp, SHARED_WEIGHTS))}}
   for name, blob in _export_parts(engine).items():
     files[name] = f"{name}.jaxexport"
     with open(os.path.join(tmp, files[name]), "wb") as f:
@@ -142,6 +148,36 @@ def _write_parts(engine: Engine, tmp: str) -> tuple[dict[str, str], dict[str, An
   return files, {"runtime": "jax", "jax_version": jax.__version__,
                  "params": {"file": "params.npz", "sha256": file_sha256(
                      os.path.join(tmp, "params.npz"))}}
+
+
+def share_weights(sources: dict[str, str], directory: str, file: str,
+                  least_bytes: int = 1 << 16, align: int = 4096) -> None:
+  """Writes each ONNX model `sources[name]` to `directory/name` with every initializer of at
+  least `least_bytes` stored once in `directory/file` (identical bytes, one copy; offsets
+  page-aligned so ONNX Runtime can map them)."""
+  import onnx
+
+  stored: dict[bytes, tuple[int, int]] = {}  # sha256 -> (offset, length)
+  with open(os.path.join(directory, file), "wb") as blob:
+    for name, source in sources.items():
+      model = onnx.load(source)
+      for tensor in model.graph.initializer:
+        raw = tensor.raw_data
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(raw) < least_bytes:
+          continue
+        digest = hashlib.sha256(raw).digest()
+        if digest not in stored:
+          blob.write(b"\0" * (-blob.tell() % align))
+          stored[digest] = (blob.tell(), len(raw))
+          blob.write(raw)
+        offset, length = stored[digest]
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", file), ("offset", offset), ("length", length)):
+          entry = tensor.external_data.add()
+          entry.key, entry.value = key, str(value)
+      onnx.save(model, os.path.join(directory, name))
 
 
 def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:

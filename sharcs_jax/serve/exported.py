@@ -5,8 +5,9 @@ and `manifest.json`, which names every file with its SHA-256 and records the run
 length buckets, FLOPs per part, label names and the routing rule. The programs are either
   - runtime "jax": serialized StableHLO for the prefix with the router and for each width's
     adaptive part (batch and length symbolic) and the parameters as one `.npz`; loading needs jax;
-  - runtime "onnxruntime": one ONNX model per program and length bucket (batch symbolic), weights
-    inside, fp32 or int8; loading needs only onnxruntime, numpy and tokenizers (no jax).
+  - runtime "onnxruntime": one ONNX model per program and length bucket (batch symbolic), fp32 or
+    int8, their large weights stored once in `weights.bin` (ONNX external data); loading needs
+    only onnxruntime, numpy and tokenizers (no jax).
 Both run through the same numpy-only dispatch core as the engine.
 
     model = ExportedModel.load("/tmp/qqp_export")
@@ -30,8 +31,10 @@ from sharcs_jax.serve.routing import rule_from_json
 # 2: parts are named after their width and the manifest records the position offset, so that
 # the loader can check the manifest against the parts and parameters. 3: the manifest names its
 # runtime ("jax" or "onnxruntime"); an ONNX export has one part per program and length bucket.
-FORMAT_VERSION = 3
+# 4: an ONNX export's parts keep their large weights, once, in a shared file (`shared_weights`).
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
+SHARED_WEIGHTS = "weights.bin"
 MANIFEST_KEYS = ("format_version", "runtime", "task", "label_names", "text_fields", "widths",
                  "length_buckets", "position_offset", "gflops_per_example",
                  "prefix_gflops_per_example", "routing", "parts", "tokenizer")
@@ -111,6 +114,8 @@ class ExportedModel:
              "tokenizer": manifest["tokenizer"]}
     if manifest["runtime"] == "jax":
       files["params"] = manifest["params"]
+    else:
+      files["shared weights"] = manifest["shared_weights"]
     for name, entry in files.items():
       file = os.path.join(directory, entry["file"])
       if not os.path.isfile(file):
@@ -239,7 +244,8 @@ def _read_manifest(path: str) -> dict:
   runtime = manifest["runtime"]
   if runtime not in ("jax", "onnxruntime"):
     raise ValueError(f"{path}: runtime {runtime!r} is not 'jax' or 'onnxruntime'")
-  needed = {"jax": ("params",), "onnxruntime": ("precision", "hidden_size")}[runtime]
+  needed = {"jax": ("params",),
+            "onnxruntime": ("precision", "hidden_size", "shared_weights")}[runtime]
   missing = [k for k in needed if k not in manifest]
   if missing:
     raise ValueError(f"{path}: keys {missing} are missing (runtime {runtime!r})")
