@@ -229,20 +229,27 @@ def _takes_slice(g: _Graph, node: onnx.NodeProto, source: str, dims: list, produ
   return int(starts[0]), squeeze
 
 
-def split_packed_projections(model: onnx.ModelProto) -> onnx.ModelProto:
-  """A copy of `model` with each packed projection split (module doc); nodes left without a
-  reader (the slices' shape arithmetic) are dropped."""
+def _analysed_copy(model: onnx.ModelProto) -> tuple:
+  """What a pattern pass reads: (a copy of `model`, its `_Graph`, each tensor's inferred dims
+  (None where symbolic), the node making each tensor, the nodes reading each tensor)."""
   model = onnx.ModelProto.FromString(model.SerializeToString())
   inferred = onnx.shape_inference.infer_shapes(model)
-  static = {v.name: [d.dim_value if d.HasField("dim_value") else None
-                     for d in v.type.tensor_type.shape.dim]
-            for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")}
-  g = _Graph(model.graph)
+  dims = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                   for d in v.type.tensor_type.shape.dim]
+          for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+          if v.type.tensor_type.HasField("shape")}
   producers = {out: node for node in model.graph.node for out in node.output}
   consumers: dict[str, list] = {}
   for node in model.graph.node:
     for name in set(node.input):
       consumers.setdefault(name, []).append(node)
+  return model, _Graph(model.graph), dims, producers, consumers
+
+
+def split_packed_projections(model: onnx.ModelProto) -> onnx.ModelProto:
+  """A copy of `model` with each packed projection split (module doc); nodes left without a
+  reader (the slices' shape arithmetic) are dropped."""
+  model, g, static, producers, consumers = _analysed_copy(model)
   replaced: dict[int, list] = {}  # id(einsum) -> the nodes it becomes
   renamed: set[int] = set()  # ids of the Squeezes whose outputs the new nodes now write
   for node in model.graph.node:
@@ -406,17 +413,8 @@ def _gelu(g: _Graph, erf: onnx.NodeProto, producers: dict, consumers: dict
 
 def fuse_norms_and_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
   """A copy of `model` with LayerNorm and erf-GELU chains as single nodes (module doc)."""
-  model = onnx.ModelProto.FromString(model.SerializeToString())
-  inferred = onnx.shape_inference.infer_shapes(model)
-  ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
-           [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-           if v.type.tensor_type.HasField("shape")}
-  g = _Graph(model.graph)
-  producers = {out: node for node in model.graph.node for out in node.output}
-  consumers: dict[str, list] = {}
-  for node in model.graph.node:
-    for name in set(node.input):
-      consumers.setdefault(name, []).append(node)
+  model, g, static, producers, consumers = _analysed_copy(model)
+  ranks = {name: len(dims) for name, dims in static.items()}
   replaced: dict[int, onnx.NodeProto | None] = {}  # id(node) -> its fused node, or None: dropped
   for node in model.graph.node:
     if id(node) in replaced:
