@@ -220,7 +220,7 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
     prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
     described = dict(runtime=prefix, precision=precision, cls_only_last_layer=cls_only,
                      batch="buckets " + str(at.batch_buckets) if runtime == "xla" else
-                     "any, buckets " + str(at.batch_buckets))
+                     f"any, 1-{max(at.batch_sizes)}")
     if runtime == "xla":
       full = Programs(at.model, params, batch_buckets=at.batch_buckets,
                       length_buckets=at.length_buckets, kinds=("forward",),

@@ -30,6 +30,16 @@ from sharcs_jax.serve.routing import ran_flops
 BATCH_BUCKETS = (1, 8, 32)
 
 
+def batch_sizes_for(runtime: str, batch_buckets: Sequence[int] = BATCH_BUCKETS
+                    ) -> tuple[int, ...]:
+  """The batch sizes groups run at. XLA's are the compiled buckets; ONNX Runtime's models take
+  any batch, so there every group up to the largest bucket runs at its own size: no padded rows,
+  one call per group (QQP, the 2x int8 cascade on chunks of 32 pairs: 560 against 444 pairs/s)."""
+  if runtime == "xla":
+    return tuple(batch_buckets)
+  return tuple(range(1, max(batch_buckets) + 1))
+
+
 def split_into_batches(count: int, batch_buckets: Sequence[int]) -> list[tuple[int, int]]:
   """(start, batch bucket) covering `count` rows with little padding and few calls.
 

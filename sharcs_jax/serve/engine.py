@@ -65,10 +65,11 @@ class Engine:
     self.params = {"params": params}
     self.length_buckets = tuple(length_buckets)
     self.batch_buckets = tuple(batch_buckets)
+    self.batch_sizes = dispatch.batch_sizes_for(runtime, batch_buckets)  # what groups run at
     self.widths = model.widths
     self.tokenizer = tokenizer
     self.task = task
-    self.block_size = dispatch.block_rows(self.batch_buckets)
+    self.block_size = dispatch.block_rows(self.batch_sizes)
     # FLOPs are the float32 XLA programs' whatever runs them: the same arithmetic (XLA would also
     # count a bf16 program's conversions), so reductions compare across precisions and runtimes.
     fp32 = model.clone(compute_dtype="float32")
@@ -170,7 +171,7 @@ class Engine:
     out = dispatch.run_buckets(
         runner or self.runner, data.input_ids,
         data.token_type_ids, data.lengths, length_buckets=self.length_buckets,
-        batch_buckets=self.batch_buckets, num_widths=len(self.widths),
+        batch_buckets=self.batch_sizes, num_widths=len(self.widths),
         num_classes=self.model.num_classes, rule=self.rule, width_flops=self.flops,
         prefix_flops=self.prefix_flops, block_size=self.block_size)
     return Predictions(labels=out.probabilities.argmax(-1).astype(np.int32),

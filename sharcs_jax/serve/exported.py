@@ -150,7 +150,9 @@ class ExportedModel:
     ids, types, lengths = self.encode(texts)
     out = dispatch.run_buckets(self.runner, ids, types, lengths,
                                length_buckets=self.length_buckets,
-                               batch_buckets=dispatch.BATCH_BUCKETS, num_widths=len(self.widths),
+                               batch_buckets=dispatch.batch_sizes_for(
+                                   "xla" if self.runtime == "jax" else self.runtime),
+                               num_widths=len(self.widths),
                                num_classes=len(self.label_names), rule=self.rule,
                                width_flops=self.gflops, prefix_flops=self.prefix_gflops)
     return ExportedPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
