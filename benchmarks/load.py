@@ -3,7 +3,8 @@
     python -m benchmarks.load --workdir=W --out=O [--budget=2x --rule=cascade]
 
 Closed loop at each --concurrency (one pair per request, QQP dev pairs), then Poisson arrivals at
---open_loop fractions of the best closed-loop throughput, then SIGTERM while --drain_clients
+--open_loop fractions of the best closed-loop throughput and at --overload fractions of offline
+`Engine.predict`'s, then SIGTERM while --drain_clients
 clients keep sending; the same at budget 1x (full width), and offline `Engine.predict` on the same
 pairs beside them. Every answer's scores are compared with the offline ones. Every level is
 bounded by --requests_per_level and --seconds_per_level. Writes load.json, load.md and load.png.
@@ -43,6 +44,8 @@ flags.DEFINE_integer("pairs", 4000, "Dev pairs to send (each level cycles throug
 flags.DEFINE_integer("requests_per_level", 4000, "At most this many requests per level.")
 flags.DEFINE_float("seconds_per_level", 60.0, "At most this long per level.")
 flags.DEFINE_float("max_wait_ms", 0.0, "The servers' --max_wait_ms.")
+flags.DEFINE_list("overload", ["1.5"], "Open-loop rates, as fractions of offline Engine.predict's "
+                  "pairs/s: past what any batching can serve, so the queue fills (429s).")
 flags.DEFINE_integer("drain_clients", 32, "Closed-loop clients sending while SIGTERM arrives.")
 flags.DEFINE_integer("offline_rounds", 3, "Offline Engine.predict passes (the median is kept).")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -205,7 +208,8 @@ def realised_batch(before: dict, after: dict) -> dict[str, float]:
   return out
 
 
-def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[str]) -> dict:
+def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[str],
+          offline_rate: float) -> dict:
   process, port = start_server(budget)
   levels = {}
   summary = lambda results, seconds: summarise(results, seconds, offline, labels)
@@ -219,15 +223,16 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
       print(budget, f"closed {clients}", {k: levels[f"closed {clients}"][k] for k in
                                           ("pairs_per_second", "p99_ms", "statuses")}, flush=True)
     best = max(level["pairs_per_second"] for level in levels.values())
-    for fraction in (float(f) for f in FLAGS.open_loop):
+    rates = [(f"open {f:g}", float(f) * best) for f in FLAGS.open_loop] + [
+        (f"overload {f:g}", float(f) * offline_rate) for f in FLAGS.overload]
+    for name, rate in rates:
       before = batch_totals(port)
-      results, seconds = asyncio.run(open_loop(port, bodies, fraction * best,
-                                               FLAGS.requests_per_level,
+      results, seconds = asyncio.run(open_loop(port, bodies, rate, FLAGS.requests_per_level,
                                                FLAGS.seconds_per_level))
-      levels[f"open {fraction:g}"] = summary(results, seconds)
-      levels[f"open {fraction:g}"]["rate"] = fraction * best
-      levels[f"open {fraction:g}"]["batch_per_width"] = realised_batch(before, batch_totals(port))
-      print(budget, f"open {fraction:g}", levels[f"open {fraction:g}"]["statuses"], flush=True)
+      levels[name] = summary(results, seconds)
+      levels[name]["rate"] = rate
+      levels[name]["batch_per_width"] = realised_batch(before, batch_totals(port))
+      print(budget, name, levels[name]["statuses"], flush=True)
     # SIGTERM under load: a quarter of a level's time in, the clients still sending.
     terminate = lambda: asyncio.get_running_loop().call_later(
         min(2.0, FLAGS.seconds_per_level / 4), process.send_signal, signal.SIGTERM)
@@ -265,14 +270,14 @@ def main(argv):
   servers, offline_rates = {}, {}
   for budget in (FLAGS.budget, "1x"):
     probabilities, offline_rates[budget] = offline_predictions(run, budget, pairs)
-    servers[budget] = drive(budget, bodies, probabilities, labels)
+    servers[budget] = drive(budget, bodies, probabilities, labels, offline_rates[budget])
   offline = offline_rates[FLAGS.budget]
   data = {"pairs": len(pairs), "cpu": common.cpu_info(), "offline_pairs_per_second": offline,
           "offline_pairs_per_second_1x": offline_rates["1x"], "budget": FLAGS.budget,
           "rule": FLAGS.rule, "precision": FLAGS.precision, "runtime": FLAGS.runtime,
           "max_wait_ms": FLAGS.max_wait_ms, "servers": servers}
   rows = [[budget, level, v["pairs_per_second"], v["p50_ms"], v["p90_ms"], v["p99_ms"],
-           v["max_ms"], v["lost"], json.dumps(v["statuses"]), v["max_abs_diff"],
+           v["max_ms"], v["lost"], json.dumps(v["statuses"]), v["p99_429_ms"], v["max_abs_diff"],
            ", ".join(f"{w}: {100 * v['share_per_width'].get(w, 0):.0f}% x {b:.1f}"
                      for w, b in v["batch_per_width"].items())]
           for budget, server in data["servers"].items() for level, v in server["levels"].items()]
@@ -283,7 +288,7 @@ def main(argv):
            f"exit codes after SIGTERM: {exit_codes}; CPU: {common.cpu_line(data['cpu'])}.")
   common.write_outputs(FLAGS.out, "load", data, "HTTP server load", [
       "budget", "level", "pairs/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "statuses",
-      "max abs diff to offline", "width: share x mean group"], rows, notes)
+      "p99 of 429s ms", "max abs diff to offline", "width: share x mean group"], rows, notes)
   fig, ax = report.pyplot().subplots(figsize=(5, 3.5))
   for budget, server in data["servers"].items():
     points = [(v["pairs_per_second"], v["p99_ms"]) for level, v in server["levels"].items()

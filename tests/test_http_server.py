@@ -150,7 +150,8 @@ def test_load_benchmark_loses_nothing_and_reports_every_level(trained, tmp_path)
 
   data, _ = run_benchmark("load", tmp_path, f"--workdir={trained[0]}", "--budget=1.1x",
                           "--precision=fp32", "--pairs=48", "--concurrency=1,4",
-                          "--open_loop=1.5", "--requests_per_level=48", "--drain_clients=4",
+                          "--open_loop=1.5", "--overload=", "--requests_per_level=48",
+                          "--drain_clients=4",
                           "--seconds_per_level=10", "--offline_rounds=1", report="load",
                           timeout=600)
   assert set(data["servers"]) == {"1.1x", "1x"} and data["offline_pairs_per_second"] > 0
