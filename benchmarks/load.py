@@ -223,8 +223,8 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
       print(budget, f"closed {clients}", {k: levels[f"closed {clients}"][k] for k in
                                           ("pairs_per_second", "p99_ms", "statuses")}, flush=True)
     best = max(level["pairs_per_second"] for level in levels.values())
-    rates = [(f"open {f:g}", float(f) * best) for f in FLAGS.open_loop] + [
-        (f"overload {f:g}", float(f) * offline_rate) for f in FLAGS.overload]
+    rates = [(f"open {float(f):g}", float(f) * best) for f in FLAGS.open_loop] + [
+        (f"overload {float(f):g}", float(f) * offline_rate) for f in FLAGS.overload]
     for name, rate in rates:
       before = batch_totals(port)
       results, seconds = asyncio.run(open_loop(port, bodies, rate, FLAGS.requests_per_level,
