@@ -4,7 +4,7 @@
 
 Both graphs run one batch of `--batch` random token ids at length `--length` (no padding), so the
 comparison is of the graphs alone, not of padding or tokenising (`benchmarks.serving` times those
-end to end). Reports the median pass of `--rounds` interleaved passes, then ONNX Runtime's own
+end to end). Reports the median pass of `--rounds` (x 10) interleaved passes, then ONNX Runtime's own
 profile: kernel time per op type, averaged over `--profiled` passes. Writes onnx_ops.{json,md}.
 """
 
@@ -24,13 +24,10 @@ from sharcs_jax.run import load_run
 from sharcs_jax.serve import hf_export, ort_runner
 from sharcs_jax.serve.onnx_programs import OnnxKey, OnnxPrograms
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A trained run.", required=True)
-flags.DEFINE_string("out", None, "Output directory.", required=True)
+FLAGS = flags.FLAGS  # --workdir, --out and --rounds are benchmarks.serving's (its HF export)
 flags.DEFINE_enum("precision", "int8", ["fp32", "int8"], "Both graphs' precision.")
 flags.DEFINE_integer("batch", 32, "Rows per pass.")
 flags.DEFINE_integer("length", 32, "Tokens per row: one of the run's length buckets.")
-flags.DEFINE_integer("rounds", 30, "Timed interleaved passes per graph.")
 flags.DEFINE_integer("profiled", 10, "Profiled passes per graph.")
 
 
@@ -91,7 +88,7 @@ def main(argv):
   seconds = collections.defaultdict(list)
   for run_once in passes.values():
     run_once()
-  for _ in range(FLAGS.rounds):
+  for _ in range(10 * FLAGS.rounds):
     for name, run_once in passes.items():
       start = time.perf_counter()
       run_once()
@@ -109,7 +106,7 @@ def main(argv):
   rows.append(["total (profiled kernels)", sum(ours_ops.values()) / 1e3,
                sum(hf_ops.values()) / 1e3])
   notes = (f"Full width at {FLAGS.precision}, one batch of {FLAGS.batch} x {FLAGS.length} "
-           f"tokens, no padding. Median pass of {FLAGS.rounds} interleaved: "
+           f"tokens, no padding. Median pass of {10 * FLAGS.rounds} interleaved: "
            + ", ".join(f"{name} {ms:.1f} ms" for name, ms in median_ms.items())
            + f". Kernel time per op type from ONNX Runtime's profiler ({FLAGS.profiled} passes). "
            f"CPU: {common.cpu_line(data['cpu'])}.")
