@@ -4,8 +4,7 @@
 
 Closed loop at each --concurrency (one pair per request, QQP dev pairs), then Poisson arrivals at
 --open_loop fractions of the best closed-loop throughput and at --overload fractions of offline
-`Engine.predict`'s, then SIGTERM while --drain_clients
-clients keep sending; the same at budget 1x (full width), and offline `Engine.predict` on the same
+`Engine.predict`'s, then SIGTERM while --drain_clients clients keep sending; the same at budget 1x (full width), and offline `Engine.predict` on the same
 pairs beside them. Every answer's scores are compared with the offline ones. Every level is
 bounded by --requests_per_level and --seconds_per_level. Writes load.json, load.md and load.png.
 """
@@ -212,6 +211,7 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
           offline_rate: float) -> dict:
   process, port = start_server(budget)
   levels = {}
+  draining = f"sigterm {FLAGS.drain_clients}"
   summary = lambda results, seconds: summarise(results, seconds, offline, labels)
   try:
     for clients in (int(c) for c in FLAGS.concurrency):
@@ -238,11 +238,10 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
         min(2.0, FLAGS.seconds_per_level / 4), process.send_signal, signal.SIGTERM)
     results, seconds = asyncio.run(closed_loop(port, bodies, FLAGS.drain_clients, 10**9,
                                                FLAGS.seconds_per_level + 120, terminate))
-    levels[f"sigterm {FLAGS.drain_clients}"] = summary(results, seconds)
-    levels[f"sigterm {FLAGS.drain_clients}"]["batch_per_width"] = {}
-    print(budget, "sigterm", levels[f"sigterm {FLAGS.drain_clients}"]["statuses"], flush=True)
+    levels[draining] = {**summary(results, seconds), "batch_per_width": {}}
+    print(budget, draining, levels[draining]["statuses"], flush=True)
   finally:
-    if f"sigterm {FLAGS.drain_clients}" not in levels:  # a level failed: stop it all the same
+    if draining not in levels:  # a level failed: stop it all the same
       process.send_signal(signal.SIGTERM)
     code = process.wait(120)
   return {"levels": levels, "exit_code": code}

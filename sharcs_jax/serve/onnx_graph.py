@@ -15,8 +15,8 @@ the packed form moved the whole [3, B, S, H, E] tensor through a transpose and t
 `fuse_norms_and_gelu` then writes jax2onnx's spelled-out LayerNorm (mean, centred square, mean,
 sqrt, divide, scale, shift) as one `LayerNormalization` and its erf GELU as one ONNX Runtime
 `Gelu`: ONNX Runtime's own fusions do not recognise that spelling, and unfused these element-wise
-chains took half of an int8 pass (docs/serving.md). With them fused, its session fuses the
-residual Add into `SkipLayerNormalization` and the bias Add into `BiasGelu` by itself.
+chains took half of an int8 pass (docs/serving.md). Its session would then fuse each residual Add
+into `SkipLayerNormalization`, a slower kernel here, so `ort_runner` switches that fusion off.
 
 Imports only numpy and onnx.
 """
@@ -73,25 +73,40 @@ def _transpose_to(g: _Graph, x: str, spec: str, order: str, nodes: list) -> str:
   return out
 
 
-def _einsum_with_weight(g: _Graph, node: onnx.NodeProto, x_spec: str, w_spec: str, out: str,
-                        weight: np.ndarray) -> list | None:
-  """x[free..., C...] . W[C..., F...] -> MatMul over the contracted letters C, leading in W and
-  trailing in x; None where the equation has another shape (batch letters in both operands)."""
+def _weight_contraction(x_spec: str, w_spec: str, out: str) -> tuple[str, str, str] | None:
+  """(contracted, free in x, free in W) of x[free..., C...] . W[C..., F...], the contracted
+  letters C leading in W and trailing in x; None for another shape (batch letters in both)."""
   contracted = "".join(c for c in w_spec if c in x_spec and c not in out)
   if (not contracted or not w_spec.startswith(contracted) or not x_spec.endswith(contracted)
       or any(c in x_spec for c in w_spec[len(contracted):]) or len(set(x_spec + w_spec)) !=
       len(x_spec) + len(w_spec) - len(contracted)):
     return None
   free_x, free_w = x_spec[:-len(contracted)], w_spec[len(contracted):]
-  if sorted(out) != sorted(free_x + free_w):
+  return (contracted, free_x, free_w) if sorted(out) == sorted(free_x + free_w) else None
+
+
+def _matrix_rows(g: _Graph, x: str, free_x: str, k: int, contracted: str, nodes: list) -> str:
+  """x[free..., C...] as [free..., prod C] (a Reshape where C has more than one letter)."""
+  if len(contracted) == 1:
+    return x
+  shape = g.constant("shape", np.array([0] * len(free_x) + [k], np.int64))
+  reshape, x = g.node("Reshape", [x, shape])
+  nodes.append(reshape)
+  return x
+
+
+def _einsum_with_weight(g: _Graph, node: onnx.NodeProto, x_spec: str, w_spec: str, out: str,
+                        weight: np.ndarray) -> list | None:
+  """x[free..., C...] . W[C..., F...] -> MatMul over the contracted letters C (see
+  `_weight_contraction`); None where the equation has another shape."""
+  found = _weight_contraction(x_spec, w_spec, out)
+  if found is None:
     return None
+  contracted, free_x, free_w = found
   k = int(np.prod(weight.shape[:len(contracted)]))
   matrix = np.ascontiguousarray(weight.reshape(k, -1))
-  nodes, x = [], node.input[0]
-  if len(contracted) > 1:  # [free..., C...] -> [free..., prod C]
-    shape = g.constant("shape", np.array([0] * len(free_x) + [k], np.int64))
-    reshape, x = g.node("Reshape", [x, shape])
-    nodes.append(reshape)
+  nodes: list = []
+  x = _matrix_rows(g, node.input[0], free_x, k, contracted, nodes)
   matmul, y = g.node("MatMul", [x, g.constant(node.input[1], matrix)])
   nodes.append(matmul)
   if len(free_w) > 1:  # [free..., prod F] -> [free..., F...]
@@ -259,13 +274,11 @@ def split_packed_projections(model: onnx.ModelProto) -> onnx.ModelProto:
     parsed = _parse(equation.decode() if isinstance(equation, bytes) else equation)
     if parsed is None:
       continue
-    x_spec, w_spec, out = parsed
-    contracted = "".join(c for c in w_spec if c in x_spec and c not in out)
-    free_x = x_spec[:len(x_spec) - len(contracted)]
-    rest = w_spec[len(contracted) + 1:]
-    if (not contracted or not w_spec.startswith(contracted) or not x_spec.endswith(contracted)
-        or out != w_spec[len(contracted)] + free_x + rest or len(set(x_spec + w_spec))
-        != len(x_spec) + len(w_spec) - len(contracted)):
+    found = _weight_contraction(*parsed)
+    if found is None:
+      continue
+    contracted, free_x, free_w = found
+    if parsed[2] != free_w[0] + free_x + free_w[1:]:  # the packed letter first, then as is
       continue
     add = _only(consumers, node.output[0], "Add")
     bias_name = add and _other(add, node.output[0])
@@ -281,11 +294,8 @@ def split_packed_projections(model: onnx.ModelProto) -> onnx.ModelProto:
     if not slices or None in slices:
       continue
     k = int(np.prod(weight.shape[:len(contracted)]))
-    nodes, x = [], node.input[0]
-    if len(contracted) > 1:
-      shape = g.constant("shape", np.array([0] * len(free_x) + [k], np.int64))
-      reshape, x = g.node("Reshape", [x, shape])
-      nodes.append(reshape)
+    nodes: list = []
+    x = _matrix_rows(g, node.input[0], free_x, k, contracted, nodes)
     for i, squeeze in slices:
       part = np.ascontiguousarray(np.take(weight, i, axis=len(contracted)).reshape(k, -1))
       matmul, y = g.node("MatMul", [x, g.constant(node.input[1], part)])
@@ -317,11 +327,8 @@ def _live(nodes: list, outputs: set[str]) -> list:
 
 
 def _scalar(g: _Graph, name: str) -> float | None:
-  tensor = g.initializers.get(name)
-  if tensor is None:
-    return None
-  value = numpy_helper.to_array(tensor)
-  return float(value.reshape(-1)[0]) if value.size == 1 else None
+  values = _constant_values(g, name)
+  return float(values[0]) if values is not None and len(values) == 1 else None
 
 
 def _only(consumers: dict[str, list], name: str, op: str) -> onnx.NodeProto | None:
@@ -340,8 +347,8 @@ def _reduces_last_axis(g: _Graph, node: onnx.NodeProto, ranks: dict[str, int]) -
   if attributes.get("keepdims", 1) != 1:
     return False
   axes = attributes.get("axes")
-  if axes is None and len(node.input) > 1 and node.input[1] in g.initializers:
-    axes = numpy_helper.to_array(g.initializers[node.input[1]]).reshape(-1).tolist()
+  if axes is None and len(node.input) > 1:
+    axes = _constant_values(g, node.input[1])
   rank = ranks.get(node.input[0])
   return axes is not None and len(axes) == 1 and (axes[0] == -1 or (rank is not None
                                                                      and axes[0] == rank - 1))
