@@ -54,7 +54,7 @@ def full_width_probabilities(programs: Programs, params, data: batching.Encoded)
   return dispatch.run_each_row(
       lambda size, length, *inputs: programs("forward", 1.0, size, length)(variables, *inputs),
       data.input_ids, data.token_type_ids, data.lengths, columns=programs.model.num_classes,
-      length_buckets=data.length_buckets, batch_buckets=programs.batch_buckets)
+      program_lengths=data.length_buckets, batch_buckets=programs.batch_buckets)
 
 
 def full_width_labels(programs: Programs, params, data: batching.Encoded) -> np.ndarray:

@@ -53,7 +53,6 @@ def main(argv):
   runners, sizes = {}, {}
   for name, recipe in RECIPES.items():
     programs = OnnxPrograms(engine.model, engine.params["params"],
-                            length_buckets=engine.length_buckets,
                             precision="fp32" if recipe is None else "int8",
                             cache_dir=os.path.join(run.workdir, "executables"),
                             recipe=recipe or Int8Recipe(), calibration=rows_for_calibration)
@@ -64,7 +63,8 @@ def main(argv):
   def full_width_pass(runner):
     return dispatch.run_buckets(
         runner, dev.input_ids, dev.token_type_ids, dev.lengths,
-        length_buckets=engine.length_buckets, batch_buckets=engine.batch_buckets,
+        length_buckets=engine.length_buckets, batch_buckets=engine.batch_sizes,
+        program_lengths=engine.program_lengths,
         num_widths=len(engine.widths), num_classes=engine.model.num_classes,
         rule=routing.Fixed(full), width_flops=engine.flops, prefix_flops=engine.prefix_flops)
 

@@ -1,6 +1,9 @@
-"""The dispatch core on a fake runner: order kept, batch buckets, padding rows, escalation."""
+"""The dispatch core on a fake runner: order kept, batch buckets, padding rows, escalation, and
+the batches it cuts."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -32,19 +35,18 @@ class FakeRunner:
 
 
 def _rows(n, length=6, seed=0):
+  """Token ids [n, length] (column 1 the row number), lengths [n] in 2..length, type ids."""
   rng = np.random.default_rng(seed)
   ids = rng.integers(3, 50, (n, length))
   ids[:, 1] = np.arange(n)
-  lengths = rng.integers(2, length + 1, n)
-  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-  return ids, mask, np.zeros_like(ids)
+  return ids, rng.integers(2, length + 1, n), np.zeros_like(ids)
 
 
 def _run(runner, n, rule, **kwargs):
-  ids, mask, types = _rows(n)
-  return dispatch.run_rows(runner, ids, mask, types, length=6, batch_buckets=(1, 4, 8),
-                           num_widths=3, rule=rule, width_flops=np.array([1.0, 2.0, 4.0]),
-                           **kwargs), ids
+  ids, lengths, types = _rows(n)
+  return dispatch.run_rows(runner, ids, types, lengths, program_lengths=(6,),
+                           batch_buckets=(1, 4, 8), num_widths=3, rule=rule,
+                           width_flops=np.array([1.0, 2.0, 4.0]), **kwargs), ids
 
 
 @pytest.mark.parametrize("n", [1, 3, 13, 21])
@@ -60,7 +62,9 @@ def test_router_rule_groups_by_width_and_keeps_order(n):
     size, mask = (call[1], call[2]) if call[0] == "prefix" else (call[2], call[3])
     assert size in (1, 4, 8)
     assert mask[:, 0].all()
-  assert sum(c[0] == "prefix" for c in runner.calls) == len(dispatch.split_into_batches(n, (1, 4, 8)))
+  lengths = _rows(n)[1]
+  assert sum(c[0] == "prefix" for c in runner.calls) == len(
+      dispatch.plan_batches(lengths, (1, 4, 8), (6,)))
 
 
 def test_cascade_escalates_only_the_unsure():
@@ -104,39 +108,42 @@ def test_small_blocks_carry_partial_batches_to_the_next(rule):
 
 @pytest.mark.parametrize("rule", [routing.Cascade(threshold=0.85), dispatch.EVERY_WIDTH],
                          ids=["cascade", "every"])
-def test_run_buckets_runs_each_row_at_its_length_bucket_in_row_order(rule):
-  """Rows of mixed lengths: each length bucket's rows give what `run_rows` gives them alone, at
-  that bucket's length, and come back in row order."""
-  ids, mask, types = _rows(29)
-  lengths = mask.sum(1)
+def test_run_buckets_gives_each_row_its_own_result_in_row_order(rule):
+  """Rows of mixed lengths run in ascending length at the program lengths that hold them, and
+  come back in row order with what each row gives alone; each is costed at its own bucket."""
+  ids, lengths, types = _rows(29)
   runner = FakeRunner()
+  width_flops = np.array([[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]])
   out = dispatch.run_buckets(runner, ids, types, lengths, length_buckets=(3, 6),
                              batch_buckets=(1, 4, 8), num_widths=3, num_classes=2, rule=rule,
-                             width_flops=np.array([[1.0, 2.0], [2.0, 4.0], [4.0, 8.0]]),
-                             prefix_flops=np.array([0.5, 1.0]), keep_every_width=True)
-  assert sorted({c[-1].shape[1] for c in runner.calls}) == [3, 6]
+                             width_flops=width_flops, prefix_flops=np.array([0.5, 1.0]),
+                             keep_every_width=True)
+  for call in runner.calls:  # every call at a program length that holds its real rows
+    mask = call[-1]
+    assert mask.shape[1] in (3, 6) and mask.sum(1).max() <= mask.shape[1]
+  assert {c[-1].shape[1] for c in runner.calls} == {3, 6}
   logits = dispatch.run_each_row(lambda *batch: FakeRunner().prefix(*batch)[1], ids, types,
-                                 lengths, columns=3, length_buckets=(3, 6), batch_buckets=(1, 4))
+                                 lengths, columns=3, program_lengths=(3, 6),
+                                 batch_buckets=(1, 4))
   np.testing.assert_array_equal(logits, out.router)  # the prefix alone, rows in the same order
-  for bucket, length in enumerate((3, 6)):
-    rows = np.flatnonzero((lengths > 3) == bool(bucket))
-    alone = dispatch.run_rows(FakeRunner(), ids[rows, :length], mask[rows, :length],
-                              types[rows, :length], length=length, batch_buckets=(1, 4, 8),
-                              num_widths=3, rule=rule, width_flops=np.array([1.0, 2.0, 4.0]) *
-                              (1 + bucket), keep_every_width=True)
-    np.testing.assert_array_equal(out.final[rows], alone.final)
-    np.testing.assert_array_equal(out.ran[rows], alone.ran)
-    np.testing.assert_allclose(out.probabilities[rows], alone.probabilities)
-    np.testing.assert_allclose(out.every_width[:, rows], alone.every_width)
-    np.testing.assert_allclose(out.router[rows], alone.router)
-    np.testing.assert_allclose(out.flops[rows], routing.ran_flops(
-        alone.final, alone.ran, np.array([1.0, 2.0, 4.0]) * (1 + bucket), 0.5 * (1 + bucket)))
+  alone = dispatch.run_rows(FakeRunner(), ids, types, lengths, program_lengths=(6,),
+                            batch_buckets=(1,), num_widths=3, rule=rule,
+                            width_flops=width_flops[:, (lengths > 3).astype(int)].T,
+                            keep_every_width=True)  # one row per call, in row order
+  np.testing.assert_array_equal(out.final, alone.final)
+  np.testing.assert_array_equal(out.ran, alone.ran)
+  np.testing.assert_allclose(out.probabilities, alone.probabilities)
+  np.testing.assert_allclose(out.every_width, alone.every_width)
+  np.testing.assert_allclose(out.router, alone.router)
+  bucket = (lengths > 3).astype(int)
+  np.testing.assert_allclose(out.flops, routing.ran_flops(
+      alone.final, alone.ran, width_flops[:, bucket].T, np.array([0.5, 1.0])[bucket]))
 
 
 def test_no_rows():
   out = dispatch.run_rows(FakeRunner(), np.zeros((0, 6), int), np.zeros((0, 6), int),
-                          np.zeros((0, 6), int), length=6, batch_buckets=(1, 4), num_widths=3,
-                          rule=routing.Rule(), width_flops=np.ones(3))
+                          np.zeros(0, int), program_lengths=(6,), batch_buckets=(1, 4),
+                          num_widths=3, rule=routing.Rule(), width_flops=np.ones(3))
   assert out.final.shape == (0,) and out.ran.shape == (0, 3)
   out = dispatch.run_buckets(FakeRunner(), np.zeros((0, 6), int), np.zeros((0, 6), int),
                              np.zeros(0, int), length_buckets=(3, 6), batch_buckets=(1, 4),
@@ -145,13 +152,56 @@ def test_no_rows():
   assert out.probabilities.shape == (0, 2) and out.final.shape == (0,) and out.flops.shape == (0,)
 
 
-@pytest.mark.parametrize("count, buckets, expected", [
-    (0, (1, 8, 32), []),
-    (70, (1, 8, 32), [(0, 32), (32, 32), (64, 8)]),  # 6 left: 8 holds them at < 2x
-    (41, (1, 8, 32), [(0, 32), (32, 8), (40, 1)]),
-    (20, (1, 8, 32), [(0, 32)]),
-    (3, (8, 32), [(0, 8)]),  # nothing smaller: pad up
-    (5, (1, 8, 32), [(0, 8)]), (3, (1, 8, 32), [(0, 1), (1, 1), (2, 1)]),
+def _cuts(batches):
+  return [(b.start, b.stop, b.size, b.length) for b in batches]
+
+
+EXACT = dispatch.lengths_for("onnxruntime", (128,))  # every length 1..128
+ANY_BATCH = dispatch.batch_sizes_for("onnxruntime", (1, 8, 32))
+
+
+@pytest.mark.parametrize("lengths, sizes, programs, expected", [
+    ([], (1, 8, 32), (32,), []),
+    ([30] * 70, (1, 8, 32), (32,), [(0, 32, 32, 32), (32, 64, 32, 32), (64, 70, 8, 32)]),
+    ([30] * 41, (1, 8, 32), (32,), [(0, 32, 32, 32), (32, 40, 8, 32), (40, 41, 1, 32)]),
+    ([30] * 3, (8, 32), (32,), [(0, 3, 8, 32)]),  # nothing smaller: pad up
+    # A long row does not pad short ones: 48 + 8 x 128 tokens together, 2 x 48 + 7 x 8 + 128 apart.
+    ([5] * 7 + [100], ANY_BATCH, (8, 128), [(0, 7, 7, 8), (7, 8, 1, 128)]),
+    # Nearby lengths run as one call at the longest: 48 + 3 x 14 against 3 x 48 + 36 tokens.
+    ([10, 12, 14], ANY_BATCH, EXACT, [(0, 3, 3, 14)]),
+    # Across a bucket boundary, 33 rows of 20 and 31 of 30 tokens: the 33rd short row joins the
+    # long ones at 32 (8 tokens of padding) rather than running alone (a call).
+    ([20] * 33 + [30] * 31, ANY_BATCH, (24, 32), [(0, 32, 32, 24), (32, 64, 32, 32)]),
 ])
-def test_split_into_batches(count, buckets, expected):
-  assert dispatch.split_into_batches(count, buckets) == expected
+def test_plan_batches(lengths, sizes, programs, expected):
+  assert _cuts(dispatch.plan_batches(np.array(lengths, int), sizes, programs)) == expected
+
+
+def _cost(batches):
+  return sum(dispatch.CALL_COST_TOKENS + b.size * b.length for b in batches)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_batches_is_the_cheapest_cut(seed):
+  """Against every way of cutting up to 8 rows into contiguous batches."""
+  rng = np.random.default_rng(seed)
+  lengths = np.sort(rng.integers(2, 129, rng.integers(1, 9)))
+  sizes, programs = (1, 2, 4), (16, 32, 64, 128)
+  plan = dispatch.plan_batches(lengths, sizes, programs)
+  assert plan[0].start == 0 and plan[-1].stop == len(lengths)
+  assert all(a.stop == b.start for a, b in zip(plan, plan[1:]))
+  best = np.inf
+  for cut in itertools.product([False, True], repeat=len(lengths) - 1):
+    edges = [0] + [i + 1 for i, c in enumerate(cut) if c] + [len(lengths)]
+    if any(b - a > max(sizes) for a, b in zip(edges, edges[1:])):
+      continue
+    best = min(best, _cost([dispatch.Batch(
+        a, b, min(s for s in sizes if s >= b - a),
+        min(p for p in programs if p >= lengths[a:b].max())) for a, b in zip(edges, edges[1:])]))
+  assert _cost(plan) == best
+
+
+def test_plan_batches_refuses_a_row_longer_than_every_program():
+  with pytest.raises(ValueError, match="a row of 40 tokens is longer than the longest program "
+                                       "length 32"):
+    dispatch.plan_batches(np.array([3, 40]), (1, 8), (16, 32))

@@ -38,17 +38,18 @@ def _rows(n: int, seed: int, length: int = 16) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module", params=["fp32", "int8"])
 def onnx_programs(request, tiny_model, tiny_params, tmp_path_factory):
-  return OnnxPrograms(tiny_model, tiny_params, length_buckets=LENGTHS, precision=request.param,
+  return OnnxPrograms(tiny_model, tiny_params, precision=request.param,
                       cache_dir=str(tmp_path_factory.mktemp("onnx")))
 
 
 def test_each_program_equals_xla(onnx_programs, tiny_model, tiny_params):
-  """fp32 within 1e-4 of the XLA functions (probabilities, router logits, hidden states); int8
-  within what 8-bit weights and activations allow on a random model."""
+  """fp32 within 1e-4 of the XLA functions (probabilities, router logits, hidden states) at
+  every length (one model takes any); int8 within what 8-bit weights and activations allow on a
+  random model."""
   tolerance = 1e-4 if onnx_programs.precision == "fp32" else 5e-2
   runner, function = onnx_programs.runner(), functions(tiny_model)
   variables = {"params": tiny_params}
-  for length in LENGTHS:
+  for length in (*LENGTHS, 11):
     ids, lengths = _rows(5, length, length)
     mask, types = length_mask(lengths, length), np.zeros_like(ids)
     hidden, router = runner.prefix(5, length, ids, mask, types)
@@ -65,7 +66,7 @@ def test_each_program_equals_xla(onnx_programs, tiny_model, tiny_params):
                                     Int8Recipe(bert_fusions=True)], ids=repr)
 def test_other_int8_recipes_stay_near_xla(recipe, tiny_model, tiny_params, tmp_path):
   ids, lengths = _rows(64, seed=5)
-  programs = OnnxPrograms(tiny_model, tiny_params, length_buckets=(16,), precision="int8",
+  programs = OnnxPrograms(tiny_model, tiny_params, precision="int8",
                           cache_dir=str(tmp_path), recipe=recipe,
                           calibration=(ids, np.zeros_like(ids), lengths))
   runner, function = programs.runner(), functions(tiny_model)
@@ -82,7 +83,7 @@ def test_recipe_errors(tiny_model, tiny_params):
   with pytest.raises(ValueError, match="int8 method 'qat' is not 'dynamic' or 'static'"):
     Int8Recipe(method="qat")
   with pytest.raises(ValueError, match="a static int8 recipe needs calibration rows"):
-    OnnxPrograms(tiny_model, tiny_params, length_buckets=(8,), precision="int8",
+    OnnxPrograms(tiny_model, tiny_params, precision="int8",
                  recipe=Int8Recipe(method="static"))
 
 
@@ -149,7 +150,9 @@ def taught(tiny_model, tiny_params):
 
 def _accuracy(runner, tiny_model, ids, lengths, labels, width_index):
   out = dispatch.run_buckets(runner, ids, np.zeros_like(ids), lengths, length_buckets=LENGTHS,
-                             batch_buckets=(1, 8, 32), num_widths=len(tiny_model.widths),
+                             batch_buckets=dispatch.batch_sizes_for("onnxruntime"),
+                             program_lengths=dispatch.lengths_for("onnxruntime", LENGTHS),
+                             num_widths=len(tiny_model.widths),
                              num_classes=3, rule=routing.Fixed(width_index),
                              width_flops=np.ones((3, 2)), prefix_flops=np.zeros(2))
   return float(np.mean(out.probabilities.argmax(-1) == labels))
@@ -159,9 +162,9 @@ def _accuracy(runner, tiny_model, ids, lengths, labels, width_index):
 def test_int8_keeps_what_the_model_learnt(taught, tiny_model, tmp_path):
   params, ids, lengths, labels = taught
   prior = max(np.mean(labels == c) for c in range(3))
-  fp32 = OnnxPrograms(tiny_model, params, length_buckets=LENGTHS, precision="fp32",
+  fp32 = OnnxPrograms(tiny_model, params, precision="fp32",
                       cache_dir=str(tmp_path)).runner()
-  int8 = OnnxPrograms(tiny_model, params, length_buckets=LENGTHS, precision="int8",
+  int8 = OnnxPrograms(tiny_model, params, precision="int8",
                       cache_dir=str(tmp_path)).runner()
   for width_index in range(3):
     at_fp32 = _accuracy(fp32, tiny_model, ids, lengths, labels, width_index)
@@ -205,7 +208,7 @@ def test_ort_engine_builds_no_session_while_serving(engines, monkeypatch):
   import onnxruntime
 
   built = ort.runner.sessions_built
-  assert built == (1 + len(ort.widths)) * len(LENGTHS)  # the prefix and each width, per length
+  assert built == 1 + len(ort.widths)  # the prefix and each width, at any length
 
   def refuse(*args, **kwargs):
     raise AssertionError("a session was built while serving")
@@ -215,13 +218,13 @@ def test_ort_engine_builds_no_session_while_serving(engines, monkeypatch):
 
 
 def test_restart_converts_nothing(tiny_model, tiny_params, tmp_path):
-  first = OnnxPrograms(tiny_model, tiny_params, length_buckets=(8,), precision="fp32",
+  first = OnnxPrograms(tiny_model, tiny_params, precision="fp32",
                        cache_dir=str(tmp_path))
-  again = OnnxPrograms(tiny_model, tiny_params, length_buckets=(8,), precision="fp32",
+  again = OnnxPrograms(tiny_model, tiny_params, precision="fp32",
                        cache_dir=str(tmp_path))
   assert (first.converted, first.loaded) == (4, 0) and (again.converted, again.loaded) == (0, 4)
   other = jax.tree_util.tree_map(lambda x: x + 1e-3, tiny_params)
-  changed = OnnxPrograms(tiny_model, other, length_buckets=(8,), precision="fp32",
+  changed = OnnxPrograms(tiny_model, other, precision="fp32",
                          cache_dir=str(tmp_path))
   assert changed.converted == 4 and changed.directory != first.directory  # weights are inside
 
@@ -289,13 +292,14 @@ def test_onnx_export_serves_without_jax(onnx_export):
   assert (data["runtime"], data["precision"]) == ("onnxruntime", "int8")
   assert data["labels_equal"] == 1.0 and data["widths_equal"] == 1.0
   assert data["max_probability_difference"] <= 1e-5
-  assert "params.npz" not in data["files"] and "prefix_s32.onnx" in data["files"]
-  # The weights every length bucket's part holds are stored once: the embedding table
-  # (30522 x 32 float32, 3.9 MB) is in weights.bin and in none of the prefix files.
+  assert "params.npz" not in data["files"] and "prefix.onnx" in data["files"]
+  # One part per program, the large weights in weights.bin: the embedding table (30522 x 32
+  # float32, 3.9 MB) is there and not in the prefix's file.
   directory = pathlib.Path(onnx_export[0])
   assert "weights.bin" in data["files"]
-  prefixes = list(directory.glob("prefix_s*.onnx"))
-  assert len(prefixes) > 1 and all(f.stat().st_size < 1e6 for f in prefixes)
+  assert sorted(f.name for f in directory.glob("*.onnx")) == [
+      "adaptive_0.25.onnx", "adaptive_0.5.onnx", "adaptive_1.onnx", "prefix.onnx"]
+  assert (directory / "prefix.onnx").stat().st_size < 1e6
   assert 3.9e6 < (directory / "weights.bin").stat().st_size < 2 * 3.9e6 + 3e6
   assert not any(f.endswith(".jaxexport") for f in data["files"])
 
@@ -306,22 +310,22 @@ def _swap_parts(manifest, a, b):
 
 @needs_glue
 @pytest.mark.parametrize("change, error, message", [
-    (lambda d, m: (d / "adaptive_1_s64.onnx").unlink(), FileNotFoundError,
-     r"part 'adaptive_1_s64' \(adaptive_1_s64.onnx\) is missing"),
-    (lambda d, m: _swap_parts(m, "prefix_s32", "prefix_s64"), ValueError,
-     "part 'prefix_s32' takes lengths \\[64, 64, 64\\], its length bucket is 32"),
+    (lambda d, m: (d / "adaptive_1.onnx").unlink(), FileNotFoundError,
+     r"part 'adaptive_1' \(adaptive_1.onnx\) is missing"),
+    (lambda d, m: _swap_parts(m, "prefix", "adaptive_1"), ValueError,
+     r"part 'prefix' takes inputs \['hidden', 'attention_mask'\], expected \['input_ids', "),
     (lambda d, m: m.update(hidden_size=48), ValueError,
-     "part 'prefix_s32' has hidden size 32, the manifest says 48"),
+     "part 'prefix' has hidden size 32, the manifest says 48"),
     (lambda d, m: m.update(label_names=["a", "b", "c"]), ValueError,
      "scores 2 classes, the manifest names 3"),
     (lambda d, m: m.update(runtime="tensorrt"), ValueError,
      "runtime 'tensorrt' is not 'jax' or 'onnxruntime'"),
     (lambda d, m: m.pop("precision"), ValueError,
      r"keys \['precision'\] are missing \(runtime 'onnxruntime'\)"),
-    (lambda d, m: m.update(length_buckets=[32]), ValueError,
+    (lambda d, m: m.update(widths=[0.5, 1.0]), ValueError,
      "the manifest lists parts .* but its widths .* need"),
-    (lambda d, m: (d / "prefix_s32.onnx").write_bytes(b"not onnx"), ValueError,
-     "do not match the manifest's SHA-256 for 'prefix_s32'"),
+    (lambda d, m: (d / "prefix.onnx").write_bytes(b"not onnx"), ValueError,
+     "do not match the manifest's SHA-256 for 'prefix'"),
     (lambda d, m: (d / "weights.bin").write_bytes(b"\0" * 64), ValueError,
      "weights.bin: contents do not match the manifest's SHA-256 for 'shared weights'"),
     (lambda d, m: m.pop("shared_weights"), ValueError,

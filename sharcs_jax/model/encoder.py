@@ -92,8 +92,10 @@ class Embeddings(nn.Module):
       # Padding tokens sit at position pad_token_id, real ones count up from it (as HF does).
       real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
       positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
-    else:
+    elif isinstance(input_ids.shape[1], int):
       positions = jnp.arange(input_ids.shape[1])[None, :]
+    else:  # a symbolic length (the ONNX programs), which jax2onnx cannot `arange` over
+      positions = jnp.cumsum(jnp.ones_like(input_ids), axis=1) - 1
     x = x + jnp.take(position, positions, axis=0)
     if cfg.type_vocab_size:
       token_type = self.param("token_type", normal, (cfg.type_vocab_size, cfg.hidden_size))

@@ -1,13 +1,16 @@
 """The one dispatch core: prefix once, each width's part on the inputs routed there, order kept.
 
-For rows of one length bucket: the prefix (layers 1..K and the router) runs once per row in
-batch buckets; a routing rule picks each row's first width from the router's logits; each width's
+Rows are taken in ascending length (`run_buckets` sorts them and gives results back in row
+order) and cut into contiguous batches by `plan_batches`: each batch runs at the smallest batch
+size and program length that hold it, and the cut minimises the modelled time (a fixed cost per
+call plus batch x length tokens), so that a long row does not pad a batch of short ones and a
+few rows of several lengths still run as one call. The prefix (layers 1..K and the router) runs
+once per row; a routing rule picks each row's first width from the router's logits; each width's
 part then runs on the rows at that width, in increasing width order, and a rule that escalates
 (the cascade) sends rows on to the next width from that width's probabilities, reusing the
 prefix's hidden states. Rows run in blocks (bounding the hidden states held); a width's rows
 that do not fill a batch wait for the next block, so that small remainder batches, which cost
-several times more per row, run once per length bucket rather than once per block. `run_buckets`
-takes rows of any length, one `run_rows` per length bucket. Every caller (the engine, dev
+several times more per row, run once rather than once per block. Every caller (the engine, dev
 evaluation, the exported loader) calls it with a `Runner` for its programs; routing every row to
 every width is the rule `EVERY_WIDTH`.
 
@@ -29,6 +32,11 @@ from sharcs_jax.serve.routing import ran_flops
 # groups waste little padding.
 BATCH_BUCKETS = (1, 8, 32)
 
+# What one program call costs beyond its rows, in tokens of work: ONNX Runtime int8 on 2 cores
+# (Intel Xeon, AMX) takes 0.45 + 0.0097 ms per token for the QQP prefix, 0.74 + 0.0177 for the
+# full-width part and 0.31 + 0.0047 for the 0.25 part (batches 1 to 32 at length 32): 45 to 65.
+CALL_COST_TOKENS = 48
+
 
 def batch_sizes_for(runtime: str, batch_buckets: Sequence[int] = BATCH_BUCKETS
                     ) -> tuple[int, ...]:
@@ -40,21 +48,51 @@ def batch_sizes_for(runtime: str, batch_buckets: Sequence[int] = BATCH_BUCKETS
   return tuple(range(1, max(batch_buckets) + 1))
 
 
-def split_into_batches(count: int, batch_buckets: Sequence[int]) -> list[tuple[int, int]]:
-  """(start, batch bucket) covering `count` rows with little padding and few calls.
+def lengths_for(runtime: str, length_buckets: Sequence[int]) -> tuple[int, ...]:
+  """The lengths programs run at: XLA's compiled length buckets; ONNX Runtime's models take any
+  length up to the longest bucket, so there a batch runs at its longest row's length."""
+  if runtime == "xla":
+    return tuple(length_buckets)
+  return tuple(range(1, max(length_buckets) + 1))
 
-  Full batches of the largest bucket first; a remainder goes into the smallest bucket that holds
-  it when that at most doubles its rows, else it is split into the largest bucket that fits.
-  """
-  out, start = [], 0
-  while start < count:
-    left = count - start
-    fits = [b for b in batch_buckets if b >= left]
-    smaller = [b for b in batch_buckets if b <= left]
-    size = fits[0] if fits and (fits[0] <= 2 * left or not smaller) else max(smaller)
-    out.append((start, size))
-    start += min(size, left)
-  return out
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  start: int  # first row
+  stop: int  # one past the last row
+  size: int  # the batch size it runs at (padding rows beyond stop - start)
+  length: int  # the program length it runs at
+
+
+def plan_batches(lengths: np.ndarray, batch_sizes: Sequence[int],
+                 program_lengths: Sequence[int]) -> list[Batch]:
+  """Contiguous batches over rows of these real `lengths` (best ascending), each at the smallest
+  of `batch_sizes` and `program_lengths` that hold it, cut where the modelled time
+  (`CALL_COST_TOKENS` per call + size x length) is least: an exact dynamic programme."""
+  lengths = np.asarray(lengths)
+  n = len(lengths)
+  sizes, programs = np.sort(np.asarray(batch_sizes)), np.sort(np.asarray(program_lengths))
+  if n and lengths.max() > programs[-1]:
+    raise ValueError(f"a row of {lengths.max()} tokens is longer than the longest program "
+                     f"length {programs[-1]}")
+  largest = int(sizes[-1])
+  size_of = sizes[np.searchsorted(sizes, np.arange(1, largest + 1))]  # [k - 1]: holds k rows
+  length_of = programs[np.searchsorted(programs, lengths)]  # each row's own program length
+  best, cut = np.zeros(n + 1), np.zeros(n + 1, np.int64)
+  for stop in range(1, n + 1):
+    k = min(largest, stop)
+    # Batches (stop - j - 1, stop) for j < k: their program length, then their cost.
+    longest = np.maximum.accumulate(length_of[stop - 1::-1][:k])
+    cost = best[stop - 1::-1][:k] + CALL_COST_TOKENS + size_of[:k] * longest
+    j = int(np.argmin(cost))
+    best[stop], cut[stop] = cost[j], stop - j - 1
+  batches, stop = [], n
+  while stop:
+    start = int(cut[stop])
+    batches.append(Batch(start, stop, int(size_of[stop - start - 1]),
+                         int(length_of[start:stop].max())))
+    stop = start
+  return batches[::-1]
 
 
 class Runner(Protocol):
@@ -106,11 +144,9 @@ class Dispatched:
 
 @dataclasses.dataclass
 class _PrefixBatch:
-  start: int  # first row
-  count: int  # real rows; the rest of `size` is padding
-  size: int  # the batch bucket it ran at
-  hidden: Any  # [size, S, d], as the runner returned it (on the device)
-  mask: np.ndarray  # int32 [size, S], padding rows included
+  batch: Batch  # its rows (of the block), batch size and length
+  hidden: Any  # [size, length, d], as the runner returned it (on the device)
+  mask: np.ndarray  # int32 [size, length], padding rows included
   on_host: np.ndarray | None = None  # `hidden` as a host array, once a row is gathered from it
 
   def host(self, to_host: Callable[[Any], np.ndarray]) -> np.ndarray:
@@ -125,7 +161,7 @@ _Source = tuple[_PrefixBatch, int] | np.ndarray
 
 
 class _Queue:
-  """One width's rows waiting for a full batch, in ascending row order, with their sources."""
+  """One width's rows waiting for a full batch, with their sources; taken in ascending row order."""
 
   def __init__(self):
     self.rows: list[int] = []
@@ -135,16 +171,19 @@ class _Queue:
     self.rows.extend(rows)
     self.sources.extend(sources)
 
-  def take(self, batch_buckets: Sequence[int],
-           flush: bool) -> list[tuple[np.ndarray, list[_Source], int]]:
-    """(rows, sources, batch bucket) to run now: full batches of the largest bucket, and with
-    `flush` the remainder split as `split_into_batches` does."""
-    full = max(batch_buckets)
+  def take(self, lengths: np.ndarray, batch_sizes: Sequence[int],
+           program_lengths: Sequence[int], flush: bool
+           ) -> list[tuple[np.ndarray, list[_Source], Batch]]:
+    """(rows, sources, batch) to run now: rows that fill batches of the largest size, and with
+    `flush` every row, cut by `plan_batches` (`lengths` [n] of every row)."""
+    order = np.argsort(self.rows, kind="stable")  # escalated rows join the rows routed here
+    self.rows = [self.rows[i] for i in order]
+    self.sources = [self.sources[i] for i in order]
+    full = max(batch_sizes)
     cut = len(self.rows) if flush else len(self.rows) - len(self.rows) % full
-    chunks = []
-    for start, size in split_into_batches(cut, batch_buckets):
-      stop = min(start + size, cut)
-      chunks.append((np.asarray(self.rows[start:stop], np.int64), self.sources[start:stop], size))
+    rows = np.asarray(self.rows[:cut], np.int64)
+    chunks = [(rows[b.start:b.stop], self.sources[b.start:b.stop], b)
+              for b in plan_batches(lengths[rows], batch_sizes, program_lengths)]
     del self.rows[:cut], self.sources[:cut]
     return chunks
 
@@ -163,79 +202,74 @@ def block_rows(batch_buckets: Sequence[int]) -> int:
 def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *,
                 length_buckets: Sequence[int], batch_buckets: Sequence[int], num_widths: int,
                 num_classes: int, rule: Routing, width_flops: np.ndarray,
-                prefix_flops: np.ndarray, keep_every_width: bool = False,
-                block_size: int | None = None,
+                prefix_flops: np.ndarray, program_lengths: Sequence[int] | None = None,
+                keep_every_width: bool = False, block_size: int | None = None,
                 to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
-  """Rows of any length, results in row order: each row runs in the shortest length bucket that
-  holds its `lengths` [N] real tokens (`ids`, `types` [N, >= the longest bucket]), one `run_rows`
-  per bucket. `width_flops` [m, length buckets]: one row's FLOPs at each width and bucket (prefix
-  included), `prefix_flops` [length buckets] the prefix's; `flops` in the result counts each
-  row's prefix once and the part of every width it ran (`routing.ran_flops`)."""
+  """Rows of any length (`lengths` [N] real tokens of `ids`, `types` [N, >= the longest program
+  length]) through `run_rows` in ascending length, results in row order. Programs run at
+  `program_lengths` (default the length buckets). `width_flops` [m, length buckets]: one row's
+  FLOPs at each width and bucket (prefix included), `prefix_flops` [length buckets] the
+  prefix's; each row is costed at its own length bucket, and `flops` in the result counts its
+  prefix once and the part of every width it ran (`routing.ran_flops`)."""
+  lengths = np.asarray(lengths)
   n = len(lengths)
-  probabilities = np.zeros((n, num_classes), np.float32)
-  final = np.zeros(n, np.int64)
-  ran = np.zeros((n, num_widths), bool)
-  router = np.zeros((n, num_widths), np.float32)
-  every = np.zeros((num_widths, n, num_classes), np.float32) if keep_every_width else None
   bucket_of = length_bucket_of(lengths, length_buckets)
-  for bucket, length, rows in _by_length_bucket(bucket_of, length_buckets):
-    out = run_rows(runner, ids[rows, :length], length_mask(lengths[rows], length),
-                   types[rows, :length], length=length,
-                   batch_buckets=batch_buckets, num_widths=num_widths, rule=rule,
-                   width_flops=width_flops[:, bucket], keep_every_width=keep_every_width,
-                   block_size=block_size, to_host=to_host)
-    probabilities[rows], final[rows], ran[rows], router[rows] = (
-        out.probabilities, out.final, out.ran, out.router)
-    if every is not None:
-      every[:, rows] = out.every_width
-  flops = ran_flops(final, ran, np.asarray(width_flops)[:, bucket_of].T,
-                    np.asarray(prefix_flops)[bucket_of])
-  return Dispatched(probabilities, final, ran, router, every, flops)
+  row_flops = np.asarray(width_flops, np.float64)[:, bucket_of].T  # [N, m]
+  order = np.argsort(lengths, kind="stable")
+  out = run_rows(runner, ids[order], types[order], lengths[order],
+                 program_lengths=tuple(program_lengths or length_buckets),
+                 batch_buckets=batch_buckets, num_widths=num_widths, rule=rule,
+                 width_flops=row_flops[order], keep_every_width=keep_every_width,
+                 block_size=block_size, to_host=to_host)
+  back = np.empty(n, np.int64)
+  back[order] = np.arange(n)
+  probabilities = (out.probabilities[back] if n else np.zeros((0, num_classes), np.float32))
+  every = None
+  if keep_every_width:
+    every = (out.every_width[:, back] if n
+             else np.zeros((num_widths, 0, num_classes), np.float32))
+  final, ran = out.final[back], out.ran[back]
+  flops = ran_flops(final, ran, row_flops, np.asarray(prefix_flops)[bucket_of])
+  return Dispatched(probabilities, final, ran, out.router[back], every, flops)
 
 
 def run_each_row(call: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], Any],
                  ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *, columns: int,
-                 length_buckets: Sequence[int], batch_buckets: Sequence[int],
+                 program_lengths: Sequence[int], batch_buckets: Sequence[int],
                  to_host: Callable[[Any], np.ndarray] = np.asarray) -> np.ndarray:
   """One program over every row, without routing (the router's logits alone, the full-width
-  baseline): `call(batch, length, ids, mask, types)` -> [batch, columns] runs in batch buckets
-  per length bucket, padded as `run_rows` pads; float32 [N, columns] in row order."""
+  baseline): `call(batch, length, ids, mask, types)` -> [batch, columns] runs on batches cut as
+  `run_buckets` cuts them (rows in ascending length); float32 [N, columns] in row order."""
+  lengths = np.asarray(lengths)
   out = np.zeros((len(lengths), columns), np.float32)
-  for _, length, rows in _by_length_bucket(length_bucket_of(lengths, length_buckets),
-                                           length_buckets):
-    mask = length_mask(lengths[rows], length)
-    for start, size in split_into_batches(len(rows), batch_buckets):
-      batch = rows[start:start + size]
-      out[batch] = to_host(call(size, length, pad_rows(ids[batch, :length], size),
-                                pad_mask(mask[start:start + size], size),
-                                pad_rows(types[batch, :length], size)))[:len(batch)]
+  order = np.argsort(lengths, kind="stable")
+  for b in plan_batches(lengths[order], batch_buckets, program_lengths):
+    rows = order[b.start:b.stop]
+    out[rows] = to_host(call(b.size, b.length, pad_rows(ids[rows, :b.length], b.size),
+                             pad_mask(length_mask(lengths[rows], b.length), b.size),
+                             pad_rows(types[rows, :b.length], b.size)))[:len(rows)]
   return out
 
 
-def _by_length_bucket(bucket_of: np.ndarray, length_buckets: Sequence[int]):
-  """(bucket, length, rows) for every length bucket that holds rows (`bucket_of` [N])."""
-  for bucket, length in enumerate(length_buckets):
-    rows = np.flatnonzero(bucket_of == bucket)
-    if len(rows):
-      yield bucket, length, rows
-
-
-def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, *,
-             length: int, batch_buckets: Sequence[int], num_widths: int, rule: Routing,
-             width_flops: np.ndarray, keep_every_width: bool = False,
+def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *,
+             program_lengths: Sequence[int], batch_buckets: Sequence[int], num_widths: int,
+             rule: Routing, width_flops: np.ndarray, keep_every_width: bool = False,
              block_size: int | None = None,
              to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
-  """Routes rows [n, length] of one length bucket through prefix and parts (see module doc).
+  """Routes rows (`ids`, `types` [n, >= the longest program length needed], `lengths` [n] real
+  tokens, best ascending) through prefix and parts (see module doc).
 
   Rows are taken in blocks of `block_size` (default `block_rows`): the prefix runs on a block,
   then each width's part on the rows routed or escalated there. Rows of a width that do not fill
-  a batch of the largest bucket wait for the next block, so that only the last block runs
-  remainders. `width_flops` [m]: FLOPs of one row at each width at this length (for cost-aware
+  a batch of the largest size wait for the next block, so that only the last block runs
+  remainders. `width_flops` [n, m] or [m]: FLOPs of each row at each width (for cost-aware
   rules). A batch that is exactly one prefix batch takes that batch's hidden states as they lie
   on the device; others are gathered on the host. Without escalation every batch of a block is
   dispatched before any result is read, so host work overlaps compute.
   """
   n = len(ids)
+  lengths = np.asarray(lengths)
+  width_flops = np.broadcast_to(np.asarray(width_flops, np.float64), (n, num_widths))
   block_size = block_size or block_rows(batch_buckets)
   final = np.full(n, -1, np.int64)
   ran = np.zeros((n, num_widths), bool)
@@ -244,19 +278,21 @@ def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarra
   queues = [_Queue() for _ in range(num_widths)]
   for start in range(0, n, block_size):
     stop = min(n, start + block_size)
-    batches, router[start:stop] = _prefix(runner, ids[start:stop], mask[start:stop],
-                                          types[start:stop], length, batch_buckets, to_host)
-    first = np.asarray(rule.first_widths(router[start:stop],
-                                         np.broadcast_to(width_flops, (stop - start, num_widths))))
+    batches, router[start:stop] = _prefix(runner, ids[start:stop], types[start:stop],
+                                          lengths[start:stop], batch_buckets, program_lengths,
+                                          to_host)
+    first = np.asarray(rule.first_widths(router[start:stop], width_flops[start:stop]))
     for b in batches:
       for i in range(num_widths):
-        at = np.flatnonzero(first[b.start:b.start + b.count] == i)
-        queues[i].add((start + b.start + at).tolist(), [(b, int(p)) for p in at])
+        at = np.flatnonzero(first[b.batch.start:b.batch.stop] == i)
+        queues[i].add((start + b.batch.start + at).tolist(), [(b, int(p)) for p in at])
     pending = []  # (width, rows, sources, device probabilities)
     for i in range(num_widths):
-      for rows, sources, size in queues[i].take(batch_buckets, flush=stop == n):
-        hidden, batch_mask = _inputs(sources, mask[rows], size, to_host)
-        pending.append((i, rows, sources, runner.part(i, size, length, hidden, batch_mask)))
+      for rows, sources, batch in queues[i].take(lengths, batch_buckets, program_lengths,
+                                                 flush=stop == n):
+        hidden, batch_mask = _inputs(sources, lengths[rows], batch, to_host)
+        pending.append((i, rows, sources,
+                        runner.part(i, batch.size, batch.length, hidden, batch_mask)))
         ran[rows, i] = True
       if not rule.escalating and i < num_widths - 1:
         continue  # read once every width is dispatched
@@ -283,33 +319,45 @@ def run_rows(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarra
   return Dispatched(probabilities, final, ran, router, every)
 
 
-def _inputs(sources: Sequence[_Source], mask: np.ndarray, size: int,
+def _fit_length(hidden: np.ndarray, length: int) -> np.ndarray:
+  """One row's hidden states [L, d] cut or zero-padded to `length` positions: past its real
+  tokens a row's positions are masked, so either is exact."""
+  if len(hidden) >= length:
+    return hidden[:length]
+  return np.concatenate([hidden, np.zeros((length - len(hidden),) + hidden.shape[1:],
+                                          hidden.dtype)])
+
+
+def _inputs(sources: Sequence[_Source], lengths: np.ndarray, batch: Batch,
             to_host: Callable[[Any], np.ndarray]) -> tuple[Any, np.ndarray]:
-  """A part's (hidden states, mask) for these rows padded to `size`: a whole prefix batch as it
-  lies on the device, else the rows gathered on the host."""
+  """A part's (hidden states, mask) for these rows (`lengths` real tokens) as `batch` runs them:
+  a whole prefix batch as it lies on the device, else the rows gathered on the host."""
   head = sources[0]
   if not isinstance(head, np.ndarray):
-    batch = head[0]
-    if (batch.size == size and batch.count == len(sources) and all(
-        not isinstance(s, np.ndarray) and s[0] is batch and s[1] == p
-        for p, s in enumerate(sources))):
-      return batch.hidden, batch.mask
-  rows = np.stack([s if isinstance(s, np.ndarray) else s[0].host(to_host)[s[1]] for s in sources])
-  return pad_rows(rows, size), pad_mask(mask, size)
+    held = head[0]
+    if (held.batch.size == batch.size and held.batch.length == batch.length
+        and held.batch.stop - held.batch.start == len(sources) and all(
+            not isinstance(s, np.ndarray) and s[0] is held and s[1] == p
+            for p, s in enumerate(sources))):
+      return held.hidden, held.mask
+  rows = np.stack([_fit_length(s if isinstance(s, np.ndarray) else s[0].host(to_host)[s[1]],
+                               batch.length) for s in sources])
+  return pad_rows(rows, batch.size), pad_mask(length_mask(lengths, batch.length), batch.size)
 
 
-def _prefix(runner: Runner, ids: np.ndarray, mask: np.ndarray, types: np.ndarray, length: int,
-            batch_buckets: Sequence[int], to_host: Callable[[Any], np.ndarray]
-            ) -> tuple[list[_PrefixBatch], np.ndarray]:
-  """The prefix over every row in batch buckets: the batches as run, router logits [n, m]."""
+def _prefix(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray,
+            batch_sizes: Sequence[int], program_lengths: Sequence[int],
+            to_host: Callable[[Any], np.ndarray]) -> tuple[list[_PrefixBatch], np.ndarray]:
+  """The prefix over every row in the batches `plan_batches` cuts: the batches as run, router
+  logits [n, m]."""
   batches, pending = [], []
-  for start, size in split_into_batches(len(ids), batch_buckets):
-    rows = slice(start, start + size)
-    count = len(ids[rows])
-    batch_mask = pad_mask(mask[rows], size)
-    hidden, router = runner.prefix(size, length, pad_rows(ids[rows], size), batch_mask,
-                                   pad_rows(types[rows], size))
-    batches.append(_PrefixBatch(start, count, size, hidden, batch_mask))
+  for b in plan_batches(lengths, batch_sizes, program_lengths):
+    rows = slice(b.start, b.stop)
+    batch_mask = pad_mask(length_mask(lengths[rows], b.length), b.size)
+    hidden, router = runner.prefix(b.size, b.length, pad_rows(ids[rows, :b.length], b.size),
+                                   batch_mask, pad_rows(types[rows, :b.length], b.size))
+    batches.append(_PrefixBatch(b, hidden, batch_mask))
     pending.append(router)
-  router = np.concatenate([to_host(r)[:b.count] for r, b in zip(pending, batches)])
+  router = np.concatenate([to_host(r)[:b.batch.stop - b.batch.start]
+                           for r, b in zip(pending, batches)])
   return batches, router

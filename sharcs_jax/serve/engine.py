@@ -66,6 +66,7 @@ class Engine:
     self.length_buckets = tuple(length_buckets)
     self.batch_buckets = tuple(batch_buckets)
     self.batch_sizes = dispatch.batch_sizes_for(runtime, batch_buckets)  # what groups run at
+    self.program_lengths = dispatch.lengths_for(runtime, length_buckets)  # and at which lengths
     self.widths = model.widths
     self.tokenizer = tokenizer
     self.task = task
@@ -86,8 +87,7 @@ class Engine:
       # The XLA programs at batch 1 only: the FLOPs table, and the model's shapes for evaluation.
       self.programs = counted = Programs(fp32, params, batch_buckets=batch_buckets[:1],
                                          length_buckets=length_buckets, cache_dir=cache_dir)
-      self.onnx = OnnxPrograms(model, params, length_buckets=length_buckets,
-                               precision=self.precision, cache_dir=cache_dir)
+      self.onnx = OnnxPrograms(model, params, precision=self.precision, cache_dir=cache_dir)
       self.runner = self.onnx.runner(threads)
     self.flops = counted.flops_table()  # [m, length buckets]
     self.prefix_flops = counted.prefix_flops_row()  # [length buckets]
@@ -140,7 +140,7 @@ class Engine:
         else start_budget or None
     return evaluate.calibrate_rule(self.programs, self.params["params"], data,
                                    self.batch_buckets[-1], budget, rule, signal, start_budget,
-                                   runner=self.runner)
+                                   runner=self.runner, program_lengths=self.program_lengths)
 
   def example_gflops(self, width: float, length: int) -> float:
     """GFLOPs of one example routed to `width` at padded length `length`."""
@@ -173,7 +173,8 @@ class Engine:
         data.token_type_ids, data.lengths, length_buckets=self.length_buckets,
         batch_buckets=self.batch_sizes, num_widths=len(self.widths),
         num_classes=self.model.num_classes, rule=self.rule, width_flops=self.flops,
-        prefix_flops=self.prefix_flops, block_size=self.block_size)
+        prefix_flops=self.prefix_flops, program_lengths=self.program_lengths,
+        block_size=self.block_size)
     return Predictions(labels=out.probabilities.argmax(-1).astype(np.int32),
                        probabilities=out.probabilities,
                        widths=np.asarray(self.widths, np.float32)[out.final],

@@ -10,7 +10,7 @@ plus the width's part (head included).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,12 +34,15 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
 
 
 def predict_all_widths(programs: Programs, params: Any, data: Encoded, batch_size: int,
-                       runner: dispatch.Runner | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       runner: dispatch.Runner | None = None,
+                       program_lengths: Sequence[int] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
   """Probabilities at every width [m, N, C] and router logits [N, m], rows in data order.
 
   The dispatch core with every example routed to every width: the prefix runs once per batch of
   `batch_size`, and every width's part on the same hidden states where they lie. `runner`
-  replaces `programs`' own (another runtime's programs of the same model).
+  replaces `programs`' own (another runtime's programs of the same model, which run at
+  `program_lengths`: `dispatch.lengths_for` its runtime).
   """
   widths = len(programs.model.widths)
   out = dispatch.run_buckets(runner or ProgramRunner(programs, {"params": params}), data.input_ids,
@@ -48,32 +51,37 @@ def predict_all_widths(programs: Programs, params: Any, data: Encoded, batch_siz
                              num_classes=programs.model.num_classes, rule=dispatch.EVERY_WIDTH,
                              width_flops=np.ones((widths, len(data.length_buckets))),
                              prefix_flops=np.zeros(len(data.length_buckets)),
-                             keep_every_width=True, to_host=to_host)
+                             program_lengths=program_lengths, keep_every_width=True,
+                             to_host=to_host)
   return out.every_width, out.router
 
 
 def router_logits(programs: Programs, params: Any, data: Encoded, batch_size: int,
-                  runner: dispatch.Runner | None = None) -> np.ndarray:
+                  runner: dispatch.Runner | None = None,
+                  program_lengths: Sequence[int] | None = None) -> np.ndarray:
   """Router logits [N, m] from the prefix alone: all a routing rule is calibrated on."""
   runner = runner or ProgramRunner(programs, {"params": params})
   return dispatch.run_each_row(lambda *batch: runner.prefix(*batch)[1], data.input_ids,
                                data.token_type_ids, data.lengths,
                                columns=len(programs.model.widths),
-                               length_buckets=data.length_buckets, batch_buckets=(batch_size,),
-                               to_host=to_host)
+                               program_lengths=program_lengths or data.length_buckets,
+                               batch_buckets=(batch_size,), to_host=to_host)
 
 
 def calibrate_rule(programs: Programs, params: Any, data: Encoded, batch_size: int,
                    budget: Budget, rule: str = "router", signal: str = "max_prob",
                    start_budget: Budget | None = None,
-                   runner: dispatch.Runner | None = None) -> Rule | Cascade:
+                   runner: dispatch.Runner | None = None,
+                   program_lengths: Sequence[int] | None = None) -> Rule | Cascade:
   """`routing.calibrate_rule` on `data` (held-out inputs), running only what the rule needs,
   on `runner` where given (so that a rule is calibrated on the probabilities it will route)."""
   flops = per_example_flops(programs.flops_table(), data)
   if rule == "router":
     return routing.calibrate_rule(
-        rule, budget, router_logits(programs, params, data, batch_size, runner), flops)
-  probabilities, router = predict_all_widths(programs, params, data, batch_size, runner)
+        rule, budget, router_logits(programs, params, data, batch_size, runner, program_lengths),
+        flops)
+  probabilities, router = predict_all_widths(programs, params, data, batch_size, runner,
+                                             program_lengths)
   return routing.calibrate_rule(rule, budget, router, flops, probabilities,
                                 programs.prefix_flops_row()[data.bucket_of], signal, start_budget)
 

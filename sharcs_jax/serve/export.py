@@ -3,10 +3,10 @@
 On the XLA runtime each part (the prefix with the router, and each width's adaptive part with the
 head) is `jax.export`ed with symbolic batch and length, so one file serves every batch size and
 length bucket; parameters are an argument (one `.npz`), not constants baked into each part. On
-ONNX Runtime the parts are the engine's ONNX programs (one per length bucket, fp32 or int8), and
-the export needs nothing but onnxruntime, numpy and tokenizers to serve. Every length bucket's
-model holds the same weights (the embedding table alone is 47 MB), so each large initializer is
-stored once, in `weights.bin`, which every part references as ONNX external data.
+ONNX Runtime the parts are the engine's ONNX programs (batch and length symbolic, fp32 or int8),
+and the export needs nothing but onnxruntime, numpy and tokenizers to serve. Their large
+initializers are stored in `weights.bin`, each distinct one once, which every part references as
+ONNX external data.
 
     python -m sharcs_jax.main --mode=export --workdir=/tmp/sharcs_qqp --output=/tmp/qqp_export
     python -m sharcs_jax.main --mode=export --workdir=/tmp/sharcs_qqp --output=/tmp/qqp_int8 \

@@ -5,7 +5,7 @@ and `manifest.json`, which names every file with its SHA-256 and records the run
 length buckets, FLOPs per part, label names and the routing rule. The programs are either
   - runtime "jax": serialized StableHLO for the prefix with the router and for each width's
     adaptive part (batch and length symbolic) and the parameters as one `.npz`; loading needs jax;
-  - runtime "onnxruntime": one ONNX model per program and length bucket (batch symbolic), fp32 or
+  - runtime "onnxruntime": one ONNX model per program (batch and length symbolic), fp32 or
     int8, their large weights stored once in `weights.bin` (ONNX external data); loading needs
     only onnxruntime, numpy and tokenizers (no jax).
 Both run through the same numpy-only dispatch core as the engine.
@@ -32,7 +32,8 @@ from sharcs_jax.serve.routing import rule_from_json
 # the loader can check the manifest against the parts and parameters. 3: the manifest names its
 # runtime ("jax" or "onnxruntime"); an ONNX export has one part per program and length bucket.
 # 4: an ONNX export's parts keep their large weights, once, in a shared file (`shared_weights`).
-FORMAT_VERSION = 4
+# 5: an ONNX export has one part per program, named as the jax export's, length symbolic.
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 SHARED_WEIGHTS = "weights.bin"
 MANIFEST_KEYS = ("format_version", "runtime", "task", "label_names", "text_fields", "widths",
@@ -53,16 +54,13 @@ def adaptive_part_name(width: float) -> str:
   return f"adaptive_{width:g}"
 
 
-def onnx_part_name(width: float | None, length: int) -> str:
-  """An ONNX program's part name: the prefix (width None) or a width's part, at one length."""
-  return f"{'prefix' if width is None else adaptive_part_name(width)}_s{length}"
+def part_name(width: float | None) -> str:
+  """A program's part name: the prefix (width None) or a width's adaptive part."""
+  return "prefix" if width is None else adaptive_part_name(width)
 
 
 def expected_parts(manifest: dict) -> set[str]:
-  widths = manifest["widths"]
-  if manifest["runtime"] == "jax":
-    return {"prefix"} | {adaptive_part_name(w) for w in widths}
-  return {onnx_part_name(w, s) for w in [None, *widths] for s in manifest["length_buckets"]}
+  return {part_name(w) for w in [None, *manifest["widths"]]}
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -146,12 +144,14 @@ class ExportedModel:
     return ids, types, lengths
 
   def predict(self, texts: Sequence[str | Sequence[str]]) -> ExportedPredictions:
-    """Through `dispatch.run_buckets`, as the engine serves: the same rule, batches and order."""
+    """Through `dispatch.run_buckets`, as the engine serves: the same rule, batches and order
+    (the jax parts at the length buckets, since each new shape would compile anew)."""
     ids, types, lengths = self.encode(texts)
+    runtime = "xla" if self.runtime == "jax" else self.runtime
     out = dispatch.run_buckets(self.runner, ids, types, lengths,
                                length_buckets=self.length_buckets,
-                               batch_buckets=dispatch.batch_sizes_for(
-                                   "xla" if self.runtime == "jax" else self.runtime),
+                               batch_buckets=dispatch.batch_sizes_for(runtime),
+                               program_lengths=dispatch.lengths_for(runtime, self.length_buckets),
                                num_widths=len(self.widths),
                                num_classes=len(self.label_names), rule=self.rule,
                                width_flops=self.gflops, prefix_flops=self.prefix_gflops)
@@ -195,23 +195,27 @@ def _onnx_runner(directory: str, path: str, manifest: dict) -> Any:
   """Sessions for every ONNX part, checked against the manifest before anything runs."""
   from sharcs_jax.serve import ort_runner
 
-  buckets, widths = manifest["length_buckets"], manifest["widths"]
+  widths = manifest["widths"]
   file = {name: os.path.join(directory, entry["file"]) for name, entry in manifest["parts"].items()}
-  runner = ort_runner.OrtRunner({s: file[onnx_part_name(None, s)] for s in buckets},
-                                {(i, s): file[onnx_part_name(w, s)] for i, w in enumerate(widths)
-                                 for s in buckets})
-  for (key, (inputs, outputs)) in runner.io_shapes().items():
-    name = onnx_part_name(None if key[0] == "prefix" else widths[key[0]], key[1])
-    if [shape[1] for shape in inputs] != [key[1]] * len(inputs):
-      raise ValueError(f"{path}: part {name!r} takes lengths {[s[1] for s in inputs]}, its "
-                       f"length bucket is {key[1]}")
-    if key[0] == "prefix" and outputs[1][-1] != len(widths):
+  runner = ort_runner.OrtRunner(file[part_name(None)],
+                                [file[adaptive_part_name(w)] for w in widths])
+  for (key, (named_inputs, named_outputs)) in runner.io_shapes().items():
+    name = part_name(None if key == "prefix" else widths[key])
+    takes = ort_runner.PREFIX_INPUTS if key == "prefix" else ort_runner.PART_INPUTS
+    if tuple(n for n, _ in named_inputs) != takes:
+      raise ValueError(f"{path}: part {name!r} takes inputs {[n for n, _ in named_inputs]}, "
+                       f"expected {list(takes)}")
+    inputs, outputs = [s for _, s in named_inputs], [s for _, s in named_outputs]
+    if not all(isinstance(shape[1], str) for shape in inputs):
+      raise ValueError(f"{path}: part {name!r} takes fixed lengths {[s[1] for s in inputs]}; "
+                       "batches run at any length (export it again)")
+    if key == "prefix" and outputs[1][-1] != len(widths):
       raise ValueError(f"{path}: part {name!r}'s router scores {outputs[1][-1]} widths, the "
                        f"manifest lists {len(widths)}")
-    if key[0] != "prefix" and outputs[0][-1] != len(manifest["label_names"]):
+    if key != "prefix" and outputs[0][-1] != len(manifest["label_names"]):
       raise ValueError(f"{path}: part {name!r} scores {outputs[0][-1]} classes, the manifest "
                        f"names {len(manifest['label_names'])}")
-    hidden = outputs[0][-1] if key[0] == "prefix" else inputs[0][-1]
+    hidden = outputs[0][-1] if key == "prefix" else inputs[0][-1]
     if hidden != manifest["hidden_size"]:
       raise ValueError(f"{path}: part {name!r} has hidden size {hidden}, the manifest says "
                        f"{manifest['hidden_size']}")

@@ -1,9 +1,8 @@
 """The SHARCS programs as ONNX models for ONNX Runtime, from the Flax functions XLA compiles.
 
 Each program of `programs.functions` (the prefix with the router; each width's adaptive part with
-its head) is converted by jax2onnx with the parameters as constants, one model per length bucket
-(jax2onnx cannot trace the position embeddings' `arange` over a symbolic length) and a symbolic
-batch. Then:
+its head) is converted by jax2onnx with the parameters as constants into one model, batch and
+length symbolic (a batch runs at its longest row's length: no padding to length buckets). Then:
   1. ONNX Runtime's basic optimisations fold the constants (the weights' width slices become
      initializers, dropout goes);
   2. `onnx_graph` splits the packed Q/K/V projection into three, turns every Einsum and Gemm
@@ -36,7 +35,7 @@ from absl import logging
 from sharcs_jax import report
 from sharcs_jax.model import config as model_config
 from sharcs_jax.model import encoder, sharcs, widths
-from sharcs_jax.data.padding import length_bucket_of, length_mask
+from sharcs_jax.data.padding import length_mask
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.serve import ort_runner
 
@@ -45,7 +44,7 @@ try:
 except ImportError:
   raise ort_runner.missing_extra("the onnx package (to convert the programs)") from None
 from sharcs_jax.serve import onnx_graph  # pylint: disable=g-import-not-at-top
-from sharcs_jax.serve.exported import onnx_part_name
+from sharcs_jax.serve.exported import part_name
 from sharcs_jax.serve.precision import PRECISIONS, cpu_flags, int8_reduce_range
 from sharcs_jax.serve.programs import argument_specs, functions
 
@@ -90,11 +89,10 @@ class Int8Recipe:
 class OnnxKey:
   kind: str  # "prefix" or "adaptive"
   width: float | None
-  length: int
 
   @property
   def name(self) -> str:
-    return onnx_part_name(self.width, self.length)
+    return part_name(self.width)
 
 
 def fingerprint(model: SharcsModel, params: Any, precision: str, reduce_range: bool,
@@ -199,7 +197,7 @@ def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
   model = model.clone(compute_dtype="float32")
   function = functions(model)
   variables = {"params": params}
-  specs = argument_specs(model, key.kind, "batch", key.length)
+  specs = argument_specs(model, key.kind, "batch", "length")
   if key.kind == "prefix":
     onnx_model = convert(lambda ids, mask, types: function["prefix"](variables, ids, mask, types),
                          specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_OUTPUTS, key.name)
@@ -218,22 +216,20 @@ def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
   return quantize_int8(onnx_model, reduce_range, recipe, feeds)
 
 
-def calibration_feeds(prefix: Callable[..., Any], params: Any, key: OnnxKey,
-                      length_buckets: Sequence[int], ids: np.ndarray, types: np.ndarray,
-                      lengths: np.ndarray, batch: int = 32, most: int = 512
+def calibration_feeds(prefix: Callable[..., Any], params: Any, key: OnnxKey, ids: np.ndarray,
+                      types: np.ndarray, lengths: np.ndarray, batch: int = 32, most: int = 512
                       ) -> list[dict[str, np.ndarray]]:
-  """A program's inputs for (at most `most`) calibration rows of its length bucket (the first
-  rows, truncated, where the bucket has none): token ids for the prefix, the float32 prefix's
-  hidden states for a part."""
-  rows = np.flatnonzero(length_bucket_of(lengths, length_buckets)
-                        == list(length_buckets).index(key.length))[:most]
-  rows = rows if len(rows) else np.arange(min(len(lengths), batch))
+  """A program's inputs for the first `most` calibration rows in ascending length, in batches at
+  their longest row's length (as they are served): token ids for the prefix, the float32
+  prefix's hidden states for a part."""
+  rows = np.argsort(lengths[:most], kind="stable")
   feeds = []
   for start in range(0, len(rows), batch):
     chosen = rows[start:start + batch]
-    mask = length_mask(np.minimum(lengths[chosen], key.length), key.length)
-    feed = {"input_ids": ids[chosen, :key.length], "attention_mask": mask,
-            "token_type_ids": types[chosen, :key.length]}
+    length = int(lengths[chosen].max())
+    mask = length_mask(lengths[chosen], length)
+    feed = {"input_ids": ids[chosen, :length], "attention_mask": mask,
+            "token_type_ids": types[chosen, :length]}
     if key.kind != "prefix":
       hidden, _ = prefix({"params": params}, *feed.values())
       feed = {"hidden": np.asarray(hidden), "attention_mask": mask}
@@ -244,8 +240,8 @@ def calibration_feeds(prefix: Callable[..., Any], params: Any, key: OnnxKey,
 class OnnxPrograms:
   """Every program as an ONNX file, converted once and stored (see module doc)."""
 
-  def __init__(self, model: SharcsModel, params: Any, *, length_buckets: Sequence[int],
-               precision: str, cache_dir: str | None = None, reduce_range: bool | None = None,
+  def __init__(self, model: SharcsModel, params: Any, *, precision: str,
+               cache_dir: str | None = None, reduce_range: bool | None = None,
                recipe: Int8Recipe = Int8Recipe(),
                calibration: tuple[np.ndarray, ...] | None = None):
     """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe."""
@@ -256,7 +252,6 @@ class OnnxPrograms:
     self.precision = precision
     self.reduce_range = (int8_reduce_range(cpu_flags()) if reduce_range is None
                          else reduce_range) if precision == "int8" else False
-    self.length_buckets = tuple(length_buckets)
     self.recipe, self.calibration = recipe, calibration
     if precision == "int8" and recipe.method == "static" and calibration is None:
       raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
@@ -266,8 +261,7 @@ class OnnxPrograms:
     key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
                                   f"onnx-{key}")
-    self.keys = [OnnxKey("prefix", None, s) for s in self.length_buckets] + [
-        OnnxKey("adaptive", w, s) for w in model.widths for s in self.length_buckets]
+    self.keys = [OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
     self.converted = self.loaded = 0
     self.paths = {key: self._obtain(key, params) for key in self.keys}
     logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
@@ -279,8 +273,8 @@ class OnnxPrograms:
       self.loaded += 1
       return path
     static = self.precision == "int8" and self.recipe.method == "static"
-    feeds = (calibration_feeds(self._float32_prefix, params, key, self.length_buckets,
-                               *self.calibration) if static else None)
+    feeds = (calibration_feeds(self._float32_prefix, params, key, *self.calibration)
+             if static else None)
     onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range,
                                self.recipe, feeds)
     os.makedirs(self.directory, exist_ok=True)
@@ -291,9 +285,7 @@ class OnnxPrograms:
 
   def runner(self, threads: int = 0) -> ort_runner.OrtRunner:
     """Sessions for every program (built now, never while serving)."""
-    widths_index = {w: i for i, w in enumerate(self.model.widths)}
-    return ort_runner.OrtRunner(
-        {k.length: p for k, p in self.paths.items() if k.kind == "prefix"},
-        {(widths_index[k.width], k.length): p for k, p in self.paths.items()
-         if k.kind == "adaptive"}, threads)
+    return ort_runner.OrtRunner(self.paths[OnnxKey("prefix", None)],
+                                [self.paths[OnnxKey("adaptive", w)] for w in self.model.widths],
+                                threads)
 
