@@ -63,6 +63,11 @@ class Batch:
   size: int  # the batch size it runs at (padding rows beyond stop - start)
   length: int  # the program length it runs at
 
+  @property
+  def count(self) -> int:
+    """Real rows (the rest of `size` is padding)."""
+    return self.stop - self.start
+
 
 def plan_batches(lengths: np.ndarray, batch_sizes: Sequence[int],
                  program_lengths: Sequence[int]) -> list[Batch]:
@@ -245,9 +250,8 @@ def run_each_row(call: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], 
   order = np.argsort(lengths, kind="stable")
   for b in plan_batches(lengths[order], batch_buckets, program_lengths):
     rows = order[b.start:b.stop]
-    out[rows] = to_host(call(b.size, b.length, pad_rows(ids[rows, :b.length], b.size),
-                             pad_mask(length_mask(lengths[rows], b.length), b.size),
-                             pad_rows(types[rows, :b.length], b.size)))[:len(rows)]
+    out[rows] = to_host(call(b.size, b.length,
+                             *_padded_inputs(ids, types, lengths, rows, b)))[:len(rows)]
   return out
 
 
@@ -336,13 +340,21 @@ def _inputs(sources: Sequence[_Source], lengths: np.ndarray, batch: Batch,
   if not isinstance(head, np.ndarray):
     held = head[0]
     if (held.batch.size == batch.size and held.batch.length == batch.length
-        and held.batch.stop - held.batch.start == len(sources) and all(
+        and held.batch.count == len(sources) and all(
             not isinstance(s, np.ndarray) and s[0] is held and s[1] == p
             for p, s in enumerate(sources))):
       return held.hidden, held.mask
   rows = np.stack([_fit_length(s if isinstance(s, np.ndarray) else s[0].host(to_host)[s[1]],
                                batch.length) for s in sources])
   return pad_rows(rows, batch.size), pad_mask(length_mask(lengths, batch.length), batch.size)
+
+
+def _padded_inputs(ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, rows: Any,
+                   batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids, mask, types) of these rows cut to the batch's length and padded to its size."""
+  return (pad_rows(ids[rows, :batch.length], batch.size),
+          pad_mask(length_mask(lengths[rows], batch.length), batch.size),
+          pad_rows(types[rows, :batch.length], batch.size))
 
 
 def _prefix(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray,
@@ -352,12 +364,10 @@ def _prefix(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndar
   logits [n, m]."""
   batches, pending = [], []
   for b in plan_batches(lengths, batch_sizes, program_lengths):
-    rows = slice(b.start, b.stop)
-    batch_mask = pad_mask(length_mask(lengths[rows], b.length), b.size)
-    hidden, router = runner.prefix(b.size, b.length, pad_rows(ids[rows, :b.length], b.size),
-                                   batch_mask, pad_rows(types[rows, :b.length], b.size))
+    batch_ids, batch_mask, batch_types = _padded_inputs(ids, types, lengths,
+                                                       slice(b.start, b.stop), b)
+    hidden, router = runner.prefix(b.size, b.length, batch_ids, batch_mask, batch_types)
     batches.append(_PrefixBatch(b, hidden, batch_mask))
     pending.append(router)
-  router = np.concatenate([to_host(r)[:b.batch.stop - b.batch.start]
-                           for r, b in zip(pending, batches)])
+  router = np.concatenate([to_host(r)[:b.batch.count] for r, b in zip(pending, batches)])
   return batches, router
