@@ -39,6 +39,7 @@ RECIPES = {
     "int8 dynamic, per-tensor weights": Int8Recipe(per_channel=False),
     "int8 static QDQ, calibrated, per-channel": Int8Recipe(method="static"),
     "int8 dynamic per-channel after BERT fusions": Int8Recipe(bert_fusions=True),
+    "int8 dynamic per-tensor after BERT fusions": Int8Recipe(per_channel=False, bert_fusions=True),
 }
 
 

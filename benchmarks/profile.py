@@ -44,19 +44,17 @@ FLAGS = flags.FLAGS
 
 
 class TimedRunner:
-  """Wraps a `dispatch.Runner`: blocks on every program and adds its seconds and calls under its
-  `ProgramKey`."""
+  """Wraps a `dispatch.Runner`: blocks on every program and records (its `ProgramKey` at the
+  batch and length it ran, seconds)."""
 
   def __init__(self, runner, widths):
     self.runner, self.widths = runner, widths
-    self.seconds = collections.defaultdict(float)
-    self.calls = collections.Counter()
+    self.calls: list[tuple[ProgramKey, float]] = []
 
   def _timed(self, key: ProgramKey, call):
     start = time.perf_counter()
     out = jax.block_until_ready(call())
-    self.seconds[key] += time.perf_counter() - start
-    self.calls[key] += 1
+    self.calls.append((key, time.perf_counter() - start))
     return out
 
   def prefix(self, batch, length, ids, mask, types):
@@ -121,13 +119,7 @@ def main(argv):
 
   enc = engine.model.encoder
   ceiling = gemm_ceiling(enc.hidden_size, enc.intermediate_size, FLAGS.gemm_rows)
-  programs = []
-  for key, seconds in sorted(timed.seconds.items(), key=lambda kv: -kv[1]):
-    gflop = program_gflop(engine, key)
-    programs.append({"kind": key.kind, "width": key.width, "batch": key.batch,
-                     "length": key.length, "calls": timed.calls[key], "seconds": seconds,
-                     "share": seconds / blocked, "gflop_per_call": gflop,
-                     "gflops_per_second": gflop * timed.calls[key] / seconds})
+  programs = program_rows(engine, timed.calls, blocked)
   lengths = np.asarray(engine.length_buckets)[dev.bucket_of]
   tokenise, routed = float(np.median(times["tokenise"])), float(np.median(times["routed pass"]))
   data = {"workdir": FLAGS.workdir, "task": run.task.name, "examples": len(dev),
@@ -135,7 +127,7 @@ def main(argv):
           "rule": engine.rule.to_json(), "cpu": common.cpu_info(),
           "rounds": FLAGS.rounds, "tokenise_seconds": tokenise, "routed_seconds": routed,
           "examples_per_second": len(dev) / (tokenise + routed),
-          "blocked_pass_seconds": blocked, "program_seconds": sum(timed.seconds.values()),
+          "blocked_pass_seconds": blocked, "program_seconds": sum(t for _, t in timed.calls),
           "gflops_per_example": float(predictions.gflops.mean()),
           "mean_tokens": float(dev.lengths.mean()), "mean_padded_length": float(lengths.mean()),
           "length_buckets": list(engine.length_buckets),
@@ -145,9 +137,30 @@ def main(argv):
   write(data)
 
 
+def program_rows(engine: Engine, calls: list[tuple[ProgramKey, float]], blocked: float
+                 ) -> list[dict]:
+  """One row per program, batch bucket and length bucket, slowest first. XLA runs at its
+  buckets; ONNX Runtime at any batch and length, so its calls are grouped under the smallest
+  bucket holding them, each call's GFLOP counted at its own batch."""
+  batches, lengths = np.asarray(engine.batch_buckets), np.asarray(engine.length_buckets)
+  seconds, counts, gflop = (collections.defaultdict(float), collections.Counter(),
+                            collections.defaultdict(float))
+  for key, took in calls:
+    length = int(lengths[np.searchsorted(lengths, key.length)])
+    group = ProgramKey(key.kind, key.width, int(batches[np.searchsorted(batches, key.batch)]),
+                       length)
+    seconds[group] += took
+    counts[group] += 1
+    gflop[group] += program_gflop(engine, ProgramKey(key.kind, key.width, key.batch, length))
+  return [{"kind": key.kind, "width": key.width, "batch": key.batch, "length": key.length,
+           "calls": counts[key], "seconds": took, "share": took / blocked,
+           "gflop_per_call": gflop[key] / counts[key], "gflops_per_second": gflop[key] / took}
+          for key, took in sorted(seconds.items(), key=lambda kv: -kv[1])]
+
+
 def program_gflop(engine: Engine, key: ProgramKey) -> float:
-  """One call's GFLOP as the engine counts them (the float32 programs' per example, whatever the
-  precision, times the batch)."""
+  """One call's GFLOP as the engine counts them (the float32 programs' per example at the
+  call's length bucket, whatever the precision, times the batch)."""
   widths = engine.model.widths
   column = engine.length_buckets.index(key.length)
   if key.kind == "prefix":
@@ -167,7 +180,8 @@ def write(data: dict) -> None:
       f"({data['examples_per_second']:.0f} examples/s text to labels, "
       f"{data['gflops_per_example']:.4f} GFLOPs/example). One pass with every program blocked "
       f"on: {data['blocked_pass_seconds']:.2f} s, of which programs "
-      f"{data['program_seconds']:.2f} s.\n\nPadding: {data['mean_tokens']:.1f} real tokens per "
+      f"{data['program_seconds']:.2f} s. A row's batch and length are the buckets that hold "
+      f"its calls (ONNX Runtime runs each batch at its own size and longest row).\n\nPadding: {data['mean_tokens']:.1f} real tokens per "
       f"example, {data['mean_padded_length']:.1f} after padding to the buckets "
       f"{tuple(data['length_buckets'])} (shares "
       f"{', '.join(f'{s:.1%}' for s in data['share_per_length_bucket'])}).\n\nMatmul ceiling, each "

@@ -62,6 +62,26 @@ def test_each_program_equals_xla(onnx_programs, tiny_model, tiny_params):
           <= tolerance, (width, length)
 
 
+def test_full_width_model_equals_xla_forward(onnx_programs, tiny_model, tiny_params):
+  """The whole model at width 1.0 as one ONNX program: the XLA forward program's probabilities
+  (within the precision's tolerance), converting only that model beside the stored ones."""
+  tolerance = 1e-4 if onnx_programs.precision == "fp32" else 5e-2
+  programs = OnnxPrograms(tiny_model, tiny_params, precision=onnx_programs.precision,
+                          cache_dir=os.path.dirname(onnx_programs.directory), full_width=True)
+  assert (programs.converted, programs.loaded) == (1, len(onnx_programs.paths))
+  ops = onnx_graph.op_counts(onnx.load(programs.paths[programs.keys[-1]]))
+  assert "Einsum" not in ops and "Gemm" not in ops, ops
+  assert ("MatMulInteger" in ops) == (onnx_programs.precision == "int8"), ops
+  call = programs.full_width_call()
+  for length in (*LENGTHS, 11):
+    ids, lengths = _rows(5, length, length)
+    mask, types = length_mask(lengths, length), np.zeros_like(ids)
+    want = functions(tiny_model)["forward"]({"params": tiny_params}, ids, mask, types, width=1.0)
+    assert np.abs(call(5, length, ids, mask, types) - want).max() <= tolerance, length
+  with pytest.raises(ValueError, match="converted without the full-width model"):
+    onnx_programs.full_width_call()
+
+
 @pytest.mark.parametrize("recipe", [Int8Recipe(per_channel=False), Int8Recipe(method="static"),
                                     Int8Recipe(bert_fusions=True)], ids=repr)
 def test_other_int8_recipes_stay_near_xla(recipe, tiny_model, tiny_params, tmp_path):

@@ -12,12 +12,15 @@ from conftest import assert_png, run_benchmark
 LIMIT = 48
 
 
-@pytest.fixture(scope="module")
-def profiled(trained, tmp_path_factory):
+@pytest.fixture(scope="module", params=["xla:fp32", "onnxruntime:int8"])
+def profiled(request, trained, tmp_path_factory):
+  """XLA runs at its buckets; ONNX Runtime at any batch and length (its calls grouped)."""
   workdir, _ = trained
+  runtime, precision = request.param.split(":")
   out = tmp_path_factory.mktemp("profile")
   data, _ = run_benchmark("profile", out, f"--workdir={workdir}", f"--limit={LIMIT}",
-                          "--rounds=1", "--budget=1.1x", "--rule=cascade", "--precision=fp32",
+                          "--rounds=1", "--budget=1.1x", "--rule=cascade",
+                          f"--runtime={runtime}", f"--precision={precision}",
                           "--gemm_rows=64", report="profile")
   return out, data
 
@@ -29,7 +32,10 @@ def test_reports_are_written(profiled):
   for p in data["programs"]:  # one row per program called, with its call count
     width = "" if p["width"] is None else f"{p['width']:.4g}"
     assert f"| {p['kind']} | {width} | {p['batch']} | {p['length']} | {p['calls']} |" in table
-  assert data["examples"] == LIMIT and data["precision"] == "fp32"
+  assert data["examples"] == LIMIT and data["precision"] in ("fp32", "int8")
+  keys = [(p["kind"], p["width"], p["batch"], p["length"]) for p in data["programs"]]
+  assert len(keys) == len(set(keys))  # one row per program at a batch and length bucket
+  assert {p["length"] for p in data["programs"]} <= set(data["length_buckets"])
   assert '"rule": "cascade"' in json.dumps(data["rule"])
   ceiling = data["matmul_ceiling_gflops_per_second"]
   assert len(ceiling) == 4  # Q/K/V, attention output, FFN in, FFN out

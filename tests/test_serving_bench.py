@@ -20,8 +20,9 @@ UNREACHABLE = "99x"
 JAX_PATHS = {"sharcs_jax full width", *(f"sharcs_jax engine {b}" for b in BUDGETS),
              *(f"sharcs_jax engine {b} cascade" for b in BUDGETS)}
 ORT_PATHS = {name.replace("sharcs_jax", "sharcs_jax ort") for name in JAX_PATHS}
-CLS_ONLY = {f"{name} int8 cls-only" for name in ORT_PATHS}
-PATHS = {*JAX_PATHS, *(f"{name} bf16" for name in JAX_PATHS), *CLS_ONLY,
+SPLIT = "sharcs_jax ort prefix+part full width"  # full width through the engine's two sessions
+CLS_ONLY = {f"{name} int8 cls-only" for name in ORT_PATHS | {SPLIT}}
+PATHS = {*JAX_PATHS, *(f"{name} bf16" for name in JAX_PATHS), *CLS_ONLY, SPLIT, f"{SPLIT} int8",
          *ORT_PATHS, *(f"{name} int8" for name in ORT_PATHS), "pytorch eager b32",
          "onnxruntime fp32 b1", "onnxruntime fp32 b32", "onnxruntime int8 b1",
          "onnxruntime int8 b32"}
@@ -175,6 +176,13 @@ def test_ort_fp32_paths_are_the_xla_paths(serving):
       assert ort["max_abs_probability_difference_vs_full_width"] <= max(
           1e-4, xla["max_abs_probability_difference_vs_full_width"] + 1e-4), name
   full = data["paths"]["sharcs_jax full width"]
+  # The one-program full width and the prefix + full part: the same model either way.
+  split = data["paths"][SPLIT]
+  assert split["max_abs_probability_difference_vs_full_width"] <= 1e-4
+  assert split["gflops_per_example"] == pytest.approx(full["gflops_per_example"])
+  for suffix in (" int8", " int8 cls-only"):
+    assert data["paths"][SPLIT + suffix]["max_abs_probability_difference_vs_full_width"] \
+        <= INT8_PROBABILITY_TOLERANCE
   int8 = data["paths"]["sharcs_jax ort full width int8"]
   assert int8["gflops_per_example"] == pytest.approx(full["gflops_per_example"])
   assert 0 < int8["max_abs_probability_difference_vs_full_width"] <= INT8_PROBABILITY_TOLERANCE

@@ -13,7 +13,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sharcs_jax.data.glue import Split
-from sharcs_jax.data.padding import length_bucket_of, length_mask, pad_mask, pad_rows
+from sharcs_jax.data.padding import (length_bucket_of, length_mask, pack_rows, pad_mask,
+                                      pad_rows)
 
 Batch = dict[str, np.ndarray]
 
@@ -52,19 +53,13 @@ def encode_texts(texts: Sequence[tuple[str, ...]], tokenizer, length_buckets: tu
   """
   max_len = length_buckets[-1]
   n = len(texts)
-  columns = list(zip(*texts))
-  kwargs = dict(truncation=True, max_length=max_len, padding="max_length", return_tensors="np",
-                return_token_type_ids=True)
-  if not n:  # the tokenizer cannot take an empty batch; no inputs encode to no rows
-    empty = np.zeros((0, max_len), np.int32)
-    enc = {"input_ids": empty, "token_type_ids": empty, "attention_mask": empty}
-  elif len(columns) == 2:
-    enc = tokenizer(list(columns[0]), list(columns[1]), **kwargs)
-  else:
-    enc = tokenizer(list(columns[0]), **kwargs)
-  input_ids = enc["input_ids"].astype(np.int32).reshape(n, max_len)
-  token_type_ids = enc["token_type_ids"].astype(np.int32).reshape(n, max_len)
-  lengths = enc["attention_mask"].astype(np.int32).reshape(n, max_len).sum(axis=1).astype(np.int32)
+  columns = [list(column) for column in zip(*texts)]
+  enc = {"input_ids": [], "token_type_ids": []}  # the tokenizer cannot take an empty batch
+  if n:  # unpadded lists, packed below (faster than the tokenizer's padding to max_len)
+    enc = tokenizer(*columns, truncation=True, max_length=max_len, return_token_type_ids=True,
+                    return_attention_mask=False)
+  input_ids, lengths = pack_rows(enc["input_ids"], max_len, tokenizer.pad_token_id or 0)
+  token_type_ids, _ = pack_rows(enc["token_type_ids"], max_len)
   bucket_of = length_bucket_of(lengths, length_buckets)
   return Encoded(input_ids, token_type_ids, lengths,
                  np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32),

@@ -4,6 +4,9 @@ flax, also imports)."""
 
 from __future__ import annotations
 
+import itertools
+from typing import Sequence
+
 import numpy as np
 
 
@@ -15,6 +18,18 @@ def length_bucket_of(lengths: np.ndarray, length_buckets) -> np.ndarray:
 def length_mask(lengths: np.ndarray, length: int) -> np.ndarray:
   """int32 [len(lengths), length]: 1 on each row's real tokens."""
   return (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+def pack_rows(rows: Sequence[Sequence[int]], size: int, fill: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged rows of at most `size` tokens as int32 [N, size], right-padded with `fill`, and
+  their lengths [N]: one flat copy and one masked write, not a Python loop over rows (the
+  tokenizer's own padding and array conversion took 40% of an int8 engine's pass on QQP)."""
+  lengths = np.fromiter(map(len, rows), np.int32, len(rows))
+  out = np.full((len(rows), size), fill, np.int32)
+  out[length_mask(lengths, size).astype(bool)] = np.fromiter(
+      itertools.chain.from_iterable(rows), np.int32, int(lengths.sum()))
+  return out, lengths
 
 
 def pad_rows(x: np.ndarray, size: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sharcs_jax.data.inputs import text_rows
+from sharcs_jax.data.padding import pack_rows
 from sharcs_jax.serve import dispatch
 from sharcs_jax.serve.routing import rule_from_json
 
@@ -135,12 +136,8 @@ class ExportedModel:
             for row in text_rows(texts, self.text_fields, "this model")]
     encodings = self._tokenizer.encode_batch(rows) if rows else []
     size = self.length_buckets[-1]
-    ids = np.full((len(rows), size), self.manifest["tokenizer"]["pad_id"], np.int32)
-    types = np.zeros((len(rows), size), np.int32)
-    lengths = np.zeros(len(rows), np.int32)
-    for i, e in enumerate(encodings):
-      lengths[i] = len(e.ids)
-      ids[i, :lengths[i]], types[i, :lengths[i]] = e.ids, e.type_ids
+    ids, lengths = pack_rows([e.ids for e in encodings], size, self.manifest["tokenizer"]["pad_id"])
+    types, _ = pack_rows([e.type_ids for e in encodings], size)
     return ids, types, lengths
 
   def predict(self, texts: Sequence[str | Sequence[str]]) -> ExportedPredictions:

@@ -87,12 +87,15 @@ class Int8Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class OnnxKey:
-  kind: str  # "prefix" or "adaptive"
+  kind: str  # "prefix", "adaptive" or "forward" (the whole model at one width, no router)
   width: float | None
 
   @property
   def name(self) -> str:
-    return part_name(self.width)
+    return FORWARD if self.kind == "forward" else part_name(self.width)
+
+
+FORWARD = "forward"  # the full-width model's file name
 
 
 def fingerprint(model: SharcsModel, params: Any, precision: str, reduce_range: bool,
@@ -201,6 +204,10 @@ def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
   if key.kind == "prefix":
     onnx_model = convert(lambda ids, mask, types: function["prefix"](variables, ids, mask, types),
                          specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_OUTPUTS, key.name)
+  elif key.kind == "forward":
+    onnx_model = convert(
+        lambda ids, mask, types: function["forward"](variables, ids, mask, types, width=key.width),
+        specs, ort_runner.PREFIX_INPUTS, ort_runner.PART_OUTPUTS, key.name)
   else:
     onnx_model = convert(
         lambda hidden, mask: function["adaptive"](variables, hidden, mask, width=key.width),
@@ -243,8 +250,9 @@ class OnnxPrograms:
   def __init__(self, model: SharcsModel, params: Any, *, precision: str,
                cache_dir: str | None = None, reduce_range: bool | None = None,
                recipe: Int8Recipe = Int8Recipe(),
-               calibration: tuple[np.ndarray, ...] | None = None):
-    """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe."""
+               calibration: tuple[np.ndarray, ...] | None = None, full_width: bool = False):
+    """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe;
+    `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`)."""
     if precision not in PRECISIONS["onnxruntime"][1:]:
       raise ValueError(f"ONNX Runtime precision {precision!r} is not one of "
                        f"{PRECISIONS['onnxruntime'][1:]} (resolve 'auto' first)")
@@ -261,7 +269,8 @@ class OnnxPrograms:
     key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
                                   f"onnx-{key}")
-    self.keys = [OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
+    self.keys = ([OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
+                 + ([OnnxKey("forward", 1.0)] if full_width else []))
     self.converted = self.loaded = 0
     self.paths = {key: self._obtain(key, params) for key in self.keys}
     logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
@@ -273,6 +282,9 @@ class OnnxPrograms:
       self.loaded += 1
       return path
     static = self.precision == "int8" and self.recipe.method == "static"
+    if static and key.kind == "forward":
+      raise ValueError("a static int8 recipe calibrates the prefix and parts only; convert the "
+                       "full-width model with the dynamic recipe")
     feeds = (calibration_feeds(self._float32_prefix, params, key, *self.calibration)
              if static else None)
     onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range,
@@ -289,3 +301,11 @@ class OnnxPrograms:
                                 [self.paths[OnnxKey("adaptive", w)] for w in self.model.widths],
                                 threads)
 
+  def full_width_call(self, threads: int = 0) -> Callable[..., np.ndarray]:
+    """The whole model at width 1.0 in one session (built now), as `dispatch.run_each_row` calls
+    it: one call per batch where the engine's full width makes two (prefix, then part)."""
+    key = OnnxKey("forward", 1.0)
+    if key not in self.paths:
+      raise ValueError("these programs were converted without the full-width model: build them "
+                       "with full_width=True")
+    return ort_runner.full_width_caller(self.paths[key], threads)

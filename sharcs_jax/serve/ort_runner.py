@@ -12,7 +12,7 @@ Imports only numpy and onnxruntime, so that the exported loader, which has no ja
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -79,6 +79,25 @@ def make_session(model: str | bytes, threads: int = 0) -> Any:
                               disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
+def token_feeds(ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
+  """A model's token inputs, as its int32 inputs take them."""
+  return {name: np.ascontiguousarray(x, np.int32) for name, x in zip(PREFIX_INPUTS,
+                                                                      (ids, mask, types))}
+
+
+def full_width_caller(model: str | bytes, threads: int = 0) -> Callable[..., np.ndarray]:
+  """A session for a token-to-probabilities model, called as `dispatch.run_each_row` calls:
+  (batch, length, ids, mask, types) -> probabilities [batch, C]."""
+  session = make_session(model, threads)
+
+  def call(batch: int, length: int, ids: np.ndarray, mask: np.ndarray,
+           types: np.ndarray) -> np.ndarray:
+    (probabilities,) = session.run(PART_OUTPUTS, token_feeds(ids, mask, types))
+    return probabilities
+
+  return call
+
+
 class OrtRunner:
   """A session for the prefix and one for each width's part; `sessions_built` counts them, so a
   test can check that serving builds none. Batch and length are symbolic in every model."""
@@ -90,10 +109,7 @@ class OrtRunner:
 
   def prefix(self, batch: int, length: int, ids: np.ndarray, mask: np.ndarray,
              types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    hidden, router = self.prefix_session.run(PREFIX_OUTPUTS, {
-        "input_ids": np.ascontiguousarray(ids, np.int32),
-        "attention_mask": np.ascontiguousarray(mask, np.int32),
-        "token_type_ids": np.ascontiguousarray(types, np.int32)})
+    hidden, router = self.prefix_session.run(PREFIX_OUTPUTS, token_feeds(ids, mask, types))
     return hidden, router
 
   def part(self, width_index: int, batch: int, length: int, hidden: np.ndarray,
