@@ -181,8 +181,9 @@ def write(data: dict) -> None:
       f"{data['gflops_per_example']:.4f} GFLOPs/example). One pass with every program blocked "
       f"on: {data['blocked_pass_seconds']:.2f} s, of which programs "
       f"{data['program_seconds']:.2f} s. A row's batch and length are the buckets that hold "
-      f"its calls (ONNX Runtime runs each batch at its own size and longest row).\n\nPadding: {data['mean_tokens']:.1f} real tokens per "
-      f"example, {data['mean_padded_length']:.1f} after padding to the buckets "
+      f"its calls (ONNX Runtime runs each batch at its own size and longest row).\n\n"
+      f"Padding: {data['mean_tokens']:.1f} real tokens per example, "
+      f"{data['mean_padded_length']:.1f} after padding to the buckets "
       f"{tuple(data['length_buckets'])} (shares "
       f"{', '.join(f'{s:.1%}' for s in data['share_per_length_bucket'])}).\n\nMatmul ceiling, each "
       "layer matmul shape alone, GFLOP/s (int8: GOP/s, int32 accumulation): " + "; ".join(

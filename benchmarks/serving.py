@@ -440,7 +440,9 @@ def plot_pareto(path: str, data: dict) -> None:
   lines: dict[tuple[str, str, bool], list[tuple[float, float, str]]] = {}
   for name, p in data["paths"].items():
     point = (100 * p["accuracy"], p["examples_per_second"])
-    if p["runtime"].startswith("sharcs_jax") and not p.get("off_pareto"):
+    if p.get("off_pareto"):  # a variant of a point already on a line (in the bars)
+      continue
+    if p["runtime"].startswith("sharcs_jax"):
       reduction = p.get("dev_flops_reduction", 1.0)
       key = (p["runtime"], p["precision"], p["cls_only_last_layer"])
       lines.setdefault(key, []).append((*point, f"{reduction:.2g}x"))

@@ -136,7 +136,8 @@ class ExportedModel:
             for row in text_rows(texts, self.text_fields, "this model")]
     encodings = self._tokenizer.encode_batch(rows) if rows else []
     size = self.length_buckets[-1]
-    ids, lengths = pack_rows([e.ids for e in encodings], size, self.manifest["tokenizer"]["pad_id"])
+    ids, lengths = pack_rows([e.ids for e in encodings], size,
+                             self.manifest["tokenizer"]["pad_id"])
     types, _ = pack_rows([e.type_ids for e in encodings], size)
     return ids, types, lengths
 
