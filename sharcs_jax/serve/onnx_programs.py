@@ -263,6 +263,9 @@ class OnnxPrograms:
     self.recipe, self.calibration = recipe, calibration
     if precision == "int8" and recipe.method == "static" and calibration is None:
       raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
+    if precision == "int8" and recipe.method == "static" and full_width:
+      raise ValueError("a static int8 recipe calibrates the prefix and parts only; convert the "
+                       "full-width model with the dynamic recipe")
     params = jax.tree_util.tree_map(np.asarray, params)
     # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
     self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
@@ -282,9 +285,6 @@ class OnnxPrograms:
       self.loaded += 1
       return path
     static = self.precision == "int8" and self.recipe.method == "static"
-    if static and key.kind == "forward":
-      raise ValueError("a static int8 recipe calibrates the prefix and parts only; convert the "
-                       "full-width model with the dynamic recipe")
     feeds = (calibration_feeds(self._float32_prefix, params, key, *self.calibration)
              if static else None)
     onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range,
