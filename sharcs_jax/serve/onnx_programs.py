@@ -261,9 +261,9 @@ class OnnxPrograms:
     self.reduce_range = (int8_reduce_range(cpu_flags()) if reduce_range is None
                          else reduce_range) if precision == "int8" else False
     self.recipe, self.calibration = recipe, calibration
-    if precision == "int8" and recipe.method == "static" and calibration is None:
+    if self.static and calibration is None:
       raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
-    if precision == "int8" and recipe.method == "static" and full_width:
+    if self.static and full_width:
       raise ValueError("a static int8 recipe calibrates the prefix and parts only; convert the "
                        "full-width model with the dynamic recipe")
     params = jax.tree_util.tree_map(np.asarray, params)
@@ -279,14 +279,18 @@ class OnnxPrograms:
     logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
                  precision, self.converted, self.loaded, self.directory)
 
+  @property
+  def static(self) -> bool:
+    """int8 by static QDQ quantisation, which calibrates on held-out rows."""
+    return self.precision == "int8" and self.recipe.method == "static"
+
   def _obtain(self, key: OnnxKey, params: Any) -> str:
     path = os.path.join(self.directory, f"{key.name}.onnx")
     if os.path.isfile(path):
       self.loaded += 1
       return path
-    static = self.precision == "int8" and self.recipe.method == "static"
     feeds = (calibration_feeds(self._float32_prefix, params, key, *self.calibration)
-             if static else None)
+             if self.static else None)
     onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range,
                                self.recipe, feeds)
     os.makedirs(self.directory, exist_ok=True)
