@@ -3,6 +3,7 @@ the batches it cuts."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -205,3 +206,126 @@ def test_plan_batches_refuses_a_row_longer_than_every_program():
   with pytest.raises(ValueError, match="a row of 40 tokens is longer than the longest program "
                                        "length 32"):
     dispatch.plan_batches(np.array([3, 40]), (1, 8), (16, 32))
+
+
+class FakeStages:
+  """Stage k's hidden states are what it read, plus 1 at position 0 (stage 0: the ids; position
+  1 holds the row number), and row r's
+  probabilities there are [c, 1 - c] with c = CONFIDENCE[r % 4][k]. Records each call of a
+  stage reading hidden states as (stage, batch, the real rows' hidden states it read)."""
+
+  CONFIDENCE = [(0.95, 0.9, 0.9, 0.9), (0.6, 0.95, 0.9, 0.9), (0.6, 0.6, 0.6, 0.95),
+                (0.5, 0.5, 0.5, 0.5)]
+
+  def __init__(self):
+    self.calls = []
+
+  def stage(self, index, batch, length, inputs):
+    if index == 0:
+      ids, mask, types = inputs
+      assert ids.shape == mask.shape == types.shape == (batch, length)
+      hidden = ids.astype(np.float32)[..., None]
+    else:
+      hidden, mask = inputs
+      assert hidden.shape == (batch, length, 1) and mask.shape == (batch, length)
+      self.calls.append((index, batch, np.asarray(hidden)[mask.sum(1) > 1].copy()))  # real rows
+      hidden = np.concatenate([hidden[:, :1] + 1, hidden[:, 1:]], axis=1)
+    rows = hidden[:, 1, 0].astype(int)  # position 1 holds the row number
+    c = np.array([self.CONFIDENCE[r % 4][index] for r in rows])
+    return hidden, (np.stack([c, 1 - c], axis=-1),)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfidentStops:
+  """Stops a row at the first stage whose top probability reaches `threshold` (the last stops
+  everything); `jump` sends rows from stage 0 straight to that stage instead of stage 1."""
+
+  threshold: float
+  count: int
+  jump: int = 1
+
+  def continues(self, stage):
+    return stage < self.count - 1
+
+  def next_stages(self, stage, rows, outputs):
+    sure = outputs[0].max(-1) >= self.threshold
+    step = self.jump if stage == 0 else 1
+    return np.where(sure | (stage == self.count - 1), dispatch.STOP, stage + step)
+
+
+def _chain(count):
+  return [dispatch.Stage(dispatch.TOKENS, True)] + [dispatch.Stage(k - 1, True)
+                                                     for k in range(1, count)]
+
+
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_stage_cascade_stops_each_row_at_its_first_sure_stage_in_row_order(block_size):
+  ids, lengths, types = _rows(37)
+  runner = FakeStages()
+  stage_flops = np.array([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0], [1e3, 2e3]])
+  out, flops = dispatch.run_stage_buckets(
+      runner, _chain(4), ids, types, lengths, length_buckets=(3, 6), batch_buckets=(1, 4, 8),
+      num_classes=2, rule=ConfidentStops(0.85, 4), stage_flops=stage_flops,
+      block_size=block_size)
+  expected = np.array([0, 1, 3, 3] * 10)[:37]  # row % 4: sure at 0, at 1, at 3, never
+  np.testing.assert_array_equal(out.final, expected)
+  np.testing.assert_array_equal(out.ran, np.arange(4)[None] <= expected[:, None])  # in order
+  np.testing.assert_allclose(out.probabilities[:, 0], np.array([0.95, 0.95, 0.95, 0.5] * 10)[:37])
+  bucket = (lengths > 3).astype(int)
+  cost = np.cumsum(stage_flops, axis=0)[expected, bucket]  # stages 0..final at its bucket
+  np.testing.assert_allclose(flops, cost)
+  for stage, _, hidden in runner.calls:  # each stage read the hidden states of the one before
+    np.testing.assert_array_equal(hidden[:, 0, 0], ids[hidden[:, 1, 0].astype(int), 0] + stage - 1)
+  ran_calls = [sum(c[1] for c in runner.calls if c[0] == k) for k in range(1, 4)]
+  assert ran_calls[0] >= out.ran[:, 1].sum() and ran_calls[2] >= out.ran[:, 3].sum()
+
+
+def test_stage_outputs_of_every_stage_are_kept_where_they_ran():
+  ids, lengths, types = _rows(13)
+  out = dispatch.run_stages(FakeStages(), _chain(4), ids, types, lengths, program_lengths=(6,),
+                            batch_buckets=(1, 4), rule=ConfidentStops(0.85, 4))
+  for k in range(4):
+    kept = out.outputs[k][0][:, 0]
+    expected = [FakeStages.CONFIDENCE[r % 4][k] for r in range(13)]
+    np.testing.assert_allclose(kept[out.ran[:, k]], np.array(expected)[out.ran[:, k]])
+    assert (kept[~out.ran[:, k]] == 0).all()
+
+
+def test_stages_reading_one_earlier_stage_get_its_hidden_states():
+  """A mean-pool exit at the prefix, then widths that both read the prefix (SHARCS with an exit):
+  rows unsure at stage 0 jump to stage 2, the unsure there go on to stage 3, which reads stage 0
+  too."""
+  ids, lengths, types = _rows(21)
+  stages = [dispatch.Stage(dispatch.TOKENS, True), dispatch.Stage(0, True),
+            dispatch.Stage(0, True), dispatch.Stage(0, True)]
+  runner = FakeStages()
+  out = dispatch.run_stages(runner, stages, ids, types, lengths, program_lengths=(6,),
+                            batch_buckets=(1, 4, 8), rule=ConfidentStops(0.85, 4, jump=2))
+  np.testing.assert_array_equal(out.final, np.array([0, 2, 3, 3] * 6)[:21])
+  assert not out.ran[:, 1].any()
+  for _, _, hidden in runner.calls:  # the prefix's hidden states: ids
+    np.testing.assert_array_equal(hidden[:, 0, 0], ids[hidden[:, 1, 0].astype(int), 0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Sends:
+  to: int
+  stage_zero_answers: bool = True
+
+  def continues(self, stage):
+    return stage == 0
+
+  def next_stages(self, stage, rows, outputs):
+    return np.full(len(rows), self.to if stage == 0 else dispatch.STOP)
+
+
+def test_a_rule_may_only_send_rows_on_to_later_stages_and_stop_where_a_stage_answers():
+  ids, lengths, types = _rows(5)
+  run = lambda stages, rule: dispatch.run_stages(FakeStages(), stages, ids, types, lengths,
+                                                 program_lengths=(6,), batch_buckets=(1, 4),
+                                                 rule=rule)
+  with pytest.raises(ValueError, match="only a later stage"):
+    run(_chain(3), Sends(to=0))
+  with pytest.raises(ValueError, match="gives no probabilities"):
+    run([dispatch.Stage(dispatch.TOKENS, False), dispatch.Stage(0, True)],
+        Sends(to=dispatch.STOP))

@@ -1,18 +1,23 @@
-"""The one dispatch core: prefix once, each width's part on the inputs routed there, order kept.
+"""The one dispatch core: a cascade of stages over rows, each row running only what it needs.
 
-Rows are taken in ascending length (`run_buckets` sorts them and gives results back in row
-order) and cut into contiguous batches by `plan_batches`: each batch runs at the smallest batch
-size and program length that hold it, and the cut minimises the modelled time (a fixed cost per
-call plus batch x length tokens), so that a long row does not pad a batch of short ones and a
-few rows of several lengths still run as one call. The prefix (layers 1..K and the router) runs
-once per row; a routing rule picks each row's first width from the router's logits; each width's
-part then runs on the rows at that width, in increasing width order, and a rule that escalates
-(the cascade) sends rows on to the next width from that width's probabilities, reusing the
-prefix's hidden states. Rows run in blocks (bounding the hidden states held); a width's rows
-that do not fill a batch wait for the next block, so that small remainder batches, which cost
-several times more per row, run once rather than once per block. Every caller (the engine, dev
-evaluation, the exported loader) calls it with a `Runner` for its programs; routing every row to
-every width is the rule `EVERY_WIDTH`.
+A stage is a precompiled program that reads the token ids or the hidden states an earlier stage
+returned, and returns hidden states and outputs (class probabilities, router logits); a rule
+sends each row on to a later stage or stops it there (`run_stages`). SHARCS is one such cascade
+(`run_rows`): the prefix (layers 1..K and the router) runs once per row, the router's rule picks
+each row's first width, each width's part runs on the rows at that width, reading the prefix's
+hidden states, and a rule that escalates (the cascade) sends rows on to the next width from that
+width's probabilities. An early-exit model is another: layers 1..k with an exit, then k+1..l
+reading them, and so on.
+
+Rows are taken in ascending length (`run_buckets` / `run_stage_buckets` sort them and give
+results back in row order) and cut into contiguous batches by `plan_batches`: each batch runs
+at the smallest batch size and program length that hold it, and the cut minimises the modelled
+time (a fixed cost per call plus batch x length tokens), so that a long row does not pad a batch
+of short ones and a few rows of several lengths still run as one call. Rows run in blocks
+(bounding the hidden states held); a stage's rows that do not fill a batch wait for the next
+block, so that small remainder batches, which cost several times more per row, run once rather
+than once per block. Every caller (the engine, dev evaluation, the exported loader) calls it
+with a runner for its programs; routing every row to every width is the rule `EVERY_WIDTH`.
 
 Imports only numpy (and the numpy-only padding and routing modules), so that the exported
 loader, which has no flax, uses it too.
@@ -147,9 +152,57 @@ class Dispatched:
   flops: np.ndarray | None = None  # float64 [n] what each row ran (`run_buckets` only)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One precompiled program of a cascade: it reads the token ids (`reads == TOKENS`) or the
+  hidden states an earlier stage returned, and returns hidden states and outputs; a row may stop
+  after it only if it `answers` (its first output is class probabilities)."""
+
+  reads: int
+  answers: bool
+
+
+TOKENS = -1  # `Stage.reads` of a stage that reads the token ids
+STOP = -1  # what `StageRule.next_stages` gives a row that stops where it is
+
+
+class StageRunner(Protocol):
+  """One caller's stage programs."""
+
+  def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
+            ) -> tuple[Any, tuple[Any, ...]]:
+    """(hidden states [batch, length, d] or None, outputs: arrays [batch, k]) of stage `index`
+    on `inputs`: (ids, mask, types) for a stage that reads tokens, else (hidden, mask). Arrays
+    may stay on the device."""
+
+
+class StageRule(Protocol):
+  """Which stage each row goes on to."""
+
+  def continues(self, stage: int) -> bool:
+    """Whether any row may go on from `stage` (if not, its results are read last)."""
+
+  def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
+                  ) -> np.ndarray:
+    """int64 [len(rows)]: the later stage each row runs next, or STOP, from `stage`'s
+    host `outputs` for those rows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagesRun:
+  probabilities: np.ndarray  # float32 [n, C] from the stage each row stopped at
+  final: np.ndarray  # int64 [n] that stage
+  ran: np.ndarray  # bool [n, S] stages that ran for the row
+  outputs: tuple[tuple[np.ndarray, ...], ...]  # per stage, its outputs [n, k] (0 where not run)
+
+
 @dataclasses.dataclass
-class _PrefixBatch:
-  batch: Batch  # its rows (of the block), batch size and length
+class _HeldBatch:
+  """A stage's batch as it ran, kept while later stages may read its hidden states."""
+
+  size: int
+  length: int
+  count: int  # real rows
   hidden: Any  # [size, length, d], as the runner returned it (on the device)
   mask: np.ndarray  # int32 [size, length], padding rows included
   on_host: np.ndarray | None = None  # `hidden` as a host array, once a row is gathered from it
@@ -160,42 +213,28 @@ class _PrefixBatch:
     return self.on_host
 
 
-# Where a queued row's hidden states are: (its prefix batch, its position there) while that batch
-# is held, or a host copy of the row once its block is done.
-_Source = tuple[_PrefixBatch, int] | np.ndarray
+# Where a row's hidden states from one stage are: (the stage's batch, its position there) while
+# that batch is held, or a host copy of the row once its block is done.
+_Source = tuple[_HeldBatch, int] | np.ndarray
 
 
 class _Queue:
-  """One width's rows waiting for a full batch, with their sources; taken in ascending row order."""
+  """One stage's rows waiting for a full batch; taken in ascending row order."""
 
   def __init__(self):
     self.rows: list[int] = []
-    self.sources: list[_Source] = []
-
-  def add(self, rows: Sequence[int], sources: Sequence[_Source]) -> None:
-    self.rows.extend(rows)
-    self.sources.extend(sources)
 
   def take(self, lengths: np.ndarray, batch_sizes: Sequence[int],
-           program_lengths: Sequence[int], flush: bool
-           ) -> list[tuple[np.ndarray, list[_Source], Batch]]:
-    """(rows, sources, batch) to run now: rows that fill batches of the largest size, and with
-    `flush` every row, cut by `plan_batches` (`lengths` [n] of every row)."""
-    order = np.argsort(self.rows, kind="stable")  # escalated rows join the rows routed here
-    self.rows = [self.rows[i] for i in order]
-    self.sources = [self.sources[i] for i in order]
+           program_lengths: Sequence[int], flush: bool) -> list[tuple[np.ndarray, Batch]]:
+    """(rows, batch) to run now: rows that fill batches of the largest size, and with `flush`
+    every row, cut by `plan_batches` (`lengths` [n] of every row)."""
+    self.rows.sort()  # rows that went on from an earlier stage join those routed here
     full = max(batch_sizes)
     cut = len(self.rows) if flush else len(self.rows) - len(self.rows) % full
     rows = np.asarray(self.rows[:cut], np.int64)
-    chunks = [(rows[b.start:b.stop], self.sources[b.start:b.stop], b)
-              for b in plan_batches(lengths[rows], batch_sizes, program_lengths)]
-    del self.rows[:cut], self.sources[:cut]
-    return chunks
-
-  def detach(self, to_host: Callable[[Any], np.ndarray]) -> None:
-    """Copies the rows still waiting to the host, so that their prefix batches can be freed."""
-    self.sources = [s if isinstance(s, np.ndarray) else np.array(s[0].host(to_host)[s[1]])
-                    for s in self.sources]
+    del self.rows[:cut]
+    return [(rows[b.start:b.stop], b)
+            for b in plan_batches(lengths[rows], batch_sizes, program_lengths)]
 
 
 def block_rows(batch_buckets: Sequence[int]) -> int:
@@ -238,6 +277,49 @@ def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.
   return Dispatched(probabilities, final, ran, out.router[back], every, flops)
 
 
+def run_stage_buckets(runner: StageRunner, stages: Sequence[Stage], ids: np.ndarray,
+                      types: np.ndarray, lengths: np.ndarray, *, length_buckets: Sequence[int],
+                      batch_buckets: Sequence[int], num_classes: int, rule: StageRule,
+                      stage_flops: np.ndarray, program_lengths: Sequence[int] | None = None,
+                      block_size: int | None = None,
+                      to_host: Callable[[Any], np.ndarray] = np.asarray
+                      ) -> tuple[StagesRun, np.ndarray]:
+  """Rows of any length through `run_stages` in ascending length, results in row order (the
+  rule is asked about rows by their numbers here, not their place in that order), and FLOPs
+  per row [N]: `stage_flops` [S, length buckets] (one row's cost of each stage alone, at each
+  bucket) summed over the stages the row ran, at its own bucket."""
+  lengths = np.asarray(lengths)
+  n = len(lengths)
+  order = np.argsort(lengths, kind="stable")
+  out = run_stages(runner, stages, ids[order], types[order], lengths[order],
+                   program_lengths=tuple(program_lengths or length_buckets),
+                   batch_buckets=batch_buckets, rule=_RowsByNumber(rule, order),
+                   block_size=block_size, to_host=to_host)
+  back = np.empty(n, np.int64)
+  back[order] = np.arange(n)
+  probabilities = (out.probabilities[back] if n else np.zeros((0, num_classes), np.float32))
+  ran = out.ran[back]
+  flops = (ran * np.asarray(stage_flops, np.float64)[:, length_bucket_of(lengths,
+                                                                        length_buckets)].T).sum(-1)
+  return StagesRun(probabilities, out.final[back], ran,
+                   tuple(tuple(o[back] for o in outs) for outs in out.outputs)), flops
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowsByNumber:
+  """A rule asked about rows by their place in `order` answers for rows `order[place]`."""
+
+  rule: StageRule
+  order: np.ndarray
+
+  def continues(self, stage: int) -> bool:
+    return self.rule.continues(stage)
+
+  def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
+                  ) -> np.ndarray:
+    return self.rule.next_stages(stage, self.order[rows], outputs)
+
+
 def run_each_row(call: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], Any],
                  ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, *, columns: int,
                  program_lengths: Sequence[int], batch_buckets: Sequence[int],
@@ -261,66 +343,142 @@ def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.nda
              block_size: int | None = None,
              to_host: Callable[[Any], np.ndarray] = np.asarray) -> Dispatched:
   """Routes rows (`ids`, `types` [n, >= the longest program length needed], `lengths` [n] real
-  tokens, best ascending) through prefix and parts (see module doc).
-
-  Rows are taken in blocks of `block_size` (default `block_rows`): the prefix runs on a block,
-  then each width's part on the rows routed or escalated there. Rows of a width that do not fill
-  a batch of the largest size wait for the next block, so that only the last block runs
-  remainders. `width_flops` [n, m] or [m]: FLOPs of each row at each width (for cost-aware
-  rules). A batch that is exactly one prefix batch takes that batch's hidden states as they lie
-  on the device; others are gathered on the host. Without escalation every batch of a block is
-  dispatched before any result is read, so host work overlaps compute.
+  tokens, best ascending) through prefix and parts: SHARCS as `run_stages` cascades it, stage 0
+  the prefix (its output the router's logits) and stage 1 + i width i's part, which reads the
+  prefix. `width_flops` [n, m] or [m]: FLOPs of each row at each width (for cost-aware rules).
   """
   n = len(ids)
-  lengths = np.asarray(lengths)
   width_flops = np.broadcast_to(np.asarray(width_flops, np.float64), (n, num_widths))
+  stages = [Stage(TOKENS, answers=False)] + [Stage(0, answers=True)] * num_widths
+  out = run_stages(_WidthParts(runner), stages, ids, types, lengths,
+                   program_lengths=program_lengths, batch_buckets=batch_buckets,
+                   rule=_WidthCascade(rule, num_widths, width_flops), block_size=block_size,
+                   to_host=to_host)
+  router = out.outputs[0][0] if n else np.zeros((0, num_widths), np.float32)
+  every = None
+  if keep_every_width:
+    every = np.stack([outputs[0] for outputs in out.outputs[1:]])
+  return Dispatched(out.probabilities, out.final - 1, out.ran[:, 1:], router, every)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WidthParts:
+  """A SHARCS `Runner` as stages: the prefix, then each width's part."""
+
+  runner: Runner
+
+  def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
+            ) -> tuple[Any, tuple[Any, ...]]:
+    if index == 0:
+      hidden, router = self.runner.prefix(batch, length, *inputs)
+      return hidden, (router,)
+    return None, (self.runner.part(index - 1, batch, length, *inputs),)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WidthCascade:
+  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation."""
+
+  rule: Routing
+  num_widths: int
+  width_flops: np.ndarray  # float64 [n, m]
+
+  def continues(self, stage: int) -> bool:
+    return stage == 0 or (self.rule.escalating and stage < self.num_widths)
+
+  def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
+                  ) -> np.ndarray:
+    if stage == 0:
+      return 1 + np.asarray(self.rule.first_widths(outputs[0], self.width_flops[rows]), np.int64)
+    if not self.continues(stage):
+      return np.full(len(rows), STOP, np.int64)
+    return np.where(self.rule.escalates(outputs[0], stage - 1), stage + 1, STOP)
+
+
+def run_stages(runner: StageRunner, stages: Sequence[Stage], ids: np.ndarray, types: np.ndarray,
+               lengths: np.ndarray, *, program_lengths: Sequence[int],
+               batch_buckets: Sequence[int], rule: StageRule, block_size: int | None = None,
+               to_host: Callable[[Any], np.ndarray] = np.asarray) -> StagesRun:
+  """Rows (`ids`, `types` [n, >= the longest program length needed], `lengths` [n] real tokens,
+  best ascending) through a cascade of stages, each row entering at stage 0 (which reads the
+  token ids) and going on where `rule` sends it, to a later stage.
+
+  Rows are taken in blocks of `block_size` (default `block_rows`), and a block's stages run in
+  index order, each on every row sent to it. A stage reading tokens runs on all its rows;
+  another holds rows that do not fill a batch of the largest size for the next block, so that
+  only the last block runs remainders. A batch that is exactly one batch of the stage it reads
+  takes that batch's hidden states as they lie on the device; others are gathered on the host.
+  A stage no row goes on from is read after the block's last stage is dispatched, so host work
+  overlaps compute.
+  """
+  n, count = len(ids), len(stages)
+  lengths = np.asarray(lengths)
+  read_by_later = {stage.reads for stage in stages}
   block_size = block_size or block_rows(batch_buckets)
-  final = np.full(n, -1, np.int64)
-  ran = np.zeros((n, num_widths), bool)
-  router = np.zeros((n, num_widths), np.float32)
-  probabilities = every = None
-  queues = [_Queue() for _ in range(num_widths)]
+  final = np.full(n, STOP, np.int64)
+  ran = np.zeros((n, count), bool)
+  outputs: list[list[np.ndarray] | None] = [None] * count
+  probabilities = None
+  queues = [_Queue() for _ in range(count)]
+  sources: dict[int, dict[int, _Source]] = {}  # unfinished row -> stage -> its hidden states
   for start in range(0, n, block_size):
     stop = min(n, start + block_size)
-    batches, router[start:stop] = _prefix(runner, ids[start:stop], types[start:stop],
-                                          lengths[start:stop], batch_buckets, program_lengths,
-                                          to_host)
-    first = np.asarray(rule.first_widths(router[start:stop], width_flops[start:stop]))
-    for b in batches:
-      for i in range(num_widths):
-        at = np.flatnonzero(first[b.batch.start:b.batch.stop] == i)
-        queues[i].add((start + b.batch.start + at).tolist(), [(b, int(p)) for p in at])
-    pending = []  # (width, rows, sources, device probabilities)
-    for i in range(num_widths):
-      for rows, sources, batch in queues[i].take(lengths, batch_buckets, program_lengths,
-                                                 flush=stop == n):
-        hidden, batch_mask = _inputs(sources, lengths[rows], batch, to_host)
-        pending.append((i, rows, sources,
-                        runner.part(i, batch.size, batch.length, hidden, batch_mask)))
-        ran[rows, i] = True
-      if not rule.escalating and i < num_widths - 1:
-        continue  # read once every width is dispatched
-      for width, rows, sources, probs in pending:
-        probs = to_host(probs)[:len(rows)]
-        if probabilities is None:  # the class count is known from the first result
-          probabilities = np.zeros((n, probs.shape[-1]), np.float32)
-          if keep_every_width:
-            every = np.zeros((num_widths,) + probabilities.shape, np.float32)
-        probabilities[rows] = probs
-        if every is not None:
-          every[width, rows] = probs
-        go_on = (rule.escalates(probs, width) if rule.escalating and width < num_widths - 1
-                 else np.zeros(len(rows), bool))
-        final[rows[~go_on]] = width
-        if go_on.any():
-          queues[width + 1].add(rows[go_on].tolist(), [sources[j] for j in np.flatnonzero(go_on)])
-      pending = []
-    for queue in queues:
-      queue.detach(to_host)
+    queues[0].rows.extend(range(start, stop))
+    unread = []  # (stage, rows, held batch, device outputs)
+    for s, stage in enumerate(stages):
+      for rows, batch in queues[s].take(lengths, batch_sizes=batch_buckets,
+                                        program_lengths=program_lengths,
+                                        flush=stop == n or stage.reads == TOKENS):
+        if stage.reads == TOKENS:
+          inputs = _padded_inputs(ids, types, lengths, rows, batch)
+        else:
+          inputs = _inputs([sources[r][stage.reads] for r in rows], lengths[rows], batch, to_host)
+        hidden, outs = runner.stage(s, batch.size, batch.length, inputs)
+        held = (_HeldBatch(batch.size, batch.length, batch.count, hidden, inputs[1])
+                if s in read_by_later else None)
+        unread.append((s, rows, held, outs))
+        ran[rows, s] = True
+      if rule.continues(s) or s == count - 1:
+        for done_stage, rows, held, outs in unread:
+          outs = tuple(to_host(o)[:len(rows)] for o in outs)
+          if outputs[done_stage] is None:  # the widths are known from the first result
+            outputs[done_stage] = [np.zeros((n,) + o.shape[1:], np.float32) for o in outs]
+          for kept, o in zip(outputs[done_stage], outs):
+            kept[rows] = o
+          if stages[done_stage].answers:
+            if probabilities is None:
+              probabilities = np.zeros((n, outs[0].shape[-1]), np.float32)
+            probabilities[rows] = outs[0]
+          _route(rule, stages, done_stage, rows, held, outs, queues, sources, final)
+        unread = []
+    for row_sources in sources.values():  # the block's batches are freed
+      for s, source in row_sources.items():
+        if not isinstance(source, np.ndarray):
+          row_sources[s] = np.array(source[0].host(to_host)[source[1]])
   if probabilities is None:
     probabilities = np.zeros((n, 0), np.float32)
-    every = np.zeros((num_widths, n, 0), np.float32) if keep_every_width else None
-  return Dispatched(probabilities, final, ran, router, every)
+  kept = tuple(tuple(outputs[s]) if outputs[s] is not None else () for s in range(count))
+  return StagesRun(probabilities, final, ran, kept)
+
+
+def _route(rule: StageRule, stages: Sequence[Stage], stage: int, rows: np.ndarray,
+           held: _HeldBatch | None, outputs: tuple[np.ndarray, ...], queues: list[_Queue],
+           sources: dict[int, dict[int, _Source]], final: np.ndarray) -> None:
+  """Sends each of `rows` (just run at `stage`) on to its next stage's queue, or stops it."""
+  go_to = np.asarray(rule.next_stages(stage, rows, outputs), np.int64)
+  if ((go_to != STOP) & (go_to <= stage)).any() or (go_to >= len(stages)).any():
+    raise ValueError(f"a rule sent rows from stage {stage} to stages {sorted(set(go_to))}: "
+                     f"only a later stage of {len(stages)}, or STOP")
+  for position, (row, target) in enumerate(zip(rows.tolist(), go_to.tolist())):
+    if held is not None:
+      sources.setdefault(row, {})[stage] = (held, position)
+    if target == STOP:
+      if not stages[stage].answers:
+        raise ValueError(f"a rule stopped a row at stage {stage}, which gives no probabilities")
+      final[row] = stage
+      sources.pop(row, None)
+    else:
+      queues[target].rows.append(row)
 
 
 def _fit_length(hidden: np.ndarray, length: int) -> np.ndarray:
@@ -334,13 +492,13 @@ def _fit_length(hidden: np.ndarray, length: int) -> np.ndarray:
 
 def _inputs(sources: Sequence[_Source], lengths: np.ndarray, batch: Batch,
             to_host: Callable[[Any], np.ndarray]) -> tuple[Any, np.ndarray]:
-  """A part's (hidden states, mask) for these rows (`lengths` real tokens) as `batch` runs them:
-  a whole prefix batch as it lies on the device, else the rows gathered on the host."""
+  """A stage's (hidden states, mask) for these rows (`lengths` real tokens) as `batch` runs
+  them: a whole held batch as it lies on the device, else the rows gathered on the host."""
   head = sources[0]
   if not isinstance(head, np.ndarray):
     held = head[0]
-    if (held.batch.size == batch.size and held.batch.length == batch.length
-        and held.batch.count == len(sources) and all(
+    if (held.size == batch.size and held.length == batch.length
+        and held.count == len(sources) and all(
             not isinstance(s, np.ndarray) and s[0] is held and s[1] == p
             for p, s in enumerate(sources))):
       return held.hidden, held.mask
@@ -355,19 +513,3 @@ def _padded_inputs(ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, rows
   return (pad_rows(ids[rows, :batch.length], batch.size),
           pad_mask(length_mask(lengths[rows], batch.length), batch.size),
           pad_rows(types[rows, :batch.length], batch.size))
-
-
-def _prefix(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray,
-            batch_sizes: Sequence[int], program_lengths: Sequence[int],
-            to_host: Callable[[Any], np.ndarray]) -> tuple[list[_PrefixBatch], np.ndarray]:
-  """The prefix over every row in the batches `plan_batches` cuts: the batches as run, router
-  logits [n, m]."""
-  batches, pending = [], []
-  for b in plan_batches(lengths, batch_sizes, program_lengths):
-    batch_ids, batch_mask, batch_types = _padded_inputs(ids, types, lengths,
-                                                       slice(b.start, b.stop), b)
-    hidden, router = runner.prefix(b.size, b.length, batch_ids, batch_mask, batch_types)
-    batches.append(_PrefixBatch(b, hidden, batch_mask))
-    pending.append(router)
-  router = np.concatenate([to_host(r)[:b.batch.count] for r, b in zip(pending, batches)])
-  return batches, router
