@@ -22,6 +22,7 @@ from absl import logging
 from sharcs_jax import config as config_lib
 from sharcs_jax.data import glue
 from sharcs_jax.errors import RunError
+from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.sharcs import SharcsModel, router_hidden_size
 from sharcs_jax.serve.routing import Rule, rule_from_json
@@ -227,3 +228,26 @@ def _reported_rule(workdir: str) -> Rule | None:
     return None
   with open(path) as f:
     return rule_from_json(json.load(f).get("sharcs", {}).get("routing") or {})
+
+
+def load_kept_exit(workdir: str) -> tuple[ml_collections.ConfigDict, EarlyExitModel, Any]:
+  """(config, model, kept parameters) of the early-exit run in `workdir`
+  (`baselines.train_early_exit`), from its latest checkpoint: the epoch whose last exit was
+  most accurate on dev."""
+  with _latest(workdir) as (manager, step, config):
+    best = _restore(manager, step, best=ocp.args.StandardRestore()).best
+    if "logits" not in best:
+      raise CheckpointError(f"{workdir}: not an early-exit run (its checkpoints hold a SHARCS "
+                            "model)")
+    if "params" not in best:
+      raise CheckpointError(f"{workdir}: this early-exit run was trained before runs kept their "
+                            "best epoch's parameters; train it again in a new workdir")
+    if int(best["epoch"]) < 0:
+      raise CheckpointError(f"{workdir}: no epoch of this early-exit run is kept yet ({step} of "
+                            f"{config.train.epochs} finished); resume its training")
+    model = EarlyExitModel(config_lib.backbone_config(config),
+                           num_classes=glue.get_task(config.task).num_classes,
+                           pooling=config.model.exit_pooling)
+    logging.info("Loaded the early-exit run %s: epoch %d (checkpoint %d)", workdir,
+                 int(best["epoch"]), step)
+    return config, model, jax.device_get(best["params"])

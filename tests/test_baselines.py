@@ -124,6 +124,30 @@ def test_early_exit_baseline_end_to_end(early_exit_run):
 
 
 @needs_glue
+def test_the_engine_serves_the_kept_early_exit_model(early_exit_run):
+  """Every stage of the served model gives the kept epoch's exits on dev (the summary's
+  accuracies), and a budget calibrated on the calibration split is met there."""
+  from sharcs_jax.data import batching, glue
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
+  workdir, summary = early_exit_run
+  engine = ExitEngine.from_workdir(str(workdir), budget="1.5x", signal="max_prob")
+  config = tiny_run_config(summary["model"])
+  _, dev, calibration = glue.run_splits(config)
+  dev_data, calibration_data = batching.encode_splits([dev, calibration], engine.tokenizer,
+                                                      engine.length_buckets)
+  every = engine.every_stage(dev_data)
+  accuracy = [float((p.argmax(-1) == dev_data.labels).mean()) for p in every]
+  np.testing.assert_allclose(accuracy, [e["accuracy"] for e in summary["per_exit"]])
+  served = engine.run(calibration_data)
+  reduction = engine.full_depth_gflops(calibration_data).mean() / served.gflops.mean()
+  assert reduction == pytest.approx(engine.rule.calibration_reduction)
+  assert reduction == pytest.approx(1.5, rel=0.1)
+  predicted = engine.predict(list(dev.texts[:5]))
+  np.testing.assert_array_equal(predicted.labels, engine.run(dev_data).labels[:5])
+
+
+@needs_glue
 def test_resumed_early_exit_run_equals_uninterrupted(early_exit_run, tmp_path, monkeypatch,
                                                      caplog):
   _, straight = early_exit_run

@@ -82,3 +82,24 @@ def test_sweep_rules_costs_and_extremes():
   assert by["entropy", 1.0]["gflops"] == 1.0 and by["entropy", 1.0]["accuracy"] == 0.5
   # Patience 1: example 0 agrees at layer 2 (cost 2); example 1 changes its mind, then agrees.
   assert by["patience", 1]["gflops"] == 2.5 and by["patience", 1]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_chained_stages_give_the_model_exits(tiny_config, tiny_batch, pooling):
+  """Stages layers 0-1, 2, 3, each reading the one before, give exits 1, 2 and 3 of one pass."""
+  import jax
+
+  from sharcs_jax.model import EarlyExitModel
+
+  model = EarlyExitModel(tiny_config, num_classes=3, pooling=pooling)
+  batch = (tiny_batch["input_ids"], tiny_batch["attention_mask"], tiny_batch["token_type_ids"])
+  variables = model.init(jax.random.key(0), *batch)
+  every = jax.nn.softmax(model.apply(variables, *batch), axis=-1)
+  inputs = batch
+  for first, last in [(0, 1), (2, 2), (3, 3)]:
+    hidden, probabilities = model.apply(variables, *inputs, first=first, last=last,
+                                        method=EarlyExitModel.stage)
+    np.testing.assert_allclose(probabilities, every[last], atol=1e-6)
+    inputs = (hidden, batch[1])
+  with pytest.raises(ValueError, match="outside"):
+    model.apply(variables, *batch, first=2, last=1, method=EarlyExitModel.stage)

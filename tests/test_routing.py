@@ -173,3 +173,38 @@ def test_fixed_width_rule_routes_everything_to_one_width_and_round_trips():
   assert rule.first_widths(np.zeros((4, 2)), np.ones((4, 2))).tolist() == [1, 1, 1, 1]
   assert not rule.escalating and not rule.escalates(np.full((3, 2), 0.5), 0).any()
   assert routing.rule_from_json(rule.to_json()) == rule
+
+
+def _stage_probabilities(n=2000, stages=4, seed=0):
+  """[S, N, 2]: each row's confidence grows with depth from its own start."""
+  rng = np.random.default_rng(seed)
+  start = rng.uniform(0.5, 0.9, n)
+  sure = np.clip(start[None] + 0.1 * np.arange(stages)[:, None], 0.5, 0.999)
+  return np.stack([sure, 1 - sure], axis=-1)
+
+
+def test_exit_rule_leaves_at_the_first_sure_stage_as_dispatch_asks_it():
+  p = np.array([[[0.6, 0.4], [0.99, 0.01], [0.5, 0.5]],
+                [[0.99, 0.01], [0.6, 0.4], [0.6, 0.4]],
+                [[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]]])  # [S=3, N=3, C]
+  rule = routing.ExitCascade(0.9, 3, "max_prob")
+  np.testing.assert_array_equal(rule.exits(p), [1, 0, 2])
+  rows = np.arange(3)
+  np.testing.assert_array_equal(rule.next_stages(0, rows, (p[0],)), [1, routing.STOP, 1])
+  np.testing.assert_array_equal(rule.next_stages(2, rows, (p[2],)), [routing.STOP] * 3)
+  assert rule.continues(1) and not rule.continues(2)
+  assert routing.rule_from_json(rule.to_json()) == rule
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5])
+def test_exit_calibration_meets_the_budget_within_5_percent_on_unseen_rows(target):
+  """Fitted on one half of hand-made rows, the threshold meets the target on the other half."""
+  p = _stage_probabilities(20_000)
+  flops = np.tile([1.0, 2.0, 2.0, 2.0], (p.shape[1], 1)) * 1e9
+  fit, held = slice(0, 10_000), slice(10_000, None)
+  rule = routing.calibrate_exits(p[:, fit], flops[fit], routing.parse_budget(f"{target}x"))
+  assert rule.calibration_reduction == pytest.approx(target, rel=0.01)
+  spent = np.cumsum(flops[held], axis=1)[np.arange(10_000), rule.exits(p[:, held])]
+  assert 7e9 / spent.mean() == pytest.approx(target, rel=0.05)
+  with pytest.raises(ValueError, match="out of reach"):  # stage 0 alone is 7x
+    routing.calibrate_exits(p[:, fit], flops[fit], routing.parse_budget("9x"))

@@ -34,7 +34,8 @@ from sharcs_jax.serve.evaluate import classification_metrics
 from sharcs_jax.model.flops import param_shapes, xla_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
-from sharcs_jax.train.loop import apply_gradients, epoch_rng, make_optimizer, train_epoch
+from sharcs_jax.train.loop import (apply_gradients, copy_buffers, epoch_rng, make_optimizer,
+                                  train_epoch)
 
 Array = jax.Array
 
@@ -95,6 +96,13 @@ def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> 
   return table
 
 
+def exit_best(params: Any, num_layers: int, dev_examples: int, num_classes: int
+              ) -> dict[str, Any]:
+  """The kept-epoch record before any epoch is kept; its structure is what checkpoints hold."""
+  return {"epoch": jnp.int32(-1), "params": params,
+          "logits": jnp.zeros((num_layers, dev_examples, num_classes), jnp.float32)}
+
+
 def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                      entropy_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
                                                              0.7, 0.8, 0.9),
@@ -128,9 +136,9 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   step_fn = jax.jit(functools.partial(exit_train_step, model=model, tx=tx), donate_argnums=0,
                     out_shardings=parallel.replicated(mesh))
   forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
-  # The kept epoch: its dev logits of every exit are all the rules need.
-  best = {"epoch": jnp.int32(-1),
-          "logits": jnp.zeros((num_layers, len(dev_data), task.num_classes), jnp.float32)}
+  # The kept epoch: its dev logits of every exit are all the rules need; its parameters are
+  # what the engine serves (`checkpoint.load_kept_exit`).
+  best = exit_best(copy_buffers(params), num_layers, len(dev_data), task.num_classes)
   checkpoints = Checkpoints(workdir, config)
   history = []
   restored = checkpoints.restore_latest(parallel.replicate(state, mesh), best)
@@ -153,7 +161,7 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                  np.round(accuracy, 4).tolist(), time.time() - epoch_start)
     kept = int(best["epoch"])
     if kept < 0 or accuracy[-1] > history[kept]["dev_accuracy_per_exit"][-1]:
-      best = {"epoch": jnp.int32(epoch), "logits": jnp.asarray(logits)}
+      best = {"epoch": jnp.int32(epoch), "logits": jnp.asarray(logits), "params": copy_buffers(state.params)}
     state = parallel.replicate(state.replace(
         epoch=jnp.int32(epoch + 1),
         train_seconds=state.train_seconds + (time.time() - epoch_start)), mesh)

@@ -57,6 +57,27 @@ class EarlyExitModel(nn.Module):
       logits.append(head(pooled, deterministic=deterministic)[1])
     return jnp.stack(logits)
 
+  def stage(self, inputs: Array, attention_mask: Array, token_type_ids: Array | None = None, *,
+            first: int, last: int) -> tuple[Array, Array]:
+    """One stage of the served cascade: layers first..last (0-based) on the token ids (`first`
+    0: embeddings first) or on layer first - 1's hidden states; (hidden states [B, T, d], exit
+    `last`'s class probabilities [B, C]). Chained, the stages give `__call__`'s exits."""
+    cfg = self.encoder
+    if not 0 <= first <= last < cfg.num_layers:
+      raise ValueError(f"stage layers {first}..{last} are outside 0..{cfg.num_layers - 1}")
+    mask = attention_mask.astype(bool)
+    if first == 0:
+      chex.assert_rank(inputs, 2)
+      x = self.embeddings(inputs, token_type_ids, deterministic=True)
+    else:
+      chex.assert_rank(inputs, 3)
+      x = inputs
+    chex.assert_equal_shape_prefix([x, attention_mask], 2)
+    for layer in self.layers[first:last + 1]:
+      x = layer(x, mask, deterministic=True)
+    pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
+    return x, jax.nn.softmax(self.exits[last](pooled, deterministic=True)[1], axis=-1)
+
 
 def exit_loss_weights(num_layers: int) -> Array:
   """PABEE's weighting of the exits' losses: exit i (1-based) weighs i / sum(1..L).

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from sharcs_jax.data.padding import length_bucket_of, length_mask, pad_mask, pad_rows
-from sharcs_jax.serve.routing import ran_flops
+from sharcs_jax.serve.routing import STOP, ran_flops
 
 # Batch sizes programs are compiled for by default: a few sizes bound the compiles while small
 # groups waste little padding.
@@ -163,7 +163,6 @@ class Stage:
 
 
 TOKENS = -1  # `Stage.reads` of a stage that reads the token ids
-STOP = -1  # what `StageRule.next_stages` gives a row that stops where it is
 
 
 class StageRunner(Protocol):

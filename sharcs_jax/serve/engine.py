@@ -48,6 +48,17 @@ class Predictions:
             for w in widths}
 
 
+def encode_texts_for(task: glue.Task | None, tokenizer: Any, length_buckets: Sequence[int],
+                     texts: Sequence[Text], labels: Sequence[int] | None = None
+                     ) -> batching.Encoded:
+  """An engine's inputs tokenised; a wrong number of fields is an error naming the input."""
+  if tokenizer is None or task is None:
+    raise ValueError("this engine has no tokenizer and task: build it with from_workdir, or "
+                     "pass tokenizer= and task=")
+  rows = text_rows(texts, task.text_columns, task.name)
+  return batching.encode_texts(rows, tokenizer, tuple(length_buckets), labels)
+
+
 class Engine:
   """SHARCS inference for one model and parameter tree, on precompiled programs."""
 
@@ -152,11 +163,7 @@ class Engine:
 
   def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None) -> batching.Encoded:
     """Tokenised inputs; a wrong number of fields is an error naming the input."""
-    if self.tokenizer is None or self.task is None:
-      raise ValueError("this engine has no tokenizer and task: build it with from_workdir, or "
-                       "pass tokenizer= and task=")
-    rows = text_rows(texts, self.task.text_columns, self.task.name)
-    return batching.encode_texts(rows, self.tokenizer, self.length_buckets, labels)
+    return encode_texts_for(self.task, self.tokenizer, self.length_buckets, texts, labels)
 
   def predict(self, texts: Sequence[Text]) -> Predictions:
     return self.run(self.encode(texts))

@@ -1,9 +1,11 @@
 """Ahead-of-time compiled SHARCS programs, kept on disk so that a restart compiles nothing.
 
-Three kinds of program, each compiled with `jit(...).lower(...).compile()` for fixed shapes:
+Four kinds of program, each compiled with `jit(...).lower(...).compile()` for fixed shapes:
   prefix   (batch, length)         embeddings, layers 1..K and the router -> (hidden, router logits)
   adaptive (width, batch, length)  layers K+1..L and the head at `width` -> class probabilities
   forward  (width, batch, length)  the whole model at one width, no router -> class probabilities
+  stage    (span, batch, length)   an early-exit model's layers a..b and exit b, on the token ids
+                                   (a = 0) or layer a - 1's hidden states -> (hidden, probabilities)
 Parameters are arguments, not constants, so one program serves any parameter values of the same
 shapes (every epoch of a training run, any checkpoint of a config). Given a mesh (training on
 several devices), programs whose batch divides over it are compiled SPMD: parameters replicated,
@@ -40,42 +42,59 @@ from jax.experimental.compilation_cache import compilation_cache
 from sharcs_jax import parallel, report
 from sharcs_jax.model.flops import compiled_flops
 from sharcs_jax.model import config as model_config
-from sharcs_jax.model import encoder, sharcs, widths
+from sharcs_jax.model import early_exit, encoder, sharcs, widths
+from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
 
 _MODEL_SOURCES = (model_config, encoder, sharcs, widths)
+Span = tuple[int, int]  # a stage's first and last layer, 0-based
 
 
 @dataclasses.dataclass(frozen=True)
 class ProgramKey:
-  kind: str  # "prefix", "adaptive" or "forward"
-  width: float | None  # None for the prefix
+  kind: str  # "prefix", "adaptive", "forward" or "stage"
+  width: float | None  # None for the prefix and stages
   batch: int
   length: int
+  span: Span | None = None  # a stage's layers
 
   @property
   def file_name(self) -> str:
     width = "" if self.width is None else f"_{widths.width_tag(self.width)}"
-    return f"{self.kind}{width}_b{self.batch}_s{self.length}.xla"
+    span = "" if self.span is None else f"_l{self.span[0]}-{self.span[1]}"
+    return f"{self.kind}{width}{span}_b{self.batch}_s{self.length}.xla"
 
 
-def fingerprint(model: SharcsModel, shapes: Any) -> str:
+def _model_settings(model: SharcsModel | EarlyExitModel) -> tuple[Any, ...]:
+  if isinstance(model, EarlyExitModel):
+    return ("early exit", model.num_classes, model.pooling)
+  return (model.num_classes, model.widths, model.router_layer, model.router_hidden,
+          model.compute_dtype, model.cls_only_last_layer)
+
+
+def fingerprint(model: SharcsModel | EarlyExitModel, shapes: Any) -> str:
   """What a stored executable depends on; a change of any part gives a new directory."""
   h = hashlib.sha256()
   device = jax.devices()[0]
   for part in (jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
-               repr(dataclasses.asdict(model.encoder)), repr(model.num_classes),
-               repr(model.widths), repr(model.router_layer), repr(model.router_hidden),
-               repr(model.compute_dtype), repr(model.cls_only_last_layer),
+               repr(dataclasses.asdict(model.encoder)),
+               *(repr(setting) for setting in _model_settings(model)),
                repr(jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), shapes))):
     h.update(part.encode())
-  for source in [m.__file__ for m in _MODEL_SOURCES] + [__file__]:
+  sources = _MODEL_SOURCES + ((early_exit,) if isinstance(model, EarlyExitModel) else ())
+  for source in [m.__file__ for m in sources] + [__file__]:
     with open(source, "rb") as f:
       h.update(f.read())
   return h.hexdigest()[:20]
 
 
-def functions(model: SharcsModel) -> dict[str, Callable[..., Any]]:
+def functions(model: SharcsModel | EarlyExitModel) -> dict[str, Callable[..., Any]]:
+  if isinstance(model, EarlyExitModel):
+    def stage(variables, *inputs, first, last):
+      return model.apply(variables, *inputs, first=first, last=last, method=EarlyExitModel.stage)
+
+    return {"stage": stage}
+
   def prefix(variables, ids, mask, types):
     return model.apply(variables, ids, mask, types, method=SharcsModel.prefix)
 
@@ -89,13 +108,14 @@ def functions(model: SharcsModel) -> dict[str, Callable[..., Any]]:
   return {"prefix": prefix, "adaptive": adaptive, "forward": forward}
 
 
-def argument_specs(model: SharcsModel, kind: str, batch: Any, length: Any,
-                   sharding: Any = None) -> tuple[jax.ShapeDtypeStruct, ...]:
+def argument_specs(model: SharcsModel | EarlyExitModel, kind: str, batch: Any, length: Any,
+                   sharding: Any = None, span: Span | None = None
+                   ) -> tuple[jax.ShapeDtypeStruct, ...]:
   """What a part takes after its variables: (ids, mask, types), or (hidden, mask) for an
-  adaptive part. The one place these shapes are spelled, for compiling and for `jax.export`
-  (where batch and length are symbolic)."""
+  adaptive part or a stage after the first layer. The one place these shapes are spelled, for
+  compiling and for `jax.export` (where batch and length are symbolic)."""
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
-  if kind == "adaptive":
+  if kind == "adaptive" or (kind == "stage" and span[0] > 0):
     return (jax.ShapeDtypeStruct((batch, length, model.encoder.hidden_size), jnp.float32,
                                  sharding=sharding), ids)
   return ids, ids, ids
@@ -136,14 +156,19 @@ class Programs:
   `params` may be the parameters or their `jax.ShapeDtypeStruct`s: only shapes and dtypes count.
   """
 
-  def __init__(self, model: SharcsModel, params: Any, *, batch_buckets: Sequence[int],
-               length_buckets: Sequence[int], kinds: Sequence[str] = ("prefix", "adaptive"),
+  def __init__(self, model: SharcsModel | EarlyExitModel, params: Any, *,
+               batch_buckets: Sequence[int], length_buckets: Sequence[int],
+               kinds: Sequence[str] = ("prefix", "adaptive"), spans: Sequence[Span] = (),
                cache_dir: str | None = None, mesh: jax.sharding.Mesh | None = None):
+    """`spans`: an early-exit model's stages (kinds ("stage",)), each layers a..b, the first
+    starting at layer 0 and each next one after the last."""
     if list(batch_buckets) != sorted(set(batch_buckets)) or batch_buckets[0] < 1:
       raise ValueError(f"batch_buckets must be increasing sizes >= 1, got {tuple(batch_buckets)}")
-    unknown = set(kinds) - {"prefix", "adaptive", "forward"}
+    known = {"stage"} if isinstance(model, EarlyExitModel) else {"prefix", "adaptive", "forward"}
+    unknown = set(kinds) - known
     if unknown:
-      raise ValueError(f"unknown program kinds {sorted(unknown)}")
+      raise ValueError(f"unknown program kinds {sorted(unknown)} for a {type(model).__name__}")
+    self.spans = check_spans(spans, model.encoder.num_layers) if "stage" in kinds else ()
     self.model = model
     self.batch_buckets = tuple(batch_buckets)
     self.length_buckets = tuple(length_buckets)
@@ -161,13 +186,15 @@ class Programs:
       keys = [ProgramKey("prefix", None, b, s)] if "prefix" in kinds else []
       keys += [ProgramKey(kind, w, b, s) for kind in ("adaptive", "forward") if kind in kinds
                for w in model.widths]
+      keys += [ProgramKey("stage", None, b, s, span) for span in self.spans]
       for key in keys:
         self.executables[key], self.flops[key] = self._obtain(key)
     logging.info("%d programs: %d compiled, %d loaded from %s", len(self.executables),
                  self.compiled, self.loaded, self.directory)
 
-  def __call__(self, kind: str, width: float | None, batch: int, length: int) -> Any:
-    executable = self.executables[ProgramKey(kind, width, batch, length)]
+  def __call__(self, kind: str, width: float | None, batch: int, length: int,
+               span: Span | None = None) -> Any:
+    executable = self.executables[ProgramKey(kind, width, batch, length, span)]
     if not self._sharded(batch):
       return executable
     sharding = parallel.batch_sharded(self.mesh)
@@ -200,6 +227,13 @@ class Programs:
     table every consumer (training, dev evaluation, the engine, summary mode) reads."""
     return np.array([[self.example_flops(w, s) for s in self.length_buckets]
                      for w in self.model.widths])
+
+  def stage_flops_table(self) -> np.ndarray:
+    """FLOPs per example [stages, length buckets] of each stage alone, read as `example_flops`
+    reads them: a row that stops after stage k costs the first k + 1 rows' sum."""
+    b = self.batch_buckets[0]
+    return np.array([[self.flops[ProgramKey("stage", None, b, s, span)] / b
+                      for s in self.length_buckets] for span in self.spans])
 
   def prefix_flops_row(self) -> np.ndarray:
     """FLOPs per example [length buckets] of the prefix and router alone (a cascade adds each
@@ -240,8 +274,11 @@ class Programs:
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(self.mesh)),
           variables)
       rows = parallel.batch_sharded(self.mesh)
-    args = argument_specs(self.model, key.kind, key.batch, key.length, rows)
+    args = argument_specs(self.model, key.kind, key.batch, key.length, rows, key.span)
     function = self._functions[key.kind]
+    if key.kind == "stage":
+      return jax.jit(function, static_argnames=("first", "last"), out_shardings=rows).lower(
+          variables, *args, first=key.span[0], last=key.span[1])
     if key.kind == "prefix":
       return jax.jit(function, out_shardings=rows).lower(variables, *args)
     return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
@@ -260,3 +297,28 @@ class ProgramRunner:
   def part(self, width_index: int, batch: int, length: int, hidden, mask):
     width = self.programs.model.widths[width_index]
     return self.programs("adaptive", width, batch, length)(self.variables, hidden, mask)
+
+
+def check_spans(spans: Sequence[Span], num_layers: int) -> tuple[Span, ...]:
+  """Stages that cover layers 0..num_layers - 1 in order, each at least one layer."""
+  spans = tuple((int(a), int(b)) for a, b in spans)
+  starts = [0] + [b + 1 for _, b in spans[:-1]]
+  if (not spans or [a for a, _ in spans] != starts or any(b < a for a, b in spans)
+      or spans[-1][1] != num_layers - 1):
+    raise ValueError(f"stages {list(spans)} must cover layers 0..{num_layers - 1} in order, "
+                     "each starting after the one before")
+  return spans
+
+
+class StageProgramRunner:
+  """`dispatch.StageRunner` over an early-exit model's precompiled stages."""
+
+  def __init__(self, programs: Programs, variables: Any):
+    self.programs, self.variables = programs, variables
+
+  def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
+            ) -> tuple[Any, tuple[Any, ...]]:
+    span = self.programs.spans[index]
+    hidden, probabilities = self.programs("stage", None, batch, length, span)(self.variables,
+                                                                               *inputs)
+    return hidden, (probabilities,)

@@ -147,10 +147,13 @@ class Fixed:
             "calibration_reduction": self.calibration_reduction}
 
 
-def rule_from_json(saved: dict) -> "Rule | Cascade | Fixed":
+def rule_from_json(saved: dict) -> "Rule | Cascade | Fixed | ExitCascade":
   """The inverse of `to_json`; {} (or no budget) is the router's argmax."""
   if not saved:
     return Rule()
+  if saved.get("rule") == "exit":
+    return ExitCascade(float(saved["threshold"]), int(saved["num_stages"]), saved["signal"],
+                       saved["budget"], float(saved["calibration_reduction"]))
   if saved.get("rule") == "fixed":
     return Fixed(int(saved["width_index"]), saved["budget"], float(saved["calibration_reduction"]))
   if saved.get("rule") == "cascade":
@@ -189,6 +192,72 @@ def ran_flops(final: np.ndarray, ran: np.ndarray, example_flops: np.ndarray,
   earlier = ran.copy()
   earlier[np.arange(len(final)), final] = False
   return example_flops[np.arange(len(final)), final] + (earlier * parts).sum(-1)
+
+
+STOP = -1  # a stage rule's answer for a row that stops where it is (`dispatch.run_stages`)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitCascade:
+  """DeeBERT's rule over an early-exit model's stages: a row leaves at the first stage whose
+  confidence reaches `threshold` (with "entropy", 1 - H / log C: DeeBERT's entropy threshold);
+  the last stage answers the rest."""
+
+  threshold: float
+  num_stages: int
+  signal: str = "entropy"
+  budget: str = ""
+  calibration_reduction: float = 1.0
+
+  name = "exit"
+
+  def continues(self, stage: int) -> bool:
+    return stage < self.num_stages - 1
+
+  def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
+                  ) -> np.ndarray:
+    leaves = (confidence(outputs[0], self.signal) >= self.threshold) | (not self.continues(stage))
+    return np.where(leaves, STOP, stage + 1).astype(np.int64)
+
+  def exits(self, stage_probabilities: np.ndarray) -> np.ndarray:
+    """The stage each row leaves at [N], from every stage's probabilities [S, N, C]."""
+    sure = confidence(stage_probabilities, self.signal) >= self.threshold
+    sure[-1] = True
+    return sure.argmax(0)
+
+  def to_json(self) -> dict:
+    return {"rule": self.name, "budget": self.budget, "threshold": self.threshold,
+            "signal": self.signal, "num_stages": self.num_stages,
+            "calibration_reduction": self.calibration_reduction}
+
+
+def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, budget: Budget,
+                    signal: str = "entropy", iterations: int = 60) -> ExitCascade:
+  """The highest threshold (latest exits) whose average FLOPs on these examples meet the
+  budget, against running every stage. `stage_probabilities` [S, N, C]; `stage_flops` [N, S]
+  each stage's cost alone. Cost never falls as the threshold rises, so a bisection finds it."""
+  stage_flops = np.asarray(stage_flops, np.float64)
+  if len(stage_flops) == 0:
+    raise ValueError("cannot calibrate a budget on zero examples")
+  count = stage_flops.shape[1]
+  spent = np.cumsum(stage_flops, axis=1)  # [N, S]: leaving after each stage
+  full_gflops = float(spent[:, -1].mean() / 1e9)
+  target = budget.target_gflops(full_gflops) * 1e9
+  tolerance = 1e-9 * full_gflops * 1e9
+  rows = np.arange(len(stage_flops))
+
+  def cost(threshold: float) -> float:
+    exits = ExitCascade(threshold, count, signal).exits(stage_probabilities)
+    return float(spent[rows, exits].mean())
+
+  cheapest, dearest = cost(0.0), cost(np.nextafter(1.0, 2.0))
+  if not cheapest - tolerance <= target:
+    raise ValueError(f"budget {budget} is out of reach: these exits reach reductions from "
+                     f"{full_gflops * 1e9 / dearest:.3f}x to {full_gflops * 1e9 / cheapest:.3f}x "
+                     f"({dearest / 1e9:.4f} to {cheapest / 1e9:.4f} GFLOPs per example)")
+  threshold = _boundary(lambda t: cost(t) <= target + tolerance, 0.0,
+                        float(np.nextafter(1.0, 2.0)), iterations, 1e-12)
+  return ExitCascade(threshold, count, signal, str(budget), full_gflops * 1e9 / cost(threshold))
 
 
 def calibrate_cascade(probabilities: np.ndarray, router_logits: np.ndarray,

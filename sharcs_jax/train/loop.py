@@ -181,7 +181,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: SharcsModel
                        hardness=new_hardness, teacher=teacher), metrics
 
 
-def _copy(tree: Any) -> Any:
+def copy_buffers(tree: Any) -> Any:
   """The train step donates its state: what must outlive a step needs buffers of its own."""
   return jax.tree_util.tree_map(jnp.copy, tree)
 
@@ -352,7 +352,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       state = state.replace(params=params, opt_state=tx.init(params))
       logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
     state = parallel.replicate(state, mesh)
-    best = parallel.replicate(initial_best(_copy(state.params)), mesh)
+    best = parallel.replicate(initial_best(copy_buffers(state.params)), mesh)
 
   step_fn = jax.jit(functools.partial(
       train_step, model=model, tx=tx, hardness_signal=h.signal,
@@ -408,7 +408,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                             max(h["full_width"]["accuracy"] for h in history), static_index)
     may_keep = epoch >= h.window or static_index is not None
     if may_keep and score > tuple(np.asarray(best["score"]).tolist()):
-      best = parallel.replicate({"params": _copy(state.params), "epoch": jnp.int32(epoch),
+      best = parallel.replicate({"params": copy_buffers(state.params), "epoch": jnp.int32(epoch),
                                  "score": jnp.asarray(score, jnp.float32)}, mesh)
       best_rule = rule_from_json(result["sharcs"].get("routing") or {})
     state = parallel.replicate(

@@ -1,0 +1,139 @@
+"""Serving an early-exit model (DeeBERT / PABEE's network) through the one dispatch core.
+
+The model's layers are cut into stages (by default one per layer, as DeeBERT checks every exit):
+stage j runs its layers on the hidden states stage j - 1 returned and gives its exit's class
+probabilities, and `routing.ExitCascade` lets a row leave at the first stage it is sure at. Each
+stage is its own precompiled program per (batch, length) bucket (`programs.Programs`, kind
+"stage"), so a row that leaves after layer 2 really runs two layers; FLOPs are the stages' XLA
+cost analysis, summed over the stages a row ran. A budget ("2x") is met by calibrating the exit
+threshold on the run's calibration split (held-out training examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from absl import logging
+
+from sharcs_jax.data import batching, glue
+from sharcs_jax.model.early_exit import EarlyExitModel
+from sharcs_jax.model.weights import resolve_model_dir
+from sharcs_jax.serve import dispatch
+from sharcs_jax.serve.engine import Text, encode_texts_for
+from sharcs_jax.serve.programs import Programs, Span, StageProgramRunner
+from sharcs_jax.serve.routing import Budget, ExitCascade, calibrate_exits, parse_budget
+
+NEVER_SURE = 2.0  # a threshold no confidence reaches: every row runs every stage
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitPredictions:
+  labels: np.ndarray  # int32 [N]
+  probabilities: np.ndarray  # float32 [N, C] at the exit each row left at
+  exit_layers: np.ndarray  # int32 [N] that exit's layer, 1-based
+  gflops: np.ndarray  # float64 [N] the stages each row ran
+
+
+def layer_spans(num_layers: int, exit_layers: Sequence[int] | None = None) -> tuple[Span, ...]:
+  """Stages ending at each of `exit_layers` (1-based; default every layer; the last is always
+  an exit)."""
+  ends = sorted(set(exit_layers or range(1, num_layers + 1)) | {num_layers})
+  if ends[0] < 1 or ends[-1] > num_layers:
+    raise ValueError(f"exit layers {list(exit_layers)} must lie in 1..{num_layers}")
+  return tuple(zip([0] + ends[:-1], [e - 1 for e in ends]))
+
+
+class ExitEngine:
+  """An early-exit model's inference on precompiled stage programs."""
+
+  def __init__(self, model: EarlyExitModel, params: Any, *, length_buckets: Sequence[int],
+               exit_layers: Sequence[int] | None = None,
+               batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS, tokenizer: Any = None,
+               task: glue.Task | None = None, cache_dir: str | None = None,
+               rule: ExitCascade | None = None):
+    self.model = model
+    self.variables = {"params": params}
+    self.length_buckets = tuple(length_buckets)
+    self.batch_sizes = tuple(batch_buckets)
+    self.tokenizer, self.task = tokenizer, task
+    self.spans = layer_spans(model.encoder.num_layers, exit_layers)
+    self.programs = Programs(model, params, batch_buckets=batch_buckets,
+                             length_buckets=length_buckets, kinds=("stage",), spans=self.spans,
+                             cache_dir=cache_dir)
+    self.runner = StageProgramRunner(self.programs, self.variables)
+    self.stages = [dispatch.Stage(dispatch.TOKENS, answers=True)] + [
+        dispatch.Stage(j - 1, answers=True) for j in range(1, len(self.spans))]
+    self.stage_flops = self.programs.stage_flops_table()  # [S, length buckets]
+    self.rule = rule or ExitCascade(NEVER_SURE, len(self.spans))
+    if self.rule.num_stages != len(self.spans):
+      raise ValueError(f"the rule has {self.rule.num_stages} stages, the engine {len(self.spans)}")
+
+  @classmethod
+  def from_workdir(cls, workdir: str, *, budget: str = "", signal: str = "entropy",
+                   exit_layers: Sequence[int] | None = None,
+                   batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
+                   cache_dir: str | None = None) -> "ExitEngine":
+    """The kept epoch of an early-exit run (`baselines.train_early_exit`); with `budget` the
+    exit threshold is calibrated on the run's calibration split."""
+    from sharcs_jax.checkpoint import load_kept_exit  # orbax only where checkpoints are read
+
+    config, model, params = load_kept_exit(workdir)
+    engine = cls(model, params, length_buckets=tuple(config.data.length_buckets),
+                 exit_layers=exit_layers, batch_buckets=batch_buckets,
+                 tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
+                 task=glue.get_task(config.task),
+                 cache_dir=cache_dir or os.path.join(workdir, "executables"))
+    if budget:
+      calibration = glue.run_splits(config)[2]
+      if calibration is None:
+        raise ValueError(f"{workdir}: the run holds no calibration split to fit budget {budget} "
+                         "on (config.routing.calibration_examples=0)")
+      (data,) = batching.encode_splits([calibration], engine.tokenizer, engine.length_buckets)
+      engine.rule = engine.calibrate(budget, data, signal)
+      logging.info("Exits calibrated to budget %s: %s on %d calibration examples", budget,
+                   engine.rule.to_json(), len(data))
+    return engine
+
+  def every_stage(self, data: batching.Encoded) -> np.ndarray:
+    """Each stage's class probabilities [S, N, C] for every row (every row runs every stage)."""
+    out, _ = self._dispatch(data, ExitCascade(NEVER_SURE, len(self.spans)))
+    return np.stack([outputs[0] for outputs in out.outputs])
+
+  def calibrate(self, budget: Budget | str, data: batching.Encoded,
+                signal: str = "entropy") -> ExitCascade:
+    """The exit threshold that meets `budget` on `data` (inputs the model did not train on);
+    not applied."""
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    return calibrate_exits(self.every_stage(data), self.stage_flops[:, data.bucket_of].T, budget,
+                           signal)
+
+  def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None
+             ) -> batching.Encoded:
+    return encode_texts_for(self.task, self.tokenizer, self.length_buckets, texts, labels)
+
+  def predict(self, texts: Sequence[Text]) -> ExitPredictions:
+    return self.run(self.encode(texts))
+
+  def run(self, data: batching.Encoded) -> ExitPredictions:
+    """Predictions for every row of `data`, in row order."""
+    out, flops = self._dispatch(data, self.rule)
+    ends = np.array([last + 1 for _, last in self.spans], np.int32)
+    return ExitPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
+                           ends[out.final], flops / 1e9)
+
+  def full_depth_gflops(self, data: batching.Encoded) -> np.ndarray:
+    """Per-example GFLOPs [N] had every row run every stage: the reduction's baseline."""
+    return self.stage_flops.sum(0)[data.bucket_of] / 1e9
+
+  def _dispatch(self, data: batching.Encoded, rule: ExitCascade
+                ) -> tuple[dispatch.StagesRun, np.ndarray]:
+    if data.length_buckets != self.length_buckets:
+      raise ValueError(f"inputs were bucketed to {data.length_buckets}, the engine was compiled "
+                       f"for {self.length_buckets}")
+    return dispatch.run_stage_buckets(
+        self.runner, self.stages, data.input_ids, data.token_type_ids, data.lengths,
+        length_buckets=self.length_buckets, batch_buckets=self.batch_sizes,
+        num_classes=self.model.num_classes, rule=rule, stage_flops=self.stage_flops)
