@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, glue_data_dir, needs_glue, run_benchmark, tiny_run_config
+from conftest import (REPO_ROOT, assert_png, glue_data_dir, needs_glue, run_benchmark,
+                      tiny_run_config)
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
@@ -145,6 +146,27 @@ def test_the_engine_serves_the_kept_early_exit_model(early_exit_run):
   assert reduction == pytest.approx(1.5, rel=0.1)
   predicted = engine.predict(list(dev.texts[:5]))
   np.testing.assert_array_equal(predicted.labels, engine.run(dev_data).labels[:5])
+
+
+@needs_glue
+def test_exit_serving_benchmark_writes_its_reports(early_exit_run, tmp_path):
+  workdir, summary = early_exit_run
+  data, _ = run_benchmark("exit_serving", tmp_path, f"--workdir={workdir}", "--rounds=1",
+                          "--budgets=1.2x", "--signal=max_prob", report="exit_serving",
+                          timeout=600)
+  full, routed = data["paths"]["full depth"], data["paths"]["1.2x"]
+  assert data["examples"] == summary["dev_examples"] and data["exit_layers"] == [1, 2, 3]
+  assert full["accuracy"] == pytest.approx(summary["per_exit"][-1]["accuracy"])
+  assert full["dev_reduction"] == pytest.approx(1.0) and full["mean_exit_layer"] == 3
+  assert routed["calibration_reduction"] == pytest.approx(1.2, rel=0.1)
+  assert routed["dev_reduction"] > 1.0 and routed["mean_exit_layer"] < 3
+  for path in (full, routed):
+    assert path["examples_per_second"] == pytest.approx(data["examples"] /
+                                                        np.median(path["seconds"]))
+  assert routed["speedup"] == pytest.approx(routed["examples_per_second"] /
+                                            full["examples_per_second"])
+  assert_png(tmp_path / "exit_serving.png")
+  assert "examples/s" in (tmp_path / "exit_serving.md").read_text()
 
 
 @needs_glue

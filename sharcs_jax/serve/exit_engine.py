@@ -72,19 +72,25 @@ class ExitEngine:
       raise ValueError(f"the rule has {self.rule.num_stages} stages, the engine {len(self.spans)}")
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, budget: str = "", signal: str = "entropy",
-                   exit_layers: Sequence[int] | None = None,
-                   batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
-                   cache_dir: str | None = None) -> "ExitEngine":
-    """The kept epoch of an early-exit run (`baselines.train_early_exit`); with `budget` the
-    exit threshold is calibrated on the run's calibration split."""
+  def from_workdir(cls, workdir: str, **options: Any) -> "ExitEngine":
+    """The kept epoch of an early-exit run (`baselines.train_early_exit`): `from_kept`."""
     from sharcs_jax.checkpoint import load_kept_exit  # orbax only where checkpoints are read
 
-    config, model, params = load_kept_exit(workdir)
+    return cls.from_kept(workdir, *load_kept_exit(workdir), **options)
+
+  @classmethod
+  def from_kept(cls, workdir: str, config: Any, model: EarlyExitModel, params: Any, *,
+                budget: str = "", signal: str = "entropy", rule: ExitCascade | None = None,
+                exit_layers: Sequence[int] | None = None,
+                batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
+                cache_dir: str | None = None) -> "ExitEngine":
+    """An early-exit run's model (`checkpoint.load_kept_exit`); with `budget` the exit
+    threshold is calibrated on the run's calibration split, else `rule` (default: every row
+    runs every layer). Programs are stored under `workdir/executables`."""
     engine = cls(model, params, length_buckets=tuple(config.data.length_buckets),
                  exit_layers=exit_layers, batch_buckets=batch_buckets,
                  tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
-                 task=glue.get_task(config.task),
+                 task=glue.get_task(config.task), rule=rule,
                  cache_dir=cache_dir or os.path.join(workdir, "executables"))
     if budget:
       calibration = glue.run_splits(config)[2]
