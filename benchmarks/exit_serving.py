@@ -61,7 +61,7 @@ def main(argv):
   full_gflops = full.full_depth_gflops(dev_data).mean()
   base_rate = len(dev_data) / float(np.median(times[FULL_DEPTH]))
   data = {"examples": len(dev_data), "task": task.name, "workdir": FLAGS.workdir,
-          "exit_pooling": model.pooling, "exit_layers": [b + 1 for _, b in engine.spans],
+          "exit_pooling": model.pooling, "exit_layers": list(engine.exit_layers),
           "signal": FLAGS.signal, "rounds": FLAGS.rounds, "cpu": common.cpu_info(), "paths": {}}
   rows = []
   for name, t in times.items():

@@ -251,3 +251,19 @@ def load_kept_exit(workdir: str) -> tuple[ml_collections.ConfigDict, EarlyExitMo
     logging.info("Loaded the early-exit run %s: epoch %d (checkpoint %d)", workdir,
                  int(best["epoch"]), step)
     return config, model, jax.device_get(best["params"])
+
+
+def holds_early_exit(workdir: str) -> bool:
+  """Whether `workdir` holds an early-exit run (its kept record has every exit's dev logits),
+  read from the latest checkpoint's metadata without loading any array; False where there is
+  no checkpoint (loading the run then says so)."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(path):
+    return False
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={"best": ocp.StandardCheckpointHandler()})
+  try:
+    step = manager.latest_step()
+    return step is not None and "logits" in manager.item_metadata(step)["best"]
+  finally:
+    manager.close()

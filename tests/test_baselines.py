@@ -170,6 +170,29 @@ def test_exit_serving_benchmark_writes_its_reports(early_exit_run, tmp_path):
 
 
 @needs_glue
+def test_predict_mode_serves_an_early_exit_run(early_exit_run, tmp_path):
+  from sharcs_jax.checkpoint import holds_early_exit
+  from sharcs_jax.errors import RunError
+  from sharcs_jax.serve import predict
+
+  workdir, summary = early_exit_run
+  assert holds_early_exit(str(workdir))
+  lines = (glue_data_dir() / "QQP" / "dev.tsv").read_text(encoding="utf-8").splitlines()[:49]
+  (tmp_path / "in.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  full = predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "full.jsonl"))
+  assert full["accuracy"] == pytest.approx(summary["per_exit"][-1]["accuracy"])
+  assert full["share_per_exit"]["layer 3"] == 1.0 and full["rule"] == "exit"
+  routed = predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"),
+                       budget="1.2x", signal="max_prob")
+  rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert len(rows) == 48 and {r["exit_layer"] for r in rows} <= {1, 2, 3}
+  assert routed["flops_reduction"] > 1.0 and routed["routing"] == "1.2x"
+  with pytest.raises(RunError, match="--runtime=onnxruntime applies to SHARCS runs only"):
+    predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "x.jsonl"),
+                runtime="onnxruntime")
+
+
+@needs_glue
 def test_resumed_early_exit_run_equals_uninterrupted(early_exit_run, tmp_path, monkeypatch,
                                                      caplog):
   _, straight = early_exit_run

@@ -60,6 +60,8 @@ class ExitEngine:
     self.batch_sizes = tuple(batch_buckets)
     self.tokenizer, self.task = tokenizer, task
     self.spans = layer_spans(model.encoder.num_layers, exit_layers)
+    self.exit_layers = tuple(last + 1 for _, last in self.spans)
+    self.runtime, self.precision = "xla", "fp32"  # ONNX Runtime and bf16 are SHARCS's so far
     self.programs = Programs(model, params, batch_buckets=batch_buckets,
                              length_buckets=length_buckets, kinds=("stage",), spans=self.spans,
                              cache_dir=cache_dir)
@@ -126,9 +128,8 @@ class ExitEngine:
   def run(self, data: batching.Encoded) -> ExitPredictions:
     """Predictions for every row of `data`, in row order."""
     out, flops = self._dispatch(data, self.rule)
-    ends = np.array([last + 1 for _, last in self.spans], np.int32)
     return ExitPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
-                           ends[out.final], flops / 1e9)
+                           np.asarray(self.exit_layers, np.int32)[out.final], flops / 1e9)
 
   def full_depth_gflops(self, data: batching.Encoded) -> np.ndarray:
     """Per-example GFLOPs [N] had every row run every stage: the reduction's baseline."""

@@ -129,6 +129,23 @@ def check_paths(input_path: str, output_path: str) -> None:
                        f"{path}); write the predictions elsewhere")
 
 
+def exit_engine(workdir: str, batch_buckets: tuple[int, ...], budget: str, rule: str,
+                signal: str, start_budget: str, precision: str, runtime: str) -> Any:
+  """An early-exit run's engine; settings only SHARCS has are refused, naming the setting."""
+  from sharcs_jax.errors import RunError
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
+  refused = [f"--{name}={value}" for name, value, allowed in (
+      ("rule", rule, ("router", "exit")), ("start_budget", start_budget, ("",)),
+      ("runtime", runtime, ("xla",)), ("precision", precision, ("fp32", "auto")))
+             if value not in allowed]
+  if refused:
+    raise RunError(f"{workdir} holds an early-exit model, served by its exit rule at fp32 on XLA: "
+                   f"{', '.join(refused)} applies to SHARCS runs only")
+  return ExitEngine.from_workdir(workdir, budget=budget, signal=signal,
+                                 batch_buckets=batch_buckets)
+
+
 def run(workdir: str, input_path: str, output_path: str,
         batch_buckets: tuple[int, ...] = BATCH_BUCKETS, budget: str = "", rule: str = "router",
         signal: str = "max_prob", start_budget: str = "", precision: str = "fp32",
@@ -136,31 +153,47 @@ def run(workdir: str, input_path: str, output_path: str,
   """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`).
 
   `budget` ("2.5x", "0.4gflops"): route by the rule named `rule` ("router", "cascade",
-  "router+cascade"), calibrated on the run's held-out examples.
+  "router+cascade"), calibrated on the run's held-out examples. An early-exit run
+  (`baselines.train_early_exit`) is served by its exit rule (`exit_engine`), each row's
+  `exit_layer` in place of its width.
   """
   check_paths(input_path, output_path)
-  engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget, rule=rule,
-                               signal=signal, start_budget=start_budget, precision=precision,
-                               runtime=runtime)
+  from sharcs_jax.checkpoint import holds_early_exit  # orbax only where checkpoints are read
+
+  early_exit = holds_early_exit(workdir)
+  if early_exit:
+    engine = exit_engine(workdir, batch_buckets, budget, rule, signal, start_budget, precision,
+                         runtime)
+  else:
+    engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget, rule=rule,
+                                 signal=signal, start_budget=start_budget, precision=precision,
+                                 runtime=runtime)
   task = engine.task
   texts, labels = read_inputs(input_path, task)
   start = time.perf_counter()
   data = engine.encode(texts, labels)
   predictions = engine.run(data)
   seconds = time.perf_counter() - start
+  if early_exit:
+    route = lambda i: {"exit_layer": int(predictions.exit_layers[i])}
+    full, shares = engine.full_depth_gflops(data), {
+        f"layer {end}": float(np.mean(predictions.exit_layers == end)) if len(texts) else 0.0
+        for end in engine.exit_layers}
+  else:
+    route = lambda i: {"width": float(predictions.widths[i])}
+    full, shares = engine.full_width_gflops(data), predictions.share_per_width(engine.widths)
   with report.atomic_path(output_path) as tmp, open(tmp, "w") as f:
     for i in range(len(texts)):
       f.write(json.dumps({
           "index": i, "label": task.label_names[predictions.labels[i]],
           "probabilities": [round(float(p), 6) for p in predictions.probabilities[i]],
-          "width": float(predictions.widths[i]), "gflops": float(predictions.gflops[i])}) + "\n")
-  full = engine.full_width_gflops(data)
+          **route(i), "gflops": float(predictions.gflops[i])}) + "\n")
   summary = {
       "task": task.name, "examples": len(texts), "seconds": seconds,
-      "routing": engine.rule.budget or "router argmax", "rule": engine.rule.name,
-      "runtime": engine.runtime, "precision": engine.precision,
+      "routing": engine.rule.budget or ("full depth" if early_exit else "router argmax"),
+      "rule": engine.rule.name, "runtime": engine.runtime, "precision": engine.precision,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
-      "share_per_width": predictions.share_per_width(engine.widths),
+      "share_per_exit" if early_exit else "share_per_width": shares,
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,
       "full_width_gflops_per_example": float(full.mean()) if len(texts) else 0.0,
   }
