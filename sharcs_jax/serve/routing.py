@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 import numpy as np
 
@@ -241,23 +242,15 @@ def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, bu
     raise ValueError("cannot calibrate a budget on zero examples")
   count = stage_flops.shape[1]
   spent = np.cumsum(stage_flops, axis=1)  # [N, S]: leaving after each stage
-  full_gflops = float(spent[:, -1].mean() / 1e9)
-  target = budget.target_gflops(full_gflops) * 1e9
-  tolerance = 1e-9 * full_gflops * 1e9
   rows = np.arange(len(stage_flops))
 
   def cost(threshold: float) -> float:
     exits = ExitCascade(threshold, count, signal).exits(stage_probabilities)
     return float(spent[rows, exits].mean())
 
-  cheapest, dearest = cost(0.0), cost(np.nextafter(1.0, 2.0))
-  if not cheapest - tolerance <= target:
-    raise ValueError(f"budget {budget} is out of reach: these exits reach reductions from "
-                     f"{full_gflops * 1e9 / dearest:.3f}x to {full_gflops * 1e9 / cheapest:.3f}x "
-                     f"({dearest / 1e9:.4f} to {cheapest / 1e9:.4f} GFLOPs per example)")
-  threshold = _boundary(lambda t: cost(t) <= target + tolerance, 0.0,
-                        float(np.nextafter(1.0, 2.0)), iterations, 1e-12)
-  return ExitCascade(threshold, count, signal, str(budget), full_gflops * 1e9 / cost(threshold))
+  threshold, reduction = _threshold_for_budget(cost, float(spent[:, -1].mean()), budget,
+                                               "these exits reach", iterations)
+  return ExitCascade(threshold, count, signal, str(budget), reduction)
 
 
 def calibrate_cascade(probabilities: np.ndarray, router_logits: np.ndarray,
@@ -274,24 +267,32 @@ def calibrate_cascade(probabilities: np.ndarray, router_logits: np.ndarray,
   if len(example_flops) == 0:
     raise ValueError("cannot calibrate a budget on zero examples")
   confidence(probabilities[:1, :1], signal)  # an unknown signal fails before any work
-  full_gflops = float(example_flops[:, -1].mean() / 1e9)
-  target = budget.target_gflops(full_gflops) * 1e9
-  tolerance = 1e-9 * full_gflops * 1e9
 
   def cost(threshold: float) -> float:
     rule = Cascade(threshold, signal, start_cost_weight=start_cost_weight)
     final, ran = route_all(rule, probabilities, router_logits, example_flops)
     return float(ran_flops(final, ran, example_flops, prefix_flops).mean())
 
+  threshold, reduction = _threshold_for_budget(cost, float(example_flops[:, -1].mean()), budget,
+                                               "this cascade reaches", iterations)
+  return Cascade(threshold, signal, str(budget), reduction, start_cost_weight)
+
+
+def _threshold_for_budget(cost: Callable[[float], float], full_flops: float, budget: Budget,
+                          what: str, iterations: int) -> tuple[float, float]:
+  """The highest confidence threshold in [0, 1] whose average FLOPs (`cost`, which never falls
+  as the threshold rises) meet `budget`, and the reduction there; a budget out of reach is an
+  error naming the reachable range (`what` says whose: "this cascade reaches")."""
+  target = budget.target_gflops(full_flops / 1e9) * 1e9
+  tolerance = 1e-9 * full_flops
   cheapest, dearest = cost(0.0), cost(np.nextafter(1.0, 2.0))
   if not cheapest - tolerance <= target:
-    raise ValueError(f"budget {budget} is out of reach: this cascade reaches reductions from "
-                     f"{full_gflops * 1e9 / dearest:.3f}x to {full_gflops * 1e9 / cheapest:.3f}x "
+    raise ValueError(f"budget {budget} is out of reach: {what} reductions from "
+                     f"{full_flops / dearest:.3f}x to {full_flops / cheapest:.3f}x "
                      f"({dearest / 1e9:.4f} to {cheapest / 1e9:.4f} GFLOPs per example)")
   threshold = _boundary(lambda t: cost(t) <= target + tolerance, 0.0,
                         float(np.nextafter(1.0, 2.0)), iterations, 1e-12)
-  return Cascade(threshold, signal, str(budget), full_gflops * 1e9 / cost(threshold),
-                 start_cost_weight)
+  return threshold, full_flops / cost(threshold)
 
 
 def _boundary(fits, inside: float, outside: float, iterations: int, resolution: float) -> float:
