@@ -90,3 +90,22 @@ def test_serving_never_compiles(exit_engine):
     exit_engine.run(_inputs(n=40, seed=3))
     exit_engine.every_stage(_inputs(n=9, seed=6))
   assert counter.events == [] and exit_engine.programs.compiled == compiled
+
+
+def test_onnxruntime_stages_equal_the_xla_stages(exit_engine, tmp_path):
+  """The same stages converted for ONNX Runtime (fp32): every stage's probabilities within
+  1e-4 of XLA's, the same FLOPs table, and no session built while serving."""
+  onnx = ExitEngine(exit_engine.model, exit_engine.variables["params"], length_buckets=(8, 16),
+                    exit_layers=(2, 3), batch_buckets=(1, 4, 8), runtime="onnxruntime",
+                    precision="fp32", cache_dir=str(tmp_path))
+  data = _inputs(n=30, seed=7)
+  np.testing.assert_allclose(onnx.every_stage(data), exit_engine.every_stage(data), atol=1e-4)
+  np.testing.assert_allclose(onnx.stage_flops, exit_engine.stage_flops)
+  built = onnx.runner.sessions_built
+  rule = ExitCascade(0.6, 3, "max_prob")
+  np.testing.assert_array_equal(_run_with(onnx, rule, data).exit_layers,
+                                _run_with(exit_engine, rule, data).exit_layers)
+  assert onnx.runner.sessions_built == built == 3
+  with pytest.raises(ValueError, match="runs fp32 on XLA"):
+    ExitEngine(exit_engine.model, exit_engine.variables["params"], length_buckets=(8, 16),
+               precision="bf16")

@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -23,6 +24,7 @@ from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.serve import dispatch
 from sharcs_jax.serve.engine import Text, encode_texts_for
+from sharcs_jax.serve.precision import resolve as resolve_precision
 from sharcs_jax.serve.programs import Programs, Span, StageProgramRunner
 from sharcs_jax.serve.routing import Budget, ExitCascade, calibrate_exits, parse_budget
 
@@ -53,19 +55,37 @@ class ExitEngine:
                exit_layers: Sequence[int] | None = None,
                batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS, tokenizer: Any = None,
                task: glue.Task | None = None, cache_dir: str | None = None,
-               rule: ExitCascade | None = None):
+               rule: ExitCascade | None = None, runtime: str = "xla", precision: str = "fp32",
+               threads: int = 0):
+    """`runtime` "xla" runs float32 (bf16 is the SHARCS engine's only, so far); "onnxruntime"
+    runs "fp32" or "int8" ("auto": int8 where the CPU has an int8 dot product) with `threads`
+    intra-op threads. FLOPs are the float32 XLA stages' whatever runs them."""
+    if runtime == "xla" and precision not in ("fp32", "auto"):
+      raise ValueError(f"precision {precision!r}: an early-exit model runs fp32 on XLA (or fp32 "
+                       "and int8 on ONNX Runtime)")
+    self.runtime = runtime
+    self.precision = "fp32" if runtime == "xla" else resolve_precision(
+        precision, jax.default_backend(), runtime=runtime)
     self.model = model
     self.variables = {"params": params}
     self.length_buckets = tuple(length_buckets)
-    self.batch_sizes = tuple(batch_buckets)
+    self.batch_sizes = dispatch.batch_sizes_for(runtime, batch_buckets)
+    self.program_lengths = dispatch.lengths_for(runtime, length_buckets)
     self.tokenizer, self.task = tokenizer, task
     self.spans = layer_spans(model.encoder.num_layers, exit_layers)
     self.exit_layers = tuple(last + 1 for _, last in self.spans)
-    self.runtime, self.precision = "xla", "fp32"  # ONNX Runtime and bf16 are SHARCS's so far
-    self.programs = Programs(model, params, batch_buckets=batch_buckets,
+    self.programs = Programs(model, params,
+                             batch_buckets=batch_buckets if runtime == "xla" else batch_buckets[:1],
                              length_buckets=length_buckets, kinds=("stage",), spans=self.spans,
                              cache_dir=cache_dir)
-    self.runner = StageProgramRunner(self.programs, self.variables)
+    if runtime == "xla":
+      self.runner: Any = StageProgramRunner(self.programs, self.variables)
+    else:
+      from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
+
+      self.onnx = OnnxPrograms(model, params, precision=self.precision, cache_dir=cache_dir,
+                               spans=self.spans)
+      self.runner = self.onnx.runner(threads)
     self.stages = [dispatch.Stage(dispatch.TOKENS, answers=True)] + [
         dispatch.Stage(j - 1, answers=True) for j in range(1, len(self.spans))]
     self.stage_flops = self.programs.stage_flops_table()  # [S, length buckets]
@@ -85,7 +105,8 @@ class ExitEngine:
                 budget: str = "", signal: str = "entropy", rule: ExitCascade | None = None,
                 exit_layers: Sequence[int] | None = None,
                 batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
-                cache_dir: str | None = None) -> "ExitEngine":
+                cache_dir: str | None = None, runtime: str = "xla", precision: str = "fp32",
+                threads: int = 0) -> "ExitEngine":
     """An early-exit run's model (`checkpoint.load_kept_exit`); with `budget` the exit
     threshold is calibrated on the run's calibration split, else `rule` (default: every row
     runs every layer). Programs are stored under `workdir/executables`."""
@@ -93,7 +114,8 @@ class ExitEngine:
                  exit_layers=exit_layers, batch_buckets=batch_buckets,
                  tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
                  task=glue.get_task(config.task), rule=rule,
-                 cache_dir=cache_dir or os.path.join(workdir, "executables"))
+                 cache_dir=cache_dir or os.path.join(workdir, "executables"), runtime=runtime,
+                 precision=precision, threads=threads)
     if budget:
       calibration = glue.run_splits(config)[2]
       if calibration is None:
@@ -143,4 +165,5 @@ class ExitEngine:
     return dispatch.run_stage_buckets(
         self.runner, self.stages, data.input_ids, data.token_type_ids, data.lengths,
         length_buckets=self.length_buckets, batch_buckets=self.batch_sizes,
-        num_classes=self.model.num_classes, rule=rule, stage_flops=self.stage_flops)
+        num_classes=self.model.num_classes, rule=rule, stage_flops=self.stage_flops,
+        program_lengths=self.program_lengths)

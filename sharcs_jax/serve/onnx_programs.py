@@ -34,8 +34,9 @@ from absl import logging
 
 from sharcs_jax import report
 from sharcs_jax.model import config as model_config
-from sharcs_jax.model import encoder, sharcs, widths
+from sharcs_jax.model import early_exit, encoder, sharcs, widths
 from sharcs_jax.data.padding import length_mask
+from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.serve import ort_runner
 
@@ -46,9 +47,10 @@ except ImportError:
 from sharcs_jax.serve import onnx_graph  # pylint: disable=g-import-not-at-top
 from sharcs_jax.serve.exported import part_name
 from sharcs_jax.serve.precision import PRECISIONS, cpu_flags, int8_reduce_range
-from sharcs_jax.serve.programs import argument_specs, functions
+from sharcs_jax.serve.programs import (Span, argument_specs, check_spans, functions,
+                                       model_settings)
 
-_SOURCES = (model_config, encoder, sharcs, widths, onnx_graph)
+_SOURCES = (model_config, encoder, sharcs, widths, early_exit, onnx_graph)
 _VERSIONED = ("jax", "jax2onnx", "onnx", "onnx-ir", "onnxruntime")
 
 
@@ -87,24 +89,27 @@ class Int8Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class OnnxKey:
-  kind: str  # "prefix", "adaptive" or "forward" (the whole model at one width, no router)
+  kind: str  # "prefix", "adaptive", "forward" (the whole model at one width, no router), "stage"
   width: float | None
+  span: Span | None = None  # an early-exit model's stage: its layers
 
   @property
   def name(self) -> str:
+    if self.kind == "stage":
+      return f"stage_l{self.span[0]}-{self.span[1]}"
     return FORWARD if self.kind == "forward" else part_name(self.width)
 
 
 FORWARD = "forward"  # the full-width model's file name
 
 
-def fingerprint(model: SharcsModel, params: Any, precision: str, reduce_range: bool,
-                recipe: Int8Recipe, calibration: Any = None) -> str:
+def fingerprint(model: SharcsModel | EarlyExitModel, params: Any, precision: str,
+                reduce_range: bool, recipe: Int8Recipe, calibration: Any = None) -> str:
   """Everything a converted model depends on, parameter values (and calibration rows) included."""
   h = hashlib.sha256()
-  for part in (repr(dataclasses.asdict(model.encoder)), repr(model.num_classes),
-               repr(model.widths), repr(model.router_layer), repr(model.router_hidden),
-               repr(model.cls_only_last_layer), precision, repr(reduce_range),
+  for part in (repr(dataclasses.asdict(model.encoder)),
+               *(repr(setting) for setting in model_settings(model)), precision,
+               repr(reduce_range),
                repr(recipe) if precision == "int8" else "",
                *(str(report.package_version(p)) for p in _VERSIONED)):
     h.update(part.encode())
@@ -193,15 +198,22 @@ def quantize_int8(model: Any, reduce_range: bool, recipe: Int8Recipe = Int8Recip
     return onnx.load(target)
 
 
-def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
-                  reduce_range: bool, recipe: Int8Recipe = Int8Recipe(),
+def program_model(model: SharcsModel | EarlyExitModel, params: Any, key: OnnxKey,
+                  precision: str, reduce_range: bool, recipe: Int8Recipe = Int8Recipe(),
                   feeds: list[dict[str, np.ndarray]] | None = None) -> Any:
   """One program as a lowered (and for int8 quantised) ONNX model."""
-  model = model.clone(compute_dtype="float32")
+  if isinstance(model, SharcsModel):
+    model = model.clone(compute_dtype="float32")
   function = functions(model)
   variables = {"params": params}
-  specs = argument_specs(model, key.kind, "batch", "length")
-  if key.kind == "prefix":
+  specs = argument_specs(model, key.kind, "batch", "length", span=key.span)
+  if key.kind == "stage":
+    first, last = key.span
+    names = ort_runner.PREFIX_INPUTS if first == 0 else ort_runner.PART_INPUTS
+    onnx_model = convert(lambda *inputs: function["stage"](variables, *inputs, first=first,
+                                                           last=last),
+                         specs, names, ort_runner.STAGE_OUTPUTS, key.name)
+  elif key.kind == "prefix":
     onnx_model = convert(lambda ids, mask, types: function["prefix"](variables, ids, mask, types),
                          specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_OUTPUTS, key.name)
   elif key.kind == "forward":
@@ -217,7 +229,7 @@ def program_model(model: SharcsModel, params: Any, key: OnnxKey, precision: str,
   if precision != "int8":
     return onnx_model
   if recipe.bert_fusions:
-    dims = widths.width_dims(model.encoder, 1.0 if key.width is None else key.width)
+    dims = widths.width_dims(model.encoder, key.width or 1.0)
     onnx_model, fused = bert_fusions(onnx_model, dims.heads, dims.hidden)
     logging.info("%s: BERT fusions %s", key.name, fused or "none matched")
   return quantize_int8(onnx_model, reduce_range, recipe, feeds)
@@ -247,12 +259,14 @@ def calibration_feeds(prefix: Callable[..., Any], params: Any, key: OnnxKey, ids
 class OnnxPrograms:
   """Every program as an ONNX file, converted once and stored (see module doc)."""
 
-  def __init__(self, model: SharcsModel, params: Any, *, precision: str,
+  def __init__(self, model: SharcsModel | EarlyExitModel, params: Any, *, precision: str,
                cache_dir: str | None = None, reduce_range: bool | None = None,
                recipe: Int8Recipe = Int8Recipe(),
-               calibration: tuple[np.ndarray, ...] | None = None, full_width: bool = False):
+               calibration: tuple[np.ndarray, ...] | None = None, full_width: bool = False,
+               spans: Sequence[Span] = ()):
     """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe;
-    `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`)."""
+    `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`);
+    an early-exit model's programs are its stages, each of `spans` (`programs.check_spans`)."""
     if precision not in PRECISIONS["onnxruntime"][1:]:
       raise ValueError(f"ONNX Runtime precision {precision!r} is not one of "
                        f"{PRECISIONS['onnxruntime'][1:]} (resolve 'auto' first)")
@@ -263,17 +277,21 @@ class OnnxPrograms:
     self.recipe, self.calibration = recipe, calibration
     if self.static and calibration is None:
       raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
-    if self.static and full_width:
-      raise ValueError("a static int8 recipe calibrates the prefix and parts only; convert the "
-                       "full-width model with the dynamic recipe")
+    if self.static and (full_width or isinstance(model, EarlyExitModel)):
+      raise ValueError("a static int8 recipe calibrates a SHARCS prefix and parts only; convert "
+                       "the full-width model and an early-exit model with the dynamic recipe")
     params = jax.tree_util.tree_map(np.asarray, params)
-    # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
-    self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
     key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
                                   f"onnx-{key}")
-    self.keys = ([OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
-                 + ([OnnxKey("forward", 1.0)] if full_width else []))
+    if isinstance(model, EarlyExitModel):
+      self.spans = check_spans(spans, model.encoder.num_layers)
+      self.keys = [OnnxKey("stage", None, span) for span in self.spans]
+    else:
+      # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
+      self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
+      self.keys = ([OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
+                   + ([OnnxKey("forward", 1.0)] if full_width else []))
     self.converted = self.loaded = 0
     self.paths = {key: self._obtain(key, params) for key in self.keys}
     logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
@@ -299,8 +317,10 @@ class OnnxPrograms:
     self.converted += 1
     return path
 
-  def runner(self, threads: int = 0) -> ort_runner.OrtRunner:
+  def runner(self, threads: int = 0) -> ort_runner.OrtRunner | ort_runner.StageOrtRunner:
     """Sessions for every program (built now, never while serving)."""
+    if isinstance(self.model, EarlyExitModel):
+      return ort_runner.StageOrtRunner([self.paths[key] for key in self.keys], threads)
     return ort_runner.OrtRunner(self.paths[OnnxKey("prefix", None)],
                                 [self.paths[OnnxKey("adaptive", w)] for w in self.model.widths],
                                 threads)

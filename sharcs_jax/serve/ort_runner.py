@@ -21,6 +21,7 @@ PREFIX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PREFIX_OUTPUTS = ("hidden", "router_logits")
 PART_INPUTS = ("hidden", "attention_mask")
 PART_OUTPUTS = ("probabilities",)
+STAGE_OUTPUTS = ("stage_hidden", "probabilities")  # an early-exit model's stage
 
 
 class MissingExtra(ImportError):
@@ -125,3 +126,22 @@ class OrtRunner:
     sessions = {"prefix": self.prefix_session, **dict(enumerate(self.part_sessions))}
     return {key: ([(i.name, i.shape) for i in s.get_inputs()],
                   [(o.name, o.shape) for o in s.get_outputs()]) for key, s in sessions.items()}
+
+
+class StageOrtRunner:
+  """`dispatch.StageRunner` on ONNX Runtime: a session per stage of an early-exit model, the
+  first reading token ids, each next one the hidden states of the one before."""
+
+  def __init__(self, stages: Sequence[str | bytes], threads: int = 0):
+    self.sessions = [make_session(m, threads) for m in stages]
+    self.sessions_built = len(self.sessions)
+
+  def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
+            ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    if index == 0:
+      feeds = token_feeds(*inputs)
+    else:
+      feeds = {"hidden": np.ascontiguousarray(inputs[0], np.float32),
+               "attention_mask": np.ascontiguousarray(inputs[1], np.int32)}
+    hidden, probabilities = self.sessions[index].run(STAGE_OUTPUTS, feeds)
+    return hidden, (probabilities,)

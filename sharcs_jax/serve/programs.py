@@ -65,7 +65,8 @@ class ProgramKey:
     return f"{self.kind}{width}{span}_b{self.batch}_s{self.length}.xla"
 
 
-def _model_settings(model: SharcsModel | EarlyExitModel) -> tuple[Any, ...]:
+def model_settings(model: SharcsModel | EarlyExitModel) -> tuple[Any, ...]:
+  """The model's settings that shape its programs (beside the encoder's), for fingerprints."""
   if isinstance(model, EarlyExitModel):
     return ("early exit", model.num_classes, model.pooling)
   return (model.num_classes, model.widths, model.router_layer, model.router_hidden,
@@ -78,7 +79,7 @@ def fingerprint(model: SharcsModel | EarlyExitModel, shapes: Any) -> str:
   device = jax.devices()[0]
   for part in (jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
                repr(dataclasses.asdict(model.encoder)),
-               *(repr(setting) for setting in _model_settings(model)),
+               *(repr(setting) for setting in model_settings(model)),
                repr(jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), shapes))):
     h.update(part.encode())
   sources = _MODEL_SOURCES + ((early_exit,) if isinstance(model, EarlyExitModel) else ())
