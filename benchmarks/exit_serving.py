@@ -2,7 +2,7 @@
 its own full depth, in interleaved rounds in one process.
 
     python -m benchmarks.exit_serving --workdir=W --out=O [--budgets=1.5x,2x,2.5x] [--rounds=3] \
-        [--exit_layers=1,2,3,4,5,6] [--signal=entropy]
+        [--exit_layers=1,2,3,4,5,6] [--signal=entropy] [--runtime=onnxruntime --precision=int8]
 
 W is an early-exit run (`baselines.train_early_exit`, e.g. the trade-off benchmark's
 runs/early_exit_mean). Each budget's exit threshold is calibrated on the run's calibration split
@@ -29,6 +29,9 @@ flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x"], "FLOPs budgets the exits are calibrated to.")
 flags.DEFINE_list("exit_layers", [], "Layers (1-based) with an exit the rule reads; default all.")
 flags.DEFINE_string("signal", "entropy", "Confidence signal of the exit rule (DeeBERT: entropy).")
+flags.DEFINE_string("runtime", "xla", "Runtime of every path: xla (fp32) or onnxruntime.")
+flags.DEFINE_string("precision", "fp32", "Precision of every path: fp32, or on onnxruntime int8 "
+                    "(auto: int8 where the CPU has an int8 dot product).")
 flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 FLAGS = flags.FLAGS
@@ -42,7 +45,8 @@ def main(argv):
   kept = load_kept_exit(FLAGS.workdir)
   config, model, _ = kept
   task = glue.get_task(config.task)
-  serve = lambda **options: ExitEngine.from_kept(FLAGS.workdir, *kept, **options)
+  serve = lambda **options: ExitEngine.from_kept(FLAGS.workdir, *kept, runtime=FLAGS.runtime,
+                                                 precision=FLAGS.precision, **options)
   engine = serve(exit_layers=exit_layers)
   _, dev, calibration = glue.run_splits(config)
   dev = glue.first(dev, FLAGS.limit)
@@ -62,7 +66,8 @@ def main(argv):
   base_rate = len(dev_data) / float(np.median(times[FULL_DEPTH]))
   data = {"examples": len(dev_data), "task": task.name, "workdir": FLAGS.workdir,
           "exit_pooling": model.pooling, "exit_layers": list(engine.exit_layers),
-          "signal": FLAGS.signal, "rounds": FLAGS.rounds, "cpu": common.cpu_info(), "paths": {}}
+          "signal": FLAGS.signal, "rounds": FLAGS.rounds, "runtime": engine.runtime,
+          "precision": engine.precision, "cpu": common.cpu_info(), "paths": {}}
   rows = []
   for name, t in times.items():
     out = outputs[name]
@@ -78,7 +83,8 @@ def main(argv):
     rows.append([name, entry["calibration_reduction"], entry["dev_reduction"],
                  *(100 * v for v in metrics.values()), rate, entry["speedup"],
                  entry["mean_exit_layer"]])
-  notes = (f"{len(dev_data)} {task.name} dev examples, token ids to labels, exits "
+  notes = (f"{len(dev_data)} {task.name} dev examples, token ids to labels, {engine.runtime} "
+           f"{engine.precision}, exits "
            f"({model.pooling} pooling) after layers {data['exit_layers']}, rule {FLAGS.signal} "
            f"calibrated on {len(calibration_data)} held-out training examples; median of "
            f"{FLAGS.rounds} interleaved passes; CPU: {common.cpu_line(data['cpu'])}.")

@@ -187,9 +187,13 @@ def test_predict_mode_serves_an_early_exit_run(early_exit_run, tmp_path):
   rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
   assert len(rows) == 48 and {r["exit_layer"] for r in rows} <= {1, 2, 3}
   assert routed["flops_reduction"] > 1.0 and routed["routing"] == "1.2x"
-  with pytest.raises(RunError, match="--runtime=onnxruntime applies to SHARCS runs only"):
+  with pytest.raises(RunError, match="--precision=bf16 applies to SHARCS runs only"):
     predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "x.jsonl"),
-                runtime="onnxruntime")
+                precision="bf16")
+  on_int8 = predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "int8.jsonl"),
+                        runtime="onnxruntime", precision="int8")
+  assert (on_int8["runtime"], on_int8["precision"]) == ("onnxruntime", "int8")
+  assert on_int8["share_per_exit"]["layer 3"] == 1.0
 
 
 @needs_glue

@@ -137,13 +137,14 @@ def exit_engine(workdir: str, batch_buckets: tuple[int, ...], budget: str, rule:
 
   refused = [f"--{name}={value}" for name, value, allowed in (
       ("rule", rule, ("router", "exit")), ("start_budget", start_budget, ("",)),
-      ("runtime", runtime, ("xla",)), ("precision", precision, ("fp32", "auto")))
+      ("precision", precision, ("fp32", "auto", "int8")))
              if value not in allowed]
   if refused:
-    raise RunError(f"{workdir} holds an early-exit model, served by its exit rule at fp32 on XLA: "
-                   f"{', '.join(refused)} applies to SHARCS runs only")
+    raise RunError(f"{workdir} holds an early-exit model, served by its exit rule at fp32 (or "
+                   f"int8 on ONNX Runtime): {', '.join(refused)} applies to SHARCS runs only")
   return ExitEngine.from_workdir(workdir, budget=budget, signal=signal,
-                                 batch_buckets=batch_buckets)
+                                 batch_buckets=batch_buckets, runtime=runtime,
+                                 precision=precision)
 
 
 def run(workdir: str, input_path: str, output_path: str,
