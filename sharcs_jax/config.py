@@ -49,6 +49,9 @@ CALIBRATION_SPLITS = ("train", "dev")
 SELECTION_RULES = ("accuracy", "reduction")
 
 
+METHODS = ("sharcs", "early_exit")
+
+
 def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = task
@@ -56,6 +59,9 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
+  # What the main job trains: "sharcs" (adaptive width), or "early_exit" (an exit after every
+  # layer, PABEE's loss; served by DeeBERT's rule calibrated to the routing budget).
+  c.model.method = "sharcs"
   c.model.backbone = "all-MiniLM-L6-v2"  # a packaged model name or a local HF model directory
   c.model.widths = (0.25, 0.5, 1.0)  # increasing, ending at 1.0
   # K: layers 1..K run at full width. On a 6-layer backbone K=2 is the paper's K/L of 0.25-0.33.
@@ -64,7 +70,7 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.layernorm_init = "pretrained"  # per-width LayerNorms: "pretrained" slice or "fresh"
   c.model.reorder = True  # DynaBERT importance reordering before training
   c.model.reorder_batches = 16  # labelled train batches for the importance pass
-  # The early-exit baseline only: what each exit reads, "cls" (DeeBERT, PABEE) or "mean".
+  # The early-exit model only: what each exit reads, "cls" (DeeBERT, PABEE) or "mean".
   c.model.exit_pooling = "cls"
 
   c.hardness = ml_collections.ConfigDict()
@@ -286,6 +292,8 @@ def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
     raise ValueError(f"config.train.static_width={config.train.static_width} is not one of "
                      f"config.model.widths={tuple(m.widths)}")
   check_training_recipe(config.train)
+  if config.model.method not in METHODS:
+    raise ValueError(f"config.model.method={config.model.method!r} is not one of {METHODS}")
   if config.model.exit_pooling not in EXIT_POOLINGS:
     raise ValueError(f"config.model.exit_pooling={config.model.exit_pooling!r} is not one of "
                      f"{EXIT_POOLINGS}")

@@ -190,9 +190,16 @@ def run_mode() -> None:
     summary.run(FLAGS.config, FLAGS.workdir)
     print(open(f"{FLAGS.workdir}/model_summary.md").read(), end="")
   else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.model.method == "early_exit":
+      from sharcs_jax.baselines.train_early_exit import train_early_exit
+
+      train_early_exit(FLAGS.config, FLAGS.workdir)
+      report_file = "early_exit.md"
+    else:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      report_file = "report.md"
     if parallel.is_primary():
-      print(open(f"{FLAGS.workdir}/report.md").read(), end="")
+      print(open(f"{FLAGS.workdir}/{report_file}").read(), end="")
   logging.info("Reports in %s", FLAGS.workdir)
 
 

@@ -34,3 +34,19 @@ def test_a_bad_config_value_is_one_line_without_a_traceback(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "FATAL config.train.learning_rate=-1.0 must be a number in (0, inf)")
   assert not workdir.exists()  # refused before anything was written
+
+
+def test_an_unknown_method_is_one_line_without_a_traceback(tmp_path):
+  import pathlib
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "sharcs_jax.main", "--config=configs/mrpc.py", f"--workdir={workdir}",
+       "--config.model.method=depth"], capture_output=True, text=True, timeout=120,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "FATAL config.model.method='depth' is not one of ('sharcs', 'early_exit')")
+  assert not workdir.exists()
