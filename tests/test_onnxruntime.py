@@ -105,7 +105,7 @@ def test_recipe_errors(tiny_model, tiny_params):
   with pytest.raises(ValueError, match="a static int8 recipe needs calibration rows"):
     OnnxPrograms(tiny_model, tiny_params, precision="int8",
                  recipe=Int8Recipe(method="static"))
-  with pytest.raises(ValueError, match="calibrates the prefix and parts only"):
+  with pytest.raises(ValueError, match="calibrates a SHARCS prefix and parts only"):
     OnnxPrograms(tiny_model, tiny_params, precision="int8", recipe=Int8Recipe(method="static"),
                  calibration=(np.zeros((1, 4), np.int32),) * 2 + (np.ones(1, np.int32),),
                  full_width=True)
