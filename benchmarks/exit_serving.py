@@ -49,6 +49,9 @@ def main(argv):
                                                  precision=FLAGS.precision, **options)
   engine = serve(exit_layers=exit_layers)
   _, dev, calibration = glue.run_splits(config)
+  if calibration is None:
+    raise app.UsageError(f"{FLAGS.workdir}: the run holds no calibration split to fit the "
+                         "budgets on; train it with --config.routing.calibration_examples > 0")
   dev = glue.first(dev, FLAGS.limit)
   dev_data, calibration_data = batching.encode_splits([dev, calibration], engine.tokenizer,
                                                       engine.length_buckets)
