@@ -160,6 +160,10 @@ def test_exit_serving_benchmark_writes_its_reports(early_exit_run, tmp_path):
   assert full["dev_reduction"] == pytest.approx(1.0) and full["mean_exit_layer"] == 3
   assert routed["calibration_reduction"] == pytest.approx(1.2, rel=0.1)
   assert routed["dev_reduction"] > 1.0 and routed["mean_exit_layer"] < 3
+  assert data["calibration"] == "per length bucket"
+  assert len(routed["rule"]["bucket_thresholds"]) == len(
+      tiny_run_config(summary["model"]).data.length_buckets)
+  assert routed["dev_reduction_other_calibration"] > 1.0  # the pooled threshold's, unserved
   for path in (full, routed):
     assert path["examples_per_second"] == pytest.approx(data["examples"] /
                                                         np.median(path["seconds"]))

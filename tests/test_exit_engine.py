@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sharcs_jax.model import EarlyExitModel
-from sharcs_jax.serve.exit_engine import ExitEngine, layer_spans
+from sharcs_jax.serve.exit_engine import NEVER_SURE as NEVER, ExitEngine, layer_spans
 from sharcs_jax.serve.routing import ExitCascade
 from test_engine import CompileCounter, _inputs
 
@@ -72,6 +72,16 @@ def test_rows_leave_at_their_first_sure_exit_in_row_order_and_pay_for_what_they_
   assert (np.diff(exit_engine.stage_flops, axis=1) > 0).all()  # longer buckets cost more
   full = exit_engine.full_depth_gflops(data)
   assert (out.gflops <= full + 1e-12).all() and out.gflops.mean() < full.mean()
+
+
+def test_thresholds_per_length_bucket_route_each_row_by_its_own_bucket(exit_engine):
+  data = _inputs(n=40, seed=8)
+  every = exit_engine.every_stage(data)
+  assert len(set(data.bucket_of.tolist())) == 2
+  rule = ExitCascade(NEVER, 3, "max_prob", bucket_thresholds=(0.0, NEVER))  # short rows leave
+  out = _run_with(exit_engine, rule, data)
+  np.testing.assert_array_equal(out.exit_layers, np.where(data.bucket_of == 0, 2, 4))
+  np.testing.assert_array_equal(rule.exits(every, data.bucket_of) == 0, data.bucket_of == 0)
 
 
 def test_calibrated_exits_meet_the_budget_on_the_calibration_rows(exit_engine):

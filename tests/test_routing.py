@@ -208,3 +208,42 @@ def test_exit_calibration_meets_the_budget_within_5_percent_on_unseen_rows(targe
   assert 7e9 / spent.mean() == pytest.approx(target, rel=0.05)
   with pytest.raises(ValueError, match="out of reach"):  # stage 0 alone is 7x
     routing.calibrate_exits(p[:, fit], flops[fit], routing.parse_budget("9x"))
+
+
+def _two_length_mix(n_short: int, n_long: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every stage's probabilities [S, N, C] and length buckets [N]: short rows (bucket 0) are
+  sure early, long ones (bucket 1) late, as SST-2's phrases against its sentences."""
+  rng = np.random.default_rng(seed)
+  start = np.concatenate([rng.uniform(0.7, 0.95, n_short), rng.uniform(0.5, 0.7, n_long)])
+  sure = np.clip(start[None] + 0.1 * np.arange(4)[:, None], 0.5, 0.999)
+  return np.stack([sure, 1 - sure], axis=-1), np.repeat([0, 1], [n_short, n_long])
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5])
+def test_exit_calibration_per_length_bucket_holds_when_the_mix_of_lengths_shifts(target):
+  """Calibrated on mostly short rows, applied to mostly long ones: the pooled threshold misses
+  the target by more than 5%, the thresholds per length bucket meet it within 5%."""
+  flops = lambda buckets: np.tile([1.0, 2.0, 2.0, 2.0], (len(buckets), 1)) * 1e9
+  p_fit, b_fit = _two_length_mix(8_000, 2_000, seed=1)
+  p_held, b_held = _two_length_mix(2_000, 8_000, seed=2)
+  budget = routing.parse_budget(f"{target}x")
+  pooled = routing.calibrate_exits(p_fit, flops(b_fit), budget, "max_prob")
+  by_length = routing.calibrate_exits(p_fit, flops(b_fit), budget, "max_prob",
+                                      bucket_of=b_fit, num_buckets=3)
+  assert by_length.bucket_thresholds[2] == by_length.threshold == pooled.threshold  # no rows
+  assert by_length.bucket_thresholds[0] != by_length.bucket_thresholds[1]
+  assert by_length.calibration_reduction == pytest.approx(target, rel=0.01)
+
+  def reduction(rule):
+    spent = np.cumsum(flops(b_held), axis=1)
+    return 7.0 / spent[np.arange(len(b_held)), rule.exits(p_held, b_held)].mean() * 1e9
+
+  assert abs(reduction(pooled) / target - 1) > 0.05
+  assert reduction(by_length) == pytest.approx(target, rel=0.05)
+  assert routing.rule_from_json(by_length.to_json()) == by_length
+  with pytest.raises(ValueError, match="over_rows"):  # the buckets are needed to route
+    by_length.next_stages(0, np.arange(3), (p_held[0, :3],))
+  rows = np.array([5, 9000])
+  np.testing.assert_array_equal(
+      by_length.over_rows(b_held).next_stages(0, rows, (p_held[0, rows],)),
+      np.where(by_length.exits(p_held, b_held)[rows] == 0, routing.STOP, 1))

@@ -102,14 +102,15 @@ class ExitEngine:
 
   @classmethod
   def from_kept(cls, workdir: str, config: Any, model: EarlyExitModel, params: Any, *,
-                budget: str = "", signal: str = "entropy", rule: ExitCascade | None = None,
+                budget: str = "", signal: str = "entropy", by_length: bool = True,
+                rule: ExitCascade | None = None,
                 exit_layers: Sequence[int] | None = None,
                 batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
                 cache_dir: str | None = None, runtime: str = "xla", precision: str = "fp32",
                 threads: int = 0) -> "ExitEngine":
     """An early-exit run's model (`checkpoint.load_kept_exit`); with `budget` the exit
-    threshold is calibrated on the run's calibration split, else `rule` (default: every row
-    runs every layer). Programs are stored under `workdir/executables`."""
+    threshold is calibrated on the run's calibration split (per length bucket with `by_length`,
+    `calibrate`), else `rule` (default: every row runs every layer). Programs are stored under `workdir/executables`."""
     engine = cls(model, params, length_buckets=tuple(config.data.length_buckets),
                  exit_layers=exit_layers, batch_buckets=batch_buckets,
                  tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
@@ -122,7 +123,7 @@ class ExitEngine:
         raise ValueError(f"{workdir}: the run holds no calibration split to fit budget {budget} "
                          "on (config.routing.calibration_examples=0)")
       (data,) = batching.encode_splits([calibration], engine.tokenizer, engine.length_buckets)
-      engine.rule = engine.calibrate(budget, data, signal)
+      engine.rule = engine.calibrate(budget, data, signal, by_length)
       logging.info("Exits calibrated to budget %s: %s on %d calibration examples", budget,
                    engine.rule.to_json(), len(data))
     return engine
@@ -132,13 +133,16 @@ class ExitEngine:
     out, _ = self._dispatch(data, ExitCascade(NEVER_SURE, len(self.spans)))
     return np.stack([outputs[0] for outputs in out.outputs])
 
-  def calibrate(self, budget: Budget | str, data: batching.Encoded,
-                signal: str = "entropy") -> ExitCascade:
-    """The exit threshold that meets `budget` on `data` (inputs the model did not train on);
-    not applied."""
+  def calibrate(self, budget: Budget | str, data: batching.Encoded, signal: str = "entropy",
+                by_length: bool = True, every_stage: np.ndarray | None = None) -> ExitCascade:
+    """The exit threshold that meets `budget` on `data` (inputs the model did not train on),
+    with `by_length` one per length bucket (`routing.calibrate_exits`); not applied.
+    `every_stage`: `data`'s probabilities at every stage, where the caller has them."""
     budget = parse_budget(budget) if isinstance(budget, str) else budget
-    return calibrate_exits(self.every_stage(data), self.stage_flops[:, data.bucket_of].T, budget,
-                           signal)
+    every_stage = self.every_stage(data) if every_stage is None else every_stage
+    return calibrate_exits(every_stage, self.stage_flops[:, data.bucket_of].T, budget, signal,
+                           bucket_of=data.bucket_of if by_length else None,
+                           num_buckets=len(self.length_buckets))
 
   def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None
              ) -> batching.Encoded:
@@ -165,5 +169,6 @@ class ExitEngine:
     return dispatch.run_stage_buckets(
         self.runner, self.stages, data.input_ids, data.token_type_ids, data.lengths,
         length_buckets=self.length_buckets, batch_buckets=self.batch_sizes,
-        num_classes=self.model.num_classes, rule=rule, stage_flops=self.stage_flops,
+        num_classes=self.model.num_classes, rule=rule.over_rows(data.bucket_of),
+        stage_flops=self.stage_flops,
         program_lengths=self.program_lengths)

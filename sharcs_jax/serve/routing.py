@@ -154,7 +154,8 @@ def rule_from_json(saved: dict) -> "Rule | Cascade | Fixed | ExitCascade":
     return Rule()
   if saved.get("rule") == "exit":
     return ExitCascade(float(saved["threshold"]), int(saved["num_stages"]), saved["signal"],
-                       saved["budget"], float(saved["calibration_reduction"]))
+                       saved["budget"], float(saved["calibration_reduction"]),
+                       tuple(float(t) for t in saved.get("bucket_thresholds", ())))
   if saved.get("rule") == "fixed":
     return Fixed(int(saved["width_index"]), saved["budget"], float(saved["calibration_reduction"]))
   if saved.get("rule") == "cascade":
@@ -202,13 +203,15 @@ STOP = -1  # a stage rule's answer for a row that stops where it is (`dispatch.r
 class ExitCascade:
   """DeeBERT's rule over an early-exit model's stages: a row leaves at the first stage whose
   confidence reaches `threshold` (with "entropy", 1 - H / log C: DeeBERT's entropy threshold);
-  the last stage answers the rest."""
+  the last stage answers the rest. With `bucket_thresholds` (one per length bucket) a row's own
+  length bucket decides its threshold: the rule then runs `over_rows` of known buckets."""
 
   threshold: float
   num_stages: int
   signal: str = "entropy"
   budget: str = ""
   calibration_reduction: float = 1.0
+  bucket_thresholds: tuple[float, ...] = ()
 
   name = "exit"
 
@@ -217,29 +220,101 @@ class ExitCascade:
 
   def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
                   ) -> np.ndarray:
-    leaves = (confidence(outputs[0], self.signal) >= self.threshold) | (not self.continues(stage))
+    if self.bucket_thresholds:
+      raise ValueError("thresholds per length bucket need the rows' buckets: run over_rows")
+    return self._next_stages(stage, outputs, self.threshold)
+
+  def _next_stages(self, stage: int, outputs: tuple[np.ndarray, ...],
+                   threshold: float | np.ndarray) -> np.ndarray:
+    leaves = (confidence(outputs[0], self.signal) >= threshold) | (not self.continues(stage))
     return np.where(leaves, STOP, stage + 1).astype(np.int64)
 
-  def exits(self, stage_probabilities: np.ndarray) -> np.ndarray:
-    """The stage each row leaves at [N], from every stage's probabilities [S, N, C]."""
-    sure = confidence(stage_probabilities, self.signal) >= self.threshold
+  def row_thresholds(self, bucket_of: np.ndarray) -> np.ndarray:
+    """Each row's threshold [N] from its length bucket index."""
+    if not self.bucket_thresholds:
+      return np.full(len(bucket_of), self.threshold)
+    return np.asarray(self.bucket_thresholds, np.float64)[np.asarray(bucket_of)]
+
+  def over_rows(self, bucket_of: np.ndarray) -> "_RowThresholds":
+    """The rule as `dispatch.run_stage_buckets` asks it about rows of these length buckets."""
+    return _RowThresholds(self, self.row_thresholds(bucket_of))
+
+  def exits(self, stage_probabilities: np.ndarray, bucket_of: np.ndarray | None = None
+            ) -> np.ndarray:
+    """The stage each row leaves at [N], from every stage's probabilities [S, N, C] (and the
+    rows' length buckets, with thresholds per bucket)."""
+    threshold = (self.threshold if bucket_of is None and not self.bucket_thresholds
+                 else self.row_thresholds(bucket_of))
+    sure = confidence(stage_probabilities, self.signal) >= threshold
     sure[-1] = True
     return sure.argmax(0)
 
   def to_json(self) -> dict:
     return {"rule": self.name, "budget": self.budget, "threshold": self.threshold,
             "signal": self.signal, "num_stages": self.num_stages,
-            "calibration_reduction": self.calibration_reduction}
+            "calibration_reduction": self.calibration_reduction,
+            "bucket_thresholds": list(self.bucket_thresholds)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowThresholds:
+  """An `ExitCascade` with each row's own threshold (`dispatch.StageRule`, rows by number)."""
+
+  rule: ExitCascade
+  thresholds: np.ndarray  # [N]
+
+  def continues(self, stage: int) -> bool:
+    return self.rule.continues(stage)
+
+  def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
+                  ) -> np.ndarray:
+    return self.rule._next_stages(stage, outputs, self.thresholds[rows])  # pylint: disable=protected-access
+
+
+# A length bucket with fewer calibration rows than this keeps the pooled threshold.
+MIN_BUCKET_ROWS = 100
 
 
 def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, budget: Budget,
-                    signal: str = "entropy", iterations: int = 60) -> ExitCascade:
+                    signal: str = "entropy", bucket_of: np.ndarray | None = None,
+                    num_buckets: int = 0, iterations: int = 60) -> ExitCascade:
   """The highest threshold (latest exits) whose average FLOPs on these examples meet the
   budget, against running every stage. `stage_probabilities` [S, N, C]; `stage_flops` [N, S]
-  each stage's cost alone. Cost never falls as the threshold rises, so a bisection finds it."""
+  each stage's cost alone. Cost never falls as the threshold rises, so a bisection finds it.
+
+  With `bucket_of` [N] (each row's length bucket, of `num_buckets`) the budget is met within
+  each bucket of at least `MIN_BUCKET_ROWS` rows by a threshold of its own (the rest keep the
+  pooled one): a bucket that meets the target reduction keeps meeting it however the mix of
+  lengths shifts, as it does from SST-2's training phrases to its dev sentences."""
   stage_flops = np.asarray(stage_flops, np.float64)
   if len(stage_flops) == 0:
     raise ValueError("cannot calibrate a budget on zero examples")
+  pooled, reduction = _exit_threshold(stage_probabilities, stage_flops, budget, signal,
+                                      iterations)
+  count = stage_flops.shape[1]
+  if bucket_of is None:
+    return ExitCascade(pooled, count, signal, str(budget), reduction)
+  bucket_of = np.asarray(bucket_of)
+  thresholds = []
+  for b in range(num_buckets):
+    rows = bucket_of == b
+    threshold = pooled
+    if rows.sum() >= MIN_BUCKET_ROWS:
+      try:
+        threshold = _exit_threshold(stage_probabilities[:, rows], stage_flops[rows], budget,
+                                    signal, iterations)[0]
+      except ValueError:  # out of this bucket's reach: it keeps the pooled threshold
+        pass
+    thresholds.append(threshold)
+  rule = ExitCascade(pooled, count, signal, str(budget), 1.0, tuple(thresholds))
+  spent = np.cumsum(stage_flops, axis=1)
+  cost = spent[np.arange(len(spent)), rule.exits(stage_probabilities, bucket_of)].mean()
+  return dataclasses.replace(rule, calibration_reduction=float(spent[:, -1].mean() / cost))
+
+
+def _exit_threshold(stage_probabilities: np.ndarray, stage_flops: np.ndarray, budget: Budget,
+                    signal: str, iterations: int) -> tuple[float, float]:
+  """`calibrate_exits`' one threshold over these rows, and the reduction it reaches."""
   count = stage_flops.shape[1]
   spent = np.cumsum(stage_flops, axis=1)  # [N, S]: leaving after each stage
   rows = np.arange(len(stage_flops))
@@ -248,9 +323,8 @@ def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, bu
     exits = ExitCascade(threshold, count, signal).exits(stage_probabilities)
     return float(spent[rows, exits].mean())
 
-  threshold, reduction = _threshold_for_budget(cost, float(spent[:, -1].mean()), budget,
-                                               "these exits reach", iterations)
-  return ExitCascade(threshold, count, signal, str(budget), reduction)
+  return _threshold_for_budget(cost, float(spent[:, -1].mean()), budget, "these exits reach",
+                               iterations)
 
 
 def calibrate_cascade(probabilities: np.ndarray, router_logits: np.ndarray,
