@@ -115,11 +115,15 @@ class Runner(Protocol):
   def part(self, width_index: int, batch: int, length: int, hidden: Any, mask: Any) -> Any:
     """Class probabilities [batch, C]."""
 
+  # A runner whose `fuses_first_width` is true also has `prefix_first_part(batch, length, ids,
+  # mask, types)` -> (hidden, router logits, the narrowest width's probabilities): one call.
+
 
 class Routing(Protocol):
   """What dispatch asks of a routing rule (`routing.Rule`, `routing.Cascade`)."""
 
   escalating: bool
+  starts_narrowest: bool  # every row's first width is the narrowest, whatever the router says
 
   def first_widths(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray: ...
 
@@ -131,6 +135,7 @@ class _EveryWidth:
   """Every row runs every width, from the narrowest: what dev evaluation measures."""
 
   escalating = True
+  starts_narrowest = True
 
   def first_widths(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray:
     return np.zeros(len(router_logits), np.int64)
@@ -348,16 +353,27 @@ def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.nda
   """
   n = len(ids)
   width_flops = np.broadcast_to(np.asarray(width_flops, np.float64), (n, num_widths))
-  stages = [Stage(TOKENS, answers=False)] + [Stage(0, answers=True)] * num_widths
-  out = run_stages(_WidthParts(runner), stages, ids, types, lengths,
-                   program_lengths=program_lengths, batch_buckets=batch_buckets,
-                   rule=_WidthCascade(rule, num_widths, width_flops), block_size=block_size,
-                   to_host=to_host)
-  router = out.outputs[0][0] if n else np.zeros((0, num_widths), np.float32)
+  if getattr(runner, "fuses_first_width", False) and rule.starts_narrowest:
+    # The prefix and the narrowest part as stage 0; width i's part is stage i.
+    stages = [Stage(TOKENS, answers=True)] + [Stage(0, answers=True)] * (num_widths - 1)
+    out = run_stages(_FusedWidthParts(runner), stages, ids, types, lengths,
+                     program_lengths=program_lengths, batch_buckets=batch_buckets,
+                     rule=_WidthCascade(rule, num_widths, width_flops, fused=True),
+                     block_size=block_size, to_host=to_host)
+    router = out.outputs[0][1] if n else np.zeros((0, num_widths), np.float32)
+    final, ran, widths_out = out.final, out.ran, out.outputs
+  else:
+    stages = [Stage(TOKENS, answers=False)] + [Stage(0, answers=True)] * num_widths
+    out = run_stages(_WidthParts(runner), stages, ids, types, lengths,
+                     program_lengths=program_lengths, batch_buckets=batch_buckets,
+                     rule=_WidthCascade(rule, num_widths, width_flops), block_size=block_size,
+                     to_host=to_host)
+    router = out.outputs[0][0] if n else np.zeros((0, num_widths), np.float32)
+    final, ran, widths_out = out.final - 1, out.ran[:, 1:], out.outputs[1:]
   every = None
   if keep_every_width:
-    every = np.stack([outputs[0] for outputs in out.outputs[1:]])
-  return Dispatched(out.probabilities, out.final - 1, out.ran[:, 1:], router, every)
+    every = np.stack([outputs[0] for outputs in widths_out])
+  return Dispatched(out.probabilities, final, ran, router, every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,23 +391,44 @@ class _WidthParts:
 
 
 @dataclasses.dataclass(frozen=True)
+class _FusedWidthParts:
+  """A SHARCS `Runner` that fuses the first width as stages: the prefix with the narrowest
+  width's part (outputs: its probabilities, then the router's logits), then each wider part."""
+
+  runner: Runner
+
+  def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
+            ) -> tuple[Any, tuple[Any, ...]]:
+    if index == 0:
+      hidden, router, probabilities = self.runner.prefix_first_part(batch, length, *inputs)
+      return hidden, (probabilities, router)
+    return None, (self.runner.part(index, batch, length, *inputs),)
+
+
+@dataclasses.dataclass(frozen=True)
 class _WidthCascade:
-  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation."""
+  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation. With
+  `fused` stage i is width i (stage 0 the prefix with the narrowest part), else stage 0 is the
+  prefix and stage 1 + i width i."""
 
   rule: Routing
   num_widths: int
   width_flops: np.ndarray  # float64 [n, m]
+  fused: bool = False
 
   def continues(self, stage: int) -> bool:
-    return stage == 0 or (self.rule.escalating and stage < self.num_widths)
+    width = stage if self.fused else stage - 1
+    return (stage == 0 and not self.fused) or (self.rule.escalating
+                                               and width < self.num_widths - 1)
 
   def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
                   ) -> np.ndarray:
-    if stage == 0:
+    if stage == 0 and not self.fused:
       return 1 + np.asarray(self.rule.first_widths(outputs[0], self.width_flops[rows]), np.int64)
     if not self.continues(stage):
       return np.full(len(rows), STOP, np.int64)
-    return np.where(self.rule.escalates(outputs[0], stage - 1), stage + 1, STOP)
+    width = stage if self.fused else stage - 1
+    return np.where(self.rule.escalates(outputs[0], width), stage + 1, STOP)
 
 
 def run_stages(runner: StageRunner, stages: Sequence[Stage], ids: np.ndarray, types: np.ndarray,

@@ -89,7 +89,8 @@ class Int8Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class OnnxKey:
-  kind: str  # "prefix", "adaptive", "forward" (the whole model at one width, no router), "stage"
+  kind: str  # "prefix", "adaptive", "forward" (the whole model at one width, no router), "stage",
+  # "prefix_part" (the prefix and one width's part as one model)
   width: float | None
   span: Span | None = None  # an early-exit model's stage: its layers
 
@@ -97,6 +98,8 @@ class OnnxKey:
   def name(self) -> str:
     if self.kind == "stage":
       return f"stage_l{self.span[0]}-{self.span[1]}"
+    if self.kind == "prefix_part":
+      return f"prefix_{part_name(self.width)}"
     return FORWARD if self.kind == "forward" else part_name(self.width)
 
 
@@ -216,6 +219,11 @@ def program_model(model: SharcsModel | EarlyExitModel, params: Any, key: OnnxKey
   elif key.kind == "prefix":
     onnx_model = convert(lambda ids, mask, types: function["prefix"](variables, ids, mask, types),
                          specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_OUTPUTS, key.name)
+  elif key.kind == "prefix_part":
+    onnx_model = convert(
+        lambda ids, mask, types: function["prefix_part"](variables, ids, mask, types,
+                                                         width=key.width),
+        specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_PART_OUTPUTS, key.name)
   elif key.kind == "forward":
     onnx_model = convert(
         lambda ids, mask, types: function["forward"](variables, ids, mask, types, width=key.width),
@@ -263,10 +271,11 @@ class OnnxPrograms:
                cache_dir: str | None = None, reduce_range: bool | None = None,
                recipe: Int8Recipe = Int8Recipe(),
                calibration: tuple[np.ndarray, ...] | None = None, full_width: bool = False,
-               spans: Sequence[Span] = ()):
+               fuse_first_width: bool = False, spans: Sequence[Span] = ()):
     """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe;
     `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`);
-    an early-exit model's programs are its stages, each of `spans` (`programs.check_spans`)."""
+    `fuse_first_width` the prefix with the narrowest width's part as one (`OrtRunner`); an
+    early-exit model's programs are its stages, each of `spans` (`programs.check_spans`)."""
     if precision not in PRECISIONS["onnxruntime"][1:]:
       raise ValueError(f"ONNX Runtime precision {precision!r} is not one of "
                        f"{PRECISIONS['onnxruntime'][1:]} (resolve 'auto' first)")
@@ -277,9 +286,10 @@ class OnnxPrograms:
     self.recipe, self.calibration = recipe, calibration
     if self.static and calibration is None:
       raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
-    if self.static and (full_width or isinstance(model, EarlyExitModel)):
+    if self.static and (full_width or fuse_first_width or isinstance(model, EarlyExitModel)):
       raise ValueError("a static int8 recipe calibrates a SHARCS prefix and parts only; convert "
-                       "the full-width model and an early-exit model with the dynamic recipe")
+                       "the full-width model, a fused first width and an early-exit model with "
+                       "the dynamic recipe")
     params = jax.tree_util.tree_map(np.asarray, params)
     key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
@@ -291,7 +301,8 @@ class OnnxPrograms:
       # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
       self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
       self.keys = ([OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
-                   + ([OnnxKey("forward", 1.0)] if full_width else []))
+                   + ([OnnxKey("forward", 1.0)] if full_width else [])
+                   + ([OnnxKey("prefix_part", model.widths[0])] if fuse_first_width else []))
     self.converted = self.loaded = 0
     self.paths = {key: self._obtain(key, params) for key in self.keys}
     logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
@@ -321,9 +332,10 @@ class OnnxPrograms:
     """Sessions for every program (built now, never while serving)."""
     if isinstance(self.model, EarlyExitModel):
       return ort_runner.StageOrtRunner([self.paths[key] for key in self.keys], threads)
+    widths = self.model.widths
     return ort_runner.OrtRunner(self.paths[OnnxKey("prefix", None)],
-                                [self.paths[OnnxKey("adaptive", w)] for w in self.model.widths],
-                                threads)
+                                [self.paths[OnnxKey("adaptive", w)] for w in widths], threads,
+                                self.paths.get(OnnxKey("prefix_part", widths[0])))
 
   def full_width_call(self, threads: int = 0) -> Callable[..., np.ndarray]:
     """The whole model at width 1.0 in one session (built now), as `dispatch.run_each_row` calls
