@@ -22,7 +22,7 @@ from sharcs_jax.serve import predict, summary
 from sharcs_jax.serve import precision as precision_lib
 from sharcs_jax.serve.ort_runner import MissingExtra
 from sharcs_jax.train import loop as train
-from sharcs_jax.checkpoint import quiet_orbax_logging
+from sharcs_jax.checkpoint import holds_early_exit, quiet_orbax_logging
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
@@ -174,9 +174,14 @@ def run_mode() -> None:
       raise app.UsageError("--mode=export needs --output (a directory)")
     from sharcs_jax.serve import export  # jax.export only where it is used
     export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
-    engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
-                                 signal=FLAGS.signal, start_budget=FLAGS.start_budget,
-                                 precision=checked_precision("fp32"), runtime=FLAGS.runtime)
+    if holds_early_exit(FLAGS.workdir):
+      engine = predict.exit_engine(FLAGS.workdir, BATCH_BUCKETS, FLAGS.budget,
+                                   FLAGS.rule, FLAGS.signal, FLAGS.start_budget,
+                                   checked_precision("fp32"), FLAGS.runtime)
+    else:
+      engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
+                                   signal=FLAGS.signal, start_budget=FLAGS.start_budget,
+                                   precision=checked_precision("fp32"), runtime=FLAGS.runtime)
     manifest = export.export_engine(engine, FLAGS.output)
     logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
                  manifest["routing"]["budget"] or "router argmax", FLAGS.output)

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (REPO_ROOT, assert_png, glue_data_dir, needs_glue, run_benchmark,
-                      tiny_run_config)
+from conftest import (REPO_ROOT, assert_png, damaged_copy, export_and_compare, glue_data_dir,
+                      needs_glue, run_benchmark, tiny_run_config)
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
@@ -264,3 +264,37 @@ def test_exit_probe_benchmark_reports_every_layer(tiny_backbone, tmp_path):
       assert layer[probe] * 48 == pytest.approx(round(layer[probe] * 48))
   assert 0.3 < data["majority_accuracy"] < 0.7  # SST-2 dev is about balanced
   assert (tmp_path / "exit_probe_sst2.md").read_text().count("\n| ") == 4  # header + 3 layers
+
+
+@needs_glue
+@pytest.mark.parametrize("runtime, precision", [("xla", "fp32"), ("onnxruntime", "int8")])
+def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, runtime,
+                                                              precision, tmp_path):
+  """Its stages exported with the exit rule at a budget, loaded in a fresh process (where
+  `import jax` fails, on ONNX Runtime): the engine's labels and exit layers on dev."""
+  workdir, _ = early_exit_run
+  directory, data = export_and_compare(workdir, tmp_path, f"--runtime={runtime}",
+                                       f"--precision={precision}", "--budget=1.2x")
+  assert data["model"] == "early_exit" and data["routing"]["rule"] == "exit"
+  assert data["labels_equal"] == 1.0 and data["exit_layers_equal"] == 1.0
+  assert data["max_probability_difference"] <= 1e-5
+  assert data["imports_blocked_in_loader"] == (["jax", "jaxlib"] if runtime == "onnxruntime"
+                                               else [])
+  assert data["forbidden_modules_imported"] == []
+  suffix = ".onnx" if runtime == "onnxruntime" else ".jaxexport"
+  assert sorted(f.name for f in directory.glob(f"*{suffix}")) == [
+      f"stage_l{i}-{i}{suffix}" for i in range(3)]
+  from sharcs_jax.serve.exported import ExportedModel
+
+  manifest = json.loads((directory / "manifest.json").read_text())
+  assert len(manifest["routing"]["bucket_thresholds"]) == len(manifest["length_buckets"])
+  for i, (change, message) in enumerate([
+      (lambda m: m.update(exit_layers=[1, 3]), r"exit layers \[1, 3\] need"),
+      (lambda m: m.update(model="deebert"), "model 'deebert' is not one of"),
+      (lambda m: m["routing"].update(num_stages=2), "is not an exit rule over 3 stages"),
+      (lambda m: m.pop("stage_gflops_per_example"), r"missing \(model 'early_exit'\)"),
+  ]):
+    with pytest.raises(ValueError, match=message):
+      ExportedModel.load(damaged_copy(directory, tmp_path / f"damaged{i}",
+                                      lambda d, m: change(m)))
+

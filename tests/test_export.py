@@ -66,7 +66,7 @@ def _drop_a_parameter(directory, manifest):
     (lambda d, m: (d / "adaptive_0.5.jaxexport").unlink(), FileNotFoundError,
      r"part 'adaptive_0.5' \(adaptive_0.5.jaxexport\) is missing"),
     (lambda d, m: m.update(format_version=1), ValueError,
-     "format version 1; this loader reads version 5"),
+     "format version 1; this loader reads version 6"),
     (lambda d, m: m.update(widths=[1.0, 0.5, 0.25]), ValueError,
      r"widths \[1.0, 0.5, 0.25\] must increase to 1.0, the order in which the router scores"),
     (lambda d, m: m.update(length_buckets=[32, 1024]), ValueError,

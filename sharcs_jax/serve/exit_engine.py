@@ -24,6 +24,7 @@ from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.serve import dispatch
 from sharcs_jax.serve.engine import Text, encode_texts_for
+from sharcs_jax.serve.exported import spans_of
 from sharcs_jax.serve.precision import resolve as resolve_precision
 from sharcs_jax.serve.programs import Programs, Span, StageProgramRunner
 from sharcs_jax.serve.routing import Budget, ExitCascade, calibrate_exits, parse_budget
@@ -45,7 +46,7 @@ def layer_spans(num_layers: int, exit_layers: Sequence[int] | None = None) -> tu
   ends = sorted(set(exit_layers or range(1, num_layers + 1)) | {num_layers})
   if ends[0] < 1 or ends[-1] > num_layers:
     raise ValueError(f"exit layers {list(exit_layers)} must lie in 1..{num_layers}")
-  return tuple(zip([0] + ends[:-1], [e - 1 for e in ends]))
+  return spans_of(ends)
 
 
 class ExitEngine:
@@ -90,6 +91,7 @@ class ExitEngine:
         dispatch.Stage(j - 1, answers=True) for j in range(1, len(self.spans))]
     self.stage_flops = self.programs.stage_flops_table()  # [S, length buckets]
     self.rule = rule or ExitCascade(NEVER_SURE, len(self.spans))
+    self.workdir = self.backbone = None  # the training run's, when built from one (`from_kept`)
     if self.rule.num_stages != len(self.spans):
       raise ValueError(f"the rule has {self.rule.num_stages} stages, the engine {len(self.spans)}")
 
@@ -117,6 +119,7 @@ class ExitEngine:
                  task=glue.get_task(config.task), rule=rule,
                  cache_dir=cache_dir or os.path.join(workdir, "executables"), runtime=runtime,
                  precision=precision, threads=threads)
+    engine.workdir, engine.backbone = workdir, config.model.backbone
     if budget:
       calibration = glue.run_splits(config)[2]
       if calibration is None:

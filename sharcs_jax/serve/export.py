@@ -1,7 +1,8 @@
 """Writes a trained model as a portable export directory that `exported.py` runs without flax.
 
-On the XLA runtime each part (the prefix with the router, and each width's adaptive part with the
-head) is `jax.export`ed with symbolic batch and length, so one file serves every batch size and
+A SHARCS model's parts are the prefix with the router and each width's adaptive part with the
+head; an early-exit model's are its stages (`exit_engine`), each ending in its exit. On the XLA
+runtime each part is `jax.export`ed with symbolic batch and length, so one file serves every batch size and
 length bucket; parameters are an argument (one `.npz`), not constants baked into each part. On
 ONNX Runtime the parts are the engine's ONNX programs (batch and length symbolic, fp32 or int8),
 and the export needs nothing but onnxruntime, numpy and tokenizers to serve. Their large
@@ -29,8 +30,9 @@ from jax import export
 from sharcs_jax import report
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
+from sharcs_jax.serve.exit_engine import ExitEngine
 from sharcs_jax.serve.exported import (FORMAT_VERSION, MANIFEST, SHARED_WEIGHTS,
-                                       adaptive_part_name, file_sha256)
+                                       adaptive_part_name, file_sha256, stage_part_name)
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.serve.programs import argument_specs, functions
 
@@ -40,27 +42,38 @@ def _flatten(tree: Any) -> dict[str, np.ndarray]:
   return {"/".join(str(k.key) for k in path): np.asarray(x) for path, x in leaves}
 
 
-def _export_parts(engine: Engine) -> dict[str, bytes]:
+def _params(engine: Engine | ExitEngine) -> Any:
+  return engine.params["params"] if isinstance(engine, Engine) else engine.variables["params"]
+
+
+def _export_parts(engine: Engine | ExitEngine) -> dict[str, bytes]:
   variables = {"params": jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), engine.params["params"])}
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params(engine))}
   batch, length = export.symbolic_shape("batch, length")
   function = functions(engine.model)
-  parts = {"prefix": export.export(jax.jit(function["prefix"]))(
-      variables, *argument_specs(engine.model, "prefix", batch, length))}
-  for width in engine.widths:
-    part = _adaptive_part(function["adaptive"], width)
-    parts[part.__name__] = export.export(jax.jit(part))(
-        variables, *argument_specs(engine.model, "adaptive", batch, length))
+  if isinstance(engine, ExitEngine):
+    parts = {}
+    for span in engine.spans:
+      stage = _named(lambda v, *inputs, span=span: function["stage"](
+          v, *inputs, first=span[0], last=span[1]), stage_part_name(span))
+      parts[stage.__name__] = export.export(jax.jit(stage))(
+          variables, *argument_specs(engine.model, "stage", batch, length, span=span))
+  else:
+    parts = {"prefix": export.export(jax.jit(function["prefix"]))(
+        variables, *argument_specs(engine.model, "prefix", batch, length))}
+    for width in engine.widths:
+      part = _named(lambda v, hidden, mask, width=width: function["adaptive"](
+          v, hidden, mask, width=width), adaptive_part_name(width))
+      parts[part.__name__] = export.export(jax.jit(part))(
+          variables, *argument_specs(engine.model, "adaptive", batch, length))
   return {name: part.serialize() for name, part in parts.items()}
 
 
-def _adaptive_part(adaptive: Any, width: float) -> Any:
-  """One width's part, its function named after the width: the serialized part then says which
-  width it computes, and the loader checks that against the manifest."""
-  def part(variables, hidden, mask):
-    return adaptive(variables, hidden, mask, width=width)
-  part.__name__ = part.__qualname__ = adaptive_part_name(width)
-  return part
+def _named(function: Any, name: str) -> Any:
+  """`function` named `name` (a width's part, a stage): the serialized part then says what it
+  computes, and the loader checks that against the manifest."""
+  function.__name__ = function.__qualname__ = name
+  return function
 
 
 def check_output(directory: str, workdir: str) -> None:
@@ -109,12 +122,24 @@ def _replace_directory(tmp: str, directory: str) -> None:
   shutil.rmtree(tmp)  # the earlier export, which check_output found to be one
 
 
-def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
-  """Writes the export into `directory` (replacing an earlier export there); returns the manifest."""
+def _origin(engine: Engine | ExitEngine) -> tuple[str | None, str | None]:
+  """(training workdir, backbone) of the run the engine was built from (None, None if not)."""
+  if isinstance(engine, ExitEngine):
+    return engine.workdir, engine.backbone
   if engine.trained is None:
-    raise ValueError("export needs an engine built from a training run (Engine.from_run)")
+    return None, None
+  return engine.trained.workdir, engine.trained.config.model.backbone
+
+
+def export_engine(engine: Engine | ExitEngine, directory: str) -> dict[str, Any]:
+  """Writes the export of a SHARCS or an early-exit engine into `directory` (replacing an
+  earlier export there); returns the manifest."""
+  workdir, _ = _origin(engine)
+  if workdir is None:
+    raise ValueError("export needs an engine built from a training run (Engine.from_run, "
+                     "ExitEngine.from_kept)")
   directory = os.path.abspath(directory)
-  check_output(directory, engine.trained.workdir)
+  check_output(directory, workdir)
   os.makedirs(os.path.dirname(directory), exist_ok=True)
   tmp = tempfile.mkdtemp(dir=os.path.dirname(directory),
                          prefix=f".{os.path.basename(directory)}.partial-")
@@ -128,13 +153,15 @@ def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
   return manifest
 
 
-def _write_parts(engine: Engine, tmp: str) -> tuple[dict[str, str], dict[str, Any]]:
+def _write_parts(engine: Engine | ExitEngine, tmp: str) -> tuple[dict[str, str], dict[str, Any]]:
   """The parts' files ({part name: file}) and what the manifest says of the runtime."""
   files = {}
   if engine.runtime == "onnxruntime":
-    for key in engine.onnx.paths:
+    # A fused first width (`OnnxPrograms(fuse_first_width=True)`) is a serving option, not a part.
+    paths = {k: p for k, p in engine.onnx.paths.items() if k.kind != "prefix_part"}
+    for key in paths:
       files[key.name] = f"{key.name}.onnx"
-    share_weights({files[k.name]: p for k, p in engine.onnx.paths.items()}, tmp, SHARED_WEIGHTS)
+    share_weights({files[k.name]: p for k, p in paths.items()}, tmp, SHARED_WEIGHTS)
     return files, {"runtime": "onnxruntime", "hidden_size": engine.model.encoder.hidden_size,
                    "reduce_range": engine.onnx.reduce_range,
                    "onnxruntime_version": report.package_version("onnxruntime"),
@@ -144,7 +171,7 @@ def _write_parts(engine: Engine, tmp: str) -> tuple[dict[str, str], dict[str, An
     files[name] = f"{name}.jaxexport"
     with open(os.path.join(tmp, files[name]), "wb") as f:
       f.write(blob)
-  np.savez(os.path.join(tmp, "params.npz"), **_flatten(engine.params["params"]))
+  np.savez(os.path.join(tmp, "params.npz"), **_flatten(_params(engine)))
   return files, {"runtime": "jax", "jax_version": jax.__version__,
                  "params": {"file": "params.npz", "sha256": file_sha256(
                      os.path.join(tmp, "params.npz"))}}
@@ -180,9 +207,21 @@ def share_weights(sources: dict[str, str], directory: str, file: str,
       onnx.save(model, os.path.join(directory, name))
 
 
-def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
+def _model_entries(engine: Engine | ExitEngine) -> dict[str, Any]:
+  """What the manifest says of the model: its widths and FLOPs per part, or its stages."""
+  if isinstance(engine, ExitEngine):
+    return {"model": "early_exit", "exit_layers": list(engine.exit_layers),
+            "stage_gflops_per_example": (engine.stage_flops / 1e9).tolist(),
+            "compute_dtype": "float32"}
+  return {"model": "sharcs", "widths": list(engine.widths),
+          "compute_dtype": engine.model.compute_dtype,
+          "gflops_per_example": (engine.flops / 1e9).tolist(),
+          "prefix_gflops_per_example": (engine.prefix_flops / 1e9).tolist()}
+
+
+def _write_export(engine: Engine | ExitEngine, tmp: str) -> dict[str, Any]:
   files, runtime = _write_parts(engine, tmp)
-  shutil.copy(os.path.join(resolve_model_dir(engine.trained.config.model.backbone), "tokenizer.json"),
+  shutil.copy(os.path.join(resolve_model_dir(_origin(engine)[1]), "tokenizer.json"),
               os.path.join(tmp, "tokenizer.json"))
 
   def entry(file: str) -> dict[str, str]:
@@ -192,11 +231,9 @@ def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
       "format_version": FORMAT_VERSION, "runtime": runtime.pop("runtime"),
       "task": engine.task.name,
       "label_names": list(engine.task.label_names), "text_fields": list(engine.task.text_columns),
-      "widths": list(engine.widths), "length_buckets": list(engine.length_buckets),
+      "length_buckets": list(engine.length_buckets),
       "position_offset": int(engine.model.encoder.position_offset),
-      "precision": engine.precision, "compute_dtype": engine.model.compute_dtype,
-      "gflops_per_example": (engine.flops / 1e9).tolist(),
-      "prefix_gflops_per_example": (engine.prefix_flops / 1e9).tolist(),
+      "precision": engine.precision, **_model_entries(engine),
       "routing": engine.rule.to_json(),
       "batch": "symbolic", **runtime,
       "parts": {name: entry(file) for name, file in files.items()},

@@ -1,8 +1,9 @@
-"""Runs an exported SHARCS model without flax, optax, orbax, transformers or the training code.
+"""Runs an exported model without flax, optax, orbax, transformers or the training code.
 
 An export directory (written by `export.py`) holds the tokenizer's `tokenizer.json`, the programs
-and `manifest.json`, which names every file with its SHA-256 and records the runtime, widths,
-length buckets, FLOPs per part, label names and the routing rule. The programs are either
+and `manifest.json`, which names every file with its SHA-256 and records the runtime, the model
+(a SHARCS model's widths, an early-exit model's exit layers), length buckets, FLOPs per part,
+label names and the routing rule. The programs are either
   - runtime "jax": serialized StableHLO for the prefix with the router and for each width's
     adaptive part (batch and length symbolic) and the parameters as one `.npz`; loading needs jax;
   - runtime "onnxruntime": one ONNX model per program (batch and length symbolic), fp32 or
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sharcs_jax.data.inputs import text_rows
-from sharcs_jax.data.padding import pack_rows
+from sharcs_jax.data.padding import length_bucket_of, pack_rows
 from sharcs_jax.serve import dispatch
 from sharcs_jax.serve.routing import rule_from_json
 
@@ -34,12 +35,14 @@ from sharcs_jax.serve.routing import rule_from_json
 # runtime ("jax" or "onnxruntime"); an ONNX export has one part per program and length bucket.
 # 4: an ONNX export's parts keep their large weights, once, in a shared file (`shared_weights`).
 # 5: an ONNX export has one part per program, named as the jax export's, length symbolic.
-FORMAT_VERSION = 5
+# 6: the manifest names its model, "sharcs" or "early_exit" (whose parts are its stages).
+FORMAT_VERSION = 6
 MANIFEST = "manifest.json"
 SHARED_WEIGHTS = "weights.bin"
-MANIFEST_KEYS = ("format_version", "runtime", "task", "label_names", "text_fields", "widths",
-                 "length_buckets", "position_offset", "gflops_per_example",
-                 "prefix_gflops_per_example", "routing", "parts", "tokenizer")
+MANIFEST_KEYS = ("format_version", "runtime", "model", "task", "label_names", "text_fields",
+                 "length_buckets", "position_offset", "routing", "parts", "tokenizer")
+MODEL_KEYS = {"sharcs": ("widths", "gflops_per_example", "prefix_gflops_per_example"),
+              "early_exit": ("exit_layers", "stage_gflops_per_example")}
 
 
 def file_sha256(path: str) -> str:
@@ -60,8 +63,23 @@ def part_name(width: float | None) -> str:
   return "prefix" if width is None else adaptive_part_name(width)
 
 
-def expected_parts(manifest: dict) -> set[str]:
-  return {part_name(w) for w in [None, *manifest["widths"]]}
+def stage_part_name(span: tuple[int, int]) -> str:
+  """An early-exit model's stage of layers span[0]..span[1] (0-based)."""
+  return f"stage_l{span[0]}-{span[1]}"
+
+
+def spans_of(exit_layers: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """The stages (first and last layer, 0-based) that end at each of `exit_layers` (1-based,
+  increasing)."""
+  ends = list(exit_layers)
+  return tuple(zip([0] + ends[:-1], [e - 1 for e in ends]))
+
+
+def expected_parts(manifest: dict) -> list[str]:
+  """Every part's name, in the order the dispatch core runs them."""
+  if manifest["model"] == "early_exit":
+    return [stage_part_name(span) for span in spans_of(manifest["exit_layers"])]
+  return [part_name(w) for w in [None, *manifest["widths"]]]
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -85,20 +103,38 @@ class ExportedPredictions:
   gflops: np.ndarray  # float64 [N]
 
 
-class ExportedModel:
-  """Tokenise, route, group by width, run each group's part, restore the input order."""
+@dataclasses.dataclass(frozen=True)
+class ExportedExitPredictions:
+  """The exit engine's `ExitPredictions` fields (its module imports jax)."""
 
-  def __init__(self, directory: str, manifest: dict, runner: dispatch.Runner, tokenizer: Any):
+  labels: np.ndarray  # int32 [N]
+  probabilities: np.ndarray  # float32 [N, C] at the exit each row left at
+  exit_layers: np.ndarray  # int32 [N] that exit's layer, 1-based
+  gflops: np.ndarray  # float64 [N] the stages each row ran
+
+
+class ExportedModel:
+  """Tokenise, then the dispatch core: a SHARCS model routes each row and groups rows by width;
+  an early-exit model runs its stages, each row leaving at its first sure exit. Input order is
+  kept."""
+
+  def __init__(self, directory: str, manifest: dict, runner: Any, tokenizer: Any):
     self.directory = directory
     self.manifest = manifest
     self.runtime = manifest["runtime"]
-    self.widths = tuple(manifest["widths"])
+    self.model = manifest["model"]
     self.length_buckets = tuple(manifest["length_buckets"])
     self.label_names = tuple(manifest["label_names"])
     self.text_fields = tuple(manifest["text_fields"])
-    self.gflops = np.asarray(manifest["gflops_per_example"], np.float64)  # [m, length buckets]
-    self.prefix_gflops = np.asarray(manifest["prefix_gflops_per_example"], np.float64)
     self.rule = rule_from_json(manifest["routing"])
+    if self.model == "early_exit":
+      self.exit_layers = tuple(manifest["exit_layers"])
+      # [stages, length buckets]: each stage's own cost
+      self.stage_gflops = np.asarray(manifest["stage_gflops_per_example"], np.float64)
+    else:
+      self.widths = tuple(manifest["widths"])
+      self.gflops = np.asarray(manifest["gflops_per_example"], np.float64)  # [m, length buckets]
+      self.prefix_gflops = np.asarray(manifest["prefix_gflops_per_example"], np.float64)
     self.runner = runner
     self._tokenizer = tokenizer
 
@@ -121,8 +157,10 @@ class ExportedModel:
         raise FileNotFoundError(f"{directory}: part {name!r} ({entry['file']}) is missing")
       if file_sha256(file) != entry["sha256"]:
         raise ValueError(f"{file}: contents do not match the manifest's SHA-256 for {name!r}")
-    load_runner = _jax_runner if manifest["runtime"] == "jax" else _onnx_runner
-    runner = load_runner(directory, path, manifest)
+    load_runner = {("jax", "sharcs"): _jax_runner, ("onnxruntime", "sharcs"): _onnx_runner,
+                   ("jax", "early_exit"): _jax_stage_runner,
+                   ("onnxruntime", "early_exit"): _onnx_stage_runner}
+    runner = load_runner[manifest["runtime"], manifest["model"]](directory, path, manifest)
     tokenizer = tokenizers.Tokenizer.from_file(
         os.path.join(directory, manifest["tokenizer"]["file"]))
     tokenizer.no_padding()
@@ -141,18 +179,29 @@ class ExportedModel:
     types, _ = pack_rows([e.type_ids for e in encodings], size)
     return ids, types, lengths
 
-  def predict(self, texts: Sequence[str | Sequence[str]]) -> ExportedPredictions:
-    """Through `dispatch.run_buckets`, as the engine serves: the same rule, batches and order
-    (the jax parts at the length buckets, since each new shape would compile anew)."""
+  def predict(self, texts: Sequence[str | Sequence[str]]
+              ) -> ExportedPredictions | ExportedExitPredictions:
+    """Through the dispatch core, as the engine serves: the same rule, batches and order (the
+    jax parts at the length buckets, since each new shape would compile anew)."""
     ids, types, lengths = self.encode(texts)
     runtime = "xla" if self.runtime == "jax" else self.runtime
-    out = dispatch.run_buckets(self.runner, ids, types, lengths,
-                               length_buckets=self.length_buckets,
-                               batch_buckets=dispatch.batch_sizes_for(runtime),
-                               program_lengths=dispatch.lengths_for(runtime, self.length_buckets),
-                               num_widths=len(self.widths),
-                               num_classes=len(self.label_names), rule=self.rule,
-                               width_flops=self.gflops, prefix_flops=self.prefix_gflops)
+    shapes = dict(length_buckets=self.length_buckets,
+                  batch_buckets=dispatch.batch_sizes_for(runtime),
+                  program_lengths=dispatch.lengths_for(runtime, self.length_buckets),
+                  num_classes=len(self.label_names))
+    if self.model == "early_exit":
+      stages = [dispatch.Stage(dispatch.TOKENS, answers=True)] + [
+          dispatch.Stage(j - 1, answers=True) for j in range(1, len(self.exit_layers))]
+      out, gflops = dispatch.run_stage_buckets(
+          self.runner, stages, ids, types, lengths,
+          rule=self.rule.over_rows(length_bucket_of(lengths, self.length_buckets)),
+          stage_flops=self.stage_gflops, **shapes)
+      return ExportedExitPredictions(out.probabilities.argmax(-1).astype(np.int32),
+                                     out.probabilities,
+                                     np.asarray(self.exit_layers, np.int32)[out.final], gflops)
+    out = dispatch.run_buckets(self.runner, ids, types, lengths, num_widths=len(self.widths),
+                               rule=self.rule, width_flops=self.gflops,
+                               prefix_flops=self.prefix_gflops, **shapes)
     return ExportedPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
                                np.asarray(self.widths, np.float32)[out.final], out.flops)
 
@@ -176,17 +225,92 @@ class _JaxParts:
 
 
 def _jax_runner(directory: str, path: str, manifest: dict) -> _JaxParts:
+  parts = _deserialized_parts(directory, manifest)
+  _check_parts(path, manifest, parts)
+  params = _exported_params(directory, manifest)
+  _check_params(path, manifest, parts["prefix"], params)
+  return _JaxParts(parts, params, manifest["widths"])
+
+
+class _JaxStages:
+  """`dispatch.StageRunner` over an early-exit model's jax.export stages."""
+
+  def __init__(self, stages: Sequence[Any], params: dict):
+    import jax
+
+    self._variables = {"params": jax.device_put(params)}
+    self._calls = [jax.jit(stage.call) for stage in stages]
+
+  def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]):
+    hidden, probabilities = self._calls[index](self._variables, *inputs)
+    return hidden, (probabilities,)
+
+
+def _deserialized_parts(directory: str, manifest: dict) -> dict[str, Any]:
   from jax import export
 
   parts = {}
   for name, entry in manifest["parts"].items():
     with open(os.path.join(directory, entry["file"]), "rb") as f:
       parts[name] = export.deserialize(bytearray(f.read()))
-  _check_parts(path, manifest, parts)
+  return parts
+
+
+def _exported_params(directory: str, manifest: dict) -> dict:
   with np.load(os.path.join(directory, manifest["params"]["file"])) as flat:
-    params = _unflatten({k: flat[k] for k in flat.files})
-  _check_params(path, manifest, parts["prefix"], params)
-  return _JaxParts(parts, params, manifest["widths"])
+    return _unflatten({k: flat[k] for k in flat.files})
+
+
+def _jax_stage_runner(directory: str, path: str, manifest: dict) -> _JaxStages:
+  parts = _deserialized_parts(directory, manifest)
+  names = expected_parts(manifest)
+  classes = len(manifest["label_names"])
+  for index, name in enumerate(names):
+    part = parts[name]
+    if part.fun_name != name:
+      raise ValueError(f"{path}: the file listed for part {name!r} computes {part.fun_name!r}")
+    if part.out_avals[1].shape[-1] != classes:
+      raise ValueError(f"{path}: part {name!r} scores {part.out_avals[1].shape[-1]} classes, "
+                       f"the manifest names {classes}")
+    if index and part.in_avals[-2].shape[-1] != parts[names[index - 1]].out_avals[0].shape[-1]:
+      raise ValueError(f"{path}: part {name!r} takes hidden size {part.in_avals[-2].shape[-1]}, "
+                       f"the stage before gives {parts[names[index - 1]].out_avals[0].shape[-1]}")
+  params = _exported_params(directory, manifest)
+  _check_params(path, manifest, parts[names[0]], params)
+  return _JaxStages([parts[name] for name in names], params)
+
+
+def _check_onnx_io(path: str, manifest: dict, name: str, named_inputs: list, named_outputs: list,
+                   takes: Sequence[str], reads_tokens: bool) -> None:
+  """One ONNX session's inputs and outputs against the manifest (names, symbolic length, hidden
+  size); the caller checks what each kind of part scores."""
+  if tuple(n for n, _ in named_inputs) != tuple(takes):
+    raise ValueError(f"{path}: part {name!r} takes inputs {[n for n, _ in named_inputs]}, "
+                     f"expected {list(takes)}")
+  inputs, outputs = [s for _, s in named_inputs], [s for _, s in named_outputs]
+  if not all(isinstance(shape[1], str) for shape in inputs):
+    raise ValueError(f"{path}: part {name!r} takes fixed lengths {[s[1] for s in inputs]}; "
+                     "batches run at any length (export it again)")
+  hidden = outputs[0][-1] if reads_tokens else inputs[0][-1]
+  if hidden != manifest["hidden_size"]:
+    raise ValueError(f"{path}: part {name!r} has hidden size {hidden}, the manifest says "
+                     f"{manifest['hidden_size']}")
+
+
+def _onnx_stage_runner(directory: str, path: str, manifest: dict) -> Any:
+  """Sessions for every stage, checked against the manifest before anything runs."""
+  from sharcs_jax.serve import ort_runner
+
+  names = expected_parts(manifest)
+  runner = ort_runner.StageOrtRunner([os.path.join(directory, manifest["parts"][n]["file"])
+                                      for n in names])
+  for index, (name, (named_inputs, named_outputs)) in enumerate(zip(names, runner.io_shapes())):
+    takes = ort_runner.PREFIX_INPUTS if index == 0 else ort_runner.PART_INPUTS
+    _check_onnx_io(path, manifest, name, named_inputs, named_outputs, takes, index == 0)
+    if named_outputs[1][1][-1] != len(manifest["label_names"]):
+      raise ValueError(f"{path}: part {name!r} scores {named_outputs[1][1][-1]} classes, the "
+                       f"manifest names {len(manifest['label_names'])}")
+  return runner
 
 
 def _onnx_runner(directory: str, path: str, manifest: dict) -> Any:
@@ -200,23 +324,14 @@ def _onnx_runner(directory: str, path: str, manifest: dict) -> Any:
   for (key, (named_inputs, named_outputs)) in runner.io_shapes().items():
     name = part_name(None if key == "prefix" else widths[key])
     takes = ort_runner.PREFIX_INPUTS if key == "prefix" else ort_runner.PART_INPUTS
-    if tuple(n for n, _ in named_inputs) != takes:
-      raise ValueError(f"{path}: part {name!r} takes inputs {[n for n, _ in named_inputs]}, "
-                       f"expected {list(takes)}")
-    inputs, outputs = [s for _, s in named_inputs], [s for _, s in named_outputs]
-    if not all(isinstance(shape[1], str) for shape in inputs):
-      raise ValueError(f"{path}: part {name!r} takes fixed lengths {[s[1] for s in inputs]}; "
-                       "batches run at any length (export it again)")
+    _check_onnx_io(path, manifest, name, named_inputs, named_outputs, takes, key == "prefix")
+    outputs = [s for _, s in named_outputs]
     if key == "prefix" and outputs[1][-1] != len(widths):
       raise ValueError(f"{path}: part {name!r}'s router scores {outputs[1][-1]} widths, the "
                        f"manifest lists {len(widths)}")
     if key != "prefix" and outputs[0][-1] != len(manifest["label_names"]):
       raise ValueError(f"{path}: part {name!r} scores {outputs[0][-1]} classes, the manifest "
                        f"names {len(manifest['label_names'])}")
-    hidden = outputs[0][-1] if key == "prefix" else inputs[0][-1]
-    if hidden != manifest["hidden_size"]:
-      raise ValueError(f"{path}: part {name!r} has hidden size {hidden}, the manifest says "
-                       f"{manifest['hidden_size']}")
   return runner
 
 
@@ -240,11 +355,12 @@ def _read_manifest(path: str) -> dict:
   missing = [k for k in MANIFEST_KEYS if k not in manifest]
   if missing:
     raise ValueError(f"{path}: keys {missing} are missing")
-  widths = manifest["widths"]
-  if (not widths or any(not 0 < w <= 1 for w in widths) or widths[-1] != 1.0
-      or any(a >= b for a, b in zip(widths, widths[1:]))):
-    raise ValueError(f"{path}: widths {widths} must increase to 1.0, the order in which the "
-                     "router scores them")
+  model = manifest["model"]
+  if model not in MODEL_KEYS:
+    raise ValueError(f"{path}: model {model!r} is not one of {sorted(MODEL_KEYS)}")
+  missing = [k for k in MODEL_KEYS[model] if k not in manifest]
+  if missing:
+    raise ValueError(f"{path}: keys {missing} are missing (model {model!r})")
   runtime = manifest["runtime"]
   if runtime not in ("jax", "onnxruntime"):
     raise ValueError(f"{path}: runtime {runtime!r} is not 'jax' or 'onnxruntime'")
@@ -257,8 +373,22 @@ def _read_manifest(path: str) -> dict:
   if (not buckets or any(not isinstance(b, int) or b < 2 for b in buckets)
       or any(a >= b for a, b in zip(buckets, buckets[1:]))):
     raise ValueError(f"{path}: length_buckets {buckets} must be increasing lengths >= 2")
+  if model == "early_exit":
+    _check_stages(path, manifest)
+  else:
+    _check_widths(path, manifest)
+  return manifest
+
+
+def _check_widths(path: str, manifest: dict) -> None:
+  """A SHARCS manifest's widths, parts and FLOPs table."""
+  widths, buckets = manifest["widths"], manifest["length_buckets"]
+  if (not widths or any(not 0 < w <= 1 for w in widths) or widths[-1] != 1.0
+      or any(a >= b for a, b in zip(widths, widths[1:]))):
+    raise ValueError(f"{path}: widths {widths} must increase to 1.0, the order in which the "
+                     "router scores them")
   expected = expected_parts(manifest)
-  if set(manifest["parts"]) != expected:
+  if set(manifest["parts"]) != set(expected):
     raise ValueError(f"{path}: the manifest lists parts {sorted(manifest['parts'])} but its "
                      f"widths {widths} need {sorted(expected)}")
   gflops = np.asarray(manifest["gflops_per_example"], np.float64)
@@ -267,7 +397,28 @@ def _read_manifest(path: str) -> dict:
     raise ValueError(f"{path}: gflops_per_example must be positive, [widths {len(widths)}, "
                      f"length buckets {len(buckets)}] and increase with the width; got "
                      f"shape {list(gflops.shape)}")
-  return manifest
+
+
+def _check_stages(path: str, manifest: dict) -> None:
+  """An early-exit manifest's exit layers, parts, FLOPs table and rule."""
+  layers, buckets = manifest["exit_layers"], manifest["length_buckets"]
+  if (not layers or any(not isinstance(e, int) or e < 1 for e in layers)
+      or any(a >= b for a, b in zip(layers, layers[1:]))):
+    raise ValueError(f"{path}: exit_layers {layers} must be increasing layers >= 1")
+  expected = expected_parts(manifest)
+  if set(manifest["parts"]) != set(expected):
+    raise ValueError(f"{path}: the manifest lists parts {sorted(manifest['parts'])} but its "
+                     f"exit layers {layers} need {expected}")
+  gflops = np.asarray(manifest["stage_gflops_per_example"], np.float64)
+  if gflops.shape != (len(layers), len(buckets)) or not np.all(gflops > 0):
+    raise ValueError(f"{path}: stage_gflops_per_example must be positive, [stages "
+                     f"{len(layers)}, length buckets {len(buckets)}]; got shape "
+                     f"{list(gflops.shape)}")
+  routing = manifest["routing"]
+  if routing.get("rule") != "exit" or routing.get("num_stages") != len(layers) or len(
+      routing.get("bucket_thresholds", ())) not in (0, len(buckets)):
+    raise ValueError(f"{path}: routing {routing} is not an exit rule over {len(layers)} stages "
+                     f"(with no thresholds or one per length bucket of {len(buckets)})")
 
 
 def _check_params(path: str, manifest: dict, prefix: Any, params: dict) -> None:

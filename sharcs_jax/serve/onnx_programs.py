@@ -45,7 +45,7 @@ try:
 except ImportError:
   raise ort_runner.missing_extra("the onnx package (to convert the programs)") from None
 from sharcs_jax.serve import onnx_graph  # pylint: disable=g-import-not-at-top
-from sharcs_jax.serve.exported import part_name
+from sharcs_jax.serve.exported import part_name, stage_part_name
 from sharcs_jax.serve.precision import PRECISIONS, cpu_flags, int8_reduce_range
 from sharcs_jax.serve.programs import (Span, argument_specs, check_spans, functions,
                                        model_settings)
@@ -97,7 +97,7 @@ class OnnxKey:
   @property
   def name(self) -> str:
     if self.kind == "stage":
-      return f"stage_l{self.span[0]}-{self.span[1]}"
+      return stage_part_name(self.span)
     if self.kind == "prefix_part":
       return f"prefix_{part_name(self.width)}"
     return FORWARD if self.kind == "forward" else part_name(self.width)

@@ -164,3 +164,8 @@ class StageOrtRunner:
                "attention_mask": np.ascontiguousarray(inputs[1], np.int32)}
     hidden, probabilities = self.sessions[index].run(STAGE_OUTPUTS, feeds)
     return hidden, (probabilities,)
+
+  def io_shapes(self) -> list[tuple[list, list]]:
+    """Each stage's ([(input name, shape)], [(output name, shape)]): for the loader's checks."""
+    return [([(i.name, i.shape) for i in s.get_inputs()],
+             [(o.name, o.shape) for o in s.get_outputs()]) for s in self.sessions]
