@@ -46,6 +46,7 @@ NUMERIC_FIELDS = (
     ("checkpoint.max_drop", float, "[0, 1]"),
 )
 CALIBRATION_SPLITS = ("train", "dev")
+CALIBRATION_DRAWS = ("rows", "sentences")
 SELECTION_RULES = ("accuracy", "reduction")
 
 
@@ -115,6 +116,10 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.routing.budget = ""
   c.routing.calibrate_on = "train"  # "train": examples held back from training; "dev": dev itself
   c.routing.calibration_examples = 0  # held back from train when calibrate_on = "train"
+  # "rows": that many training rows at random; "sentences": that many whole sentences of a
+  # one-text task's training file, none of whose phrases are trained on (SST-2 trains on phrases
+  # and serves sentences: `glue.hold_out_sentences`).
+  c.routing.calibration_draw = "rows"
   # How a budget is met: "router" (argmax under the cost weight), "cascade" (every input starts
   # at the narrowest width and escalates while its confidence, `signal`, is below a calibrated
   # threshold), or "router+cascade" (the router, calibrated to `start_budget`, picks the start).
@@ -301,6 +306,13 @@ def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
     raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
                      f"{SELECTION_RULES}")
   check_routing(config.routing)
-  get_task(config.task)
+  task = get_task(config.task)
+  draw = config.routing.get("calibration_draw", "rows")
+  if draw not in CALIBRATION_DRAWS:
+    raise ValueError(f"config.routing.calibration_draw={draw!r} is not one of "
+                     f"{CALIBRATION_DRAWS}")
+  if draw == "sentences" and len(task.text_columns) != 1:
+    raise ValueError(f"config.routing.calibration_draw='sentences' holds out whole sentences of "
+                     f"a one-text task; {task.name} has {len(task.text_columns)} text fields")
   resolve_data_dir(config.data_dir)
   return encoder

@@ -161,6 +161,40 @@ def test_hold_out_is_disjoint_deterministic_and_renumbered():
     glue.hold_out(split, 50, seed=0)
 
 
+def test_whole_sentences_and_the_phrases_inside_them():
+  texts = ["a charming journey .", "charming journey", "a charming", "journey", "bleak",
+           "bleak and desperate", "a charming journey .", "desperate", "", "charming jour"]
+  np.testing.assert_array_equal(glue.whole_sentences(texts),
+                                [1, 0, 0, 0, 0, 1, 0, 0, 0, 1])  # whole tokens only
+  np.testing.assert_array_equal(glue.contained(texts, ["bleak and desperate"]),
+                                [0, 0, 0, 0, 1, 1, 0, 1, 0, 0])
+
+
+def test_sentences_held_out_with_none_of_their_phrases_trained_on():
+  """Whole sentences of the training file (which may lie beyond a limited split's rows) are
+  held out, and every row inside one of them leaves the training split."""
+  task = glue.get_task("sst2")
+  sentences = [f"w{i} x{i} y{i} z{i}" for i in range(30)]
+  texts = [(t,) for s in sentences for t in (s, s.rsplit(" ", 1)[0], s.split(" ", 1)[1])]
+  whole_file = glue.Split(task, "train", texts, np.arange(90, dtype=np.int32) % 2,
+                          np.arange(90, dtype=np.int32))
+  limited = glue.Split(task, "train", texts[:60], whole_file.labels[:60],
+                       np.arange(60, dtype=np.int32))
+  rest, held = glue.hold_out_sentences(limited, whole_file, 12, seed=1)
+  assert len(held) == 12 and {t[0] for t in held.texts} <= set(sentences)
+  assert not any(t[0] in h[0] for t in rest.texts for h in held.texts)
+  beyond = sum(sentences.index(h[0]) >= 20 for h in held.texts)  # sentences past row 60
+  assert len(rest) == 60 - 3 * (12 - beyond)
+  np.testing.assert_array_equal(rest.ids, np.arange(len(rest)))
+  assert glue.hold_out_sentences(limited, whole_file, 12, seed=1)[1].texts == held.texts
+  with pytest.raises(ValueError, match="cannot hold out 30 of the 30 whole sentences"):
+    glue.hold_out_sentences(limited, whole_file, 30, seed=0)
+  pairs = glue.Split(glue.get_task("qqp"), "train", [("a", "b")], np.zeros(1, np.int32),
+                     np.zeros(1, np.int32))
+  with pytest.raises(ValueError, match="one-text tasks; qqp has 2 text fields"):
+    glue.hold_out_sentences(pairs, pairs, 1, seed=0)
+
+
 def test_ci_without_glue_data_fails_instead_of_skipping(tmp_path):
   """A checkout with no ../shared beside it, under CI=true: the run fails at once, naming why."""
   for part in ("tests", "sharcs_jax"):  # the package finds ../shared beside its own checkout

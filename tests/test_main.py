@@ -26,6 +26,11 @@ def test_only_closed_loop_callbacks_are_silenced():
      "FATAL config.train.learning_rate=-1.0 must be a number in (0, inf)"),
     ("mrpc", "--config.model.method=depth",
      "FATAL config.model.method='depth' is not one of ('sharcs', 'early_exit')"),
+    ("mrpc", "--config.routing.calibration_draw=sentences",
+     "FATAL config.routing.calibration_draw='sentences' holds out whole sentences of a one-text "
+     "task; mrpc has 2 text fields"),
+    ("sst2", "--config.routing.calibration_draw=phrases",
+     "FATAL config.routing.calibration_draw='phrases' is not one of ('rows', 'sentences')"),
 ])
 def test_a_bad_config_value_is_one_line_without_a_traceback(tmp_path, config, override, message):
   import pathlib

@@ -7,11 +7,12 @@ config says so.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
@@ -170,6 +171,65 @@ def hold_out(split: Split, count: int, seed: int) -> tuple[Split, Split]:
           _subset(split, np.flatnonzero(held), f"{split.name}-heldout"))
 
 
+def whole_sentences(texts: Sequence[str]) -> np.ndarray:
+  """bool [N]: the non-empty texts no longer text contains, token for token (one copy of a text
+  repeated). SST-2's training file holds
+  every phrase of each sentence's parse as an example of its own; these are its sentences (on
+  the full file 6,885, 19.4 tokens on average against 9.4 for every row)."""
+  padded = [f" {' '.join(t.split())} " for t in texts]
+  words = [set(t.split()) for t in texts]
+  frequency = collections.Counter(w for ws in words for w in ws)
+  postings: dict[str, list[int]] = collections.defaultdict(list)  # word -> whole sentences
+  whole = np.zeros(len(texts), bool)
+  for i in sorted(range(len(texts)), key=lambda i: -len(padded[i])):  # longest first
+    if not words[i]:
+      continue
+    # A text inside a longer one lies inside a whole sentence that has its rarest word.
+    rarest = min(words[i], key=frequency.__getitem__)
+    if any(padded[i] in padded[j] for j in postings[rarest]):
+      continue
+    whole[i] = True
+    for w in words[i]:
+      postings[w].append(i)
+  return whole
+
+
+def contained(texts: Sequence[str], sentences: Sequence[str]) -> np.ndarray:
+  """bool [N]: the texts that lie inside one of `sentences`, token for token."""
+  padded = [f" {' '.join(t.split())} " for t in sentences]
+  postings: dict[str, list[int]] = collections.defaultdict(list)
+  for j, sentence in enumerate(sentences):
+    for w in set(sentence.split()):
+      postings[w].append(j)
+  inside = np.zeros(len(texts), bool)
+  for i, text in enumerate(texts):
+    words = text.split()
+    if words:
+      candidates = min((postings.get(w, []) for w in set(words)), key=len)
+      inside[i] = any(f" {' '.join(words)} " in padded[j] for j in candidates)
+  return inside
+
+
+def hold_out_sentences(split: Split, whole_file: Split, count: int, seed: int
+                       ) -> tuple[Split, Split]:
+  """(`split` without any text inside a held-out sentence, `count` whole sentences of the task's
+  training file drawn at random): a calibration set drawn like served inputs (whole sentences,
+  not phrases), none of whose phrases the model trains on. `whole_file` is the training file
+  unlimited (a sentence of the first rows may lie beyond them); one-text tasks only."""
+  if len(split.task.text_columns) != 1:
+    raise ValueError(f"whole sentences are held out of one-text tasks; {split.task.name} has "
+                     f"{len(split.task.text_columns)} text fields")
+  texts = [t[0] for t in whole_file.texts]
+  sentences = np.flatnonzero(whole_sentences(texts))
+  if not 0 < count < len(sentences):
+    raise ValueError(f"cannot hold out {count} of the {len(sentences)} whole sentences of "
+                     f"{split.task.name} {split.name}")
+  held = np.sort(np.random.default_rng(seed).choice(sentences, count, replace=False))
+  inside = contained([t[0] for t in split.texts], [texts[i] for i in held])
+  return (_subset(split, np.flatnonzero(~inside), split.name),
+          _subset(whole_file, held, f"{split.name}-heldout-sentences"))
+
+
 def load_split(task_name: str, split: str, data_dir: str | None,
                skip_malformed: bool = False, limit: int = 0) -> Split:
   """One labelled split (`train` or `dev`); `limit` > 0 keeps the first `limit` examples."""
@@ -194,14 +254,20 @@ def first(split: Split, limit: int) -> Split:
 
 def run_splits(config: Any) -> tuple[Split, Split, Split | None]:
   """(train, dev, calibration) of a run's config. Calibration examples are held back from train
-  (the same rows for the same seed, never trained on), or are dev itself where
-  `config.routing.calibrate_on` says so; None when the run holds back nothing."""
+  (the same rows for the same seed, never trained on; with `config.routing.calibration_draw`
+  "sentences", whole sentences and none of their phrases: `hold_out_sentences`), or are dev
+  itself where `config.routing.calibrate_on` says so; None when the run holds back nothing."""
   routing, data = config.get("routing", {}), config.data  # runs older than routing have none
   data_dir = resolve_data_dir(config.data_dir)
   train, dev = (load_split(config.task, split, data_dir, data.skip_malformed, limit)
                 for split, limit in (("train", data.train_limit), ("dev", data.dev_limit)))
   calibration = None
-  if routing.get("calibration_examples"):
+  if routing.get("calibration_examples") and routing.get("calibration_draw") == "sentences":
+    whole_file = (train if not data.train_limit else
+                  load_split(config.task, "train", data_dir, data.skip_malformed))
+    train, calibration = hold_out_sentences(train, whole_file, routing.calibration_examples,
+                                            config.seed)
+  elif routing.get("calibration_examples"):
     train, calibration = hold_out(train, routing.calibration_examples, config.seed)
   if routing.get("calibrate_on") == "dev":
     calibration = dev
