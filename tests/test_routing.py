@@ -241,6 +241,13 @@ def test_exit_calibration_per_length_bucket_holds_when_the_mix_of_lengths_shifts
   assert abs(reduction(pooled) / target - 1) > 0.05
   assert reduction(by_length) == pytest.approx(target, rel=0.05)
   assert routing.rule_from_json(by_length.to_json()) == by_length
+  few = b_fit.copy()
+  few[:60], few[-60:] = 2, 3  # two buckets of 60 rows: fitted together
+  mixed = routing.calibrate_exits(p_fit, flops(few), budget, "max_prob", bucket_of=few,
+                                  num_buckets=5)
+  t = mixed.bucket_thresholds
+  assert t[2] == t[3] != t[4] == mixed.threshold and len({t[0], t[1], t[2]}) == 3
+  assert mixed.calibration_reduction == pytest.approx(target, rel=0.01)
   with pytest.raises(ValueError, match="over_rows"):  # the buckets are needed to route
     by_length.next_stages(0, np.arange(3), (p_held[0, :3],))
   rows = np.array([5, 9000])

@@ -280,7 +280,7 @@ class _RowThresholds:
     return self.rule._next_stages(stage, outputs, self.thresholds[rows])  # pylint: disable=protected-access
 
 
-# A length bucket with fewer calibration rows than this keeps the pooled threshold.
+# A length bucket with fewer calibration rows than this shares a threshold with the other such.
 MIN_BUCKET_ROWS = 100
 
 
@@ -292,9 +292,9 @@ def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, bu
   each stage's cost alone. Cost never falls as the threshold rises, so a bisection finds it.
 
   With `bucket_of` [N] (each row's length bucket, of `num_buckets`) the budget is met within
-  each bucket of at least `MIN_BUCKET_ROWS` rows by a threshold of its own (the rest keep the
-  pooled one): a bucket that meets the target reduction keeps meeting it however the mix of
-  lengths shifts, as it does from SST-2's training phrases to its dev sentences."""
+  each bucket of at least `MIN_BUCKET_ROWS` rows by a threshold of its own, and within the rows
+  of the smaller buckets together by one more (buckets without rows take the pooled threshold):
+  a bucket that meets the target reduction keeps meeting it however the mix of lengths shifts."""
   stage_flops = np.asarray(stage_flops, np.float64)
   if len(stage_flops) == 0:
     raise ValueError("cannot calibrate a budget on zero examples")
@@ -304,18 +304,21 @@ def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, bu
   if bucket_of is None:
     return ExitCascade(pooled, count, signal, str(budget), reduction)
   bucket_of = np.asarray(bucket_of)
-  thresholds = []
-  for b in range(num_buckets):
-    rows = bucket_of == b
-    threshold = pooled
-    if rows.sum() >= MIN_BUCKET_ROWS:
-      try:
-        threshold = _exit_threshold(stage_probabilities[:, rows], stage_flops[rows], budget,
-                                    signal, iterations)[0]
-      except ValueError:  # out of this bucket's reach: it keeps the pooled threshold
-        pass
-    thresholds.append(threshold)
-  rule = ExitCascade(pooled, count, signal, str(budget), 1.0, tuple(thresholds))
+  rows_in = np.bincount(bucket_of, minlength=num_buckets)
+  groups = [bucket_of == b for b in range(num_buckets) if rows_in[b] >= MIN_BUCKET_ROWS]
+  small = np.isin(bucket_of, np.flatnonzero((rows_in > 0) & (rows_in < MIN_BUCKET_ROWS)))
+  groups.append(small)
+  thresholds = np.full(num_buckets, pooled)
+  for rows in groups:
+    if rows.sum() < MIN_BUCKET_ROWS:
+      continue  # too few rows to fit: the pooled threshold
+    try:
+      threshold = _exit_threshold(stage_probabilities[:, rows], stage_flops[rows], budget,
+                                  signal, iterations)[0]
+    except ValueError:  # out of these rows' reach: they keep the pooled threshold
+      continue
+    thresholds[np.unique(bucket_of[rows])] = threshold
+  rule = ExitCascade(pooled, count, signal, str(budget), 1.0, tuple(thresholds.tolist()))
   spent = np.cumsum(stage_flops, axis=1)
   cost = spent[np.arange(len(spent)), rule.exits(stage_probabilities, bucket_of)].mean()
   return dataclasses.replace(rule, calibration_reduction=float(spent[:, -1].mean() / cost))
