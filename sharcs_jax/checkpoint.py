@@ -197,6 +197,10 @@ def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any
   router's argmax.
   """
   with _latest(workdir) as (manager, step, config):
+    if config.model.get("method") == "early_exit" or holds_early_exit(workdir):
+      raise CheckpointError(
+          f"{workdir} holds an early-exit model, which this SHARCS path cannot serve: serve it "
+          "with --mode=predict, --mode=export, ExitEngine or benchmarks.exit_serving")
     model = model_from_config(config)
     abstract = on_one_device(jax.eval_shape(initial_best, param_shapes(model)))
     best = _restore(manager, step, best=ocp.args.StandardRestore(abstract)).best
