@@ -2,8 +2,9 @@
 
 A SHARCS model's parts are the prefix with the router and each width's adaptive part with the
 head; an early-exit model's are its stages (`exit_engine`), each ending in its exit. On the XLA
-runtime each part is `jax.export`ed with symbolic batch and length, so one file serves every batch size and
-length bucket; parameters are an argument (one `.npz`), not constants baked into each part. On
+runtime each part is `jax.export`ed with symbolic batch and length, so one file serves every
+batch size and length bucket; parameters are an argument (one `.npz`), not constants baked into
+each part. On
 ONNX Runtime the parts are the engine's ONNX programs (batch and length symbolic, fp32 or int8),
 and the export needs nothing but onnxruntime, numpy and tokenizers to serve. Their large
 initializers are stored in `weights.bin`, each distinct one once, which every part references as

@@ -231,15 +231,18 @@ class ExitCascade:
                   ) -> np.ndarray:
     if self.bucket_thresholds:
       raise ValueError("thresholds per length bucket need the rows' buckets: run over_rows")
-    return self._next_stages(stage, outputs, self.threshold)
+    return self.next_stages_at(stage, outputs, self.threshold)
 
-  def _next_stages(self, stage: int, outputs: tuple[np.ndarray, ...],
-                   threshold: float | np.ndarray) -> np.ndarray:
+  def next_stages_at(self, stage: int, outputs: tuple[np.ndarray, ...],
+                     threshold: float | np.ndarray) -> np.ndarray:
+    """`next_stages` with this `threshold` (or one per row)."""
     leaves = (confidence(outputs[0], self.signal) >= threshold) | (not self.continues(stage))
     return np.where(leaves, STOP, stage + 1).astype(np.int64)
 
   def row_thresholds(self, bucket_of: np.ndarray) -> np.ndarray:
     """Each row's threshold [N] from its length bucket index."""
+    if bucket_of is None:
+      raise ValueError("thresholds per length bucket need the rows' length buckets")
     if not self.bucket_thresholds:
       return np.full(len(bucket_of), self.threshold)
     return np.asarray(self.bucket_thresholds, np.float64)[np.asarray(bucket_of)]
@@ -277,7 +280,7 @@ class _RowThresholds:
 
   def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
                   ) -> np.ndarray:
-    return self.rule._next_stages(stage, outputs, self.thresholds[rows])  # pylint: disable=protected-access
+    return self.rule.next_stages_at(stage, outputs, self.thresholds[rows])
 
 
 # A length bucket with fewer calibration rows than this shares a threshold with the other such.
