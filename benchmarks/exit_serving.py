@@ -101,8 +101,9 @@ def main(argv):
   notes = (f"{len(dev_data)} {task.name} dev examples, token ids to labels, {engine.runtime} "
            f"{engine.precision}, exits "
            f"({model.pooling} pooling) after layers {data['exit_layers']}, rule {FLAGS.signal} "
-           f"calibrated {calibrated} on {len(calibration_data)} held-out training examples (the "
-           f"other calibration's dev reduction beside it, from every exit's dev outputs); median of "
+           f"calibrated {calibrated} on {len(calibration_data)} held-out training examples "
+           f"(the other calibration's dev reduction beside it, from every exit's dev outputs); "
+           "median of "
            f"{FLAGS.rounds} interleaved passes; CPU: {common.cpu_line(data['cpu'])}.")
   columns = [name if name == "accuracy" else name.upper() for name in task.metrics]
   common.write_outputs(FLAGS.out, "exit_serving", data, f"{task.name}: the early-exit model "

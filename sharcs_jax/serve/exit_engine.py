@@ -112,7 +112,8 @@ class ExitEngine:
                 threads: int = 0) -> "ExitEngine":
     """An early-exit run's model (`checkpoint.load_kept_exit`); with `budget` the exit
     threshold is calibrated on the run's calibration split (per length bucket with `by_length`,
-    `calibrate`), else `rule` (default: every row runs every layer). Programs are stored under `workdir/executables`."""
+    `calibrate`), else `rule` (default: every row runs every layer). Programs are stored under
+    `workdir/executables`."""
     engine = cls(model, params, length_buckets=tuple(config.data.length_buckets),
                  exit_layers=exit_layers, batch_buckets=batch_buckets,
                  tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)),
