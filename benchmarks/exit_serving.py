@@ -29,7 +29,7 @@ flags.DEFINE_string("out", None, "Output directory.", required=True)
 flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x"], "FLOPs budgets the exits are calibrated to.")
 flags.DEFINE_list("exit_layers", [], "Layers (1-based) with an exit the rule reads; default all.")
 flags.DEFINE_string("signal", "entropy", "Confidence signal of the exit rule (DeeBERT: entropy).")
-flags.DEFINE_bool("by_length", True, "Calibrate a threshold per length bucket (else one pooled "
+flags.DEFINE_bool("by_length", False, "Calibrate a threshold per length bucket (else one pooled "
                   "threshold; the other calibration's dev reduction is reported beside it).")
 flags.DEFINE_string("runtime", "xla", "Runtime of every path: xla (fp32) or onnxruntime.")
 flags.DEFINE_string("precision", "fp32", "Precision of every path: fp32, or on onnxruntime int8 "

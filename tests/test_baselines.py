@@ -160,10 +160,8 @@ def test_exit_serving_benchmark_writes_its_reports(early_exit_run, tmp_path):
   assert full["dev_reduction"] == pytest.approx(1.0) and full["mean_exit_layer"] == 3
   assert routed["calibration_reduction"] == pytest.approx(1.2, rel=0.1)
   assert routed["dev_reduction"] > 1.0 and routed["mean_exit_layer"] < 3
-  assert data["calibration"] == "per length bucket"
-  assert len(routed["rule"]["bucket_thresholds"]) == len(
-      tiny_run_config(summary["model"]).data.length_buckets)
-  assert routed["dev_reduction_other_calibration"] > 1.0  # the pooled threshold's, unserved
+  assert data["calibration"] == "pooled" and routed["rule"]["bucket_thresholds"] == []
+  assert routed["dev_reduction_other_calibration"] > 1.0  # per length bucket's, unserved
   for path in (full, routed):
     assert path["examples_per_second"] == pytest.approx(data["examples"] /
                                                         np.median(path["seconds"]))
@@ -291,12 +289,11 @@ def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, ru
       f"stage_l{i}-{i}{suffix}" for i in range(3)]
   from sharcs_jax.serve.exported import ExportedModel
 
-  manifest = json.loads((directory / "manifest.json").read_text())
-  assert len(manifest["routing"]["bucket_thresholds"]) == len(manifest["length_buckets"])
   for i, (change, message) in enumerate([
       (lambda m: m.update(exit_layers=[1, 3]), r"exit layers \[1, 3\] need"),
       (lambda m: m.update(model="deebert"), "model 'deebert' is not one of"),
       (lambda m: m["routing"].update(num_stages=2), "is not an exit rule over 3 stages"),
+      (lambda m: m["routing"].update(bucket_thresholds=[0.5]), "or one per length bucket of"),
       (lambda m: m.pop("stage_gflops_per_example"), r"missing \(model 'early_exit'\)"),
   ]):
     with pytest.raises(ValueError, match=message):

@@ -104,7 +104,7 @@ class ExitEngine:
 
   @classmethod
   def from_kept(cls, workdir: str, config: Any, model: EarlyExitModel, params: Any, *,
-                budget: str = "", signal: str = "entropy", by_length: bool = True,
+                budget: str = "", signal: str = "entropy", by_length: bool = False,
                 rule: ExitCascade | None = None,
                 exit_layers: Sequence[int] | None = None,
                 batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
@@ -138,7 +138,7 @@ class ExitEngine:
     return np.stack([outputs[0] for outputs in out.outputs])
 
   def calibrate(self, budget: Budget | str, data: batching.Encoded, signal: str = "entropy",
-                by_length: bool = True, every_stage: np.ndarray | None = None) -> ExitCascade:
+                by_length: bool = False, every_stage: np.ndarray | None = None) -> ExitCascade:
     """The exit threshold that meets `budget` on `data` (inputs the model did not train on),
     with `by_length` one per length bucket (`routing.calibrate_exits`); not applied.
     `every_stage`: `data`'s probabilities at every stage, where the caller has them."""
