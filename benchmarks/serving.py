@@ -70,8 +70,9 @@ flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at
                   "on onnxruntime.")
 flags.DEFINE_list("cls_only", ["onnxruntime:int8"], "runtime:precision engines also served with "
                   "the last layer computed for [CLS] alone (paths named '... cls-only').")
-flags.DEFINE_list("fused", ["onnxruntime:int8"], "runtime:precision engines also served with "
-                  "the prefix and the narrowest part as one program (paths named '... fused').")
+flags.DEFINE_list("fused", [], "runtime:precision engines also served with the prefix and the "
+                  "narrowest part as one program (paths named '... fused'; e.g. "
+                  "onnxruntime:int8).")
 flags.DEFINE_list("hf_batches", [str(32)], "Batch sizes of the ONNX Runtime paths of the HF export "
                   "(1: one input at a time; 32: sorted batches).")
 flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
