@@ -21,7 +21,7 @@ from benchmarks import common
 from sharcs_jax import report
 from sharcs_jax.checkpoint import load_kept_exit
 from sharcs_jax.data import batching, glue
-from sharcs_jax.serve import evaluate
+from sharcs_jax.serve import evaluate, routing
 from sharcs_jax.serve.exit_engine import ExitEngine
 
 flags.DEFINE_string("workdir", None, "An early-exit run.", required=True)
@@ -66,7 +66,9 @@ def main(argv):
                                          calibration_stages)
                         for by_length in (FLAGS.by_length, not FLAGS.by_length))
     engines[budget] = serve(exit_layers=exit_layers, rule=served)
-    other[budget] = reduction_of(engine, unserved, dev_stages, dev_data)
+    other[budget] = routing.exit_reduction(unserved, dev_stages,
+                                           engine.stage_flops[:, dev_data.bucket_of].T,
+                                           dev_data.bucket_of)
   outputs = {}
   candidates = {name: (lambda name=name: outputs.__setitem__(name, engines[name].run(dev_data)))
                 for name in engines}
@@ -112,14 +114,6 @@ def main(argv):
                                   "examples/s", "speed-up", "mean exit layer"], rows, notes)
   plot(os.path.join(FLAGS.out, "exit_serving.png"), data)
   print(open(os.path.join(FLAGS.out, "exit_serving.md")).read())
-
-
-def reduction_of(engine: ExitEngine, rule, every_stage: np.ndarray,
-                 data: batching.Encoded) -> float:
-  """The FLOPs reduction `rule` reaches on `data` from its every-stage probabilities [S, N, C]."""
-  spent = np.cumsum(engine.stage_flops[:, data.bucket_of].T, axis=1)
-  exits = rule.exits(every_stage, data.bucket_of)
-  return float(spent[:, -1].mean() / spent[np.arange(len(spent)), exits].mean())
 
 
 def plot(path: str, data: dict) -> None:

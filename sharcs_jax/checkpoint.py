@@ -197,6 +197,8 @@ def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any
   router's argmax.
   """
   with _latest(workdir) as (manager, step, config):
+    # The config's method does not settle it: the trade-off benchmark trains early-exit runs
+    # from SHARCS configs, so the checkpoint's metadata (no arrays read) says.
     if config.model.get("method") == "early_exit" or holds_early_exit(workdir):
       raise CheckpointError(
           f"{workdir} holds an early-exit model, which this SHARCS path cannot serve: serve it "

@@ -171,12 +171,18 @@ def hold_out(split: Split, count: int, seed: int) -> tuple[Split, Split]:
           _subset(split, np.flatnonzero(held), f"{split.name}-heldout"))
 
 
+def _spaced(text: str) -> str:
+  """`text`'s tokens, one space apart and one on either side: `a in b` is then containment
+  token for token."""
+  return f" {' '.join(text.split())} "
+
+
 def whole_sentences(texts: Sequence[str]) -> np.ndarray:
   """bool [N]: the non-empty texts no longer text contains, token for token (one copy of a text
-  repeated). SST-2's training file holds
-  every phrase of each sentence's parse as an example of its own; these are its sentences (on
-  the full file 6,885, 19.4 tokens on average against 9.4 for every row)."""
-  padded = [f" {' '.join(t.split())} " for t in texts]
+  repeated). SST-2's training file holds every phrase of each sentence's parse as an example of
+  its own; these are its sentences (on the full file 6,885, 19.4 tokens on average against 9.4
+  for every row)."""
+  padded = [_spaced(t) for t in texts]
   words = [set(t.split()) for t in texts]
   frequency = collections.Counter(w for ws in words for w in ws)
   postings: dict[str, list[int]] = collections.defaultdict(list)  # word -> whole sentences
@@ -196,7 +202,7 @@ def whole_sentences(texts: Sequence[str]) -> np.ndarray:
 
 def contained(texts: Sequence[str], sentences: Sequence[str]) -> np.ndarray:
   """bool [N]: the texts that lie inside one of `sentences`, token for token."""
-  padded = [f" {' '.join(t.split())} " for t in sentences]
+  padded = [_spaced(t) for t in sentences]
   postings: dict[str, list[int]] = collections.defaultdict(list)
   for j, sentence in enumerate(sentences):
     for w in set(sentence.split()):
@@ -206,7 +212,7 @@ def contained(texts: Sequence[str], sentences: Sequence[str]) -> np.ndarray:
     words = text.split()
     if words:
       candidates = min((postings.get(w, []) for w in set(words)), key=len)
-      inside[i] = any(f" {' '.join(words)} " in padded[j] for j in candidates)
+      inside[i] = any(_spaced(text) in padded[j] for j in candidates)
   return inside
 
 

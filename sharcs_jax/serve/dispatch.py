@@ -170,6 +170,12 @@ class Stage:
 TOKENS = -1  # `Stage.reads` of a stage that reads the token ids
 
 
+def chained_stages(count: int) -> list[Stage]:
+  """`count` stages, each answering, the first reading the token ids and each next one the
+  hidden states of the one before: an early-exit model's cascade."""
+  return [Stage(TOKENS, answers=True)] + [Stage(j - 1, answers=True) for j in range(1, count)]
+
+
 class StageRunner(Protocol):
   """One caller's stage programs."""
 
@@ -353,27 +359,20 @@ def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.nda
   """
   n = len(ids)
   width_flops = np.broadcast_to(np.asarray(width_flops, np.float64), (n, num_widths))
-  if getattr(runner, "fuses_first_width", False) and rule.starts_narrowest:
-    # The prefix and the narrowest part as stage 0; width i's part is stage i.
-    stages = [Stage(TOKENS, answers=True)] + [Stage(0, answers=True)] * (num_widths - 1)
-    out = run_stages(_FusedWidthParts(runner), stages, ids, types, lengths,
-                     program_lengths=program_lengths, batch_buckets=batch_buckets,
-                     rule=_WidthCascade(rule, num_widths, width_flops, fused=True),
-                     block_size=block_size, to_host=to_host)
-    router = out.outputs[0][1] if n else np.zeros((0, num_widths), np.float32)
-    final, ran, widths_out = out.final, out.ran, out.outputs
-  else:
-    stages = [Stage(TOKENS, answers=False)] + [Stage(0, answers=True)] * num_widths
-    out = run_stages(_WidthParts(runner), stages, ids, types, lengths,
-                     program_lengths=program_lengths, batch_buckets=batch_buckets,
-                     rule=_WidthCascade(rule, num_widths, width_flops), block_size=block_size,
-                     to_host=to_host)
-    router = out.outputs[0][0] if n else np.zeros((0, num_widths), np.float32)
-    final, ran, widths_out = out.final - 1, out.ran[:, 1:], out.outputs[1:]
+  # Fused, the prefix and the narrowest part are stage 0 and width i's part stage i; else the
+  # prefix is stage 0 and width i's part stage 1 + i.
+  fused = bool(getattr(runner, "fuses_first_width", False) and rule.starts_narrowest)
+  first = 0 if fused else 1  # the narrowest width's stage
+  stages = [Stage(TOKENS, answers=fused)] + [Stage(0, answers=True)] * (num_widths - fused)
+  out = run_stages(_FusedWidthParts(runner) if fused else _WidthParts(runner), stages, ids, types,
+                   lengths, program_lengths=program_lengths, batch_buckets=batch_buckets,
+                   rule=_WidthCascade(rule, num_widths, width_flops, first),
+                   block_size=block_size, to_host=to_host)
+  router = out.outputs[0][-1] if n else np.zeros((0, num_widths), np.float32)
   every = None
   if keep_every_width:
-    every = np.stack([outputs[0] for outputs in widths_out])
-  return Dispatched(out.probabilities, final, ran, router, every)
+    every = np.stack([outputs[0] for outputs in out.outputs[first:]])
+  return Dispatched(out.probabilities, out.final - first, out.ran[:, first:], router, every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,28 +406,26 @@ class _FusedWidthParts:
 
 @dataclasses.dataclass(frozen=True)
 class _WidthCascade:
-  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation. With
-  `fused` stage i is width i (stage 0 the prefix with the narrowest part), else stage 0 is the
-  prefix and stage 1 + i width i."""
+  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation. Width i
+  is stage `first` + i: with `first` 1 stage 0 is the prefix alone, with 0 (fused) the prefix and
+  the narrowest part."""
 
   rule: Routing
   num_widths: int
   width_flops: np.ndarray  # float64 [n, m]
-  fused: bool = False
+  first: int = 1
 
   def continues(self, stage: int) -> bool:
-    width = stage if self.fused else stage - 1
-    return (stage == 0 and not self.fused) or (self.rule.escalating
-                                               and width < self.num_widths - 1)
+    return stage < self.first or (self.rule.escalating
+                                  and stage - self.first < self.num_widths - 1)
 
   def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
                   ) -> np.ndarray:
-    if stage == 0 and not self.fused:
+    if stage < self.first:
       return 1 + np.asarray(self.rule.first_widths(outputs[0], self.width_flops[rows]), np.int64)
     if not self.continues(stage):
       return np.full(len(rows), STOP, np.int64)
-    width = stage if self.fused else stage - 1
-    return np.where(self.rule.escalates(outputs[0], width), stage + 1, STOP)
+    return np.where(self.rule.escalates(outputs[0], stage - self.first), stage + 1, STOP)
 
 
 def run_stages(runner: StageRunner, stages: Sequence[Stage], ids: np.ndarray, types: np.ndarray,

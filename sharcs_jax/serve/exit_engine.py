@@ -87,8 +87,7 @@ class ExitEngine:
       self.onnx = OnnxPrograms(model, params, precision=self.precision, cache_dir=cache_dir,
                                spans=self.spans)
       self.runner = self.onnx.runner(threads)
-    self.stages = [dispatch.Stage(dispatch.TOKENS, answers=True)] + [
-        dispatch.Stage(j - 1, answers=True) for j in range(1, len(self.spans))]
+    self.stages = dispatch.chained_stages(len(self.spans))
     self.stage_flops = self.programs.stage_flops_table()  # [S, length buckets]
     self.rule = rule or ExitCascade(NEVER_SURE, len(self.spans))
     self.workdir = self.backbone = None  # the training run's, when built from one (`from_kept`)

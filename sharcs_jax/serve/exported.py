@@ -190,10 +190,8 @@ class ExportedModel:
                   program_lengths=dispatch.lengths_for(runtime, self.length_buckets),
                   num_classes=len(self.label_names))
     if self.model == "early_exit":
-      stages = [dispatch.Stage(dispatch.TOKENS, answers=True)] + [
-          dispatch.Stage(j - 1, answers=True) for j in range(1, len(self.exit_layers))]
       out, gflops = dispatch.run_stage_buckets(
-          self.runner, stages, ids, types, lengths,
+          self.runner, dispatch.chained_stages(len(self.exit_layers)), ids, types, lengths,
           rule=self.rule.over_rows(length_bucket_of(lengths, self.length_buckets)),
           stage_flops=self.stage_gflops, **shapes)
       return ExportedExitPredictions(out.probabilities.argmax(-1).astype(np.int32),

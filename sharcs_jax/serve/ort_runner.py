@@ -87,6 +87,18 @@ def token_feeds(ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[st
                                                                       (ids, mask, types))}
 
 
+def hidden_feeds(hidden: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  """A model's inputs when it reads an earlier program's hidden states."""
+  return {"hidden": np.ascontiguousarray(hidden, np.float32),
+          "attention_mask": np.ascontiguousarray(mask, np.int32)}
+
+
+def session_io(session: Any) -> tuple[list, list]:
+  """([(input name, shape)], [(output name, shape)]) of a session: for the loader's checks."""
+  return ([(i.name, i.shape) for i in session.get_inputs()],
+          [(o.name, o.shape) for o in session.get_outputs()])
+
+
 def full_width_caller(model: str | bytes, threads: int = 0) -> Callable[..., np.ndarray]:
   """A session for a token-to-probabilities model, called as `dispatch.run_each_row` calls:
   (batch, length, ids, mask, types) -> probabilities [batch, C]."""
@@ -134,17 +146,15 @@ class OrtRunner:
 
   def part(self, width_index: int, batch: int, length: int, hidden: np.ndarray,
            mask: np.ndarray) -> np.ndarray:
-    (probabilities,) = self.part_sessions[width_index].run(PART_OUTPUTS, {
-        "hidden": np.ascontiguousarray(hidden, np.float32),
-        "attention_mask": np.ascontiguousarray(mask, np.int32)})
+    (probabilities,) = self.part_sessions[width_index].run(PART_OUTPUTS,
+                                                           hidden_feeds(hidden, mask))
     return probabilities
 
   def io_shapes(self) -> dict[Any, tuple[list, list]]:
     """Each session's ([(input name, shape)], [(output name, shape)]), batch and length names:
     for the loader's checks. Keyed "prefix" and each width's index."""
     sessions = {"prefix": self.prefix_session, **dict(enumerate(self.part_sessions))}
-    return {key: ([(i.name, i.shape) for i in s.get_inputs()],
-                  [(o.name, o.shape) for o in s.get_outputs()]) for key, s in sessions.items()}
+    return {key: session_io(s) for key, s in sessions.items()}
 
 
 class StageOrtRunner:
@@ -157,15 +167,10 @@ class StageOrtRunner:
 
   def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
             ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    if index == 0:
-      feeds = token_feeds(*inputs)
-    else:
-      feeds = {"hidden": np.ascontiguousarray(inputs[0], np.float32),
-               "attention_mask": np.ascontiguousarray(inputs[1], np.int32)}
+    feeds = token_feeds(*inputs) if index == 0 else hidden_feeds(*inputs)
     hidden, probabilities = self.sessions[index].run(STAGE_OUTPUTS, feeds)
     return hidden, (probabilities,)
 
   def io_shapes(self) -> list[tuple[list, list]]:
-    """Each stage's ([(input name, shape)], [(output name, shape)]): for the loader's checks."""
-    return [([(i.name, i.shape) for i in s.get_inputs()],
-             [(o.name, o.shape) for o in s.get_outputs()]) for s in self.sessions]
+    """Each stage's `session_io`, in order."""
+    return [session_io(s) for s in self.sessions]

@@ -322,9 +322,17 @@ def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, bu
       continue
     thresholds[np.unique(bucket_of[rows])] = threshold
   rule = ExitCascade(pooled, count, signal, str(budget), 1.0, tuple(thresholds.tolist()))
-  spent = np.cumsum(stage_flops, axis=1)
-  cost = spent[np.arange(len(spent)), rule.exits(stage_probabilities, bucket_of)].mean()
-  return dataclasses.replace(rule, calibration_reduction=float(spent[:, -1].mean() / cost))
+  return dataclasses.replace(rule, calibration_reduction=exit_reduction(
+      rule, stage_probabilities, stage_flops, bucket_of))
+
+
+def exit_reduction(rule: ExitCascade, stage_probabilities: np.ndarray, stage_flops: np.ndarray,
+                   bucket_of: np.ndarray | None = None) -> float:
+  """The FLOPs reduction `rule` reaches on these rows against running every stage, from every
+  stage's probabilities [S, N, C] and costs [N, S] (and the rows' length buckets [N])."""
+  spent = np.cumsum(np.asarray(stage_flops, np.float64), axis=1)  # leaving after each stage
+  exits = rule.exits(stage_probabilities, bucket_of)
+  return float(spent[:, -1].mean() / spent[np.arange(len(spent)), exits].mean())
 
 
 def _exit_threshold(stage_probabilities: np.ndarray, stage_flops: np.ndarray, budget: Budget,
