@@ -2,6 +2,9 @@
 
     python -m benchmarks.load --workdir=W --out=O [--budget=2x --rule=cascade]
 
+An early-exit run (`config.model.method=early_exit`) is served by its exit rule at --budget, beside
+its full depth (one program) in place of budget 1x; --rule is then unused.
+
 Closed loop at each --concurrency (one pair per request, QQP dev pairs), then Poisson arrivals at
 --open_loop fractions of the best closed-loop throughput and at --overload fractions of offline
 `Engine.predict`'s, then SIGTERM while --drain_clients clients keep sending; the same at budget 1x (full width), and offline `Engine.predict` on the same
@@ -26,7 +29,9 @@ from absl import app, flags
 
 from benchmarks import common
 from sharcs_jax import report
-from sharcs_jax.run import load_run
+from sharcs_jax.checkpoint import holds_early_exit
+from sharcs_jax.serve import predict
+from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 
 FLAGS = flags.FLAGS
@@ -43,6 +48,8 @@ flags.DEFINE_integer("pairs", 4000, "Dev pairs to send (each level cycles throug
 flags.DEFINE_integer("requests_per_level", 4000, "At most this many requests per level.")
 flags.DEFINE_float("seconds_per_level", 60.0, "At most this long per level.")
 flags.DEFINE_float("max_wait_ms", 0.0, "The servers' --max_wait_ms.")
+flags.DEFINE_integer("workers", 1, "The servers' --workers (onnxruntime); offline Engine.predict "
+                     "runs one engine on every usable core.")
 flags.DEFINE_list("overload", ["1.5"], "Open-loop rates, as fractions of offline Engine.predict's "
                   "pairs/s: past what any batching can serve, so the queue fills (429s).")
 flags.DEFINE_integer("drain_clients", 32, "Closed-loop clients sending while SIGTERM arrives.")
@@ -144,7 +151,7 @@ def summarise(results: list, seconds: float, offline: np.ndarray, labels: list[s
     statuses[str(status)] = statuses.get(str(status), 0) + 1
     if status != 200:
       errors.setdefault(str(status), answer.decode(errors="replace")[:300])
-  widths = [answer["width"] for _, _, answer in ok]
+  widths = [answer.get("width", answer.get("exit_layer")) for _, _, answer in ok]
   values, counts = np.unique(widths, return_counts=True) if widths else ([], [])
   pct = (lambda q: float(np.percentile(latencies, q))) if len(latencies) else (lambda q: None)
   refused = [latency * 1e3 for _, status, latency, _ in results if status == 429]
@@ -158,15 +165,16 @@ def summarise(results: list, seconds: float, offline: np.ndarray, labels: list[s
           "share_per_width": {f"{v:g}": int(c) / len(widths) for v, c in zip(values, counts)}}
 
 
-def start_server(budget: str) -> tuple[subprocess.Popen, int]:
+def start_server(budget: str, exit_run: bool) -> tuple[subprocess.Popen, int]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   process = subprocess.Popen(
       [sys.executable, "-m", "sharcs_jax.main", "--mode=serve", f"--workdir={FLAGS.workdir}",
-       f"--port={port}", f"--budget={budget}", f"--rule={FLAGS.rule}",
+       f"--port={port}", f"--budget={budget}", *([] if exit_run else [f"--rule={FLAGS.rule}"]),
        f"--precision={FLAGS.precision}", f"--runtime={FLAGS.runtime}",
-       f"--max_wait_ms={FLAGS.max_wait_ms}", "--max_queued_pairs=256"],
+       f"--max_wait_ms={FLAGS.max_wait_ms}", f"--workers={FLAGS.workers}",
+       "--max_queued_pairs=256"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 900
   while time.monotonic() < deadline and process.poll() is None:
@@ -183,7 +191,8 @@ def start_server(budget: str) -> tuple[subprocess.Popen, int]:
 
 
 def batch_totals(port: int) -> dict[str, tuple[float, float]]:
-  """(pairs, width groups) run so far per width, from the server's `sharcs_batch_pairs`."""
+  """(pairs, route groups) run so far per width (or exit layer), from the server's
+  `sharcs_batch_pairs`."""
   import urllib.request
 
   with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
@@ -192,7 +201,7 @@ def batch_totals(port: int) -> dict[str, tuple[float, float]]:
   for line in text.splitlines():
     for suffix, slot in (("_sum", 0), ("_count", 1)):
       if line.startswith(f"sharcs_batch_pairs{suffix}{{"):
-        width = line.split('width="', 1)[1].split('"', 1)[0]
+        width = line.split('="', 1)[1].split('"', 1)[0]  # its one label: width or exit_layer
         totals.setdefault(width, [0.0, 0.0])[slot] = float(line.split()[-1])
   return {width: (pairs, groups) for width, (pairs, groups) in totals.items()}
 
@@ -208,8 +217,8 @@ def realised_batch(before: dict, after: dict) -> dict[str, float]:
 
 
 def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[str],
-          offline_rate: float) -> dict:
-  process, port = start_server(budget)
+          offline_rate: float, exit_run: bool) -> dict:
+  process, port = start_server(budget, exit_run)
   levels = {}
   draining = f"sigterm {FLAGS.drain_clients}"
   summary = lambda results, seconds: summarise(results, seconds, offline, labels)
@@ -247,10 +256,17 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
   return {"levels": levels, "exit_code": code}
 
 
-def offline_predictions(run, budget: str, pairs: list) -> tuple[np.ndarray, float]:
-  """Offline `Engine.predict` of `pairs` at `budget`: (probabilities [N, C], median pairs/s)."""
-  engine = Engine.from_run(run, budget=budget, rule=FLAGS.rule, precision=FLAGS.precision,
-                           runtime=FLAGS.runtime)
+def engine_at(budget: str, exit_run: bool):
+  """The engine a server at `budget` runs: `Engine`, or an early-exit run's `ExitEngine`."""
+  if exit_run:
+    return predict.exit_engine(FLAGS.workdir, BATCH_BUCKETS, budget, "router", "entropy", "",
+                               FLAGS.precision, FLAGS.runtime)
+  return Engine.from_workdir(FLAGS.workdir, budget=budget, rule=FLAGS.rule,
+                             precision=FLAGS.precision, runtime=FLAGS.runtime)
+
+
+def offline_predictions(engine, pairs: list) -> tuple[np.ndarray, float]:
+  """Offline `engine.predict` of `pairs`: (probabilities [N, C], median pairs/s)."""
   rates = []
   for _ in range(FLAGS.offline_rounds):
     start = time.perf_counter()
@@ -261,20 +277,28 @@ def offline_predictions(run, budget: str, pairs: list) -> tuple[np.ndarray, floa
 
 def main(argv):
   del argv
-  run = load_run(FLAGS.workdir)
-  dev = common.dev_split(run.task.name, None, FLAGS.pairs)
-  pairs = [list(text) if len(text) > 1 else text[0] for text in dev.texts]
-  labels = list(run.task.label_names)
-  bodies = [json.dumps({"inputs": pair, "details": True}).encode() for pair in pairs]
+  exit_run = holds_early_exit(FLAGS.workdir)
+  baseline = "" if exit_run else "1x"  # an early-exit run's full depth, as one program
   servers, offline_rates = {}, {}
-  for budget in (FLAGS.budget, "1x"):
-    probabilities, offline_rates[budget] = offline_predictions(run, budget, pairs)
-    servers[budget] = drive(budget, bodies, probabilities, labels, offline_rates[budget])
+  for budget in (FLAGS.budget, baseline):
+    engine = engine_at(budget, exit_run)
+    if not servers:
+      dev = common.dev_split(engine.task.name, None, FLAGS.pairs)
+      pairs = [list(text) if len(text) > 1 else text[0] for text in dev.texts]
+      labels = list(engine.task.label_names)
+      bodies = [json.dumps({"inputs": pair, "details": True}).encode() for pair in pairs]
+    probabilities, offline_rates[budget or "full depth"] = offline_predictions(engine, pairs)
+    del engine
+    servers[budget or "full depth"] = drive(budget, bodies, probabilities, labels,
+                                            offline_rates[budget or "full depth"], exit_run)
+  baseline = baseline or "full depth"
   offline = offline_rates[FLAGS.budget]
   data = {"pairs": len(pairs), "cpu": common.cpu_info(), "offline_pairs_per_second": offline,
-          "offline_pairs_per_second_1x": offline_rates["1x"], "budget": FLAGS.budget,
-          "rule": FLAGS.rule, "precision": FLAGS.precision, "runtime": FLAGS.runtime,
-          "max_wait_ms": FLAGS.max_wait_ms, "servers": servers}
+          "offline_pairs_per_second_1x": offline_rates[baseline], "budget": FLAGS.budget,
+          "baseline": baseline, "model": "early_exit" if exit_run else "sharcs",
+          "rule": "exit" if exit_run else FLAGS.rule, "precision": FLAGS.precision,
+          "runtime": FLAGS.runtime, "max_wait_ms": FLAGS.max_wait_ms, "workers": FLAGS.workers,
+          "servers": servers}
   rows = [[budget, level, v["pairs_per_second"], v["p50_ms"], v["p90_ms"], v["p99_ms"],
            v["max_ms"], v["lost"], json.dumps(v["statuses"]), v["p99_429_ms"], v["max_abs_diff"],
            ", ".join(f"{w}: {100 * v['share_per_width'].get(w, 0):.0f}% x {b:.1f}"
@@ -282,8 +306,9 @@ def main(argv):
           for budget, server in data["servers"].items() for level, v in server["levels"].items()]
   exit_codes = ", ".join(f"{budget} {server['exit_code']}" for budget, server in servers.items())
   notes = (f"{len(pairs)} {dev.task.name} dev pairs, one pair per request, --max_wait_ms="
-           f"{FLAGS.max_wait_ms:g}; offline Engine.predict {offline:.1f} pairs/s at "
-           f"{FLAGS.budget}, {offline_rates['1x']:.1f} at 1x (median of {FLAGS.offline_rounds}); "
+           f"{FLAGS.max_wait_ms:g}, --workers={FLAGS.workers}; offline Engine.predict {offline:.1f} pairs/s at "
+           f"{FLAGS.budget}, {offline_rates[baseline]:.1f} at {baseline} (median of "
+           f"{FLAGS.offline_rounds}); "
            f"exit codes after SIGTERM: {exit_codes}; CPU: {common.cpu_line(data['cpu'])}.")
   common.write_outputs(FLAGS.out, "load", data, "HTTP server load", [
       "budget", "level", "pairs/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "statuses",

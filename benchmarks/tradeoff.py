@@ -103,6 +103,7 @@ def sharcs_runs(config) -> dict[str, tuple[str, float, object]]:
   def variant(t: float, k: int, signal: str = "confidence", static: float = 0.0,
               paper: bool = False):
     c = config.copy_and_resolve_references()
+    c.model.method = "sharcs"  # a task's config may serve the early exit (configs/sst2.py)
     c.hardness.ranges = ((t, 1.0), (0.0, t))
     c.model.router_layer, c.hardness.signal, c.train.static_width = k, signal, static
     # the router's argmax, as the paper routes; budgets and rules are applied after training

@@ -314,5 +314,9 @@ def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   if draw == "sentences" and len(task.text_columns) != 1:
     raise ValueError(f"config.routing.calibration_draw='sentences' holds out whole sentences of "
                      f"a one-text task; {task.name} has {len(task.text_columns)} text fields")
+  held, limit = config.routing.calibration_examples, config.data.train_limit
+  if draw == "rows" and held and limit and held >= limit:
+    raise ValueError(f"config.routing.calibration_examples={held} holds out all of "
+                     f"config.data.train_limit={limit} training examples: nothing would train")
   resolve_data_dir(config.data_dir)
   return encoder

@@ -12,3 +12,13 @@ class RunError(RuntimeError):
 class ConfigError(RunError, ValueError):
   """A config value out of its range or set, named by the message (a ValueError for callers that
   catch that, a RunError so the command line prints it as one line)."""
+
+
+class MissingFileError(RunError, FileNotFoundError):
+  """A file or directory the run reads is not there, named by the message (a FileNotFoundError
+  for callers that catch that)."""
+
+
+class DataError(RunError, ValueError):
+  """Data that cannot be read as the task needs (a malformed row, a header without its columns)
+  or a split too small for what the config asks of it, named by file, line or setting."""

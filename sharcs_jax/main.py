@@ -20,7 +20,7 @@ from sharcs_jax import config as config_lib
 from sharcs_jax import parallel
 from sharcs_jax.serve import predict, summary
 from sharcs_jax.serve import precision as precision_lib
-from sharcs_jax.serve.ort_runner import MissingExtra
+from sharcs_jax.serve.ort_runner import MissingExtra, usable_cores
 from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import holds_early_exit, quiet_orbax_logging
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
@@ -70,6 +70,8 @@ flags.DEFINE_integer("max_client_batch_size", 32, "serve: inputs per request (41
 flags.DEFINE_integer("payload_limit", 2_000_000, "serve: bytes per request body (413 above).")
 flags.DEFINE_integer("max_queued_pairs", 1024, "serve: queued inputs before 429.")
 flags.DEFINE_float("request_timeout_s", 30.0, "serve: seconds queued before 504.")
+flags.DEFINE_integer("workers", 1, "serve, --runtime=onnxruntime: threads that each run the "
+                     "engine on a batch of their own, the usable cores split among them.")
 flags.DEFINE_bool("distributed", False, "Join a jax.distributed job: coordinator and process ids "
                   "from the flags below, else detected from SLURM, Cloud TPU or JAX_COORDINATOR_* "
                   "environment variables.")
@@ -135,20 +137,31 @@ def serve_http() -> None:
                    f"{FLAGS.request_timeout_s:g} > 0")
   if not 0 < FLAGS.port < 65536:
     raise RunError(f"--port={FLAGS.port} is not a port")
+  cores = usable_cores()
+  if FLAGS.workers != 1 and (FLAGS.runtime != "onnxruntime" or not 1 <= FLAGS.workers <= cores):
+    raise RunError(f"--workers={FLAGS.workers}: more than one worker needs --runtime=onnxruntime "
+                   f"and at most one per usable core ({cores})")
   options = http.ServerOptions(
       Limits(FLAGS.max_batch_tokens, FLAGS.max_wait_ms, FLAGS.max_queued_pairs,
-             FLAGS.request_timeout_s), FLAGS.max_client_batch_size, FLAGS.payload_limit)
+             FLAGS.request_timeout_s), FLAGS.max_client_batch_size, FLAGS.payload_limit,
+      workers=FLAGS.workers)
+  threads = cores // FLAGS.workers if FLAGS.workers > 1 else 0  # 0: every usable core
   precision = checked_precision("auto")
-  run = load_run(FLAGS.workdir)  # a missing or damaged run is one line before the port is taken
-
-  def build() -> Engine:
-    return Engine.from_run(run, budget=FLAGS.budget, rule=FLAGS.rule, signal=FLAGS.signal,
-                           start_budget=FLAGS.start_budget, precision=precision,
-                           runtime=FLAGS.runtime)
+  if holds_early_exit(FLAGS.workdir):  # its stages and exit rule (`predict.exit_engine`)
+    predict.check_exit_settings(FLAGS.workdir, FLAGS.rule, FLAGS.start_budget, precision)
+    build, route = lambda: predict.exit_engine(
+        FLAGS.workdir, BATCH_BUCKETS, FLAGS.budget, FLAGS.rule, FLAGS.signal,
+        FLAGS.start_budget, precision, FLAGS.runtime, threads), "exit_layer"
+  else:
+    run = load_run(FLAGS.workdir)  # a missing or damaged run is one line before the port is taken
+    build, route = lambda: Engine.from_run(
+        run, budget=FLAGS.budget, rule=FLAGS.rule, signal=FLAGS.signal,
+        start_budget=FLAGS.start_budget, precision=precision, runtime=FLAGS.runtime,
+        threads=threads), "width"
 
   code = http.serve(build, FLAGS.host, FLAGS.port, options,
                     lambda engine: http.engine_info(engine, options, FLAGS.rule, FLAGS.budget),
-                    lambda line: logging.info("%s", line))
+                    lambda line: logging.info("%s", line), route)
   logging.flush()
   sys.exit(code)
 
@@ -189,6 +202,10 @@ def run_mode() -> None:
   if FLAGS.mode == "serve":
     serve_http()
     return
+  if FLAGS["config"].present:  # a missing file is one line (ml_collections' is a traceback)
+    path = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
+    if not os.path.isfile(path):
+      raise RunError(f"--config={path}: no such file")
   if FLAGS.config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config")
   if FLAGS.mode == "summary":

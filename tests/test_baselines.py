@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import (REPO_ROOT, assert_png, damaged_copy, export_and_compare, glue_data_dir,
-                      needs_glue, run_benchmark, tiny_run_config)
+                      needs_glue, real_sentences, run_benchmark, tiny_run_config)
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
@@ -146,6 +146,39 @@ def test_the_engine_serves_the_kept_early_exit_model(early_exit_run):
   assert reduction == pytest.approx(1.5, rel=0.1)
   predicted = engine.predict(list(dev.texts[:5]))
   np.testing.assert_array_equal(predicted.labels, engine.run(dev_data).labels[:5])
+
+
+@needs_glue
+def test_the_main_job_reports_what_the_engine_serves_at_the_configs_budget(early_exit_run):
+  """The run's `served` row is what `ExitEngine` calibrates at the config's budget (the same
+  reduction on the calibration split) and, at the row's threshold, gives on dev: the same
+  accuracy, exits and reduction. (The tiny model's confidences crowd near 0.5, so thresholds
+  bisected on the engine's and the training forward's probabilities, 1e-7 apart, can part rows.)
+  """
+  from sharcs_jax.data import batching, glue
+  from sharcs_jax.serve.exit_engine import ExitEngine
+  from sharcs_jax.serve.routing import ExitCascade
+
+  workdir, summary = early_exit_run
+  config = tiny_run_config(summary["model"])
+  served = summary["served"]
+  assert served["budget"] == config.routing.budget == "1.1x"
+  assert served["calibration_examples"] == config.routing.calibration_examples
+  calibrated = ExitEngine.from_workdir(str(workdir), budget="1.1x", signal=config.routing.signal)
+  assert calibrated.rule.calibration_reduction == pytest.approx(served["calibration_reduction"],
+                                                                rel=0.02)
+  engine = ExitEngine.from_workdir(str(workdir), rule=ExitCascade(
+      served["threshold"], len(calibrated.exit_layers), served["signal"]))
+  (dev,) = batching.encode_splits([glue.run_splits(config)[1]], engine.tokenizer,
+                                  engine.length_buckets)
+  out = engine.run(dev)
+  assert served["accuracy"] == pytest.approx(float((out.labels == dev.labels).mean()))
+  assert served["mean_exit_layer"] == pytest.approx(float(out.exit_layers.mean()))
+  # FLOPs: the run's table costs leaving after layer k as one program of layers 1..k and exits
+  # 1..k, the engine as the stages it ran (on the tiny model 1.133x against 1.116x).
+  assert served["dev_reduction"] == pytest.approx(
+      engine.full_depth_gflops(dev).mean() / out.gflops.mean(), rel=0.02)
+  assert "served: max_prob calibrated to 1.1x" in (workdir / "early_exit.md").read_text()
 
 
 @needs_glue
@@ -300,3 +333,55 @@ def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, ru
       ExportedModel.load(damaged_copy(directory, tmp_path / f"damaged{i}",
                                       lambda d, m: change(m)))
 
+
+
+@needs_glue
+def test_the_http_server_serves_an_early_exit_run(early_exit_run):
+  """`--mode=serve` on an early-exit run: its exit rule at a budget, each answer's exit layer in
+  its details, the offline engine's scores, and requests counted per exit layer."""
+  from sharcs_jax.serve import predict as predict_lib
+  from test_http_server import call, predict, start_server, stop
+
+  workdir, _ = early_exit_run
+  port, process, _ = start_server(workdir, "--budget=1.2x", "--signal=max_prob",
+                                  "--precision=fp32")
+  try:
+    sentences = real_sentences(16)
+    pairs = [[sentences[i], sentences[i + 1]] for i in range(0, 16, 2)]
+    answers = [predict(port, {"inputs": pair, "details": True}) for pair in pairs]
+    status, _, info = call(port, "/info")
+    status_metrics, _, metrics = call(port, "/metrics")
+  finally:
+    stop(process)
+  assert {status for status, _, _ in answers} == {200} and status == status_metrics == 200
+  assert info["exit_layers"] == [1, 2, 3] and info["rule"]["rule"] == "exit"
+  offline = predict_lib.exit_engine(str(workdir), (1, 8, 32), "1.2x", "router", "max_prob", "",
+                                    "fp32", "xla").predict(pairs)
+  for (_, _, answer), layer, probabilities in zip(answers, offline.exit_layers,
+                                                  offline.probabilities):
+    assert set(answer) == {"scores", "exit_layer", "gflops"} and answer["exit_layer"] == layer
+    scores = {s["label"]: s["score"] for s in answer["scores"]}
+    np.testing.assert_allclose([scores["not_duplicate"], scores["duplicate"]], probabilities,
+                               atol=1e-6, rtol=0)
+  counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("sharcs_pairs_total{exit_layer="))
+  assert counted == len(pairs)
+
+
+@needs_glue
+def test_load_benchmark_drives_an_early_exit_run_beside_its_full_depth(early_exit_run, tmp_path):
+  workdir, _ = early_exit_run
+  data, _ = run_benchmark("load", tmp_path, f"--workdir={workdir}", "--budget=1.2x",
+                          "--precision=fp32", "--pairs=16", "--concurrency=4", "--open_loop=",
+                          "--overload=", "--requests_per_level=16", "--drain_clients=2",
+                          "--seconds_per_level=10", "--offline_rounds=1", report="load",
+                          timeout=600)
+  assert (data["model"], data["rule"], data["baseline"]) == ("early_exit", "exit", "full depth")
+  assert set(data["servers"]) == {"1.2x", "full depth"}
+  for name, server in data["servers"].items():
+    assert server["exit_code"] == 0
+    closed = server["levels"]["closed 4"]
+    assert closed["statuses"] == {"200": 16} and closed["max_abs_diff"] <= 1e-6, closed
+    assert set(closed["share_per_width"]) <= {"1", "2", "3"}  # exit layers
+    assert set(closed["batch_per_width"]) == set(closed["share_per_width"])
+  assert data["servers"]["full depth"]["levels"]["closed 4"]["share_per_width"] == {"3": 1.0}

@@ -90,3 +90,25 @@ def test_a_cancelled_request_is_dropped_and_drain_answers_the_rest():
   drained, _, _, refused = asyncio.run(main())
   assert drained and refused.status == 503
   assert calls == [[("a",)], [("c",)]]
+
+
+def test_two_workers_run_two_batches_at_once_and_drain_both():
+  gate = threading.Event()
+  predict, calls = fake_engine(gate)
+  batcher = Batcher(predict, Limits(max_batch_tokens=1), workers=2)
+
+  async def main():
+    first = batcher.submit([("a",)], 1, 1)
+    second = batcher.submit([("b",)], 1, 1)
+    third = batcher.submit([("c",)], 1, 1)
+    await asyncio.sleep(0.1)
+    queued = batcher.queue_length()  # both workers hold a request at the gate; one waits
+    gate.set()
+    return queued, [await f for f in (first, second, third)]
+
+  queued, results = asyncio.run(main())
+  assert queued == 1 and sorted(calls) == [[("a",)], [("b",)], [("c",)]]
+  assert [(begin, end) for _, begin, end, _ in results] == [(0, 1)] * 3
+  assert batcher.drain(5)
+  with pytest.raises(ValueError, match="workers=0"):
+    Batcher(predict, Limits(), workers=0)

@@ -46,3 +46,30 @@ def test_a_bad_config_value_is_one_line_without_a_traceback(tmp_path, config, ov
   assert "Traceback" not in result.stderr, result.stderr
   assert result.stderr.strip().splitlines()[-1] == message
   assert not workdir.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--config=configs/nope.py"], "FATAL --config=configs/nope.py: no such file"),
+    (["--config=configs/qqp.py:smoke", "--config.model.backbone=/nope"],
+     "FATAL model '/nope' is neither a local directory nor a packaged model"),
+    (["--config=configs/qqp.py:smoke", "--config.data_dir=/nope"],
+     "FATAL GLUE data directory '/nope' (from config.data_dir) does not exist"),
+    (["--config=configs/qqp.py:smoke", "--config.routing.calibration_examples=256"],
+     "FATAL config.routing.calibration_examples=256 holds out all of config.data.train_limit=256 "
+     "training examples: nothing would train"),
+    (["--mode=predict", "--input=/nope.tsv", "--output=out.jsonl"],
+     "FATAL input file '/nope.tsv' does not exist"),
+])
+def test_a_missing_file_is_one_line_without_a_traceback(tmp_path, arguments, message):
+  import pathlib
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "sharcs_jax.main", f"--workdir={workdir}", *arguments],
+      capture_output=True, text=True, timeout=120, cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+  assert not workdir.exists()  # refused before anything was written

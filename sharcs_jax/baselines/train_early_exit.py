@@ -30,6 +30,7 @@ from sharcs_jax.baselines import early_exit
 from sharcs_jax import parallel, report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
+from sharcs_jax.serve import routing
 from sharcs_jax.serve.evaluate import classification_metrics
 from sharcs_jax.model.flops import param_shapes, xla_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
@@ -94,6 +95,34 @@ def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> 
           lambda p, i, m, t, layer: model.apply({"params": p}, i, m, t, exit_layer=layer),
           layer=k), shapes, row, row, row)
   return table
+
+
+def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, forward: Any,
+                     params: Any, tokenizer: Any, flops: np.ndarray, dev_logits: np.ndarray,
+                     dev_data: batching.Encoded) -> dict[str, Any] | None:
+  """What the engine serves at `config.routing.budget`: DeeBERT's rule with its threshold fitted
+  on the run's calibration split (as `ExitEngine.from_kept` fits it), applied to dev; None
+  without a budget or calibration split. `flops` [L, buckets]: leaving after each layer."""
+  calibration = glue.run_splits(config)[2] if config.routing.budget else None
+  if calibration is None:
+    return None
+  (data,) = batching.encode_splits([calibration], tokenizer, tuple(config.data.length_buckets))
+  softmax = lambda logits: np.asarray(jax.nn.softmax(logits, axis=-1))
+  stage_flops = np.diff(flops, axis=0, prepend=0.0)  # each layer and its exit alone
+  rule = routing.calibrate_exits(
+      softmax(exit_logits(model, forward, params, data, config.eval.batch_size)),
+      stage_flops[:, data.bucket_of].T, routing.parse_budget(config.routing.budget),
+      config.routing.signal)
+  task = glue.get_task(config.task)
+  exits = rule.exits(softmax(dev_logits))
+  spent = flops[exits, dev_data.bucket_of] / 1e9
+  return {"budget": config.routing.budget, "signal": rule.signal, "threshold": rule.threshold,
+          "calibration_examples": len(data), "calibration_reduction": rule.calibration_reduction,
+          **classification_metrics(early_exit.exit_predictions(dev_logits, exits),
+                                   dev_data.labels, task.metrics),
+          "gflops": float(spent.mean()),
+          "dev_reduction": float(flops[-1, dev_data.bucket_of].mean() / 1e9 / spent.mean()),
+          "mean_exit_layer": float(exits.mean() + 1)}
 
 
 def exit_best(params: Any, num_layers: int, dev_examples: int, num_classes: int
@@ -172,6 +201,8 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   points = early_exit.sweep_rules(logits, dev_data.labels, exit_gflops, task.metrics,
                                   entropy_fractions,
                                   patiences or tuple(range(1, num_layers)))
+  served = served_at_budget(config, model, forward, best["params"], tokenizer, flops, logits,
+                            dev_data)
   summary = {"task": task.name, "model": config.model.backbone, "method": "early exit",
              "exit_pooling": config.model.exit_pooling,
              "loss": "PABEE weighted mean of exit losses", "epochs": t.epochs,
@@ -181,13 +212,21 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
              "per_exit": [{**classification_metrics(l.argmax(-1), dev_data.labels, task.metrics),
                            "gflops": float(exit_gflops[k].mean())}
                           for k, l in enumerate(logits)],
-             "points": points, "history": history}
+             "points": points, "served": served, "history": history}
   report.write_json(os.path.join(workdir, "early_exit.json"), summary)
   rows = [[p["rule"], p["setting"], 100 * p["accuracy"], p["gflops"], p["mean_exit_layer"]]
           for p in points]
+  if served:
+    rows.append([f"served: {served['signal']} calibrated to {served['budget']}",
+                 served["threshold"], 100 * served["accuracy"], served["gflops"],
+                 served["mean_exit_layer"]])
   report.write_atomic(os.path.join(workdir, "early_exit.md"),
                       f"# Early exit on {task.name} ({config.model.backbone})\n\nKept epoch "
-                      f"{best_epoch} of {t.epochs}.\n\n" + report.markdown_table(
+                      f"{best_epoch} of {t.epochs}." + (
+                          f" Served at budget {served['budget']} (threshold fitted on "
+                          f"{served['calibration_examples']} held-out training examples): "
+                          f"{served['dev_reduction']:.2f}x fewer FLOPs on dev."
+                          if served else "") + "\n\n" + report.markdown_table(
                           ["rule", "setting", "accuracy", "GFLOPs/example", "mean exit layer"],
                           rows))
   return summary

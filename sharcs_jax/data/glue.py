@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
+from sharcs_jax.errors import DataError, MissingFileError
+
 DATA_DIR_ENV = "SHARCS_DATA_DIR"
 
 
@@ -100,14 +102,14 @@ def resolve_data_dir(setting: str | None) -> str | None:
     return os.path.normpath(BESIDE_CHECKOUT)
   if data_dir is not None and not os.path.isdir(data_dir):
     source = "config.data_dir" if setting else f"${DATA_DIR_ENV}"
-    raise FileNotFoundError(f"GLUE data directory {data_dir!r} (from {source}) does not exist")
+    raise MissingFileError(f"GLUE data directory {data_dir!r} (from {source}) does not exist")
   return data_dir
 
 
 def read_tsv(path: str, task: Task, split: str, skip_malformed: bool = False) -> Split:
   csv.field_size_limit(sys.maxsize)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{task.name} {split} split: {path} does not exist")
+    raise MissingFileError(f"{task.name} {split} split: {path} does not exist")
   texts, labels, skipped = [], [], 0
   label_index = {v: i for i, v in enumerate(task.tsv_labels)}
   # GLUE TSVs carry raw quotes: quoting must be off. MRPC's header starts with a BOM.
@@ -115,11 +117,11 @@ def read_tsv(path: str, task: Task, split: str, skip_malformed: bool = False) ->
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
     if header is None:
-      raise ValueError(f"{path}: empty file, expected a header row")
+      raise DataError(f"{path}: empty file, expected a header row")
     wanted = task.text_columns + (task.label_column,)
     absent = [c for c in wanted if c not in header]
     if absent:
-      raise ValueError(f"{path}: header lacks column(s) {absent}; it has {header}")
+      raise DataError(f"{path}: header lacks column(s) {absent}; it has {header}")
     columns = [header.index(c) for c in wanted]
     for row in reader:
       line = reader.line_num
@@ -130,7 +132,7 @@ def read_tsv(path: str, task: Task, split: str, skip_malformed: bool = False) ->
         problem = f"label {row[columns[-1]]!r} is not one of {list(task.tsv_labels)}"
       if problem:
         if not skip_malformed:
-          raise ValueError(f"{path}:{line}: {problem} (set config.data.skip_malformed=True to "
+          raise DataError(f"{path}:{line}: {problem} (set config.data.skip_malformed=True to "
                            "skip such rows)")
         skipped += 1
         continue
@@ -163,8 +165,8 @@ def hold_out(split: Split, count: int, seed: int) -> tuple[Split, Split]:
   the same seed holds out the same rows on every run.
   """
   if not 0 < count < len(split):
-    raise ValueError(f"cannot hold out {count} of the {len(split)} {split.task.name} "
-                     f"{split.name} examples")
+    raise DataError(f"cannot hold out {count} of the {len(split)} {split.task.name} "
+                    f"{split.name} examples (config.routing.calibration_examples)")
   held = np.zeros(len(split), bool)
   held[np.random.default_rng(seed).choice(len(split), count, replace=False)] = True
   return (_subset(split, np.flatnonzero(~held), split.name),
@@ -223,13 +225,13 @@ def hold_out_sentences(split: Split, whole_file: Split, count: int, seed: int
   not phrases), none of whose phrases the model trains on. `whole_file` is the training file
   unlimited (a sentence of the first rows may lie beyond them); one-text tasks only."""
   if len(split.task.text_columns) != 1:
-    raise ValueError(f"whole sentences are held out of one-text tasks; {split.task.name} has "
-                     f"{len(split.task.text_columns)} text fields")
+    raise DataError(f"whole sentences are held out of one-text tasks; {split.task.name} has "
+                    f"{len(split.task.text_columns)} text fields")
   texts = [t[0] for t in whole_file.texts]
   sentences = np.flatnonzero(whole_sentences(texts))
   if not 0 < count < len(sentences):
-    raise ValueError(f"cannot hold out {count} of the {len(sentences)} whole sentences of "
-                     f"{split.task.name} {split.name}")
+    raise DataError(f"cannot hold out {count} of the {len(sentences)} whole sentences of "
+                    f"{split.task.name} {split.name} (config.routing.calibration_examples)")
   held = np.sort(np.random.default_rng(seed).choice(sentences, count, replace=False))
   inside = contained([t[0] for t in split.texts], [texts[i] for i in held])
   return (_subset(split, np.flatnonzero(~inside), split.name),

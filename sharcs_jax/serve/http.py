@@ -38,24 +38,41 @@ class ServerOptions:
   max_client_batch_size: int = 32
   payload_limit: int = 2_000_000  # bytes
   drain_timeout_s: float = 60.0
+  workers: int = 1  # threads running the engine, each on its own batch
+
+
+def route_labels(predictions: Any) -> list[str]:
+  """What the engine chose for each row, as a metric label value: its width ("0.25") for a
+  SHARCS model, the layer it exited after ("3") for an early-exit model."""
+  if hasattr(predictions, "exit_layers"):
+    return [str(int(layer)) for layer in predictions.exit_layers]
+  return [width_label(float(w)) for w in predictions.widths]
+
+
+def route_detail(predictions: Any, row: int) -> dict[str, float | int]:
+  """A row's route in a `"details": true` answer: its width, or the layer it exited after."""
+  if hasattr(predictions, "exit_layers"):
+    return {"exit_layer": int(predictions.exit_layers[row])}
+  return {"width": float(predictions.widths[row])}
 
 
 class Metrics:
-  """The server's Prometheus metrics, in a registry of its own."""
+  """The server's Prometheus metrics, in a registry of its own; per-route metrics are labelled
+  by `route` ("width" for a SHARCS model, "exit_layer" for an early-exit model)."""
 
-  def __init__(self):
+  def __init__(self, route: str = "width"):
     self.registry = prom.CollectorRegistry()
     self.requests = prom.Counter("sharcs_requests", "Requests by HTTP status", ["status"],
                                  registry=self.registry)
     self.queue_time = prom.Histogram("sharcs_queue_seconds", "Time queued before the worker took "
                                      "the request", registry=self.registry)
     self.inference_time = prom.Histogram("sharcs_inference_seconds", "Engine time per batch, by "
-                                         "the widest width it ran", ["width"],
+                                         "the costliest route it ran", [route],
                                          registry=self.registry)
-    self.batch_size = prom.Histogram("sharcs_batch_pairs", "Pairs per width group of a batch",
-                                     ["width"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    self.batch_size = prom.Histogram("sharcs_batch_pairs", "Pairs per route group of a batch",
+                                     [route], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                                      registry=self.registry)
-    self.pairs = prom.Counter("sharcs_pairs", "Pairs answered, by routed width", ["width"],
+    self.pairs = prom.Counter("sharcs_pairs", "Pairs answered, by route", [route],
                               registry=self.registry)
     self.queue_length = prom.Gauge("sharcs_queue_pairs", "Pairs waiting in the queue",
                                    registry=self.registry)
@@ -63,11 +80,11 @@ class Metrics:
   def observe(self, batch: list[Pending], predictions: Any, seconds: float) -> None:
     for pending in batch:
       self.queue_time.observe(pending.started - pending.enqueued)
-    widths, counts = np.unique(predictions.widths, return_counts=True)
-    for width, count in zip(widths, counts):
-      self.batch_size.labels(width_label(float(width))).observe(int(count))
-      self.pairs.labels(width_label(float(width))).inc(int(count))
-    self.inference_time.labels(width_label(float(widths.max()))).observe(seconds)
+    values, counts = np.unique(route_labels(predictions), return_counts=True)
+    for value, count in zip(values, counts):
+      self.batch_size.labels(value).observe(int(count))
+      self.pairs.labels(value).inc(int(count))
+    self.inference_time.labels(max(values, key=float)).observe(seconds)
 
 
 def error_response(error: RequestError, metrics: Metrics) -> JSONResponse:
@@ -79,9 +96,9 @@ def error_response(error: RequestError, metrics: Metrics) -> JSONResponse:
 class State:
   """What the routes share: the engine once ready, its batcher, and whether the server drains."""
 
-  def __init__(self, options: ServerOptions):
+  def __init__(self, options: ServerOptions, route: str = "width"):
     self.options = options
-    self.metrics = Metrics()
+    self.metrics = Metrics(route)
     self.engine: Any = None
     self.batcher: Batcher | None = None
     self.info: dict[str, Any] = {}
@@ -98,7 +115,7 @@ class State:
     # so sharing one with a thread that also encodes would change how a batch is padded.
     self.tokenizer = copy.deepcopy(engine.tokenizer)
     self.batcher = Batcher(lambda parts: engine.run(batching.concatenate(parts)),
-                           self.options.limits, self.metrics.observe)
+                           self.options.limits, self.metrics.observe, self.options.workers)
 
   def encode(self, rows: list[tuple[str, ...]]) -> batching.Encoded:
     return batching.encode_texts(rows, self.tokenizer, self.engine.length_buckets)
@@ -161,7 +178,7 @@ def make_app(state: State) -> Starlette:
     for i in range(begin, end):
       answer: Any = tei.scores(predictions.probabilities[i], labels, raw_scores)
       if body.get("details"):
-        answer = {"scores": answer, "width": float(predictions.widths[i]),
+        answer = {"scores": answer, **route_detail(predictions, i),
                   "gflops": float(predictions.gflops[i])}
       answers.append(answer)
     done = time.monotonic()
@@ -177,21 +194,29 @@ def make_app(state: State) -> Starlette:
 
 
 def engine_info(engine: Any, options: ServerOptions, rule: str, budget: str) -> dict[str, Any]:
+  """`/info`: a SHARCS engine lists its widths, an early-exit engine (`ExitEngine`) the layers
+  its rows may exit after."""
   limits = options.limits
-  return {"model": engine.trained.workdir if engine.trained else None,
-          "task": engine.task.name, "labels": list(engine.task.label_names),
-          "widths": [float(w) for w in engine.widths], "rule": engine.rule.to_json(),
+  if hasattr(engine, "exit_layers"):
+    model, routed = engine.workdir, {"exit_layers": [int(layer) for layer in engine.exit_layers]}
+  else:
+    model = engine.trained.workdir if engine.trained else None
+    routed = {"widths": [float(w) for w in engine.widths]}
+  return {"model": model, "task": engine.task.name, "labels": list(engine.task.label_names),
+          **routed, "rule": engine.rule.to_json(),
           "budget": budget or None, "rule_name": rule, "precision": engine.precision,
           "runtime": engine.runtime, "version": VERSION,
           "limits": {**dataclasses.asdict(limits),
                      "max_client_batch_size": options.max_client_batch_size,
-                     "payload_limit": options.payload_limit}}
+                     "payload_limit": options.payload_limit, "workers": options.workers}}
 
 
 def serve(build_engine: Callable[[], Any], host: str, port: int, options: ServerOptions,
-          describe: Callable[[Any], dict[str, Any]], log: Callable[[str], None]) -> int:
+          describe: Callable[[Any], dict[str, Any]], log: Callable[[str], None],
+          route: str = "width") -> int:
   """Binds host:port, builds the engine behind a 503 `/health`, serves until SIGTERM or SIGINT,
-  then drains: `/health` and new requests get 503 while everything queued is answered."""
+  then drains: `/health` and new requests get 503 while everything queued is answered. `route`
+  names the per-route metrics' label ("width" or "exit_layer")."""
   import socket
 
   import uvicorn
@@ -203,7 +228,7 @@ def serve(build_engine: Callable[[], Any], host: str, port: int, options: Server
   except OSError as e:
     from sharcs_jax.errors import RunError
     raise RunError(f"--host={host} --port={port}: cannot listen there ({e.strerror})") from None
-  state = State(options)
+  state = State(options, route)
 
   def build() -> None:
     try:

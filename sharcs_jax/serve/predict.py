@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from sharcs_jax import report
+from sharcs_jax.errors import DataError, MissingFileError, RunError
 from sharcs_jax.data.glue import Task
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
@@ -28,8 +29,8 @@ def _label_id(value: Any, task: Task, where: str) -> int:
   for names in (task.tsv_labels, task.label_names):
     if str(value) in names:
       return names.index(str(value))
-  raise ValueError(f"{where}: label {value!r} is not one of {list(task.tsv_labels)} or "
-                   f"{list(task.label_names)}")
+  raise DataError(f"{where}: label {value!r} is not one of {list(task.tsv_labels)} or "
+                  f"{list(task.label_names)}")
 
 
 def read_text(path: str) -> str:
@@ -41,8 +42,8 @@ def read_text(path: str) -> str:
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
     column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-    raise ValueError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not "
-                     "UTF-8; save the file as UTF-8") from None
+    raise DataError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not "
+                    "UTF-8; save the file as UTF-8") from None
 
 
 def _blank(row: list[str]) -> bool:
@@ -56,14 +57,14 @@ def read_tsv_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
     if header is None:
-      raise ValueError(f"{path}: empty file, expected a header row")
+      raise DataError(f"{path}: empty file, expected a header row")
     for names in (task.text_columns, task.hub_text_columns):
       if all(c in header for c in names):
         text_columns = [header.index(c) for c in names]
         break
     else:
-      raise ValueError(f"{path}: header {header} lacks the {task.name} text columns "
-                       f"{list(task.text_columns)} (or {list(task.hub_text_columns)})")
+      raise DataError(f"{path}: header {header} lacks the {task.name} text columns "
+                      f"{list(task.text_columns)} (or {list(task.hub_text_columns)})")
     label_column = next((header.index(c) for c in (task.label_column, "label") if c in header),
                         None)
     texts, labels = [], []
@@ -72,7 +73,7 @@ def read_tsv_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[
       if _blank(row):
         continue
       if len(row) != len(header):
-        raise ValueError(f"{where}: {len(row)} fields, expected {len(header)} as in the header")
+        raise DataError(f"{where}: {len(row)} fields, expected {len(header)} as in the header")
       texts.append(tuple(row[c] for c in text_columns))
       if label_column is not None:
         labels.append(_label_id(row[label_column], task, where))
@@ -90,51 +91,47 @@ def read_jsonl_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], lis
       try:
         item = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
       if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
       names = next((n for n in (task.hub_text_columns, generic) if all(k in item for k in n)),
                    None)
       if names is None:
-        raise ValueError(f"{where}: {task.name} needs keys {list(task.hub_text_columns)} (or "
-                         f"{list(generic)}); the object has {sorted(item)}")
+        raise DataError(f"{where}: {task.name} needs keys {list(task.hub_text_columns)} (or "
+                        f"{list(generic)}); the object has {sorted(item)}")
       if not all(isinstance(item[k], str) for k in names):
-        raise ValueError(f"{where}: {list(names)} must be strings")
+        raise DataError(f"{where}: {list(names)} must be strings")
       texts.append(tuple(item[k] for k in names))
       if "label" in item:
         labels.append(_label_id(item["label"], task, where))
   if labels and len(labels) != len(texts):
-    raise ValueError(f"{path}: {len(labels)} of {len(texts)} inputs have a label; give all or none")
+    raise DataError(f"{path}: {len(labels)} of {len(texts)} inputs have a label; give all or none")
   return texts, labels or None
 
 
 def read_inputs(path: str, task: Task) -> tuple[list[tuple[str, ...]], list[int] | None]:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"input file {path!r} does not exist")
+    raise MissingFileError(f"input file {path!r} does not exist")
   if path.endswith(".tsv"):
     return read_tsv_inputs(path, task)
   if path.endswith(".jsonl"):
     return read_jsonl_inputs(path, task)
-  raise ValueError(f"{path}: unknown input format; use a .tsv or a .jsonl file")
+  raise DataError(f"{path}: unknown input format; use a .tsv or a .jsonl file")
 
 
 def check_paths(input_path: str, output_path: str) -> None:
   """Before any work: predictions and their summaries must not replace the input."""
   if not os.path.isfile(input_path):
-    raise FileNotFoundError(f"input file {input_path!r} does not exist")
+    raise MissingFileError(f"input file {input_path!r} does not exist")
   for path in (output_path, f"{output_path}.summary.json", f"{output_path}.summary.md"):
     if os.path.realpath(path) == os.path.realpath(input_path) or (
         os.path.exists(path) and os.path.samefile(path, input_path)):
-      raise ValueError(f"--output={output_path} would overwrite the input {input_path} (with "
-                       f"{path}); write the predictions elsewhere")
+      raise DataError(f"--output={output_path} would overwrite the input {input_path} (with "
+                      f"{path}); write the predictions elsewhere")
 
 
-def exit_engine(workdir: str, batch_buckets: tuple[int, ...], budget: str, rule: str,
-                signal: str, start_budget: str, precision: str, runtime: str) -> Any:
-  """An early-exit run's engine; settings only SHARCS has are refused, naming the setting."""
-  from sharcs_jax.errors import RunError
-  from sharcs_jax.serve.exit_engine import ExitEngine
-
+def check_exit_settings(workdir: str, rule: str, start_budget: str, precision: str) -> None:
+  """Settings only SHARCS has, given for an early-exit run: one line naming them."""
   refused = [f"--{name}={value}" for name, value, allowed in (
       ("rule", rule, ("router", "exit")), ("start_budget", start_budget, ("",)),
       ("precision", precision, ("fp32", "auto", "int8")))
@@ -142,9 +139,23 @@ def exit_engine(workdir: str, batch_buckets: tuple[int, ...], budget: str, rule:
   if refused:
     raise RunError(f"{workdir} holds an early-exit model, served by its exit rule at fp32 (or "
                    f"int8 on ONNX Runtime): {', '.join(refused)} applies to SHARCS runs only")
-  return ExitEngine.from_workdir(workdir, budget=budget, signal=signal,
-                                 batch_buckets=batch_buckets, runtime=runtime,
-                                 precision=precision)
+
+
+def exit_engine(workdir: str, batch_buckets: tuple[int, ...], budget: str, rule: str,
+                signal: str, start_budget: str, precision: str, runtime: str,
+                threads: int = 0) -> Any:
+  """An early-exit run's engine; settings only SHARCS has are refused, naming the setting.
+  Without a budget every row runs the full depth, as one program. `threads`: ONNX Runtime's
+  intra-op threads (0: every usable core)."""
+  from sharcs_jax.checkpoint import load_kept_exit
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
+  check_exit_settings(workdir, rule, start_budget, precision)
+  config, model, params = load_kept_exit(workdir)
+  return ExitEngine.from_kept(workdir, config, model, params, budget=budget, signal=signal,
+                              exit_layers=None if budget else [model.encoder.num_layers],
+                              batch_buckets=batch_buckets, runtime=runtime, precision=precision,
+                              threads=threads)
 
 
 def run(workdir: str, input_path: str, output_path: str,
