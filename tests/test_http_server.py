@@ -131,14 +131,16 @@ def test_online_equals_offline_and_metrics_count(server, trained):
 
 
 def test_online_equals_offline_under_concurrent_clients_on_onnxruntime_fp32(trained):
-  """Concurrent one-pair requests batch together in arrival order, yet each score is the offline
-  engine's: ONNX Runtime's fp32 kernels give a row the same result whatever its batch-mates and
-  padding (XLA's differ by ~1e-7 per op, int8's dynamic activation scales by much more)."""
+  """Concurrent one-pair requests batch together in arrival order, two workers each running
+  batches of their own, yet each score is the offline engine's: ONNX Runtime's fp32 kernels give
+  a row the same result whatever its batch-mates, padding and thread count (XLA's differ by
+  ~1e-7 per op, int8's dynamic activation scales by much more)."""
   import concurrent.futures
 
   from sharcs_jax.serve.engine import Engine
 
-  port, process, _ = start_server(trained[0], "--runtime=onnxruntime", "--precision=fp32")
+  port, process, _ = start_server(trained[0], "--runtime=onnxruntime", "--precision=fp32",
+                                  "--workers=2")
   try:
     sentences = real_sentences(48)
     pairs = [[sentences[i], sentences[(7 * i + 3) % 48]] for i in range(48)]
@@ -146,6 +148,7 @@ def test_online_equals_offline_under_concurrent_clients_on_onnxruntime_fp32(trai
       answers = list(pool.map(lambda pair: predict(port, {"inputs": pair}), pairs))
     assert {status for status, _, _ in answers} == {200}
     online = [{s["label"]: s["score"] for s in answer}["duplicate"] for _, _, answer in answers]
+    assert call(port, "/info")[2]["limits"]["workers"] == 2
   finally:
     stop(process)
   offline = Engine.from_workdir(str(trained[0]), precision="fp32",
