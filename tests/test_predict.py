@@ -116,3 +116,25 @@ def test_predict_names_a_non_utf8_line(trained, tmp_path, name, content, message
   (tmp_path / name).write_bytes(content)
   with pytest.raises(ValueError, match=message):
     predict.run(str(trained[0]), str(tmp_path / name), str(tmp_path / "out.jsonl"))
+
+
+@needs_glue
+@pytest.mark.parametrize("budget, message", [
+    ("100x", "FATAL budget 100x is out of reach: this cascade reaches reductions from"),
+    ("fast", "FATAL budget 'fast': expected a reduction factor such as '2x'")])
+def test_a_bad_budget_is_one_line_without_a_traceback(trained, tmp_path, budget, message):
+  import subprocess
+  import sys
+
+  from conftest import REPO_ROOT
+
+  lines = (glue_data_dir() / "QQP" / "dev.tsv").read_text(encoding="utf-8").splitlines()[:5]
+  (tmp_path / "in.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  result = subprocess.run(
+      [sys.executable, "-m", "sharcs_jax.main", "--mode=predict", f"--workdir={trained[0]}",
+       f"--input={tmp_path / 'in.tsv'}", f"--output={tmp_path / 'out.jsonl'}",
+       f"--budget={budget}", "--rule=cascade"], capture_output=True, text=True, timeout=300,
+      cwd=REPO_ROOT)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-3000:]
+  assert not (tmp_path / "out.jsonl").exists()

@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from sharcs_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
@@ -43,11 +45,11 @@ def parse_budget(spec: str) -> Budget:
   """'2x', '2.5x' -> a reduction factor; '0.4', '0.4gflops' -> average GFLOPs per example."""
   match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(x|gflops)?\s*", spec.lower())
   if not match:
-    raise ValueError(f"budget {spec!r}: expected a reduction factor such as '2x' or average "
-                     "GFLOPs per example such as '0.4gflops'")
+    raise ConfigError(f"budget {spec!r}: expected a reduction factor such as '2x' or average "
+                      "GFLOPs per example such as '0.4gflops'")
   value = float(match.group(1))
   if value <= 0:
-    raise ValueError(f"budget {spec!r} must be positive")
+    raise ConfigError(f"budget {spec!r} must be positive")
   return Budget(reduction=value) if match.group(2) == "x" else Budget(gflops=value)
 
 
@@ -384,9 +386,9 @@ def _threshold_for_budget(cost: Callable[[float], float], full_flops: float, bud
   tolerance = 1e-9 * full_flops
   cheapest, dearest = cost(0.0), cost(np.nextafter(1.0, 2.0))
   if not cheapest - tolerance <= target:
-    raise ValueError(f"budget {budget} is out of reach: {what} reductions from "
-                     f"{full_flops / dearest:.3f}x to {full_flops / cheapest:.3f}x "
-                     f"({dearest / 1e9:.4f} to {cheapest / 1e9:.4f} GFLOPs per example)")
+    raise ConfigError(f"budget {budget} is out of reach: {what} reductions from "
+                      f"{full_flops / dearest:.3f}x to {full_flops / cheapest:.3f}x "
+                      f"({dearest / 1e9:.4f} to {cheapest / 1e9:.4f} GFLOPs per example)")
   threshold = _boundary(lambda t: cost(t) <= target + tolerance, 0.0,
                         float(np.nextafter(1.0, 2.0)), iterations, 1e-12)
   return threshold, full_flops / cost(threshold)
@@ -440,9 +442,9 @@ def check_reachable(example_flops: np.ndarray, budget: Budget) -> None:
   cheapest = full_gflops / high_x
   tolerance = 1e-9 * full_gflops
   if not cheapest - tolerance <= budget.target_gflops(full_gflops) <= full_gflops + tolerance:
-    raise ValueError(f"budget {budget} is out of reach: this model reaches reductions from "
-                     f"{low_x:g}x to {high_x:.3f}x ({full_gflops:.4f} to {cheapest:.4f} GFLOPs "
-                     "per example)")
+    raise ConfigError(f"budget {budget} is out of reach: this model reaches reductions from "
+                      f"{low_x:g}x to {high_x:.3f}x ({full_gflops:.4f} to {cheapest:.4f} GFLOPs "
+                      "per example)")
 
 
 def calibrate(router_logits: np.ndarray, example_flops: np.ndarray, budget: Budget,
