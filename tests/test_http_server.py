@@ -156,6 +156,33 @@ def test_online_equals_offline_under_concurrent_clients_on_onnxruntime_fp32(trai
   np.testing.assert_allclose(online, offline.probabilities[:, 1], atol=1e-6, rtol=0)
 
 
+def test_a_full_queue_is_429_and_a_stale_request_504_on_a_real_server(trained):
+  """Concurrent requests against a queue of one request's pairs and a 1 ms queueing limit: while
+  the worker runs one batch, the next request waits past its limit (504) and those behind it
+  find the queue full (429, with Retry-After); every answer is one of the three, with TEI's
+  error body."""
+  import concurrent.futures
+
+  port, process, _ = start_server(trained[0], "--precision=fp32", "--max_queued_pairs=8",
+                                  "--request_timeout_s=0.001", "--max_batch_tokens=1")
+  try:
+    sentences = real_sentences(16)
+    long_pairs = [[" ".join(sentences[i:i + 4]), " ".join(sentences[i + 4:i + 8])]
+                  for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+      answers = list(pool.map(lambda _: predict(port, {"inputs": long_pairs}), range(48)))
+  finally:
+    stop(process)
+  statuses = [status for status, _, _ in answers]
+  assert set(statuses) <= {200, 429, 504} and {429, 504} <= set(statuses), statuses
+  for status, headers, body in answers:
+    if status != 200:
+      assert set(body) == {"error", "error_type"}, body
+      assert body["error_type"] == {429: "overloaded", 504: "timeout"}[status]
+    if status == 429:
+      assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "1"
+
+
 def test_sigterm_answers_what_was_sent_and_exits_0(server):
   import concurrent.futures
 

@@ -1,4 +1,5 @@
-"""Batching across requests: one worker thread runs the engine on queued inputs, oldest first.
+"""Batching across requests: worker threads (one by default) run the engine on queued inputs,
+oldest first.
 
 The event loop only enqueues and awaits; a worker takes queued requests up to a token budget
 (TEI's `max_batch_tokens`) whenever it frees, runs them through one `run` call, so the dispatch
