@@ -35,6 +35,7 @@ from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 
 FLAGS = flags.FLAGS
+EXIT_SIGNAL = "entropy"  # an early-exit run's rule, DeeBERT's, in the server and offline alike
 flags.DEFINE_string("workdir", None, "A training run's workdir.")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_string("budget", "2x", "The routed server's budget.")
@@ -171,7 +172,8 @@ def start_server(budget: str, exit_run: bool) -> tuple[subprocess.Popen, int]:
     port = s.getsockname()[1]
   process = subprocess.Popen(
       [sys.executable, "-m", "sharcs_jax.main", "--mode=serve", f"--workdir={FLAGS.workdir}",
-       f"--port={port}", f"--budget={budget}", *([] if exit_run else [f"--rule={FLAGS.rule}"]),
+       f"--port={port}", f"--budget={budget}",
+       *([f"--signal={EXIT_SIGNAL}"] if exit_run else [f"--rule={FLAGS.rule}"]),
        f"--precision={FLAGS.precision}", f"--runtime={FLAGS.runtime}",
        f"--max_wait_ms={FLAGS.max_wait_ms}", f"--workers={FLAGS.workers}",
        "--max_queued_pairs=256"],
@@ -259,7 +261,7 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
 def engine_at(budget: str, exit_run: bool):
   """The engine a server at `budget` runs: `Engine`, or an early-exit run's `ExitEngine`."""
   if exit_run:
-    return predict.exit_engine(FLAGS.workdir, BATCH_BUCKETS, budget, "router", "entropy", "",
+    return predict.exit_engine(FLAGS.workdir, BATCH_BUCKETS, budget, "router", EXIT_SIGNAL, "",
                                FLAGS.precision, FLAGS.runtime)
   return Engine.from_workdir(FLAGS.workdir, budget=budget, rule=FLAGS.rule,
                              precision=FLAGS.precision, runtime=FLAGS.runtime)
@@ -287,10 +289,10 @@ def main(argv):
       pairs = [list(text) if len(text) > 1 else text[0] for text in dev.texts]
       labels = list(engine.task.label_names)
       bodies = [json.dumps({"inputs": pair, "details": True}).encode() for pair in pairs]
-    probabilities, offline_rates[budget or "full depth"] = offline_predictions(engine, pairs)
+    name = budget or "full depth"
+    probabilities, offline_rates[name] = offline_predictions(engine, pairs)
     del engine
-    servers[budget or "full depth"] = drive(budget, bodies, probabilities, labels,
-                                            offline_rates[budget or "full depth"], exit_run)
+    servers[name] = drive(budget, bodies, probabilities, labels, offline_rates[name], exit_run)
   baseline = baseline or "full depth"
   offline = offline_rates[FLAGS.budget]
   data = {"pairs": len(pairs), "cpu": common.cpu_info(), "offline_pairs_per_second": offline,
@@ -306,10 +308,10 @@ def main(argv):
           for budget, server in data["servers"].items() for level, v in server["levels"].items()]
   exit_codes = ", ".join(f"{budget} {server['exit_code']}" for budget, server in servers.items())
   notes = (f"{len(pairs)} {dev.task.name} dev pairs, one pair per request, --max_wait_ms="
-           f"{FLAGS.max_wait_ms:g}, --workers={FLAGS.workers}; offline Engine.predict {offline:.1f} pairs/s at "
-           f"{FLAGS.budget}, {offline_rates[baseline]:.1f} at {baseline} (median of "
-           f"{FLAGS.offline_rounds}); "
-           f"exit codes after SIGTERM: {exit_codes}; CPU: {common.cpu_line(data['cpu'])}.")
+           f"{FLAGS.max_wait_ms:g}, --workers={FLAGS.workers}; offline Engine.predict "
+           f"{offline:.1f} pairs/s at {FLAGS.budget}, {offline_rates[baseline]:.1f} at "
+           f"{baseline} (median of {FLAGS.offline_rounds}); exit codes after SIGTERM: "
+           f"{exit_codes}; CPU: {common.cpu_line(data['cpu'])}.")
   common.write_outputs(FLAGS.out, "load", data, "HTTP server load", [
       "budget", "level", "pairs/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "statuses",
       "p99 of 429s ms", "max abs diff to offline", "width: share x mean group"], rows, notes)

@@ -98,28 +98,27 @@ def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> 
 
 
 def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, forward: Any,
-                     params: Any, tokenizer: Any, flops: np.ndarray, dev_logits: np.ndarray,
-                     dev_data: batching.Encoded) -> dict[str, Any] | None:
+                     params: Any, calibration: batching.Encoded | None, flops: np.ndarray,
+                     dev_logits: np.ndarray, dev_data: batching.Encoded,
+                     metric_names: tuple[str, ...]) -> dict[str, Any] | None:
   """What the engine serves at `config.routing.budget`: DeeBERT's rule with its threshold fitted
-  on the run's calibration split (as `ExitEngine.from_kept` fits it), applied to dev; None
+  on the run's `calibration` split (as `ExitEngine.from_kept` fits it), applied to dev; None
   without a budget or calibration split. `flops` [L, buckets]: leaving after each layer."""
-  calibration = glue.run_splits(config)[2] if config.routing.budget else None
-  if calibration is None:
+  if not config.routing.budget or calibration is None:
     return None
-  (data,) = batching.encode_splits([calibration], tokenizer, tuple(config.data.length_buckets))
   softmax = lambda logits: np.asarray(jax.nn.softmax(logits, axis=-1))
   stage_flops = np.diff(flops, axis=0, prepend=0.0)  # each layer and its exit alone
   rule = routing.calibrate_exits(
-      softmax(exit_logits(model, forward, params, data, config.eval.batch_size)),
-      stage_flops[:, data.bucket_of].T, routing.parse_budget(config.routing.budget),
+      softmax(exit_logits(model, forward, params, calibration, config.eval.batch_size)),
+      stage_flops[:, calibration.bucket_of].T, routing.parse_budget(config.routing.budget),
       config.routing.signal)
-  task = glue.get_task(config.task)
   exits = rule.exits(softmax(dev_logits))
   spent = flops[exits, dev_data.bucket_of] / 1e9
   return {"budget": config.routing.budget, "signal": rule.signal, "threshold": rule.threshold,
-          "calibration_examples": len(data), "calibration_reduction": rule.calibration_reduction,
+          "calibration_examples": len(calibration),
+          "calibration_reduction": rule.calibration_reduction,
           **classification_metrics(early_exit.exit_predictions(dev_logits, exits),
-                                   dev_data.labels, task.metrics),
+                                   dev_data.labels, metric_names),
           "gflops": float(spent.mean()),
           "dev_reduction": float(flops[-1, dev_data.bucket_of].mean() / 1e9 / spent.mean()),
           "mean_exit_layer": float(exits.mean() + 1)}
@@ -150,7 +149,8 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   buckets = tuple(config.data.length_buckets)
   tokenizer = batching.load_tokenizer(resolve_model_dir(config.model.backbone))
   # the same held-back rows as the SHARCS run
-  train_data, dev_data = batching.encode_splits(glue.run_splits(config)[:2], tokenizer, buckets)
+  train, dev, calibration = glue.run_splits(config)
+  train_data, dev_data = batching.encode_splits([train, dev], tokenizer, buckets)
   key = jax.random.PRNGKey(config.seed)
   model, params = load_pretrained_early_exit(config.model.backbone,
                                              num_classes=task.num_classes,
@@ -201,8 +201,10 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   points = early_exit.sweep_rules(logits, dev_data.labels, exit_gflops, task.metrics,
                                   entropy_fractions,
                                   patiences or tuple(range(1, num_layers)))
-  served = served_at_budget(config, model, forward, best["params"], tokenizer, flops, logits,
-                            dev_data)
+  served = served_at_budget(
+      config, model, forward, best["params"],
+      None if calibration is None else batching.encode(calibration, tokenizer, buckets), flops,
+      logits, dev_data, task.metrics)
   summary = {"task": task.name, "model": config.model.backbone, "method": "early exit",
              "exit_pooling": config.model.exit_pooling,
              "loss": "PABEE weighted mean of exit losses", "epochs": t.epochs,
