@@ -7,7 +7,10 @@ its own full depth, in interleaved rounds in one process.
 W is an early-exit run (`baselines.train_early_exit`, e.g. the trade-off benchmark's
 runs/early_exit_mean). Each budget's exit threshold is calibrated on the run's calibration split
 (held-out training examples) and applied to dev. The full depth is one program of every layer
-and the last exit. Token ids to labels; writes exit_serving.json, .md and .png.
+and the last exit. A depth-and-width run (`config.model.exit_widths` with a narrow width) is
+served with both thresholds searched jointly, and beside it at each budget its full-width exits
+alone ("2x, depth only"): what the narrow width adds. Token ids to labels; writes
+exit_serving.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -62,10 +65,14 @@ def main(argv):
   calibration_stages, dev_stages = (engine.every_stage(d) for d in (calibration_data, dev_data))
   other = {}  # budget -> the other calibration's dev reduction, computed from every stage
   for budget in FLAGS.budgets:
-    served, unserved = (engine.calibrate(budget, calibration_data, FLAGS.signal, by_length,
-                                         calibration_stages)
-                        for by_length in (FLAGS.by_length, not FLAGS.by_length))
-    engines[budget] = serve(exit_layers=exit_layers, rule=served)
+    engines[budget] = serve(exit_layers=exit_layers, rule=engine.calibrate(
+        budget, calibration_data, FLAGS.signal, FLAGS.by_length, calibration_stages))
+    if engine.narrow_count:  # the same model's full-width exits alone
+      engines[f"{budget}, depth only"] = serve(exit_layers=exit_layers, rule=engine.calibrate(
+          budget, calibration_data, FLAGS.signal, every_stage=calibration_stages, narrow=False))
+      continue
+    unserved = engine.calibrate(budget, calibration_data, FLAGS.signal, not FLAGS.by_length,
+                                calibration_stages)
     other[budget] = routing.exit_reduction(unserved, dev_stages,
                                            engine.stage_flops[:, dev_data.bucket_of].T,
                                            dev_data.bucket_of)
@@ -78,6 +85,7 @@ def main(argv):
   base_rate = len(dev_data) / float(np.median(times[FULL_DEPTH]))
   data = {"examples": len(dev_data), "task": task.name, "workdir": FLAGS.workdir,
           "exit_pooling": model.pooling, "exit_layers": list(engine.exit_layers),
+          "stage_widths": list(engine.stage_widths),
           "signal": FLAGS.signal, "rounds": FLAGS.rounds, "runtime": engine.runtime,
           "precision": engine.precision, "cpu": common.cpu_info(), "paths": {}}
   rows = []
@@ -90,7 +98,8 @@ def main(argv):
              "gflops_per_example": float(out.gflops.mean()),
              "dev_reduction": full_gflops / float(out.gflops.mean()),
              "calibration_reduction": rule.calibration_reduction, "rule": rule.to_json(),
-             "mean_exit_layer": float(out.exit_layers.mean()), **metrics}
+             "mean_exit_layer": float(out.exit_layers.mean()),
+             "narrow_share": float(np.mean(out.widths < 1.0)), **metrics}
     if name in other:
       entry["dev_reduction_other_calibration"] = other[name]
     data["paths"][name] = entry

@@ -73,6 +73,9 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.reorder_batches = 16  # labelled train batches for the importance pass
   # The early-exit model only: what each exit reads, "cls" (DeeBERT, PABEE) or "mean".
   c.model.exit_pooling = "cls"
+  # The early-exit model only: with a narrow width, e.g. (0.25, 1.0), it adapts depth and width
+  # together (layers K+1..L may also run at the narrow width, K = router_layer).
+  c.model.exit_widths = (1.0,)
 
   c.hardness = ml_collections.ConfigDict()
   c.hardness.window = 2  # W: warm-up epochs, and confidences per label decision
@@ -302,6 +305,10 @@ def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   if config.model.exit_pooling not in EXIT_POOLINGS:
     raise ValueError(f"config.model.exit_pooling={config.model.exit_pooling!r} is not one of "
                      f"{EXIT_POOLINGS}")
+  try:
+    check_model_settings(encoder, exit_widths(config), m.router_layer)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.model.exit_widths: {e}") from None
   if config.checkpoint.select not in SELECTION_RULES:
     raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
                      f"{SELECTION_RULES}")
@@ -320,3 +327,8 @@ def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
                      f"config.data.train_limit={limit} training examples: nothing would train")
   resolve_data_dir(config.data_dir)
   return encoder
+
+
+def exit_widths(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """The early-exit model's widths (runs written before the field existed: full width only)."""
+  return tuple(config.model.get("exit_widths", (1.0,)))

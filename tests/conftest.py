@@ -42,7 +42,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # Tests that train a model, run a benchmark end to end or start subprocesses that do: `slow` (as
 # are the few that compile or run the real backbone, marked where they are defined).
 # `pytest -m "not slow"` is the fast lane (a few minutes); the full suite runs them all.
-SLOW_FIXTURES = ("trained", "tradeoff", "serving", "early_exit_run", "one_device")
+SLOW_FIXTURES = ("trained", "tradeoff", "serving", "early_exit_run", "one_device",
+                 "depth_width_run")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -385,3 +385,27 @@ def test_load_benchmark_drives_an_early_exit_run_beside_its_full_depth(early_exi
     assert set(closed["share_per_width"]) <= {"1", "2", "3"}  # exit layers
     assert set(closed["batch_per_width"]) == set(closed["share_per_width"])
   assert data["servers"]["full depth"]["levels"]["closed 4"]["share_per_width"] == {"3": 1.0}
+
+
+@needs_glue
+def test_hf_export_of_an_early_exit_run_gives_its_full_depth(early_exit_run, tmp_path):
+  """A [CLS]-exit run exports its full depth (the last exit as BERT's pooler and classifier):
+  transformers' BertForSequenceClassification gives the engine's full-depth probabilities."""
+  import torch
+  import transformers
+
+  from sharcs_jax.data import batching, glue
+  from sharcs_jax.serve import hf_export
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
+  workdir, summary = early_exit_run
+  hf_export.export_workdir(str(workdir), str(tmp_path / "hf"))
+  engine = ExitEngine.from_workdir(str(workdir))  # no budget: the full depth
+  dev = glue.first(glue.run_splits(tiny_run_config(summary["model"]))[1], 12)
+  ours = engine.run(batching.encode(dev, engine.tokenizer, engine.length_buckets)).probabilities
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  hf = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+  a, b = zip(*dev.texts)
+  with torch.no_grad():
+    theirs = hf(**tokenizer(list(a), list(b), padding=True, return_tensors="pt")).logits
+  np.testing.assert_allclose(torch.softmax(theirs, -1).numpy(), ours, atol=1e-5)

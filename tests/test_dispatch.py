@@ -368,3 +368,41 @@ def test_a_rule_may_only_send_rows_on_to_later_stages_and_stop_where_a_stage_ans
   with pytest.raises(ValueError, match="gives no probabilities"):
     run([dispatch.Stage(dispatch.TOKENS, False), dispatch.Stage(0, True)],
         Sends(to=dispatch.STOP))
+
+
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_a_depth_and_width_cascade_on_fake_stages(block_size):
+  """`routing.ExitCascade` with a narrow stage (1) after stage 0: the unsure at stage 0 try it,
+  the unsure there go on at full width (stage 2, which reads stage 0's hidden states, not the
+  narrow stage's), then stage 3. Rows end where the rule says, in row order, and pay for exactly
+  the stages they ran; with the narrow stage skipped nobody runs it."""
+  from sharcs_jax.serve.routing import ExitCascade
+
+  ids, lengths, types = _rows(37)
+  stages = [dispatch.Stage(dispatch.TOKENS, True), dispatch.Stage(0, True),
+            dispatch.Stage(0, True), dispatch.Stage(2, True)]
+  stage_flops = np.array([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0], [1e3, 2e3]])
+  bucket = (lengths > 3).astype(int)
+  for narrow, expected in ((0.85, [0, 1, 3, 3]), (None, [0, 2, 3, 3])):
+    runner = FakeStages()
+    rule = ExitCascade(0.85, 4, "max_prob", narrow_first=1, narrow_count=1,
+                       narrow_threshold=narrow)
+    out, flops = dispatch.run_stage_buckets(
+        runner, stages, ids, types, lengths, length_buckets=(3, 6), batch_buckets=(1, 4, 8),
+        num_classes=2, rule=rule, stage_flops=stage_flops, block_size=block_size)
+    expected = np.array(expected * 10)[:37]  # by row % 4
+    np.testing.assert_array_equal(out.final, expected)
+    ran = np.zeros((37, 4), bool)
+    ran[:, 0] = True
+    ran[:, 1] = (expected != 0) & (narrow is not None)
+    ran[:, 2] = expected >= 2
+    ran[:, 3] = expected == 3
+    np.testing.assert_array_equal(out.ran, ran)
+    np.testing.assert_allclose(flops, (stage_flops[:, bucket].T * ran).sum(-1))
+    for stage, _, hidden in runner.calls:  # stages 1 and 2 read stage 0, stage 3 read stage 2
+      np.testing.assert_array_equal(hidden[:, 0, 0], ids[hidden[:, 1, 0].astype(int), 0]
+                                    + (1 if stage == 3 else 0))
+    c = np.array([[FakeStages.CONFIDENCE[r % 4][k] for r in range(37)] for k in range(4)])
+    final, walked = rule.paths(np.stack([c, 1 - c], axis=-1))  # every stage's outputs known
+    np.testing.assert_array_equal(final, expected)  # the offline walk agrees
+    np.testing.assert_array_equal(walked, ran)

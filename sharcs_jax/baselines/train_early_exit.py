@@ -35,8 +35,9 @@ from sharcs_jax.serve.evaluate import classification_metrics
 from sharcs_jax.model.flops import param_shapes, xla_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
-from sharcs_jax.train.loop import (apply_gradients, copy_buffers, epoch_rng, make_optimizer,
-                                  train_epoch)
+from sharcs_jax.model.reorder import reorder_by_importance
+from sharcs_jax.train.loop import (apply_gradients, copy_buffers, epoch_rng, importance_batches,
+                                  make_optimizer, train_epoch, width_loss)
 
 Array = jax.Array
 
@@ -52,20 +53,30 @@ class ExitTrainState:
 
 
 def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: EarlyExitModel,
-                    tx: optax.GradientTransformation) -> tuple[ExitTrainState, dict[str, Array]]:
-  """One optimiser step on PABEE's weighted exit losses; metrics {"loss": per-exit losses [L]}
-  as `train_epoch` reads them."""
+                    tx: optax.GradientTransformation, distill_weight: float = 0.0,
+                    distill_temperature: float = 1.0
+                    ) -> tuple[ExitTrainState, dict[str, Array]]:
+  """One optimiser step on PABEE's weighted exit losses; metrics {"loss": per-exit losses
+  [L + n]} as `train_epoch` reads them. A depth-and-width model also trains each of its n narrow
+  widths on every batch (the sandwich), weighted as the last exit it answers for, its loss mixed
+  with in-place distillation from the full width's last exit at `distill_weight`."""
   weight = batch["weight"]
   count = jnp.maximum(weight.sum(), 1.0)
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                         batch["token_type_ids"], deterministic=False,
-                         rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
+    logits, narrow = model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"],
+        batch["token_type_ids"], deterministic=False, method=EarlyExitModel.with_narrow,
+        rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
     ce = optax.softmax_cross_entropy_with_integer_labels(
         logits, jnp.broadcast_to(batch["label"], logits.shape[:2]))  # [L, B]
+    weights = exit_loss_weights(logits.shape[0])
     per_exit = (ce * weight).sum(-1) / count
-    return (per_exit * exit_loss_weights(logits.shape[0])).sum(), per_exit
+    per_narrow = jnp.stack([(width_loss(lg, batch["label"], logits[-1], distill_weight,
+                                        distill_temperature) * weight).sum() / count
+                            for lg in narrow]) if len(narrow) else jnp.zeros((0,))
+    return ((per_exit * weights).sum() + weights[-1] * per_narrow.sum(),
+            jnp.concatenate([per_exit, per_narrow]))
 
   (_, per_exit), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   params, opt_state = apply_gradients(tx, state.opt_state, state.params, grads,
@@ -76,12 +87,55 @@ def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: Ea
 
 def exit_logits(model: EarlyExitModel, forward: Any, params: Any, data: batching.Encoded,
                 batch_size: int) -> np.ndarray:
-  """Every exit's logits [L, N, C] in data order, from one pass of the jitted `forward`."""
-  out = np.zeros((model.encoder.num_layers, len(data), model.num_classes), np.float32)
+  """Every exit's logits [L + n, N, C] in data order (the full-width exits, then each narrow
+  width's), from one pass of the jitted `forward` (`exit_forward`)."""
+  out = np.zeros((model.encoder.num_layers + len(model.narrow_widths), len(data),
+                  model.num_classes), np.float32)
   for rows, batch in batching.eval_batches(data, batch_size):
     logits = forward(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     out[:, rows] = np.asarray(logits)[:, :len(rows)]
   return out
+
+
+def exit_forward(model: EarlyExitModel) -> Any:
+  """Jitted (params, ids, mask, types) -> every exit's logits [L + n, B, C] (`exit_logits`)."""
+  def forward(params, ids, mask, types):
+    full, narrow = model.apply({"params": params}, ids, mask, types,
+                               method=EarlyExitModel.with_narrow)
+    return jnp.concatenate([full, narrow])
+  return jax.jit(forward)
+
+
+def stage_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
+  """XLA FLOPs [S, num_buckets] of one example's every stage alone, in `stage_order` (a stage
+  per layer, and each narrow width's layers K+1..L), read from the programs the engine runs at
+  batch 1: the costs `ExitEngine.stage_flops` holds."""
+  shapes = param_shapes(model)
+  layers = model.encoder.num_layers
+  table = np.zeros((layers + len(model.narrow_widths), len(length_buckets)))
+  for j, length in enumerate(length_buckets):
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    hidden = jax.ShapeDtypeStruct((1, length, model.encoder.hidden_size), jnp.float32)
+    for k in range(layers):
+      table[k, j] = xla_flops(functools.partial(
+          lambda p, *inputs, layer: model.apply({"params": p}, *inputs, first=layer, last=layer,
+                                                method=EarlyExitModel.stage), layer=k),
+                              shapes, *((ids, ids, ids) if k == 0 else (hidden, ids)))
+    for i, w in enumerate(model.narrow_widths):
+      table[layers + i, j] = xla_flops(functools.partial(
+          lambda p, h, m, width: model.apply({"params": p}, h, m, width=width,
+                                             method=EarlyExitModel.narrow_stage), width=w),
+                                       shapes, hidden, ids)
+  return stage_order(model, table)
+
+
+def stage_order(model: EarlyExitModel, per_exit: np.ndarray) -> np.ndarray:
+  """Rows of `per_exit` ([L + n, ...]: the full-width exits, then the narrow ones) in the
+  engine's stage order with a stage per layer: exits 1..K, the narrow widths, exits K+1..L."""
+  k, layers = model.width_layer, model.encoder.num_layers
+  if not model.narrow_widths:
+    return per_exit[:layers]
+  return np.concatenate([per_exit[:k], per_exit[layers:], per_exit[k:layers]])
 
 
 def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
@@ -98,30 +152,45 @@ def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> 
 
 
 def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, forward: Any,
-                     params: Any, calibration: batching.Encoded | None, flops: np.ndarray,
+                     params: Any, calibration: batching.Encoded | None, stage_flops: np.ndarray,
                      dev_logits: np.ndarray, dev_data: batching.Encoded,
                      metric_names: tuple[str, ...]) -> dict[str, Any] | None:
   """What the engine serves at `config.routing.budget`: DeeBERT's rule with its threshold fitted
-  on the run's `calibration` split (as `ExitEngine.from_kept` fits it), applied to dev; None
-  without a budget or calibration split. `flops` [L, buckets]: leaving after each layer."""
+  on the run's `calibration` split (as `ExitEngine.from_kept` fits it; for a depth-and-width
+  model both thresholds, searched jointly), applied to dev; None without a budget or
+  calibration split. `stage_flops` [S, buckets]: each stage alone, in `stage_order`."""
   if not config.routing.budget or calibration is None:
     return None
-  softmax = lambda logits: np.asarray(jax.nn.softmax(logits, axis=-1))
-  stage_flops = np.diff(flops, axis=0, prepend=0.0)  # each layer and its exit alone
-  rule = routing.calibrate_exits(
-      softmax(exit_logits(model, forward, params, calibration, config.eval.batch_size)),
-      stage_flops[:, calibration.bucket_of].T, routing.parse_budget(config.routing.budget),
-      config.routing.signal)
-  exits = rule.exits(softmax(dev_logits))
-  spent = flops[exits, dev_data.bucket_of] / 1e9
+  softmax = lambda logits: stage_order(model, np.asarray(jax.nn.softmax(logits, axis=-1)))
+  budget = routing.parse_budget(config.routing.budget)
+  probabilities = softmax(exit_logits(model, forward, params, calibration,
+                                      config.eval.batch_size))
+  costs = stage_flops[:, calibration.bucket_of].T
+  search = None
+  if model.narrow_widths:
+    rule, search = routing.calibrate_depth_width(
+        probabilities, costs, calibration.labels, budget, model.width_layer,
+        len(model.narrow_widths), config.routing.signal)
+  else:
+    rule = routing.calibrate_exits(probabilities, costs, budget, config.routing.signal)
+  dev = softmax(dev_logits)
+  final, ran = rule.paths(dev)
+  dev_costs = stage_flops[:, dev_data.bucket_of].T / 1e9
+  spent = (dev_costs * ran).sum(-1)
+  exit_layer = stage_order(model, np.concatenate([np.arange(1, model.encoder.num_layers + 1),
+                                                  [model.encoder.num_layers] * len(
+                                                      model.narrow_widths)]))
   return {"budget": config.routing.budget, "signal": rule.signal, "threshold": rule.threshold,
+          "narrow_threshold": rule.narrow_threshold,
           "calibration_examples": len(calibration),
           "calibration_reduction": rule.calibration_reduction,
-          **classification_metrics(early_exit.exit_predictions(dev_logits, exits),
+          **classification_metrics(dev[final, np.arange(len(final))].argmax(-1),
                                    dev_data.labels, metric_names),
           "gflops": float(spent.mean()),
-          "dev_reduction": float(flops[-1, dev_data.bucket_of].mean() / 1e9 / spent.mean()),
-          "mean_exit_layer": float(exits.mean() + 1)}
+          "dev_reduction": float((dev_costs * rule.full_depth()).sum(-1).mean() / spent.mean()),
+          "mean_exit_layer": float(exit_layer[final].mean()),
+          "narrow_share": float(ran[:, ~rule.full_depth()].any(-1).mean()),
+          "search": search}
 
 
 def exit_best(params: Any, num_layers: int, dev_examples: int, num_classes: int
@@ -155,24 +224,37 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   model, params = load_pretrained_early_exit(config.model.backbone,
                                              num_classes=task.num_classes,
                                              key=jax.random.fold_in(key, 1),
-                                             pooling=config.model.exit_pooling)
+                                             pooling=config.model.exit_pooling,
+                                             widths=config_lib.exit_widths(config),
+                                             width_layer=config.model.router_layer)
   num_layers = model.encoder.num_layers
   tx = make_optimizer(t)
   state = ExitTrainState(step=jnp.int32(0), epoch=jnp.int32(0), train_seconds=jnp.float32(0),
                          params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 2))
   mesh = parallel.make_mesh()
   parallel.check_divisible("config.train.batch_size", t.batch_size, mesh)
-  step_fn = jax.jit(functools.partial(exit_train_step, model=model, tx=tx), donate_argnums=0,
+  step_fn = jax.jit(functools.partial(
+      exit_train_step, model=model, tx=tx,
+      distill_weight=t.distill_weight if t.distill == "inplace" else 0.0,
+      distill_temperature=t.distill_temperature), donate_argnums=0,
                     out_shardings=parallel.replicated(mesh))
-  forward = jax.jit(lambda p, ids, mask, types: model.apply({"params": p}, ids, mask, types))
+  forward = exit_forward(model)
   # The kept epoch: its dev logits of every exit are all the rules need; its parameters are
   # what the engine serves (`checkpoint.load_kept_exit`).
-  best = exit_best(copy_buffers(params), num_layers, len(dev_data), task.num_classes)
+  exits = num_layers + len(model.narrow_widths)
+  best = exit_best(copy_buffers(params), exits, len(dev_data), task.num_classes)
   checkpoints = Checkpoints(workdir, config)
   history = []
   restored = checkpoints.restore_latest(parallel.replicate(state, mesh), best)
   if restored is not None:
     state, best, history, _ = restored
+  elif model.narrow_widths and config.model.reorder:  # narrow slices: the most important units
+    start = time.time()
+    params = reorder_by_importance(model, params, importance_batches(
+        train_data, t.batch_size, config.model.reorder_batches))
+    state = state.replace(params=params, opt_state=tx.init(params))
+    best = exit_best(copy_buffers(params), exits, len(dev_data), task.num_classes)
+    logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
   state = parallel.replicate(state, mesh)
   for epoch in range(int(state.epoch), t.epochs):
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),
@@ -188,25 +270,28 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                     "dev_accuracy_per_exit": accuracy})
     logging.info("early exit epoch %d: dev accuracy per exit %s (%.0fs)", epoch,
                  np.round(accuracy, 4).tolist(), time.time() - epoch_start)
-    kept = int(best["epoch"])
-    if kept < 0 or accuracy[-1] > history[kept]["dev_accuracy_per_exit"][-1]:
+    kept, last = int(best["epoch"]), num_layers - 1  # the full width's last exit decides
+    if kept < 0 or accuracy[last] > history[kept]["dev_accuracy_per_exit"][last]:
       best = {"epoch": jnp.int32(epoch), "logits": jnp.asarray(logits), "params": copy_buffers(state.params)}
     state = parallel.replicate(state.replace(
         epoch=jnp.int32(epoch + 1),
         train_seconds=state.train_seconds + (time.time() - epoch_start)), mesh)
     checkpoints.save(state, best, history)
-  best_epoch, logits = int(best["epoch"]), np.asarray(best["logits"])
+  best_epoch, all_logits = int(best["epoch"]), np.asarray(best["logits"])
+  logits = all_logits[:num_layers]  # the full-width exits
   flops = exit_flops_table(model, buckets)  # [L, buckets]
   exit_gflops = flops[:, dev_data.bucket_of] / 1e9  # [L, N]
   points = early_exit.sweep_rules(logits, dev_data.labels, exit_gflops, task.metrics,
                                   entropy_fractions,
                                   patiences or tuple(range(1, num_layers)))
+  stage_flops = stage_flops_table(model, buckets)
   served = served_at_budget(
       config, model, forward, best["params"],
-      None if calibration is None else batching.encode(calibration, tokenizer, buckets), flops,
-      logits, dev_data, task.metrics)
+      None if calibration is None else batching.encode(calibration, tokenizer, buckets),
+      stage_flops, all_logits, dev_data, task.metrics)
   summary = {"task": task.name, "model": config.model.backbone, "method": "early exit",
              "exit_pooling": config.model.exit_pooling,
+             "widths": list(model.widths), "width_layer": model.width_layer,
              "loss": "PABEE weighted mean of exit losses", "epochs": t.epochs,
              "best_epoch": best_epoch, "train_examples": len(train_data),
              "dev_examples": len(dev_data), "train_seconds": float(state.train_seconds),
@@ -214,13 +299,28 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
              "per_exit": [{**classification_metrics(l.argmax(-1), dev_data.labels, task.metrics),
                            "gflops": float(exit_gflops[k].mean())}
                           for k, l in enumerate(logits)],
+             "narrow": [{"width": w, **classification_metrics(
+                 l.argmax(-1), dev_data.labels, task.metrics),
+                         # layers 1..K, then the narrow stage
+                         "gflops": float(stage_flops[[*range(model.width_layer),
+                                                      model.width_layer + i]][
+                                                          :, dev_data.bucket_of].sum(0).mean()
+                                         / 1e9)}
+                        for i, (w, l) in enumerate(zip(model.narrow_widths,
+                                                       all_logits[num_layers:]))],
              "points": points, "served": served, "history": history}
   report.write_json(os.path.join(workdir, "early_exit.json"), summary)
   rows = [[p["rule"], p["setting"], 100 * p["accuracy"], p["gflops"], p["mean_exit_layer"]]
           for p in points]
+  for entry in summary["narrow"]:
+    rows.append([f"width {entry['width']} after layer {model.width_layer}", "", 
+                 100 * entry["accuracy"], entry["gflops"], num_layers])
   if served:
+    setting = (served["threshold"] if served["narrow_threshold"] is None else
+               f"{served['threshold']:.4f}; narrow {served['narrow_threshold']} "
+               f"({100 * served['narrow_share']:.1f}% of rows)")
     rows.append([f"served: {served['signal']} calibrated to {served['budget']}",
-                 served["threshold"], 100 * served["accuracy"], served["gflops"],
+                 setting, 100 * served["accuracy"], served["gflops"],
                  served["mean_exit_layer"]])
   report.write_atomic(os.path.join(workdir, "early_exit.md"),
                       f"# Early exit on {task.name} ({config.model.backbone})\n\nKept epoch "

@@ -7,6 +7,12 @@ papers: `pooling="cls"`) or on the mean over real tokens (`"mean"`: after layers
 vector hardly varies across inputs, while linear probes on the mean reach 76-79% on SST-2). `exit_layer` is a
 static Python int: the program for "leave after layer k" runs layers 1..k only, so XLA's cost
 analysis of it is what such an exit really costs.
+
+With narrow `widths` (the depth-and-width model) layers K+1..L may also run at a narrow width, a
+leading slice as in SHARCS (`EncoderLayer`'s private LayerNorms, `DownProjection`), read from
+layer K's full-width hidden states and answered by the last exit's head (its pooler sliced):
+easy inputs leave at an early exit, the rest try the narrow width, and the unsure go on at full
+width through the later exits.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from sharcs_jax.model.config import EncoderConfig
-from sharcs_jax.model.encoder import ClassifierHead, Embeddings, EncoderLayer, masked_mean
+from sharcs_jax.model.encoder import (ClassifierHead, DownProjection, Embeddings, EncoderLayer,
+                                      masked_mean)
+from sharcs_jax.model.sharcs import check_model_settings
 
 Array = jax.Array
 EXIT_POOLINGS = ("cls", "mean")
@@ -29,19 +37,35 @@ class EarlyExitModel(nn.Module):
   encoder: EncoderConfig
   num_classes: int
   pooling: str = "cls"  # what each exit reads: "cls" or "mean" (EXIT_POOLINGS)
+  widths: tuple[float, ...] = (1.0,)  # increasing, ending at 1.0; narrow ones run layers K+1..L
+  width_layer: int = 1  # K: layers 1..K always run at full width (with narrow `widths` only)
 
   def setup(self):
     if self.pooling not in EXIT_POOLINGS:
       raise ValueError(f"exit pooling {self.pooling!r} is not one of {EXIT_POOLINGS}")
     cfg = self.encoder
+    check_model_settings(cfg, self.widths, self.width_layer)
+    narrow = self.narrow_widths
     self.embeddings = Embeddings(cfg)
-    self.layers = [EncoderLayer(cfg) for _ in range(cfg.num_layers)]
+    self.layers = [EncoderLayer(cfg, private_widths=narrow if i >= self.width_layer else ())
+                   for i in range(cfg.num_layers)]
     self.exits = [ClassifierHead(cfg.hidden_size, self.num_classes, cfg.hidden_dropout,
                                  cfg.initializer_range) for _ in range(cfg.num_layers)]
+    if narrow:
+      self.down_projection = DownProjection(cfg, narrow)
+
+  @property
+  def narrow_widths(self) -> tuple[float, ...]:
+    return tuple(w for w in self.widths if w < 1.0)
+
+  def _pool(self, x: Array, mask: Array) -> Array:
+    return x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, exit_layer: int | None = None, deterministic: bool = True) -> Array:
-    """Logits [k + 1, B, C] of exits 0..k (0-based layers; k = the last layer by default)."""
+               *, exit_layer: int | None = None, deterministic: bool = True,
+               head_mask: Array | None = None) -> Array:
+    """Logits [k + 1, B, C] of exits 0..k (0-based layers; k = the last layer by default);
+    `head_mask` [L, H] scales each head's attention (the importance pass reads its gradient)."""
     cfg = self.encoder
     last = cfg.num_layers - 1 if exit_layer is None else exit_layer
     if not 0 <= last < cfg.num_layers:
@@ -51,11 +75,53 @@ class EarlyExitModel(nn.Module):
     mask = attention_mask.astype(bool)
     x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
     logits = []
-    for layer, head in zip(self.layers[:last + 1], self.exits):
-      x = layer(x, mask, deterministic=deterministic)
-      pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
-      logits.append(head(pooled, deterministic=deterministic)[1])
+    for i, (layer, head) in enumerate(zip(self.layers[:last + 1], self.exits)):
+      x = layer(x, mask, deterministic=deterministic,
+                head_mask=None if head_mask is None else head_mask[i])
+      logits.append(head(self._pool(x, mask), deterministic=deterministic)[1])
+      if i == self.width_layer - 1 and self.narrow_widths and self.is_initializing():
+        self.down_projection(x, width=1.0)  # its parameters exist from init on
     return jnp.stack(logits)
+
+  def with_narrow(self, input_ids: Array, attention_mask: Array,
+                  token_type_ids: Array | None = None, *, deterministic: bool = True
+                  ) -> tuple[Array, Array]:
+    """(every exit's logits [L, B, C] at full width, each narrow width's last-exit logits
+    [n, B, C]); layers 1..K run once for both: what the depth-and-width model trains on."""
+    cfg, k = self.encoder, self.width_layer
+    mask = attention_mask.astype(bool)
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
+    logits = []
+    narrow = []
+    for i, (layer, head) in enumerate(zip(self.layers, self.exits)):
+      x = layer(x, mask, deterministic=deterministic)
+      logits.append(head(self._pool(x, mask), deterministic=deterministic)[1])
+      if i == k - 1:
+        narrow = [self._narrow(x, mask, width=w, deterministic=deterministic)[1]
+                  for w in self.narrow_widths]
+    chex.assert_equal(len(logits), cfg.num_layers)
+    return jnp.stack(logits), jnp.stack(narrow) if narrow else jnp.zeros((0,) + logits[0].shape)
+
+  def _narrow(self, hidden: Array, mask: Array, *, width: float, deterministic: bool
+              ) -> tuple[Array, Array]:
+    """Layers K+1..L at narrow `width` from layer K's hidden states: (hidden [B, T, d_w], the
+    last exit's logits [B, C])."""
+    if width not in self.narrow_widths:
+      raise ValueError(f"width {width} is not one of the narrow widths {self.narrow_widths}")
+    x = self.down_projection(hidden, width=width)
+    for layer in self.layers[self.width_layer:]:
+      x = layer(x, mask, width=width, deterministic=deterministic)
+    return x, self.exits[-1](self._pool(x, mask), deterministic=deterministic)[1]
+
+  def narrow_stage(self, hidden: Array, attention_mask: Array, *, width: float
+                   ) -> tuple[Array, Array]:
+    """The served narrow stage: layers K+1..L at `width` on layer K's full-width hidden states
+    [B, T, d]; (hidden states [B, T, d_w], class probabilities [B, C])."""
+    chex.assert_shape(hidden, (attention_mask.shape[0], attention_mask.shape[1],
+                               self.encoder.hidden_size))
+    x, logits = self._narrow(hidden, attention_mask.astype(bool), width=width,
+                             deterministic=True)
+    return x, jax.nn.softmax(logits, axis=-1)
 
   def stage(self, inputs: Array, attention_mask: Array, token_type_ids: Array | None = None, *,
             first: int, last: int) -> tuple[Array, Array]:
@@ -75,8 +141,8 @@ class EarlyExitModel(nn.Module):
     chex.assert_equal_shape_prefix([x, attention_mask], 2)
     for layer in self.layers[first:last + 1]:
       x = layer(x, mask, deterministic=True)
-    pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
-    return x, jax.nn.softmax(self.exits[last](pooled, deterministic=True)[1], axis=-1)
+    return x, jax.nn.softmax(self.exits[last](self._pool(x, mask), deterministic=True)[1],
+                             axis=-1)
 
 
 def exit_loss_weights(num_layers: int) -> Array:

@@ -20,18 +20,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
 
 Batch = Mapping[str, np.ndarray]
+Array = jax.Array
 
 
-def _importance_grads(model: SharcsModel):
+def _full_width_logits(model: SharcsModel | EarlyExitModel, params: Any, head_mask: Array,
+                       batch: Batch) -> Array:
+  """The logits whose loss ranks the units: the full width's, or an early-exit model's last
+  exit's."""
+  args = ({"params": params}, batch["input_ids"], batch["attention_mask"],
+          batch.get("token_type_ids"))
+  if isinstance(model, EarlyExitModel):
+    return model.apply(*args, head_mask=head_mask)[-1]
+  return model.apply(*args, width=1.0, head_mask=head_mask).logits
+
+
+def _importance_grads(model: SharcsModel | EarlyExitModel):
   cfg = model.encoder
 
   def loss(params, head_mask, batch):
-    out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                      batch.get("token_type_ids"), width=1.0, head_mask=head_mask)
-    return optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["label"]).sum()
+    logits = _full_width_logits(model, params, head_mask, batch)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).sum()
 
   def step(params, batch):
     head_mask = jnp.ones((cfg.num_layers, cfg.num_heads), jnp.float32)
@@ -48,7 +60,7 @@ def _importance_grads(model: SharcsModel):
   return jax.jit(step)
 
 
-def importance_scores(model: SharcsModel, params: Any,
+def importance_scores(model: SharcsModel | EarlyExitModel, params: Any,
                       batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
   """Head importance [L, H] and neuron importance [L, f], summed over labelled batches."""
   step = _importance_grads(model)
@@ -94,7 +106,7 @@ def permute_units(params: Any, head_order: np.ndarray, neuron_order: np.ndarray)
   return new
 
 
-def reorder_by_importance(model: SharcsModel, params: Any,
+def reorder_by_importance(model: SharcsModel | EarlyExitModel, params: Any,
                           batches: Iterable[Batch]) -> dict[str, Any]:
   """Importance pass + permutation: the leading slices then hold the most important units."""
   return permute_units(params, *orders_from_importance(*importance_scores(model, params, batches)))

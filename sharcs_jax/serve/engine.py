@@ -194,3 +194,33 @@ class Engine:
                        widths=np.asarray(self.widths, np.float32)[out.final],
                        gflops=out.flops / 1e9)
 
+
+def route_labels(predictions: Any) -> list[str]:
+  """What the engine chose for each row, as a metric label value: its width ("0.25") for a
+  SHARCS model, the layer it exited after ("3", or "6 at width 0.5" from a depth-and-width
+  model's narrow stage) for an early-exit model."""
+  if hasattr(predictions, "exit_layers"):
+    return [route_name(layer, w).removeprefix("layer ")
+            for layer, w in zip(predictions.exit_layers, _exit_widths(predictions))]
+  return [width_label(float(w)) for w in predictions.widths]
+
+
+def route_detail(predictions: Any, row: int) -> dict[str, float | int]:
+  """A row's route in a `"details": true` answer: its width, or the layer it exited after."""
+  if hasattr(predictions, "exit_layers"):
+    route = {"exit_layer": int(predictions.exit_layers[row])}
+    width = float(_exit_widths(predictions)[row])
+    return route if width == 1.0 else {**route, "width": width}  # a narrow stage's exit
+  return {"width": float(predictions.widths[row])}
+
+
+def route_name(exit_layer: int, width: float = 1.0) -> str:
+  """An early-exit model's exit by name: "layer 3", or "layer 6 at width 0.5" for a
+  depth-and-width model's narrow stage."""
+  return f"layer {int(exit_layer)}" + ("" if width == 1.0 else f" at width {float(width):g}")
+
+
+def _exit_widths(predictions: Any) -> np.ndarray:
+  """The width each row's exit ran at (full width where the predictions do not say)."""
+  widths = getattr(predictions, "widths", None)
+  return np.ones(len(predictions.exit_layers)) if widths is None else widths

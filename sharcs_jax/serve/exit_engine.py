@@ -7,6 +7,11 @@ stage is its own precompiled program per (batch, length) bucket (`programs.Progr
 "stage"), so a row that leaves after layer 2 really runs two layers; FLOPs are the stages' XLA
 cost analysis, summed over the stages a row ran. A budget ("2x") is met by calibrating the exit
 threshold on the run's calibration split (held-out training examples).
+
+A depth-and-width model (narrow `widths`) adds a narrow stage per narrow width after the stage
+that ends at layer K, reading its hidden states: rows unsure there try the narrow width before
+going on at full width (`routing.ExitCascade`'s narrow stages); its budget is met by a small
+joint search over both thresholds (`routing.calibrate_depth_width`).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from sharcs_jax.data import batching, glue
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.serve import dispatch
-from sharcs_jax.serve.engine import Text, encode_texts_for
+from sharcs_jax.serve.engine import Text, encode_texts_for, route_name
 from sharcs_jax.serve.exported import spans_of
 from sharcs_jax.serve.precision import resolve as resolve_precision
-from sharcs_jax.serve.programs import Programs, Span, StageProgramRunner
-from sharcs_jax.serve.routing import Budget, ExitCascade, calibrate_exits, parse_budget
+from sharcs_jax.serve.programs import Programs, Span, StageProgram, StageProgramRunner
+from sharcs_jax.serve.routing import (Budget, ExitCascade, calibrate_depth_width,
+                                      calibrate_exits, parse_budget)
 
 NEVER_SURE = 2.0  # a threshold no confidence reaches: every row runs every stage
 
@@ -38,6 +44,12 @@ class ExitPredictions:
   probabilities: np.ndarray  # float32 [N, C] at the exit each row left at
   exit_layers: np.ndarray  # int32 [N] that exit's layer, 1-based
   gflops: np.ndarray  # float64 [N] the stages each row ran
+  widths: np.ndarray | None = None  # float32 [N] the width of that exit's layers (1.0, or narrow)
+
+  def routes(self) -> list[str]:
+    """Each row's exit by name (`engine.route_name`)."""
+    widths = np.ones(len(self.exit_layers)) if self.widths is None else self.widths
+    return [route_name(layer, w) for layer, w in zip(self.exit_layers, widths)]
 
 
 def layer_spans(num_layers: int, exit_layers: Sequence[int] | None = None) -> tuple[Span, ...]:
@@ -47,6 +59,27 @@ def layer_spans(num_layers: int, exit_layers: Sequence[int] | None = None) -> tu
   if ends[0] < 1 or ends[-1] > num_layers:
     raise ValueError(f"exit layers {list(exit_layers)} must lie in 1..{num_layers}")
   return spans_of(ends)
+
+
+def stage_layout(model: EarlyExitModel, spans: Sequence[Span]
+                 ) -> tuple[list[StageProgram], list[dispatch.Stage], int, int]:
+  """(the program of each stage, the stages as the dispatch core runs them, the first narrow
+  stage's index, how many): the spans in order, and after the span ending at layer K one stage
+  per narrow width, each reading that span's hidden states; the next span reads it too. Where no
+  span ends at layer K (the full depth as one program) there are no narrow stages."""
+  programs = [StageProgram("stage", None, span) for span in spans]
+  stages = dispatch.chained_stages(len(spans))
+  narrow = model.narrow_widths
+  ends = [last + 1 for _, last in spans]
+  if not narrow or model.width_layer not in ends:
+    return programs, stages, len(spans), 0
+  boundary = ends.index(model.width_layer)  # the span the narrow stages read
+  first = boundary + 1
+  programs[first:first] = [StageProgram("narrow", w, None) for w in narrow]
+  stages = stages[:first] + [dispatch.Stage(boundary, answers=True) for _ in narrow] + [
+      dispatch.Stage(boundary if j == 0 else first + len(narrow) + j - 1, answers=True)
+      for j in range(len(spans) - first)]
+  return programs, stages, first, len(narrow)
 
 
 class ExitEngine:
@@ -74,25 +107,56 @@ class ExitEngine:
     self.program_lengths = dispatch.lengths_for(runtime, length_buckets)
     self.tokenizer, self.task = tokenizer, task
     self.spans = layer_spans(model.encoder.num_layers, exit_layers)
-    self.exit_layers = tuple(last + 1 for _, last in self.spans)
+    stage_programs, self.stages, self.narrow_first, self.narrow_count = stage_layout(
+        model, self.spans)
+    narrow = self.narrow_count > 0
+    if narrow and runtime != "xla":
+      raise ValueError("a depth-and-width model's narrow stages run on XLA only, so far "
+                       "(--runtime=xla)")
+    # Each stage's exit layer (a narrow stage answers at the last layer, at its width).
+    self.exit_layers = tuple(model.encoder.num_layers if p.kind == "narrow" else p.span[1] + 1
+                             for p in stage_programs)
+    self.stage_widths = tuple(p.width or 1.0 for p in stage_programs)
     self.programs = Programs(model, params,
                              batch_buckets=batch_buckets if runtime == "xla" else batch_buckets[:1],
-                             length_buckets=length_buckets, kinds=("stage",), spans=self.spans,
-                             cache_dir=cache_dir)
+                             length_buckets=length_buckets,
+                             kinds=("stage", "narrow") if narrow else ("stage",),
+                             spans=self.spans, cache_dir=cache_dir)
     if runtime == "xla":
-      self.runner: Any = StageProgramRunner(self.programs, self.variables)
+      self.runner: Any = StageProgramRunner(self.programs, self.variables, stage_programs)
     else:
       from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
 
       self.onnx = OnnxPrograms(model, params, precision=self.precision, cache_dir=cache_dir,
                                spans=self.spans)
       self.runner = self.onnx.runner(threads)
-    self.stages = dispatch.chained_stages(len(self.spans))
-    self.stage_flops = self.programs.stage_flops_table()  # [S, length buckets]
-    self.rule = rule or ExitCascade(NEVER_SURE, len(self.spans))
+    self.stage_flops = self.programs.stage_flops_table(stage_programs)  # [S, length buckets]
+    self.rule = rule or ExitCascade(NEVER_SURE, len(self.stages), "entropy", "", 1.0, (),
+                                    *self.narrow_layout())  # the full depth, narrow skipped
     self.workdir = self.backbone = None  # the training run's, when built from one (`from_kept`)
-    if self.rule.num_stages != len(self.spans):
-      raise ValueError(f"the rule has {self.rule.num_stages} stages, the engine {len(self.spans)}")
+    if self.rule.num_stages != len(self.stages):
+      raise ValueError(f"the rule has {self.rule.num_stages} stages, the engine "
+                       f"{len(self.stages)}")
+    if self.rule.narrow_count != self.narrow_count or (
+        narrow and self.rule.narrow_first != self.narrow_first):
+      raise ValueError(f"the rule has {self.rule.narrow_count} narrow stages from stage "
+                       f"{self.rule.narrow_first}, the engine {self.narrow_count} from "
+                       f"{self.narrow_first}")
+
+  def route_names(self) -> list[str]:
+    """Each stage's exit by name (`route_name`)."""
+    return [route_name(layer, w) for layer, w in zip(self.exit_layers, self.stage_widths)]
+
+  def narrow_layout(self, narrow_threshold: float | None = None) -> tuple[int, int, float | None]:
+    """(first narrow stage, how many, their threshold) as `ExitCascade` takes them."""
+    if not self.narrow_count:
+      return 0, 0, None
+    return self.narrow_first, self.narrow_count, narrow_threshold
+
+  def every_stage_rule(self) -> ExitCascade:
+    """A rule under which every row runs every stage, narrow ones included."""
+    return ExitCascade(NEVER_SURE, len(self.stages), "entropy", "", 1.0, (),
+                       *self.narrow_layout(NEVER_SURE))
 
   @classmethod
   def from_workdir(cls, workdir: str, **options: Any) -> "ExitEngine":
@@ -133,19 +197,30 @@ class ExitEngine:
 
   def every_stage(self, data: batching.Encoded) -> np.ndarray:
     """Each stage's class probabilities [S, N, C] for every row (every row runs every stage)."""
-    out, _ = self._dispatch(data, ExitCascade(NEVER_SURE, len(self.spans)))
+    out, _ = self._dispatch(data, self.every_stage_rule())
     return np.stack([outputs[0] for outputs in out.outputs])
 
   def calibrate(self, budget: Budget | str, data: batching.Encoded, signal: str = "entropy",
-                by_length: bool = False, every_stage: np.ndarray | None = None) -> ExitCascade:
+                by_length: bool = False, every_stage: np.ndarray | None = None,
+                narrow: bool = True) -> ExitCascade:
     """The exit threshold that meets `budget` on `data` (inputs the model did not train on),
-    with `by_length` one per length bucket (`routing.calibrate_exits`); not applied.
-    `every_stage`: `data`'s probabilities at every stage, where the caller has them."""
+    with `by_length` one per length bucket (`routing.calibrate_exits`); for a depth-and-width
+    model both thresholds, searched jointly on `data`'s labels (`calibrate_depth_width`), or
+    with `narrow` False its full-width exits alone; not applied. `every_stage`: `data`'s
+    probabilities at every stage, where the caller has them."""
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     every_stage = self.every_stage(data) if every_stage is None else every_stage
-    return calibrate_exits(every_stage, self.stage_flops[:, data.bucket_of].T, budget, signal,
+    stage_flops = self.stage_flops[:, data.bucket_of].T
+    if self.narrow_count and narrow:
+      if by_length:
+        raise ValueError("a depth-and-width model's thresholds are fitted over all lengths")
+      return calibrate_depth_width(every_stage, stage_flops, data.labels, budget,
+                                   *self.narrow_layout()[:2], signal=signal)[0]
+    return calibrate_exits(every_stage, stage_flops, budget, signal,
                            bucket_of=data.bucket_of if by_length else None,
-                           num_buckets=len(self.length_buckets))
+                           num_buckets=len(self.length_buckets),
+                           layout=ExitCascade(0.0, len(self.stages), signal, "", 1.0, (),
+                                              *self.narrow_layout()))
 
   def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None
              ) -> batching.Encoded:
@@ -158,11 +233,14 @@ class ExitEngine:
     """Predictions for every row of `data`, in row order."""
     out, flops = self._dispatch(data, self.rule)
     return ExitPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
-                           np.asarray(self.exit_layers, np.int32)[out.final], flops / 1e9)
+                           np.asarray(self.exit_layers, np.int32)[out.final], flops / 1e9,
+                           np.asarray(self.stage_widths, np.float32)[out.final])
 
   def full_depth_gflops(self, data: batching.Encoded) -> np.ndarray:
-    """Per-example GFLOPs [N] had every row run every stage: the reduction's baseline."""
-    return self.stage_flops.sum(0)[data.bucket_of] / 1e9
+    """Per-example GFLOPs [N] had every row run every full-width stage: the reduction's
+    baseline."""
+    full = self.stage_flops[np.asarray(self.stage_widths) == 1.0]
+    return full.sum(0)[data.bucket_of] / 1e9
 
   def _dispatch(self, data: batching.Encoded, rule: ExitCascade
                 ) -> tuple[dispatch.StagesRun, np.ndarray]:

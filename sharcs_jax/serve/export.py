@@ -139,6 +139,10 @@ def export_engine(engine: Engine | ExitEngine, directory: str) -> dict[str, Any]
   if workdir is None:
     raise ValueError("export needs an engine built from a training run (Engine.from_run, "
                      "ExitEngine.from_kept)")
+  if isinstance(engine, ExitEngine) and engine.narrow_count:
+    raise ValueError("exporting a depth-and-width model's narrow stages is not supported yet: "
+                     "export its full depth (no --budget), or serve it from "
+                     "its workdir (--mode=predict or --mode=serve)")
   directory = os.path.abspath(directory)
   check_output(directory, workdir)
   os.makedirs(os.path.dirname(directory), exist_ok=True)

@@ -9,6 +9,11 @@ and are left out. The importance reordering only permutes heads and neurons cons
 each layer, so the permuted layers are still an exact BERT. Anything that would need a different
 architecture (RoBERTa positions, DistilBERT without a pooler) is refused, not approximated.
 
+An early-exit run (DeeBERT / PABEE's network, `baselines.train_early_exit`) exports its full
+depth: the layers at full width and the last exit as BERT's pooler and classifier. Only [CLS]
+exits do: an exit on the mean over tokens has no BertForSequenceClassification counterpart, and
+is refused.
+
 Written with safetensors' numpy API, so exporting needs no torch.
 """
 
@@ -23,6 +28,7 @@ from absl import app, flags, logging
 
 from sharcs_jax.data import glue
 from sharcs_jax.model.config import EncoderConfig
+from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import convert_checkpoint, resolve_model_dir
 from sharcs_jax.run import load_run
@@ -36,9 +42,12 @@ class ExportError(ValueError):
   """The model, or the place it should go, does not allow an exact export."""
 
 
-def check_exportable(model: SharcsModel) -> None:
+def check_exportable(model: SharcsModel | EarlyExitModel) -> None:
   """Refuses what a BertForSequenceClassification cannot compute exactly."""
   cfg = model.encoder
+  if isinstance(model, EarlyExitModel) and model.pooling != "cls":
+    raise ExportError(f"the early-exit model's last exit reads the {model.pooling} over tokens; "
+                      "BertForSequenceClassification pools [CLS], so only [CLS] exits export")
   if cfg.layout != "bert":
     why = ("its positions count from the padding id" if cfg.layout == "roberta"
            else "it has no token types and HF's DistilBERT head has no tanh pooler")
@@ -78,7 +87,7 @@ def layer_tensors(cfg: EncoderConfig, layer: Mapping[str, Any], i: int) -> dict[
   return out
 
 
-def hf_tensors(model: SharcsModel, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def hf_tensors(model: SharcsModel | EarlyExitModel, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Our parameter tree -> BertForSequenceClassification's state dict, full width only."""
   check_exportable(model)
   cfg, emb, head = model.encoder, params["embeddings"], params["head"]
@@ -93,7 +102,7 @@ def hf_tensors(model: SharcsModel, params: Mapping[str, Any]) -> dict[str, np.nd
   return out
 
 
-def check_round_trip(model: SharcsModel, params: Mapping[str, Any],
+def check_round_trip(model: SharcsModel | EarlyExitModel, params: Mapping[str, Any],
                      tensors: dict[str, np.ndarray]) -> None:
   """The importer (tested against Hugging Face) must read the export back bit for bit.
 
@@ -113,7 +122,7 @@ def check_round_trip(model: SharcsModel, params: Mapping[str, Any],
     raise ExportError("export of head/classifier does not read back as the same tensor")
 
 
-def hf_config(model: SharcsModel, label_names: tuple[str, ...]):
+def hf_config(model: SharcsModel | EarlyExitModel, label_names: tuple[str, ...]):
   """BertConfig of exactly what our full width computes (absolute positions, our activation)."""
   from transformers import BertConfig  # configuration only: no torch
 
@@ -146,7 +155,7 @@ def copy_tokenizer(backbone_dir: str, directory: str) -> list[str]:
   return copied
 
 
-def export_hf(config: Any, model: SharcsModel, params: Mapping[str, Any], directory: str) -> None:
+def export_hf(config: Any, model: SharcsModel | EarlyExitModel, params: Mapping[str, Any], directory: str) -> None:
   """Writes config.json, model.safetensors and the tokenizer files of the run into `directory`."""
   from safetensors.numpy import save_file
 
@@ -177,12 +186,25 @@ def partial_path(output: str) -> str:
   return os.path.abspath(output).rstrip(os.sep) + ".partial"
 
 
+def full_depth_params(model: EarlyExitModel, params: Mapping[str, Any]) -> dict[str, Any]:
+  """An early-exit model's full depth in the SHARCS tree's names: its last exit as the head."""
+  return {**params, "head": params[f"exits_{model.encoder.num_layers - 1}"]}
+
+
 def export_workdir(workdir: str, output: str) -> None:
   """Loads the kept parameters of `workdir` and exports them atomically to `output`."""
+  from sharcs_jax.checkpoint import holds_early_exit, load_kept_exit
+
   check_output(output, workdir)
-  run = load_run(workdir)
+  if holds_early_exit(workdir):
+    config, model, params = load_kept_exit(workdir)
+    check_exportable(model)
+    params = full_depth_params(model, params)
+  else:
+    run = load_run(workdir)
+    config, model, params = run.config, run.model, run.params
   partial = partial_path(output)
-  export_hf(run.config, run.model, run.params, partial)
+  export_hf(config, model, params, partial)
   os.replace(partial, output)
   logging.info("Exported the full-width model of %s to %s", workdir, output)
 

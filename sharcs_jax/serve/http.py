@@ -24,9 +24,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sharcs_jax.data import batching
-from sharcs_jax.model.widths import width_label
 from sharcs_jax.serve import tei
 from sharcs_jax.serve.batcher import Batcher, Limits, Pending
+from sharcs_jax.serve.engine import route_detail, route_labels
 from sharcs_jax.serve.tei import RequestError
 
 VERSION = "0.1.0"
@@ -39,21 +39,6 @@ class ServerOptions:
   payload_limit: int = 2_000_000  # bytes
   drain_timeout_s: float = 60.0
   workers: int = 1  # threads running the engine, each on its own batch
-
-
-def route_labels(predictions: Any) -> list[str]:
-  """What the engine chose for each row, as a metric label value: its width ("0.25") for a
-  SHARCS model, the layer it exited after ("3") for an early-exit model."""
-  if hasattr(predictions, "exit_layers"):
-    return [str(int(layer)) for layer in predictions.exit_layers]
-  return [width_label(float(w)) for w in predictions.widths]
-
-
-def route_detail(predictions: Any, row: int) -> dict[str, float | int]:
-  """A row's route in a `"details": true` answer: its width, or the layer it exited after."""
-  if hasattr(predictions, "exit_layers"):
-    return {"exit_layer": int(predictions.exit_layers[row])}
-  return {"width": float(predictions.widths[row])}
 
 
 class Metrics:

@@ -22,7 +22,7 @@ from sharcs_jax import report
 from sharcs_jax.errors import DataError, MissingFileError, RunError
 from sharcs_jax.data.glue import Task
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
-from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.engine import Engine, route_detail
 
 
 def _label_id(value: Any, task: Task, where: str) -> int:
@@ -187,10 +187,11 @@ def run(workdir: str, input_path: str, output_path: str,
   predictions = engine.run(data)
   seconds = time.perf_counter() - start
   if early_exit:
-    route = lambda i: {"exit_layer": int(predictions.exit_layers[i])}
+    route = lambda i: route_detail(predictions, i)
+    routes = predictions.routes()
     full, shares = engine.full_depth_gflops(data), {
-        f"layer {end}": float(np.mean(predictions.exit_layers == end)) if len(texts) else 0.0
-        for end in engine.exit_layers}
+        name: routes.count(name) / len(texts) if len(texts) else 0.0
+        for name in engine.route_names()}
   else:
     route = lambda i: {"width": float(predictions.widths[i])}
     full, shares = engine.full_width_gflops(data), predictions.share_per_width(engine.widths)

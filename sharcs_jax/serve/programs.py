@@ -6,6 +6,8 @@ Four kinds of program, each compiled with `jit(...).lower(...).compile()` for fi
   forward  (width, batch, length)  the whole model at one width, no router -> class probabilities
   stage    (span, batch, length)   an early-exit model's layers a..b and exit b, on the token ids
                                    (a = 0) or layer a - 1's hidden states -> (hidden, probabilities)
+  narrow   (width, batch, length)  a depth-and-width early-exit model's layers K+1..L at a narrow
+                                   width on layer K's hidden states -> (hidden, probabilities)
 Parameters are arguments, not constants, so one program serves any parameter values of the same
 shapes (every epoch of a training run, any checkpoint of a config). Given a mesh (training on
 several devices), programs whose batch divides over it are compiled SPMD: parameters replicated,
@@ -52,7 +54,7 @@ Span = tuple[int, int]  # a stage's first and last layer, 0-based
 
 @dataclasses.dataclass(frozen=True)
 class ProgramKey:
-  kind: str  # "prefix", "adaptive", "forward" or "stage"
+  kind: str  # "prefix", "adaptive", "forward", "stage" or "narrow"
   width: float | None  # None for the prefix and stages
   batch: int
   length: int
@@ -68,7 +70,7 @@ class ProgramKey:
 def model_settings(model: SharcsModel | EarlyExitModel) -> tuple[Any, ...]:
   """The model's settings that shape its programs (beside the encoder's), for fingerprints."""
   if isinstance(model, EarlyExitModel):
-    return ("early exit", model.num_classes, model.pooling)
+    return ("early exit", model.num_classes, model.pooling, model.widths, model.width_layer)
   return (model.num_classes, model.widths, model.router_layer, model.router_hidden,
           model.compute_dtype, model.cls_only_last_layer)
 
@@ -94,7 +96,10 @@ def functions(model: SharcsModel | EarlyExitModel) -> dict[str, Callable[..., An
     def stage(variables, *inputs, first, last):
       return model.apply(variables, *inputs, first=first, last=last, method=EarlyExitModel.stage)
 
-    return {"stage": stage}
+    def narrow(variables, hidden, mask, *, width):
+      return model.apply(variables, hidden, mask, width=width, method=EarlyExitModel.narrow_stage)
+
+    return {"stage": stage, "narrow": narrow}
 
   def prefix(variables, ids, mask, types):
     return model.apply(variables, ids, mask, types, method=SharcsModel.prefix)
@@ -120,7 +125,7 @@ def argument_specs(model: SharcsModel | EarlyExitModel, kind: str, batch: Any, l
   adaptive part or a stage after the first layer. The one place these shapes are spelled, for
   compiling and for `jax.export` (where batch and length are symbolic)."""
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
-  if kind == "adaptive" or (kind == "stage" and span[0] > 0):
+  if kind in ("adaptive", "narrow") or (kind == "stage" and span[0] > 0):
     return (jax.ShapeDtypeStruct((batch, length, model.encoder.hidden_size), jnp.float32,
                                  sharding=sharding), ids)
   return ids, ids, ids
@@ -169,7 +174,8 @@ class Programs:
     starting at layer 0 and each next one after the last."""
     if list(batch_buckets) != sorted(set(batch_buckets)) or batch_buckets[0] < 1:
       raise ValueError(f"batch_buckets must be increasing sizes >= 1, got {tuple(batch_buckets)}")
-    known = {"stage"} if isinstance(model, EarlyExitModel) else {"prefix", "adaptive", "forward"}
+    known = ({"stage", "narrow"} if isinstance(model, EarlyExitModel)
+             else {"prefix", "adaptive", "forward"})
     unknown = set(kinds) - known
     if unknown:
       raise ValueError(f"unknown program kinds {sorted(unknown)} for a {type(model).__name__}")
@@ -192,6 +198,8 @@ class Programs:
       keys += [ProgramKey(kind, w, b, s) for kind in ("adaptive", "forward") if kind in kinds
                for w in model.widths]
       keys += [ProgramKey("stage", None, b, s, span) for span in self.spans]
+      if "narrow" in kinds:
+        keys += [ProgramKey("narrow", w, b, s) for w in model.narrow_widths]
       for key in keys:
         self.executables[key], self.flops[key] = self._obtain(key)
     logging.info("%d programs: %d compiled, %d loaded from %s", len(self.executables),
@@ -233,12 +241,13 @@ class Programs:
     return np.array([[self.example_flops(w, s) for s in self.length_buckets]
                      for w in self.model.widths])
 
-  def stage_flops_table(self) -> np.ndarray:
-    """FLOPs per example [stages, length buckets] of each stage alone, read as `example_flops`
-    reads them: a row that stops after stage k costs the first k + 1 rows' sum."""
+  def stage_flops_table(self, stages: Sequence["StageProgram"] | None = None) -> np.ndarray:
+    """FLOPs per example [stages, length buckets] of each stage alone (default: the spans in
+    order), read as `example_flops` reads them: a row costs the sum of the stages it ran."""
     b = self.batch_buckets[0]
-    return np.array([[self.flops[ProgramKey("stage", None, b, s, span)] / b
-                      for s in self.length_buckets] for span in self.spans])
+    stages = stages or [StageProgram("stage", None, span) for span in self.spans]
+    return np.array([[self.flops[ProgramKey(p.kind, p.width, b, s, p.span)] / b
+                      for s in self.length_buckets] for p in stages])
 
   def prefix_flops_row(self) -> np.ndarray:
     """FLOPs per example [length buckets] of the prefix and router alone (a cascade adds each
@@ -286,6 +295,9 @@ class Programs:
           variables, *args, first=key.span[0], last=key.span[1])
     if key.kind == "prefix":
       return jax.jit(function, out_shardings=rows).lower(variables, *args)
+    if key.kind == "narrow":
+      return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
+          variables, *args, width=key.width)
     return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
         variables, *args, width=key.width)
 
@@ -315,15 +327,28 @@ def check_spans(spans: Sequence[Span], num_layers: int) -> tuple[Span, ...]:
   return spans
 
 
-class StageProgramRunner:
-  """`dispatch.StageRunner` over an early-exit model's precompiled stages."""
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+  """Which program runs one stage of an early-exit model's cascade: a span of full-width
+  layers ("stage") or the narrow layers at a width ("narrow")."""
 
-  def __init__(self, programs: Programs, variables: Any):
+  kind: str
+  width: float | None
+  span: Span | None
+
+
+class StageProgramRunner:
+  """`dispatch.StageRunner` over an early-exit model's precompiled stages (`stages`: which
+  program each stage runs; default the spans in order)."""
+
+  def __init__(self, programs: Programs, variables: Any,
+               stages: Sequence[StageProgram] | None = None):
     self.programs, self.variables = programs, variables
+    self.stages = tuple(stages or [StageProgram("stage", None, span) for span in programs.spans])
 
   def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
             ) -> tuple[Any, tuple[Any, ...]]:
-    span = self.programs.spans[index]
-    hidden, probabilities = self.programs("stage", None, batch, length, span)(self.variables,
-                                                                               *inputs)
+    p = self.stages[index]
+    hidden, probabilities = self.programs(p.kind, p.width, batch, length, p.span)(
+        self.variables, *inputs)
     return hidden, (probabilities,)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -164,9 +164,12 @@ def rule_from_json(saved: dict) -> "Rule | Cascade | Fixed | ExitCascade":
   if not saved:
     return Rule()
   if saved.get("rule") == "exit":
+    narrow = saved.get("narrow_threshold")
     return ExitCascade(float(saved["threshold"]), int(saved["num_stages"]), saved["signal"],
                        saved["budget"], float(saved["calibration_reduction"]),
-                       tuple(float(t) for t in saved.get("bucket_thresholds", ())))
+                       tuple(float(t) for t in saved.get("bucket_thresholds", ())),
+                       int(saved.get("narrow_first", 0)), int(saved.get("narrow_count", 0)),
+                       None if narrow is None else float(narrow))
   if saved.get("rule") == "fixed":
     return Fixed(int(saved["width_index"]), saved["budget"], float(saved["calibration_reduction"]))
   if saved.get("rule") == "cascade":
@@ -215,7 +218,13 @@ class ExitCascade:
   """DeeBERT's rule over an early-exit model's stages: a row leaves at the first stage whose
   confidence reaches `threshold` (with "entropy", 1 - H / log C: DeeBERT's entropy threshold);
   the last stage answers the rest. With `bucket_thresholds` (one per length bucket) a row's own
-  length bucket decides its threshold: the rule then runs `over_rows` of known buckets."""
+  length bucket decides its threshold: the rule then runs `over_rows` of known buckets.
+
+  A depth-and-width model's cascade has `narrow_count` narrow stages from `narrow_first` (each
+  reading the full-width stage before them): a row not sure at that stage tries them in turn and
+  leaves at the first whose confidence reaches `narrow_threshold`; the unsure go on at full width
+  (stage `narrow_first + narrow_count`). With `narrow_threshold` None the narrow stages are
+  skipped: the plain early exit over the model's full-width stages."""
 
   threshold: float
   num_stages: int
@@ -223,6 +232,9 @@ class ExitCascade:
   budget: str = ""
   calibration_reduction: float = 1.0
   bucket_thresholds: tuple[float, ...] = ()
+  narrow_first: int = 0
+  narrow_count: int = 0
+  narrow_threshold: float | None = None
 
   name = "exit"
 
@@ -235,11 +247,21 @@ class ExitCascade:
       raise ValueError("thresholds per length bucket need the rows' buckets: run over_rows")
     return self.next_stages_at(stage, outputs, self.threshold)
 
+  def is_narrow(self, stage: int) -> bool:
+    return self.narrow_first <= stage < self.narrow_first + self.narrow_count
+
   def next_stages_at(self, stage: int, outputs: tuple[np.ndarray, ...],
                      threshold: float | np.ndarray) -> np.ndarray:
     """`next_stages` with this `threshold` (or one per row)."""
-    leaves = (confidence(outputs[0], self.signal) >= threshold) | (not self.continues(stage))
-    return np.where(leaves, STOP, stage + 1).astype(np.int64)
+    sure = confidence(outputs[0], self.signal)
+    if self.is_narrow(stage):
+      leaves = sure >= self.narrow_threshold
+    else:
+      leaves = (sure >= threshold) | (not self.continues(stage))
+    after = stage + 1
+    if self.narrow_count and stage == self.narrow_first - 1 and self.narrow_threshold is None:
+      after = self.narrow_first + self.narrow_count  # past the skipped narrow stages
+    return np.where(leaves, STOP, after).astype(np.int64)
 
   def row_thresholds(self, bucket_of: np.ndarray) -> np.ndarray:
     """Each row's threshold [N] from its length bucket index."""
@@ -253,21 +275,44 @@ class ExitCascade:
     """The rule as `dispatch.run_stage_buckets` asks it about rows of these length buckets."""
     return _RowThresholds(self, self.row_thresholds(bucket_of))
 
+  def paths(self, stage_probabilities: np.ndarray, bucket_of: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(the stage each row leaves at [N], the stages it ran [N, S]) from every stage's
+    probabilities [S, N, C] (and the rows' length buckets, with thresholds per bucket): the
+    cascade `dispatch.run_stages` runs, walked on outputs already known."""
+    stage_probabilities = np.asarray(stage_probabilities)
+    n = stage_probabilities.shape[1]
+    threshold = (np.full(n, self.threshold) if bucket_of is None and not self.bucket_thresholds
+                 else self.row_thresholds(bucket_of))
+    at = np.zeros(n, np.int64)  # the stage each row runs next, or STOP
+    final = np.zeros(n, np.int64)
+    ran = np.zeros((n, self.num_stages), bool)
+    for stage in range(self.num_stages):
+      rows = np.flatnonzero(at == stage)
+      ran[rows, stage] = True
+      go_to = self.next_stages_at(stage, (stage_probabilities[stage, rows],), threshold[rows])
+      final[rows[go_to == STOP]] = stage
+      at[rows] = go_to
+    return final, ran
+
   def exits(self, stage_probabilities: np.ndarray, bucket_of: np.ndarray | None = None
             ) -> np.ndarray:
-    """The stage each row leaves at [N], from every stage's probabilities [S, N, C] (and the
-    rows' length buckets, with thresholds per bucket)."""
-    threshold = (self.threshold if bucket_of is None and not self.bucket_thresholds
-                 else self.row_thresholds(bucket_of))
-    sure = confidence(stage_probabilities, self.signal) >= threshold
-    sure[-1] = True
-    return sure.argmax(0)
+    """The stage each row leaves at [N] (`paths`)."""
+    return self.paths(stage_probabilities, bucket_of)[0]
+
+  def full_depth(self) -> np.ndarray:
+    """bool [S]: the stages a row runs at full depth (every full-width stage)."""
+    return ~np.array([self.is_narrow(s) for s in range(self.num_stages)], bool)
 
   def to_json(self) -> dict:
-    return {"rule": self.name, "budget": self.budget, "threshold": self.threshold,
-            "signal": self.signal, "num_stages": self.num_stages,
-            "calibration_reduction": self.calibration_reduction,
-            "bucket_thresholds": list(self.bucket_thresholds)}
+    saved = {"rule": self.name, "budget": self.budget, "threshold": self.threshold,
+             "signal": self.signal, "num_stages": self.num_stages,
+             "calibration_reduction": self.calibration_reduction,
+             "bucket_thresholds": list(self.bucket_thresholds)}
+    if self.narrow_count:
+      saved.update(narrow_first=self.narrow_first, narrow_count=self.narrow_count,
+                   narrow_threshold=self.narrow_threshold)
+    return saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,10 +336,13 @@ MIN_BUCKET_ROWS = 100
 
 def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, budget: Budget,
                     signal: str = "entropy", bucket_of: np.ndarray | None = None,
-                    num_buckets: int = 0, iterations: int = 60) -> ExitCascade:
+                    num_buckets: int = 0, iterations: int = 60,
+                    layout: ExitCascade | None = None) -> ExitCascade:
   """The highest threshold (latest exits) whose average FLOPs on these examples meet the
-  budget, against running every stage. `stage_probabilities` [S, N, C]; `stage_flops` [N, S]
-  each stage's cost alone. Cost never falls as the threshold rises, so a bisection finds it.
+  budget, against running every full-width stage. `stage_probabilities` [S, N, C];
+  `stage_flops` [N, S] each stage's cost alone. Cost never falls as the threshold rises, so a
+  bisection finds it. `layout`: a depth-and-width cascade's narrow stages and their threshold
+  (kept; the depth threshold is fitted).
 
   With `bucket_of` [N] (each row's length bucket, of `num_buckets`) the budget is met within
   each bucket of at least `MIN_BUCKET_ROWS` rows by a threshold of its own, and within the rows
@@ -303,11 +351,13 @@ def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, bu
   stage_flops = np.asarray(stage_flops, np.float64)
   if len(stage_flops) == 0:
     raise ValueError("cannot calibrate a budget on zero examples")
-  pooled, reduction = _exit_threshold(stage_probabilities, stage_flops, budget, signal,
-                                      iterations)
   count = stage_flops.shape[1]
+  layout = dataclasses.replace(layout or ExitCascade(0.0, count), num_stages=count,
+                               signal=signal, budget=str(budget))
+  pooled, reduction = _exit_threshold(stage_probabilities, stage_flops, budget, layout,
+                                      iterations)
   if bucket_of is None:
-    return ExitCascade(pooled, count, signal, str(budget), reduction)
+    return dataclasses.replace(layout, threshold=pooled, calibration_reduction=reduction)
   bucket_of = np.asarray(bucket_of)
   rows_in = np.bincount(bucket_of, minlength=num_buckets)
   groups = [bucket_of == b for b in range(num_buckets) if rows_in[b] >= MIN_BUCKET_ROWS]
@@ -319,37 +369,78 @@ def calibrate_exits(stage_probabilities: np.ndarray, stage_flops: np.ndarray, bu
       continue  # too few rows to fit: the pooled threshold
     try:
       threshold = _exit_threshold(stage_probabilities[:, rows], stage_flops[rows], budget,
-                                  signal, iterations)[0]
+                                  layout, iterations)[0]
     except ValueError:  # out of these rows' reach: they keep the pooled threshold
       continue
     thresholds[np.unique(bucket_of[rows])] = threshold
-  rule = ExitCascade(pooled, count, signal, str(budget), 1.0, tuple(thresholds.tolist()))
+  rule = dataclasses.replace(layout, threshold=pooled,
+                             bucket_thresholds=tuple(thresholds.tolist()))
   return dataclasses.replace(rule, calibration_reduction=exit_reduction(
       rule, stage_probabilities, stage_flops, bucket_of))
 
 
+# Where a depth-and-width calibration tries the narrow stages' threshold: these quantiles of the
+# first narrow stage's confidence on the calibration rows (and None: skip the narrow stages).
+NARROW_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def calibrate_depth_width(stage_probabilities: np.ndarray, stage_flops: np.ndarray,
+                          labels: np.ndarray, budget: Budget, narrow_first: int,
+                          narrow_count: int, signal: str = "entropy",
+                          narrow_thresholds: Sequence[float | None] | None = None,
+                          ) -> tuple[ExitCascade, list[dict]]:
+  """The depth-and-width cascade that meets `budget` most accurately on these labelled rows: for
+  each narrow threshold (a small search, None skipping the narrow stages; by default None and
+  the `NARROW_QUANTILES` of the narrow stage's confidence, whatever the signal's range) the
+  depth threshold that meets the budget (`calibrate_exits`), then the pair with the best
+  accuracy (ties: the earlier candidate). Returns it and every candidate's accuracy and
+  reduction, for the report."""
+  labels = np.asarray(labels)
+  if narrow_thresholds is None:
+    sure = confidence(stage_probabilities[narrow_first], signal)
+    narrow_thresholds = [None] + sorted(set(np.quantile(sure, NARROW_QUANTILES).tolist()))
+  tried, best, best_accuracy = [], None, -1.0
+  for narrow in narrow_thresholds:
+    layout = ExitCascade(0.0, len(stage_probabilities), signal, narrow_first=narrow_first,
+                         narrow_count=narrow_count, narrow_threshold=narrow)
+    try:
+      rule = calibrate_exits(stage_probabilities, stage_flops, budget, signal, layout=layout)
+    except ValueError:
+      continue  # out of reach with these narrow exits
+    final, ran = rule.paths(stage_probabilities)
+    predicted = stage_probabilities[final, np.arange(len(final))].argmax(-1)
+    accuracy = float((predicted == labels).mean())
+    tried.append({"narrow_threshold": narrow, "threshold": rule.threshold,
+                  "accuracy": accuracy, "reduction": rule.calibration_reduction,
+                  "narrow_share": float(ran[:, ~rule.full_depth()].any(-1).mean())})
+    if accuracy > best_accuracy:
+      best, best_accuracy = rule, accuracy
+  if best is None:
+    raise ConfigError(f"budget {budget} is out of reach of this depth-and-width cascade at every "
+                      f"narrow threshold {list(narrow_thresholds)}")
+  return best, tried
+
+
 def exit_reduction(rule: ExitCascade, stage_probabilities: np.ndarray, stage_flops: np.ndarray,
                    bucket_of: np.ndarray | None = None) -> float:
-  """The FLOPs reduction `rule` reaches on these rows against running every stage, from every
-  stage's probabilities [S, N, C] and costs [N, S] (and the rows' length buckets [N])."""
-  spent = np.cumsum(np.asarray(stage_flops, np.float64), axis=1)  # leaving after each stage
-  exits = rule.exits(stage_probabilities, bucket_of)
-  return float(spent[:, -1].mean() / spent[np.arange(len(spent)), exits].mean())
+  """The FLOPs reduction `rule` reaches on these rows against running every full-width stage,
+  from every stage's probabilities [S, N, C] and costs [N, S] (and the rows' length buckets)."""
+  stage_flops = np.asarray(stage_flops, np.float64)
+  ran = rule.paths(stage_probabilities, bucket_of)[1]
+  return float((stage_flops * rule.full_depth()).sum(-1).mean()
+               / (stage_flops * ran).sum(-1).mean())
 
 
 def _exit_threshold(stage_probabilities: np.ndarray, stage_flops: np.ndarray, budget: Budget,
-                    signal: str, iterations: int) -> tuple[float, float]:
+                    layout: ExitCascade, iterations: int) -> tuple[float, float]:
   """`calibrate_exits`' one threshold over these rows, and the reduction it reaches."""
-  count = stage_flops.shape[1]
-  spent = np.cumsum(stage_flops, axis=1)  # [N, S]: leaving after each stage
-  rows = np.arange(len(stage_flops))
+  full = float((stage_flops * layout.full_depth()).sum(-1).mean())
 
   def cost(threshold: float) -> float:
-    exits = ExitCascade(threshold, count, signal).exits(stage_probabilities)
-    return float(spent[rows, exits].mean())
+    ran = dataclasses.replace(layout, threshold=threshold).paths(stage_probabilities)[1]
+    return float((stage_flops * ran).sum(-1).mean())
 
-  return _threshold_for_budget(cost, float(spent[:, -1].mean()), budget, "these exits reach",
-                               iterations)
+  return _threshold_for_budget(cost, full, budget, "these exits reach", iterations)
 
 
 def calibrate_cascade(probabilities: np.ndarray, router_logits: np.ndarray,

@@ -246,7 +246,7 @@ def selection_score(result: dict[str, Any], rule: str, max_drop: float,
   raise ValueError(f"unknown selection rule {rule!r}; known: {config_lib.SELECTION_RULES}")
 
 
-def _importance_batches(data: batching.Encoded, batch_size: int, count: int):
+def importance_batches(data: batching.Encoded, batch_size: int, count: int):
   full = (b for rows, b in batching.eval_batches(data, batch_size) if len(rows) == batch_size)
   for _, batch in zip(range(count), full):
     yield {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "label")}
@@ -347,7 +347,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   else:
     if m.reorder:
       start = time.time()
-      params = reorder_by_importance(model, params, _importance_batches(
+      params = reorder_by_importance(model, params, importance_batches(
           train_data, t.batch_size, m.reorder_batches))
       state = state.replace(params=params, opt_state=tx.init(params))
       logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
