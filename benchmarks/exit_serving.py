@@ -104,16 +104,20 @@ def main(argv):
       entry["dev_reduction_other_calibration"] = other[name]
     data["paths"][name] = entry
     rows.append([name, entry["calibration_reduction"], entry["dev_reduction"],
-                 entry.get("dev_reduction_other_calibration", 1.0),
+                 entry.get("dev_reduction_other_calibration", ""),
                  *(100 * v for v in metrics.values()), rate, entry["speedup"],
                  entry["mean_exit_layer"]])
   calibrated = "per length bucket" if FLAGS.by_length else "pooled"
   data["calibration"] = calibrated
   notes = (f"{len(dev_data)} {task.name} dev examples, token ids to labels, {engine.runtime} "
            f"{engine.precision}, exits "
-           f"({model.pooling} pooling) after layers {data['exit_layers']}, rule {FLAGS.signal} "
+           f"({model.pooling} pooling) after {', '.join(engine.route_names())}, rule "
+           f"{FLAGS.signal} "
            f"calibrated {calibrated} on {len(calibration_data)} held-out training examples "
-           f"(the other calibration's dev reduction beside it, from every exit's dev outputs); "
+           + ("(a depth-and-width model: both thresholds searched jointly, and its full-width "
+              "exits alone beside each budget); " if engine.narrow_count else
+              "(the other calibration's dev reduction beside it, from every exit's dev "
+              "outputs); ") +
            "median of "
            f"{FLAGS.rounds} interleaved passes; CPU: {common.cpu_line(data['cpu'])}.")
   columns = [name if name == "accuracy" else name.upper() for name in task.metrics]
