@@ -14,6 +14,7 @@ from sharcs_jax.serve.exit_engine import ExitEngine
 from sharcs_jax.serve.routing import STOP, ExitCascade, calibrate_depth_width, parse_budget
 from conftest import needs_glue, tiny_run_config
 from test_engine import CompileCounter, _inputs
+from test_exit_engine import _run_with
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +28,13 @@ def joint_engine(tiny_config):
 
 
 def _model_stages(engine, data):
-  """softmax of the model's exits in stage order [S, N, C], each row alone at its real length:
-  exit 2, the narrow width's last exit, exits 3 and 4."""
-  out = []
-  for row in range(len(data)):
-    n = data.lengths[row]
-    ids = data.input_ids[row:row + 1, :n]
-    full, narrow = engine.model.apply(engine.variables, ids, np.ones_like(ids),
-                                      np.zeros_like(ids), method=EarlyExitModel.with_narrow)
-    p = lambda logits: np.asarray(jax.nn.softmax(logits, axis=-1))[0]
-    out.append(np.stack([p(full[1]), p(narrow[0]), p(full[2]), p(full[3])]))
-  return np.stack(out, axis=1)
-
-
-def _run_with(engine, rule, data):
-  kept, engine.rule = engine.rule, rule
-  try:
-    return engine.run(data)
-  finally:
-    engine.rule = kept
+  """softmax of the model's exits in stage order [S, N, C], every row in one batch padded to 16
+  tokens (masked): exit 2, the narrow width's last exit, exits 3 and 4."""
+  ids = data.input_ids
+  mask = (np.arange(ids.shape[1])[None] < data.lengths[:, None]).astype(np.int32)
+  full, narrow = engine.model.apply(engine.variables, ids, mask, np.zeros_like(ids),
+                                    method=EarlyExitModel.with_narrow)
+  return np.asarray(jax.nn.softmax(np.stack([full[1], narrow[0], full[2], full[3]]), axis=-1))
 
 
 def test_layout_puts_the_narrow_stage_after_layer_k(joint_engine):
