@@ -161,10 +161,11 @@ def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, f
   calibration split. `stage_flops` [S, buckets]: each stage alone, in `stage_order`."""
   if not config.routing.budget or calibration is None:
     return None
-  softmax = lambda logits: stage_order(model, np.asarray(jax.nn.softmax(logits, axis=-1)))
+  in_stage_order = lambda logits: stage_order(model,
+                                              np.asarray(jax.nn.softmax(logits, axis=-1)))
   budget = routing.parse_budget(config.routing.budget)
-  probabilities = softmax(exit_logits(model, forward, params, calibration,
-                                      config.eval.batch_size))
+  probabilities = in_stage_order(exit_logits(model, forward, params, calibration,
+                                             config.eval.batch_size))
   costs = stage_flops[:, calibration.bucket_of].T
   search = None
   if model.narrow_widths:
@@ -173,7 +174,7 @@ def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, f
         len(model.narrow_widths), config.routing.signal)
   else:
     rule = routing.calibrate_exits(probabilities, costs, budget, config.routing.signal)
-  dev = softmax(dev_logits)
+  dev = in_stage_order(dev_logits)
   final, ran = rule.paths(dev)
   dev_costs = stage_flops[:, dev_data.bucket_of].T / 1e9
   spent = (dev_costs * ran).sum(-1)

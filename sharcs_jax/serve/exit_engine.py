@@ -131,8 +131,7 @@ class ExitEngine:
                                spans=self.spans)
       self.runner = self.onnx.runner(threads)
     self.stage_flops = self.programs.stage_flops_table(stage_programs)  # [S, length buckets]
-    self.rule = rule or ExitCascade(NEVER_SURE, len(self.stages), "entropy", "", 1.0, (),
-                                    *self.narrow_layout())  # the full depth, narrow skipped
+    self.rule = rule or self.layout_rule(NEVER_SURE)  # the full depth, narrow stages skipped
     self.workdir = self.backbone = None  # the training run's, when built from one (`from_kept`)
     if self.rule.num_stages != len(self.stages):
       raise ValueError(f"the rule has {self.rule.num_stages} stages, the engine "
@@ -147,16 +146,17 @@ class ExitEngine:
     """Each stage's exit by name (`route_name`)."""
     return [route_name(layer, w) for layer, w in zip(self.exit_layers, self.stage_widths)]
 
-  def narrow_layout(self, narrow_threshold: float | None = None) -> tuple[int, int, float | None]:
-    """(first narrow stage, how many, their threshold) as `ExitCascade` takes them."""
-    if not self.narrow_count:
-      return 0, 0, None
-    return self.narrow_first, self.narrow_count, narrow_threshold
+  def layout_rule(self, threshold: float, narrow_threshold: float | None = None,
+                  signal: str = "entropy") -> ExitCascade:
+    """An `ExitCascade` over this engine's stages (its narrow ones where it has them; None
+    skips them) at these thresholds."""
+    narrow = ((self.narrow_first, self.narrow_count, narrow_threshold) if self.narrow_count
+              else (0, 0, None))
+    return ExitCascade(threshold, len(self.stages), signal, "", 1.0, (), *narrow)
 
   def every_stage_rule(self) -> ExitCascade:
     """A rule under which every row runs every stage, narrow ones included."""
-    return ExitCascade(NEVER_SURE, len(self.stages), "entropy", "", 1.0, (),
-                       *self.narrow_layout(NEVER_SURE))
+    return self.layout_rule(NEVER_SURE, NEVER_SURE)
 
   @classmethod
   def from_workdir(cls, workdir: str, **options: Any) -> "ExitEngine":
@@ -215,12 +215,11 @@ class ExitEngine:
       if by_length:
         raise ValueError("a depth-and-width model's thresholds are fitted over all lengths")
       return calibrate_depth_width(every_stage, stage_flops, data.labels, budget,
-                                   *self.narrow_layout()[:2], signal=signal)[0]
+                                   self.narrow_first, self.narrow_count, signal=signal)[0]
     return calibrate_exits(every_stage, stage_flops, budget, signal,
                            bucket_of=data.bucket_of if by_length else None,
                            num_buckets=len(self.length_buckets),
-                           layout=ExitCascade(0.0, len(self.stages), signal, "", 1.0, (),
-                                              *self.narrow_layout()))
+                           layout=self.layout_rule(0.0, signal=signal))
 
   def encode(self, texts: Sequence[Text], labels: Sequence[int] | None = None
              ) -> batching.Encoded:

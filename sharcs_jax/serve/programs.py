@@ -295,9 +295,6 @@ class Programs:
           variables, *args, first=key.span[0], last=key.span[1])
     if key.kind == "prefix":
       return jax.jit(function, out_shardings=rows).lower(variables, *args)
-    if key.kind == "narrow":
-      return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
-          variables, *args, width=key.width)
     return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
         variables, *args, width=key.width)
 
