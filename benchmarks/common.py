@@ -155,9 +155,9 @@ def plot_width_mixture(ax, points: list[tuple[float, float]], reference_gflops: 
             color=color, linewidth=1)
 
 
-def save_accuracy_plot(fig, ax, title: str, path: str) -> None:
+def save_accuracy_plot(fig, ax, title: str, path: str, baseline: str = "full width") -> None:
   """Finishes an accuracy-against-FLOPs-reduction figure the way every benchmark draws it."""
-  ax.set_xlabel("FLOPs reduction vs full width (dev average, XLA cost analysis)")
+  ax.set_xlabel(f"FLOPs reduction vs {baseline} (dev average, XLA cost analysis)")
   ax.set_ylabel("dev accuracy (%)")
   ax.set_title(title)
   ax.grid(alpha=0.3)

@@ -11,6 +11,9 @@ the model's reach (below 1x, or cheaper than all-narrowest) is reported with the
         [--runtime=onnxruntime --precision=int8]
 
 On another runtime or precision every figure (calibration included) comes from its programs.
+An early-exit run (`config.model.method=early_exit`) is swept with its exit rule (`--signal`,
+default DeeBERT's entropy), each budget served by its exit engine beside its full depth and
+each exit alone ('max': every row at the first exit; `exit_budgets`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import os
 import numpy as np
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import common, exit_budgets
 from sharcs_jax.serve import routing
-from sharcs_jax.checkpoint import quiet_orbax_logging
+from sharcs_jax.checkpoint import holds_early_exit, quiet_orbax_logging
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.precision import PRECISIONS, RUNTIMES
 from sharcs_jax.run import load_run
@@ -39,7 +42,8 @@ flags.DEFINE_bool("calibrate_on_dev", False, "Calibrate on dev itself (for runs 
 flags.DEFINE_integer("rounds", 2, "Timed engine passes over dev per budget (median).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
 flags.DEFINE_enum("rule", "router", list(routing.RULES), "How each budget is met.")
-flags.DEFINE_enum("signal", "max_prob", list(routing.CONFIDENCE_SIGNALS), "cascade: confidence.")
+flags.DEFINE_enum("signal", "max_prob", list(routing.CONFIDENCE_SIGNALS), "cascade: confidence "
+                  "(an early-exit run: its exit rule's, entropy unless given).")
 flags.DEFINE_string("start_budget", "", "router+cascade: the router's own budget, e.g. 3x.")
 flags.DEFINE_enum("runtime", "xla", list(RUNTIMES), "What runs the engine's programs.")
 flags.DEFINE_enum("precision", "fp32", sorted(set(sum(PRECISIONS.values(), ()))),
@@ -50,6 +54,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   quiet_orbax_logging()
+  if holds_early_exit(FLAGS.workdir):
+    return exit_main()
   run = load_run(FLAGS.workdir)
   engine = Engine.from_run(run, runtime=FLAGS.runtime, precision=FLAGS.precision)
   task = run.task
@@ -108,6 +114,58 @@ def main(argv):
                         "engine examples/s"], rows, notes)
   plot(os.path.join(FLAGS.out, f"{name}.png"), data)
   print(open(os.path.join(FLAGS.out, f"{name}.md")).read())
+
+
+def exit_main() -> None:
+  """An early-exit run's sweep: its exit rule at each budget, served and timed."""
+  if FLAGS["rule"].present or FLAGS["start_budget"].present or FLAGS.calibrate_on_dev:
+    raise app.UsageError("an early-exit run is swept with its exit rule on its calibration "
+                         "split: --rule, --start_budget and --calibrate_on_dev are for SHARCS runs")
+  try:
+    run = exit_budgets.open_exit_run(FLAGS.workdir, runtime=FLAGS.runtime,
+                                     precision=FLAGS.precision, limit=FLAGS.limit)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  signal = FLAGS.signal if FLAGS["signal"].present else "entropy"
+  data = exit_budgets.serve_budgets(run, FLAGS.budgets, signal=signal, rounds=FLAGS.rounds)
+  data["rule"] = "exit"
+  metrics = run.task.metrics
+  rows = [[name, p["calibration_reduction"], *(100 * p[m] for m in metrics), p["gflops_per_example"],
+           p["dev_reduction"], p["mean_exit_layer"], p["examples_per_second"]]
+          for name, p in data["paths"].items()]
+  rows += [[budget, "out of reach", *("" for _ in metrics), "", "", "", ""]
+           for budget in data["out_of_reach"]]
+  rows += [[f"{e['exit']} alone", "", *(100 * e[m] for m in metrics), e["gflops"],
+            e["dev_reduction"], "", ""] for e in data["exits"]]
+  name = f"pareto_{run.task.name}_exit"
+  notes = (f"{run.task.name} dev ({data['examples']} examples), an early-exit run "
+           f"({data['exit_pooling']} pooling): its {signal} rule calibrated on "
+           f"{data['calibration_examples']} held-out training examples, served by the exit engine "
+           f"({data['runtime']} {data['precision']}), median of {FLAGS.rounds} passes; each exit "
+           f"alone below. CPU: {common.cpu_line(data['cpu'])}.")
+  columns = [m if m == "accuracy" else m.upper() for m in metrics]
+  common.write_outputs(FLAGS.out, name, data, f"{run.task.name}: accuracy to a budget (early "
+                       "exit)", ["budget", "reduction on calibration", *(f"dev {c}" for c in columns),
+                                 "dev GFLOPs/example", "dev reduction", "mean exit layer",
+                                 "engine examples/s"], rows, notes)
+  plot_exits(os.path.join(FLAGS.out, f"{name}.png"), data)
+  print(open(os.path.join(FLAGS.out, f"{name}.md")).read())
+
+
+def plot_exits(path: str, data: dict) -> None:
+  paths = [(name, p) for name, p in data["paths"].items() if name != exit_budgets.FULL_DEPTH]
+  fig, ax = common.report.pyplot().subplots(figsize=(6, 4))
+  ax.plot([p["dev_reduction"] for _, p in paths], [100 * p["accuracy"] for _, p in paths], "o-",
+          color="tab:red", label=f"served, {data['signal']} rule calibrated to each budget")
+  for name, p in paths:
+    ax.annotate(f"{name}\n{p['examples_per_second']:.0f}/s",
+                (p["dev_reduction"], 100 * p["accuracy"]), textcoords="offset points",
+                xytext=(3, 4), fontsize=7)
+  exits = data["exits"]
+  ax.plot([e["dev_reduction"] for e in exits], [100 * e["accuracy"] for e in exits], "s",
+          color="tab:blue", label="each exit alone (same weights)")
+  common.save_accuracy_plot(fig, ax, f"{data['task']}: early exit to a FLOPs budget", path,
+                           "full depth")
 
 
 def plot(path: str, data: dict) -> None:

@@ -6,6 +6,10 @@
 Both paths use the trained model in --workdir, the same precision, the same length buckets and
 the same batch buckets (full batches of 32, remainders as the engine splits them), and run in
 interleaved rounds in one process. Writes throughput.json, throughput.md and throughput.png into --out.
+
+An early-exit run (`config.model.method=early_exit`) is served by its exit engine at --budget
+(default: its config's budget), the threshold calibrated on its calibration split, beside its
+full depth as one program (`exit_budgets`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import os
 import numpy as np
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import common, exit_budgets
 from sharcs_jax.serve import evaluate
 from sharcs_jax import report
+from sharcs_jax.checkpoint import holds_early_exit
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.precision import PRECISIONS
@@ -31,7 +36,9 @@ flags.DEFINE_list("batch_buckets", [str(b) for b in BATCH_BUCKETS],
 flags.DEFINE_integer("rounds", 3, "Interleaved passes over dev per path.")
 flags.DEFINE_string("budget", "", "Route to this budget ('2.5x' or '0.4gflops'), calibrated on "
                     "the run's held-out training examples; default: the run's own rule.")
-flags.DEFINE_string("rule", "router", "Rule that meets --budget (router, cascade, ...).")
+flags.DEFINE_string("rule", "router", "Rule that meets --budget (router, cascade, ...; an "
+                    "early-exit run: its exit rule).")
+flags.DEFINE_string("signal", "entropy", "An early-exit run: confidence of its exit rule.")
 flags.DEFINE_enum("precision", "fp32", list(PRECISIONS["xla"]), "Compute precision of both paths "
                   "(auto: bf16 where the CPU multiplies it natively).")
 flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples (for tests).")
@@ -41,6 +48,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   batch_buckets = tuple(int(b) for b in FLAGS.batch_buckets)
+  if holds_early_exit(FLAGS.workdir):
+    return exit_main()
   run = load_run(FLAGS.workdir)
   engine = Engine.from_run(run, batch_buckets=batch_buckets, budget=FLAGS.budget,
                            rule=FLAGS.rule, precision=FLAGS.precision)
@@ -85,6 +94,44 @@ def main(argv):
   columns = [name if name == "accuracy" else name.upper() for name in metrics]  # the task's
   common.write_outputs(FLAGS.out, "throughput", data, f"{run.task.name} dev throughput", [
       "path", "examples/s", *columns, "GFLOPs/example"], rows, notes)
+  plot(os.path.join(FLAGS.out, "throughput.png"), data)
+  print(open(os.path.join(FLAGS.out, "throughput.md")).read())
+
+
+EXIT_ENGINE = "early-exit engine"
+
+
+def exit_main() -> None:
+  """An early-exit run's throughput: its engine at one budget against its full depth."""
+  if FLAGS["rule"].present or FLAGS["batch_buckets"].present:
+    raise app.UsageError("an early-exit run is served by its exit rule on the engine's batch "
+                         "buckets: --rule and --batch_buckets are for SHARCS runs")
+  try:
+    run = exit_budgets.open_exit_run(FLAGS.workdir, precision=FLAGS.precision, limit=FLAGS.limit)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  budget = FLAGS.budget or run.config.routing.budget or "2x"
+  data = exit_budgets.serve_budgets(run, [budget], signal=FLAGS.signal, rounds=FLAGS.rounds)
+  if budget in data["out_of_reach"]:
+    raise app.UsageError(data["out_of_reach"][budget])
+  paths = data["paths"] = {EXIT_ENGINE: data["paths"][budget],
+                           exit_budgets.FULL_DEPTH: data["paths"][exit_budgets.FULL_DEPTH]}
+  engine, base = paths[EXIT_ENGINE], paths[exit_budgets.FULL_DEPTH]
+  data.update(budget=budget, speedup=engine["speedup"], flops_reduction=engine["dev_reduction"],
+              accuracy_drop_points=100 * (base["accuracy"] - engine["accuracy"]))
+  metrics = run.task.metrics
+  rows = [[name, p["examples_per_second"], *(100 * p[m] for m in metrics),
+           p["gflops_per_example"], p["mean_exit_layer"]] for name, p in paths.items()]
+  notes = (f"{data['examples']} {run.task.name} dev examples, token ids to labels, "
+           f"{data['runtime']} {data['precision']}, an early-exit run's {FLAGS.signal} rule "
+           f"calibrated to {budget} on {data['calibration_examples']} held-out training examples "
+           f"({engine['calibration_reduction']:.2f}x there), CPU: {common.cpu_line(data['cpu'])}; "
+           f"median of {FLAGS.rounds} interleaved passes. The exits serve {data['speedup']:.2f}x "
+           f"the full depth's throughput at {data['flops_reduction']:.2f}x fewer FLOPs, "
+           f"{data['accuracy_drop_points']:+.2f} points accuracy drop.")
+  columns = [name if name == "accuracy" else name.upper() for name in metrics]
+  common.write_outputs(FLAGS.out, "throughput", data, f"{run.task.name} dev throughput", [
+      "path", "examples/s", *columns, "GFLOPs/example", "mean exit layer"], rows, notes)
   plot(os.path.join(FLAGS.out, "throughput.png"), data)
   print(open(os.path.join(FLAGS.out, "throughput.md")).read())
 

@@ -254,9 +254,7 @@ def load_kept_exit(workdir: str) -> tuple[ml_collections.ConfigDict, EarlyExitMo
                             f"{config.train.epochs} finished); resume its training")
     model = EarlyExitModel(config_lib.backbone_config(config),
                            num_classes=glue.get_task(config.task).num_classes,
-                           pooling=config.model.exit_pooling,
-                           widths=config_lib.exit_widths(config),
-                           width_layer=config.model.router_layer)
+                           **config_lib.exit_model_options(config))
     logging.info("Loaded the early-exit run %s: epoch %d (checkpoint %d)", workdir,
                  int(best["epoch"]), step)
     return config, model, jax.device_get(best["params"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from typing import Any
 
 import ml_collections
 from absl import app
@@ -76,6 +77,9 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # The early-exit model only: with a narrow width, e.g. (0.25, 1.0), it adapts depth and width
   # together (layers K+1..L may also run at the narrow width, K = router_layer).
   c.model.exit_widths = (1.0,)
+  # ... and with a narrow width, layers (1-based, in K+1..L-1) after which the narrow layers
+  # also answer (depth exits inside the narrow part), e.g. (4,); the last layer always does.
+  c.model.narrow_exits = ()
 
   c.hardness = ml_collections.ConfigDict()
   c.hardness.window = 2  # W: warm-up epochs, and confidences per label decision
@@ -305,10 +309,17 @@ def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   if config.model.exit_pooling not in EXIT_POOLINGS:
     raise ValueError(f"config.model.exit_pooling={config.model.exit_pooling!r} is not one of "
                      f"{EXIT_POOLINGS}")
+  options = exit_model_options(config)
   try:
-    check_model_settings(encoder, exit_widths(config), m.router_layer)
+    check_model_settings(encoder, options["widths"], m.router_layer)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.model.exit_widths: {e}") from None
+  if options["narrow_exits"] and (
+      len(options["widths"]) < 2 or
+      any(not m.router_layer < e < encoder.num_layers for e in options["narrow_exits"])):
+    raise ValueError(f"config.model.narrow_exits={options['narrow_exits']}: layers after "
+                     f"router_layer={m.router_layer} and before the last "
+                     f"({encoder.num_layers}), with a narrow width in exit_widths")
   if config.checkpoint.select not in SELECTION_RULES:
     raise ValueError(f"config.checkpoint.select={config.checkpoint.select!r} is not one of "
                      f"{SELECTION_RULES}")
@@ -329,6 +340,10 @@ def check_config(config: ml_collections.ConfigDict) -> EncoderConfig:
   return encoder
 
 
-def exit_widths(config: ml_collections.ConfigDict) -> tuple[float, ...]:
-  """The early-exit model's widths (runs written before the field existed: full width only)."""
-  return tuple(config.model.get("exit_widths", (1.0,)))
+def exit_model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The early-exit model's settings beside its encoder and classes (runs written before a
+  field existed: full width only, no narrow exits)."""
+  return {"pooling": config.model.exit_pooling,
+          "widths": tuple(config.model.get("exit_widths", (1.0,))),
+          "width_layer": config.model.router_layer,
+          "narrow_exits": tuple(int(e) for e in config.model.get("narrow_exits", ()))}

@@ -205,6 +205,34 @@ def test_exit_serving_benchmark_writes_its_reports(early_exit_run, tmp_path):
 
 
 @needs_glue
+def test_throughput_and_pareto_serve_an_early_exit_run(early_exit_run, tmp_path):
+  """Both benchmarks serve an early-exit run with its exit engine: throughput at the config's
+  budget beside the full depth, pareto at each budget (one out of reach) beside each exit
+  alone, whose accuracies are the run's kept exits'."""
+  workdir, summary = early_exit_run
+  data, _ = run_benchmark("throughput", tmp_path / "t", f"--workdir={workdir}", "--rounds=1",
+                          "--signal=max_prob", report="throughput", timeout=600)
+  engine, full = data["paths"]["early-exit engine"], data["paths"]["full depth"]
+  assert data["budget"] == "1.1x" and engine["calibration_reduction"] == pytest.approx(1.1, rel=0.1)
+  assert full["accuracy"] == pytest.approx(summary["per_exit"][-1]["accuracy"])
+  assert data["speedup"] == pytest.approx(engine["examples_per_second"] /
+                                          full["examples_per_second"])
+  assert data["flops_reduction"] == pytest.approx(full["gflops_per_example"] /
+                                                  engine["gflops_per_example"])
+  assert_png(tmp_path / "t" / "throughput.png")
+  data, _ = run_benchmark("pareto", tmp_path / "p", f"--workdir={workdir}", "--rounds=1",
+                          "--budgets=1.2x,max,50x", report=f"pareto_{summary['task']}_exit",
+                          timeout=600)
+  assert list(data["paths"]) == ["full depth", "1.2x", "max"] and "50x" in data["out_of_reach"]
+  assert data["signal"] == "entropy" and data["rule"] == "exit"
+  assert data["paths"]["max"]["mean_exit_layer"] == 1.0
+  np.testing.assert_allclose([e["accuracy"] for e in data["exits"]],
+                             [e["accuracy"] for e in summary["per_exit"]])
+  assert [e["exit"] for e in data["exits"]] == ["layer 1", "layer 2", "layer 3"]
+  assert_png(tmp_path / "p" / f"pareto_{summary['task']}_exit.png")
+
+
+@needs_glue
 def test_predict_mode_serves_an_early_exit_run(early_exit_run, tmp_path):
   from sharcs_jax.checkpoint import holds_early_exit
   from sharcs_jax.errors import RunError
@@ -355,6 +383,7 @@ def test_the_http_server_serves_an_early_exit_run(early_exit_run):
     stop(process)
   assert {status for status, _, _ in answers} == {200} and status == status_metrics == 200
   assert info["exit_layers"] == [1, 2, 3] and info["rule"]["rule"] == "exit"
+  assert info["exits"] == ["layer 1", "layer 2", "layer 3"] and info["stage_widths"] == [1.0] * 3
   offline = predict_lib.exit_engine(str(workdir), (1, 8, 32), "1.2x", "router", "max_prob", "",
                                     "fp32", "xla").predict(pairs)
   for (_, _, answer), layer, probabilities in zip(answers, offline.exit_layers,

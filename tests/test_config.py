@@ -64,6 +64,8 @@ def test_task_configs_are_valid(task):
      "more than the full width"),
     ("checkpoint.max_to_keep", 0, r"config.checkpoint.max_to_keep=0 must be an integer in"),
     ("checkpoint.max_drop", 1.5, r"config.checkpoint.max_drop=1.5 must be a number in \[0, 1\]"),
+    ("model.narrow_exits", (4,), r"config.model.narrow_exits=\(4,\): layers after router_layer=2 "
+     r"and before the last \(6\), with a narrow width in exit_widths"),
 ])
 def test_bad_config_fails_before_work(field, value, message):
   config = _load("qqp.py")

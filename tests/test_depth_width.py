@@ -134,26 +134,83 @@ def test_a_rule_never_sends_rows_backwards():
   assert rule_from_json(rule.to_json()) == rule and rule_from_json(skip.to_json()) == skip
 
 
-def test_serving_never_compiles(joint_engine):
-  joint_engine.run(_inputs(n=5, seed=2))
-  compiled = joint_engine.programs.compiled
-  every = ExitCascade(0.5, 4, "max_prob", narrow_first=1, narrow_count=1, narrow_threshold=0.5)
-  with CompileCounter() as counter:
-    _run_with(joint_engine, every, _inputs(n=40, seed=3))
-    joint_engine.every_stage(_inputs(n=9, seed=6))
-  assert counter.events == [] and joint_engine.programs.compiled == compiled
+def test_serving_never_compiles(joint_engine, narrow_exit_engine):
+  for engine in (joint_engine, narrow_exit_engine):
+    engine.run(_inputs(n=5, seed=2))
+    compiled = engine.programs.compiled
+    every = engine.layout_rule(0.5, 0.5, signal="max_prob")
+    with CompileCounter() as counter:
+      _run_with(engine, every, _inputs(n=40, seed=3))
+      engine.every_stage(_inputs(n=9, seed=6))
+    assert counter.events == [] and engine.programs.compiled == compiled
+
+
+@pytest.fixture(scope="module")
+def narrow_exit_engine(tiny_config):
+  """Depth exits inside the narrow part: layers 3 and 4 at width 0.5 answer after layer 3 too."""
+  model = EarlyExitModel(tiny_config, num_classes=3, pooling="mean", widths=(0.5, 1.0),
+                         width_layer=2, narrow_exits=(3,))
+  data = _inputs()
+  params = model.init(jax.random.key(2), data.input_ids[:2], data.input_ids[:2] > 0)["params"]
+  return ExitEngine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
+                    batch_buckets=(1, 4, 8))
+
+
+def test_narrow_exits_chain_inside_the_narrow_part(narrow_exit_engine):
+  engine = narrow_exit_engine
+  assert engine.model.narrow_spans == ((2, 2), (3, 3))
+  assert engine.exit_layers == (2, 3, 4, 3, 4)
+  assert engine.stage_widths == (1.0, 0.5, 0.5, 1.0, 1.0)
+  # the second narrow stage reads the first; full width goes on from layer 2's hidden states
+  assert [s.reads for s in engine.stages] == [dispatch.TOKENS, 0, 1, 0, 3]
+  assert (engine.narrow_first, engine.narrow_count) == (1, 2)
+  assert (engine.stage_flops[1] < engine.stage_flops[3]).all()  # half a layer < a layer
+  data = _inputs()
+  ids = data.input_ids
+  mask = (np.arange(ids.shape[1])[None] < data.lengths[:, None]).astype(np.int32)
+  full, narrow = engine.model.apply(engine.variables, ids, mask, np.zeros_like(ids),
+                                    method=EarlyExitModel.with_narrow)
+  assert narrow.shape[0] == 2
+  expected = jax.nn.softmax(np.stack([full[1], narrow[0], narrow[1], full[2], full[3]]), axis=-1)
+  np.testing.assert_allclose(engine.every_stage(data), expected, atol=2e-6)
+  with pytest.raises(ValueError, match="narrow exits"):
+    EarlyExitModel(engine.model.encoder, num_classes=3, widths=(0.5, 1.0), width_layer=2,
+                   narrow_exits=(2,)).init(jax.random.key(0), ids[:1], mask[:1])
+
+
+def test_rows_try_the_narrow_exits_in_turn_then_go_on_at_full_width(narrow_exit_engine):
+  engine = narrow_exit_engine
+  data = _inputs(n=40, seed=4)
+  every = engine.every_stage(data)
+  depth = float(np.median(every[0].max(-1)))
+  narrow = float(np.median(every[1:3].max(-1)))
+  rule = engine.layout_rule(depth, narrow, signal="max_prob")
+  out = _run_with(engine, rule, data)
+  final, ran = rule.paths(every)
+  assert {1, 2} <= set(final.tolist())  # rows leave at both narrow exits
+  assert (ran[:, 1] == (final != 0)).all()  # the unsure at layer 2 try the first narrow exit
+  assert (ran[:, 2] == (final >= 2)).all()  # the unsure there the second
+  assert (ran[:, 3] == (final >= 3)).all()  # only the unsure at both go on at full width
+  np.testing.assert_array_equal(out.exit_layers, np.array(engine.exit_layers)[final])
+  np.testing.assert_allclose(out.widths, np.array(engine.stage_widths)[final])
+  np.testing.assert_allclose(out.probabilities, every[final, np.arange(40)], atol=1e-6)
+  cost = engine.stage_flops[:, data.bucket_of].T
+  np.testing.assert_allclose(out.gflops, (cost * ran).sum(-1) / 1e9)
+  calibrated = engine.calibrate("1.3x", data, "max_prob")
+  assert calibrated.narrow_count == 2 and calibrated.calibration_reduction >= 1.3 * (1 - 1e-9)
 
 
 
 @pytest.fixture(scope="module")
 def depth_width_run(tiny_backbone, tmp_path_factory):
   """(workdir, summary, config) of a tiny depth-and-width run: exits after every layer of the
-  3-layer backbone, and layers 2-3 also at width 0.5."""
+  3-layer backbone, and layers 2-3 also at width 0.5, answering after each."""
   from sharcs_jax.baselines.train_early_exit import train_early_exit
 
   config = tiny_run_config(tiny_backbone, model__method="early_exit",
                            model__exit_widths=(0.5, 1.0), model__router_layer=1,
-                           model__exit_pooling="mean", routing__budget="1.3x")
+                           model__exit_pooling="mean", model__narrow_exits=(2,),
+                           routing__budget="1.3x")
   workdir = tmp_path_factory.mktemp("depth_width")
   return workdir, train_early_exit(config, str(workdir)), config
 
@@ -169,11 +226,13 @@ def test_the_main_job_reports_what_the_engine_serves(depth_width_run):
   from sharcs_jax.serve.routing import ExitCascade
 
   workdir, summary, config = depth_width_run
-  assert summary["widths"] == [0.5, 1.0] and len(summary["narrow"]) == 1
+  assert summary["widths"] == [0.5, 1.0]
+  assert [(n["width"], n["exit_layer"]) for n in summary["narrow"]] == [(0.5, 2), (0.5, 3)]
+  assert summary["narrow"][0]["gflops"] < summary["narrow"][1]["gflops"]
   served = summary["served"]
   calibrated = ExitEngine.from_workdir(str(workdir), budget="1.3x",
                                        signal=config.routing.signal)
-  assert calibrated.exit_layers == (1, 3, 2, 3)
+  assert calibrated.exit_layers == (1, 2, 3, 2, 3)
   assert calibrated.rule.calibration_reduction == pytest.approx(served["calibration_reduction"],
                                                                 rel=0.02)
   assert calibrated.rule.narrow_threshold == served["narrow_threshold"]
@@ -184,10 +243,11 @@ def test_the_main_job_reports_what_the_engine_serves(depth_width_run):
   accuracy = [float((p.argmax(-1) == dev.labels).mean()) for p in every]
   np.testing.assert_allclose(accuracy, [summary["per_exit"][0]["accuracy"],
                                         summary["narrow"][0]["accuracy"],
+                                        summary["narrow"][1]["accuracy"],
                                         summary["per_exit"][1]["accuracy"],
                                         summary["per_exit"][2]["accuracy"]])
   engine = ExitEngine.from_workdir(str(workdir), rule=ExitCascade(
-      served["threshold"], 4, served["signal"], narrow_first=1, narrow_count=1,
+      served["threshold"], 5, served["signal"], narrow_first=1, narrow_count=2,
       narrow_threshold=served["narrow_threshold"]))
   out = engine.run(dev)
   assert served["accuracy"] == pytest.approx(float((out.labels == dev.labels).mean()))
@@ -214,10 +274,11 @@ def test_exit_serving_and_predict_serve_a_depth_and_width_run(depth_width_run, t
   workdir, summary, _ = depth_width_run
   data, _ = run_benchmark("exit_serving", tmp_path, f"--workdir={workdir}", "--rounds=1",
                           "--budgets=1.3x", report="exit_serving", timeout=600)
-  assert data["exit_layers"] == [1, 3, 2, 3] and data["stage_widths"] == [1.0, 0.5, 1.0, 1.0]
+  assert data["exit_layers"] == [1, 2, 3, 2, 3]
+  assert data["stage_widths"] == [1.0, 0.5, 0.5, 1.0, 1.0]
   joint, depth = data["paths"]["1.3x"], data["paths"]["1.3x, depth only"]
   assert depth["narrow_share"] == 0.0 and depth["rule"]["narrow_threshold"] is None
-  assert joint["rule"]["narrow_count"] == 1
+  assert joint["rule"]["narrow_count"] == 2
   assert joint["narrow_share"] > 0.0 or joint["rule"]["narrow_threshold"] is None
   for path in (joint, depth):
     assert path["calibration_reduction"] >= 1.3 * (1 - 1e-9)
@@ -228,10 +289,12 @@ def test_exit_serving_and_predict_serve_a_depth_and_width_run(depth_width_run, t
   out = predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "out.jsonl"),
                     budget="1.3x")
   rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-  assert set(out["share_per_exit"]) == {"layer 1", "layer 3 at width 0.5", "layer 2", "layer 3"}
+  assert set(out["share_per_exit"]) == {"layer 1", "layer 2 at width 0.5", "layer 3 at width 0.5",
+                                        "layer 2", "layer 3"}
   narrow = [r for r in rows if "width" in r]
-  assert all(r["width"] == 0.5 and r["exit_layer"] == 3 for r in narrow)
-  assert len(narrow) / len(rows) == pytest.approx(out["share_per_exit"]["layer 3 at width 0.5"])
+  assert all(r["width"] == 0.5 and r["exit_layer"] in (2, 3) for r in narrow)
+  assert len(narrow) / len(rows) == pytest.approx(out["share_per_exit"]["layer 2 at width 0.5"]
+                                                  + out["share_per_exit"]["layer 3 at width 0.5"])
   engine = ExitEngine.from_workdir(str(workdir), budget="1.3x")
   with pytest.raises(ValueError, match="narrow stages is not supported yet"):
     export_engine(engine, str(tmp_path / "export"))

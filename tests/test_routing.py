@@ -121,6 +121,16 @@ def test_confidence_signals(signal, expected):
   np.testing.assert_allclose(routing.confidence([[0.7, 0.3], [0.5, 0.5]], signal), expected)
 
 
+def test_every_signal_stays_in_0_1_for_float32_probabilities_near_uniform():
+  """A float32 softmax near uniform can sum a hair under 1, and its entropy then exceeds log C;
+  confidence must not dip below 0, or threshold 0 (every row leaves at its first exit) would no
+  longer be reachable."""
+  p = np.array([[0.49999997, 0.49999997]], np.float32)
+  for signal in routing.CONFIDENCE_SIGNALS:
+    sure = routing.confidence(p, signal)
+    assert (sure >= 0.0).all() and (sure <= 1.0).all(), signal
+
+
 def _cascade_data(n=3000, seed=0):
   rng = np.random.default_rng(seed)
   probabilities = _probabilities(rng.uniform(0.5, 1.0, size=(2, n)))

@@ -32,6 +32,8 @@ from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
 from sharcs_jax.serve import routing
 from sharcs_jax.serve.evaluate import classification_metrics
+from sharcs_jax.serve.exit_engine import layer_spans, leave_costs, stage_layout
+from sharcs_jax.serve.programs import argument_specs
 from sharcs_jax.model.flops import param_shapes, xla_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
@@ -58,8 +60,9 @@ def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: Ea
                     ) -> tuple[ExitTrainState, dict[str, Array]]:
   """One optimiser step on PABEE's weighted exit losses; metrics {"loss": per-exit losses
   [L + n]} as `train_epoch` reads them. A depth-and-width model also trains each of its n narrow
-  widths on every batch (the sandwich), weighted as the last exit it answers for, its loss mixed
-  with in-place distillation from the full width's last exit at `distill_weight`."""
+  stages (`narrow_stages`: each narrow width's exits) on every batch (the sandwich), each weighted
+  as the full-width exit of the same layer, its loss mixed with in-place distillation from the
+  full width's last exit at `distill_weight`."""
   weight = batch["weight"]
   count = jnp.maximum(weight.sum(), 1.0)
 
@@ -75,7 +78,8 @@ def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: Ea
     per_narrow = jnp.stack([(width_loss(lg, batch["label"], logits[-1], distill_weight,
                                         distill_temperature) * weight).sum() / count
                             for lg in narrow]) if len(narrow) else jnp.zeros((0,))
-    return ((per_exit * weights).sum() + weights[-1] * per_narrow.sum(),
+    narrow_weights = jnp.asarray([weights[last] for _, (_, last) in model.narrow_stages])
+    return ((per_exit * weights).sum() + (narrow_weights * per_narrow).sum(),
             jnp.concatenate([per_exit, per_narrow]))
 
   (_, per_exit), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -88,8 +92,8 @@ def exit_train_step(state: ExitTrainState, batch: dict[str, Array], *, model: Ea
 def exit_logits(model: EarlyExitModel, forward: Any, params: Any, data: batching.Encoded,
                 batch_size: int) -> np.ndarray:
   """Every exit's logits [L + n, N, C] in data order (the full-width exits, then each narrow
-  width's), from one pass of the jitted `forward` (`exit_forward`)."""
-  out = np.zeros((model.encoder.num_layers + len(model.narrow_widths), len(data),
+  stage's), from one pass of the jitted `forward` (`exit_forward`)."""
+  out = np.zeros((model.encoder.num_layers + len(model.narrow_stages), len(data),
                   model.num_classes), np.float32)
   for rows, batch in batching.eval_batches(data, batch_size):
     logits = forward(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -108,11 +112,11 @@ def exit_forward(model: EarlyExitModel) -> Any:
 
 def stage_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
   """XLA FLOPs [S, num_buckets] of one example's every stage alone, in `stage_order` (a stage
-  per layer, and each narrow width's layers K+1..L), read from the programs the engine runs at
-  batch 1: the costs `ExitEngine.stage_flops` holds."""
+  per layer, and each narrow stage), read from the programs the engine runs at batch 1: the
+  costs `ExitEngine.stage_flops` holds."""
   shapes = param_shapes(model)
   layers = model.encoder.num_layers
-  table = np.zeros((layers + len(model.narrow_widths), len(length_buckets)))
+  table = np.zeros((layers + len(model.narrow_stages), len(length_buckets)))
   for j, length in enumerate(length_buckets):
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
     hidden = jax.ShapeDtypeStruct((1, length, model.encoder.hidden_size), jnp.float32)
@@ -121,17 +125,18 @@ def stage_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) ->
           lambda p, *inputs, layer: model.apply({"params": p}, *inputs, first=layer, last=layer,
                                                 method=EarlyExitModel.stage), layer=k),
                               shapes, *((ids, ids, ids) if k == 0 else (hidden, ids)))
-    for i, w in enumerate(model.narrow_widths):
+    for i, (w, span) in enumerate(model.narrow_stages):
       table[layers + i, j] = xla_flops(functools.partial(
-          lambda p, h, m, width: model.apply({"params": p}, h, m, width=width,
-                                             method=EarlyExitModel.narrow_stage), width=w),
-                                       shapes, hidden, ids)
+          lambda p, h, m, width, span: model.apply({"params": p}, h, m, width=width, span=span,
+                                                   method=EarlyExitModel.narrow_stage),
+          width=w, span=span), shapes,
+          argument_specs(model, "narrow", 1, length, span=span, width=w)[0], ids)
   return stage_order(model, table)
 
 
 def stage_order(model: EarlyExitModel, per_exit: np.ndarray) -> np.ndarray:
   """Rows of `per_exit` ([L + n, ...]: the full-width exits, then the narrow ones) in the
-  engine's stage order with a stage per layer: exits 1..K, the narrow widths, exits K+1..L."""
+  engine's stage order with a stage per layer: exits 1..K, the narrow stages, exits K+1..L."""
   k, layers = model.width_layer, model.encoder.num_layers
   if not model.narrow_widths:
     return per_exit[:layers]
@@ -171,16 +176,16 @@ def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, f
   if model.narrow_widths:
     rule, search = routing.calibrate_depth_width(
         probabilities, costs, calibration.labels, budget, model.width_layer,
-        len(model.narrow_widths), config.routing.signal)
+        len(model.narrow_stages), config.routing.signal)
   else:
     rule = routing.calibrate_exits(probabilities, costs, budget, config.routing.signal)
   dev = in_stage_order(dev_logits)
   final, ran = rule.paths(dev)
   dev_costs = stage_flops[:, dev_data.bucket_of].T / 1e9
   spent = (dev_costs * ran).sum(-1)
-  exit_layer = stage_order(model, np.concatenate([np.arange(1, model.encoder.num_layers + 1),
-                                                  [model.encoder.num_layers] * len(
-                                                      model.narrow_widths)]))
+  exit_layer = stage_order(model, np.concatenate([
+      np.arange(1, model.encoder.num_layers + 1),
+      [last + 1 for _, (_, last) in model.narrow_stages]]).astype(int))
   return {"budget": config.routing.budget, "signal": rule.signal, "threshold": rule.threshold,
           "narrow_threshold": rule.narrow_threshold,
           "calibration_examples": len(calibration),
@@ -225,9 +230,7 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   model, params = load_pretrained_early_exit(config.model.backbone,
                                              num_classes=task.num_classes,
                                              key=jax.random.fold_in(key, 1),
-                                             pooling=config.model.exit_pooling,
-                                             widths=config_lib.exit_widths(config),
-                                             width_layer=config.model.router_layer)
+                                             **config_lib.exit_model_options(config))
   num_layers = model.encoder.num_layers
   tx = make_optimizer(t)
   state = ExitTrainState(step=jnp.int32(0), epoch=jnp.int32(0), train_seconds=jnp.float32(0),
@@ -242,7 +245,7 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   forward = exit_forward(model)
   # The kept epoch: its dev logits of every exit are all the rules need; its parameters are
   # what the engine serves (`checkpoint.load_kept_exit`).
-  exits = num_layers + len(model.narrow_widths)
+  exits = num_layers + len(model.narrow_stages)
   best = exit_best(copy_buffers(params), exits, len(dev_data), task.num_classes)
   checkpoints = Checkpoints(workdir, config)
   history = []
@@ -286,6 +289,8 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
                                   entropy_fractions,
                                   patiences or tuple(range(1, num_layers)))
   stage_flops = stage_flops_table(model, buckets)
+  leave_at = leave_costs(stage_layout(model, layer_spans(num_layers))[1],
+                         stage_flops[:, dev_data.bucket_of])  # [S, N]
   served = served_at_budget(
       config, model, forward, best["params"],
       None if calibration is None else batching.encode(calibration, tokenizer, buckets),
@@ -300,22 +305,20 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
              "per_exit": [{**classification_metrics(l.argmax(-1), dev_data.labels, task.metrics),
                            "gflops": float(exit_gflops[k].mean())}
                           for k, l in enumerate(logits)],
-             "narrow": [{"width": w, **classification_metrics(
+             "narrow": [{"width": w, "exit_layer": span[1] + 1, **classification_metrics(
                  l.argmax(-1), dev_data.labels, task.metrics),
-                         # layers 1..K, then the narrow stage
-                         "gflops": float(stage_flops[[*range(model.width_layer),
-                                                      model.width_layer + i]][
-                                                          :, dev_data.bucket_of].sum(0).mean()
-                                         / 1e9)}
-                        for i, (w, l) in enumerate(zip(model.narrow_widths,
-                                                       all_logits[num_layers:]))],
+                         # layers 1..K, then the narrow stages to this one
+                         "gflops": float(leave_at[model.width_layer + i].mean() / 1e9)}
+                        for i, ((w, span), l) in enumerate(zip(model.narrow_stages,
+                                                               all_logits[num_layers:]))],
              "points": points, "served": served, "history": history}
   report.write_json(os.path.join(workdir, "early_exit.json"), summary)
   rows = [[p["rule"], p["setting"], 100 * p["accuracy"], p["gflops"], p["mean_exit_layer"]]
           for p in points]
   for entry in summary["narrow"]:
-    rows.append([f"width {entry['width']} after layer {model.width_layer}", "", 
-                 100 * entry["accuracy"], entry["gflops"], num_layers])
+    rows.append([f"width {entry['width']} after layer {model.width_layer}, exit "
+                 f"{entry['exit_layer']}", "", 100 * entry["accuracy"], entry["gflops"],
+                 entry["exit_layer"]])
   if served:
     setting = (served["threshold"] if served["narrow_threshold"] is None else
                f"{served['threshold']:.4f}; narrow {served['narrow_threshold']} "

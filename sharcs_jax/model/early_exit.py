@@ -12,7 +12,8 @@ With narrow `widths` (the depth-and-width model) layers K+1..L may also run at a
 leading slice as in SHARCS (`EncoderLayer`'s private LayerNorms, `DownProjection`), read from
 layer K's full-width hidden states and answered by the last exit's head (its pooler sliced):
 easy inputs leave at an early exit, the rest try the narrow width, and the unsure go on at full
-width through the later exits.
+width through the later exits. With `narrow_exits` the narrow layers also answer after those
+layers, by the same layer's exit head (depth exits inside the narrow part).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.encoder import (ClassifierHead, DownProjection, Embeddings, EncoderLayer,
                                       masked_mean)
 from sharcs_jax.model.sharcs import check_model_settings
+from sharcs_jax.model.widths import width_dims
 
 Array = jax.Array
 EXIT_POOLINGS = ("cls", "mean")
@@ -39,12 +41,33 @@ class EarlyExitModel(nn.Module):
   pooling: str = "cls"  # what each exit reads: "cls" or "mean" (EXIT_POOLINGS)
   widths: tuple[float, ...] = (1.0,)  # increasing, ending at 1.0; narrow ones run layers K+1..L
   width_layer: int = 1  # K: layers 1..K always run at full width (with narrow `widths` only)
+  narrow_exits: tuple[int, ...] = ()  # layers in K+1..L-1 (1-based) the narrow layers answer after
+
+  @property
+  def narrow_stages(self) -> tuple[tuple[float, tuple[int, int]], ...]:
+    """(width, span) of every narrow stage, width by width, each width's spans in order: the
+    order `with_narrow` returns their logits and the engine runs them."""
+    return tuple((w, span) for w in self.narrow_widths for span in self.narrow_spans)
+
+  @property
+  def narrow_spans(self) -> tuple[tuple[int, int], ...]:
+    """The narrow part's stages (0-based first and last layer), each ending at a narrow exit;
+    the last one at layer L. None without narrow widths."""
+    if not self.narrow_widths:
+      return ()
+    ends = sorted(set(self.narrow_exits) | {self.encoder.num_layers})
+    starts = [self.width_layer] + ends[:-1]
+    return tuple((a, b - 1) for a, b in zip(starts, ends))
 
   def setup(self):
     if self.pooling not in EXIT_POOLINGS:
       raise ValueError(f"exit pooling {self.pooling!r} is not one of {EXIT_POOLINGS}")
     cfg = self.encoder
     check_model_settings(cfg, self.widths, self.width_layer)
+    if any(not self.width_layer < e < cfg.num_layers for e in self.narrow_exits) or (
+        self.narrow_exits and not self.narrow_widths):
+      raise ValueError(f"narrow exits {self.narrow_exits} must lie after layer K="
+                       f"{self.width_layer} and before layer {cfg.num_layers}, with a narrow width")
     narrow = self.narrow_widths
     self.embeddings = Embeddings(cfg)
     self.layers = [EncoderLayer(cfg, private_widths=narrow if i >= self.width_layer else ())
@@ -86,8 +109,9 @@ class EarlyExitModel(nn.Module):
   def with_narrow(self, input_ids: Array, attention_mask: Array,
                   token_type_ids: Array | None = None, *, deterministic: bool = True
                   ) -> tuple[Array, Array]:
-    """(every exit's logits [L, B, C] at full width, each narrow width's last-exit logits
-    [n, B, C]); layers 1..K run once for both: what the depth-and-width model trains on."""
+    """(every exit's logits [L, B, C] at full width, each narrow width's exits' logits
+    [n * E, B, C], width by width, each its `narrow_spans` in order); layers 1..K run once for
+    both: what the depth-and-width model trains on."""
     cfg, k = self.encoder, self.width_layer
     mask = attention_mask.astype(bool)
     x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
@@ -97,31 +121,42 @@ class EarlyExitModel(nn.Module):
       x = layer(x, mask, deterministic=deterministic)
       logits.append(head(self._pool(x, mask), deterministic=deterministic)[1])
       if i == k - 1:
-        narrow = [self._narrow(x, mask, width=w, deterministic=deterministic)[1]
-                  for w in self.narrow_widths]
+        narrow = [logits for w in self.narrow_widths
+                  for logits in self._narrow(x, mask, width=w, deterministic=deterministic)[1]]
     chex.assert_equal(len(logits), cfg.num_layers)
     return jnp.stack(logits), jnp.stack(narrow) if narrow else jnp.zeros((0,) + logits[0].shape)
 
-  def _narrow(self, hidden: Array, mask: Array, *, width: float, deterministic: bool
-              ) -> tuple[Array, Array]:
-    """Layers K+1..L at narrow `width` from layer K's hidden states: (hidden [B, T, d_w], the
-    last exit's logits [B, C])."""
+  def _narrow(self, hidden: Array, mask: Array, *, width: float, deterministic: bool,
+              spans: tuple[tuple[int, int], ...] | None = None) -> tuple[Array, list[Array]]:
+    """`spans` of the narrow part (default all `narrow_spans`) at narrow `width`, the first on
+    layer K's full-width hidden states [B, T, d], a later one on the narrow hidden states
+    [B, T, d_w] before it: (hidden [B, T, d_w], each span's exit logits [B, C])."""
     if width not in self.narrow_widths:
       raise ValueError(f"width {width} is not one of the narrow widths {self.narrow_widths}")
-    x = self.down_projection(hidden, width=width)
-    for layer in self.layers[self.width_layer:]:
-      x = layer(x, mask, width=width, deterministic=deterministic)
-    return x, self.exits[-1](self._pool(x, mask), deterministic=deterministic)[1]
+    spans = self.narrow_spans if spans is None else spans
+    x, logits = hidden, []
+    for first, last in spans:
+      if first == self.width_layer:
+        x = self.down_projection(x, width=width)
+      for layer in self.layers[first:last + 1]:
+        x = layer(x, mask, width=width, deterministic=deterministic)
+      logits.append(self.exits[last](self._pool(x, mask), deterministic=deterministic)[1])
+    return x, logits
 
-  def narrow_stage(self, hidden: Array, attention_mask: Array, *, width: float
-                   ) -> tuple[Array, Array]:
-    """The served narrow stage: layers K+1..L at `width` on layer K's full-width hidden states
-    [B, T, d]; (hidden states [B, T, d_w], class probabilities [B, C])."""
-    chex.assert_shape(hidden, (attention_mask.shape[0], attention_mask.shape[1],
-                               self.encoder.hidden_size))
+  def narrow_stage(self, hidden: Array, attention_mask: Array, *, width: float,
+                   span: tuple[int, int] | None = None) -> tuple[Array, Array]:
+    """One served narrow stage: `span`'s layers (one of `narrow_spans`; default the first) at
+    `width`, on layer K's full-width hidden states [B, T, d] for the first span or on the span
+    before's [B, T, d_w]; (hidden states [B, T, d_w], class probabilities [B, C])."""
+    span = span or self.narrow_spans[0]
+    if span not in self.narrow_spans:
+      raise ValueError(f"narrow stage {span} is not one of {self.narrow_spans}")
+    d = (self.encoder.hidden_size if span[0] == self.width_layer
+         else width_dims(self.encoder, width).hidden)
+    chex.assert_shape(hidden, (attention_mask.shape[0], attention_mask.shape[1], d))
     x, logits = self._narrow(hidden, attention_mask.astype(bool), width=width,
-                             deterministic=True)
-    return x, jax.nn.softmax(logits, axis=-1)
+                             deterministic=True, spans=(span,))
+    return x, jax.nn.softmax(logits[0], axis=-1)
 
   def stage(self, inputs: Array, attention_mask: Array, token_type_ids: Array | None = None, *,
             first: int, last: int) -> tuple[Array, Array]:

@@ -288,14 +288,15 @@ def load_pretrained(name_or_path: str, *, num_classes: int, widths: tuple[float,
 
 def load_pretrained_early_exit(name_or_path: str, *, num_classes: int, key: jax.Array,
                                pooling: str = "cls", widths: tuple[float, ...] = (1.0,),
-                               width_layer: int = 1) -> tuple[EarlyExitModel, dict[str, Any]]:
+                               width_layer: int = 1, narrow_exits: tuple[int, ...] = ()
+                               ) -> tuple[EarlyExitModel, dict[str, Any]]:
   """The early-exit baseline around the same pretrained encoder: every exit's pooler starts
   from the checkpoint's pooler (fresh where it has none), every classifier fresh; narrow
   widths' LayerNorms start as slices of the full ones (`narrow_norms_from_full`)."""
   cfg, converted = _pretrained(
       name_or_path, lambda cfg: check_model_settings(cfg, tuple(widths), width_layer))
   model = EarlyExitModel(cfg, num_classes=num_classes, pooling=pooling, widths=tuple(widths),
-                         width_layer=width_layer)
+                         width_layer=width_layer, narrow_exits=tuple(narrow_exits))
   ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
   params = jax.tree_util.tree_map(np.asarray, unfreeze(jax.jit(
       lambda k: model.init(k, ids, jax.numpy.ones_like(ids))["params"])(key)))

@@ -8,9 +8,10 @@ stage is its own precompiled program per (batch, length) bucket (`programs.Progr
 cost analysis, summed over the stages a row ran. A budget ("2x") is met by calibrating the exit
 threshold on the run's calibration split (held-out training examples).
 
-A depth-and-width model (narrow `widths`) adds a narrow stage per narrow width after the stage
-that ends at layer K, reading its hidden states: rows unsure there try the narrow width before
-going on at full width (`routing.ExitCascade`'s narrow stages); its budget is met by a small
+A depth-and-width model (narrow `widths`) adds narrow stages per narrow width after the stage
+that ends at layer K, the first reading its hidden states (and, with narrow exits, each next
+narrow stage the one before): rows unsure there try the narrow exits in turn before going on at
+full width (`routing.ExitCascade`'s narrow stages); its budget is met by a small
 joint search over both thresholds (`routing.calibrate_depth_width`).
 """
 
@@ -64,22 +65,35 @@ def layer_spans(num_layers: int, exit_layers: Sequence[int] | None = None) -> tu
 def stage_layout(model: EarlyExitModel, spans: Sequence[Span]
                  ) -> tuple[list[StageProgram], list[dispatch.Stage], int, int]:
   """(the program of each stage, the stages as the dispatch core runs them, the first narrow
-  stage's index, how many): the spans in order, and after the span ending at layer K one stage
-  per narrow width, each reading that span's hidden states; the next span reads it too. Where no
-  span ends at layer K (the full depth as one program) there are no narrow stages."""
+  stage's index, how many): the spans in order, and after the span ending at layer K each narrow
+  width's stages (its `narrow_spans`, the first reading that span's hidden states, each next one
+  the narrow stage before); the next full-width span reads layer K's too. Where no span ends at
+  layer K (the full depth as one program) there are no narrow stages."""
   programs = [StageProgram("stage", None, span) for span in spans]
   stages = dispatch.chained_stages(len(spans))
-  narrow = model.narrow_widths
+  narrow = model.narrow_stages
   ends = [last + 1 for _, last in spans]
   if not narrow or model.width_layer not in ends:
     return programs, stages, len(spans), 0
   boundary = ends.index(model.width_layer)  # the span the narrow stages read
   first = boundary + 1
-  programs[first:first] = [StageProgram("narrow", w, None) for w in narrow]
-  stages = stages[:first] + [dispatch.Stage(boundary, answers=True) for _ in narrow] + [
+  programs[first:first] = [StageProgram("narrow", w, span) for w, span in narrow]
+  narrow_stages = [dispatch.Stage(boundary if span[0] == model.width_layer else first + j - 1,
+                                  answers=True) for j, (_, span) in enumerate(narrow)]
+  stages = stages[:first] + narrow_stages + [
       dispatch.Stage(boundary if j == 0 else first + len(narrow) + j - 1, answers=True)
       for j in range(len(spans) - first)]
   return programs, stages, first, len(narrow)
+
+
+def leave_costs(stages: Sequence[dispatch.Stage], stage_flops: np.ndarray) -> np.ndarray:
+  """What leaving at each stage costs [S, ...]: that stage and every stage it reads, from each
+  stage's cost alone `stage_flops` [S, ...]."""
+  stage_flops = np.asarray(stage_flops, np.float64)
+  total = np.zeros_like(stage_flops)
+  for s, stage in enumerate(stages):
+    total[s] = stage_flops[s] + (total[stage.reads] if stage.reads != dispatch.TOKENS else 0.0)
+  return total
 
 
 class ExitEngine:
@@ -113,9 +127,7 @@ class ExitEngine:
     if narrow and runtime != "xla":
       raise ValueError("a depth-and-width model's narrow stages run on XLA only, so far "
                        "(--runtime=xla)")
-    # Each stage's exit layer (a narrow stage answers at the last layer, at its width).
-    self.exit_layers = tuple(model.encoder.num_layers if p.kind == "narrow" else p.span[1] + 1
-                             for p in stage_programs)
+    self.exit_layers = tuple(p.span[1] + 1 for p in stage_programs)  # each stage's, 1-based
     self.stage_widths = tuple(p.width or 1.0 for p in stage_programs)
     self.programs = Programs(model, params,
                              batch_buckets=batch_buckets if runtime == "xla" else batch_buckets[:1],

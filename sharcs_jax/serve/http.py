@@ -179,11 +179,13 @@ def make_app(state: State) -> Starlette:
 
 
 def engine_info(engine: Any, options: ServerOptions, rule: str, budget: str) -> dict[str, Any]:
-  """`/info`: a SHARCS engine lists its widths, an early-exit engine (`ExitEngine`) the layers
-  its rows may exit after."""
+  """`/info`: a SHARCS engine lists its widths, an early-exit engine (`ExitEngine`) the exits
+  its rows may leave at: each stage's layer and width, and its name as responses give it."""
   limits = options.limits
   if hasattr(engine, "exit_layers"):
-    model, routed = engine.workdir, {"exit_layers": [int(layer) for layer in engine.exit_layers]}
+    model, routed = engine.workdir, {"exit_layers": [int(layer) for layer in engine.exit_layers],
+                                     "stage_widths": [float(w) for w in engine.stage_widths],
+                                     "exits": engine.route_names()}
   else:
     model = engine.trained.workdir if engine.trained else None
     routed = {"widths": [float(w) for w in engine.widths]}

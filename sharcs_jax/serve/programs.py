@@ -6,8 +6,9 @@ Four kinds of program, each compiled with `jit(...).lower(...).compile()` for fi
   forward  (width, batch, length)  the whole model at one width, no router -> class probabilities
   stage    (span, batch, length)   an early-exit model's layers a..b and exit b, on the token ids
                                    (a = 0) or layer a - 1's hidden states -> (hidden, probabilities)
-  narrow   (width, batch, length)  a depth-and-width early-exit model's layers K+1..L at a narrow
-                                   width on layer K's hidden states -> (hidden, probabilities)
+  narrow   (width, span, batch,    a depth-and-width early-exit model's narrow layers a..b (its
+            length)                `narrow_spans`) at a width, on layer K's hidden states (a = K)
+                                   or the narrow span before's -> (hidden, probabilities)
 Parameters are arguments, not constants, so one program serves any parameter values of the same
 shapes (every epoch of a training run, any checkpoint of a config). Given a mesh (training on
 several devices), programs whose batch divides over it are compiled SPMD: parameters replicated,
@@ -70,7 +71,8 @@ class ProgramKey:
 def model_settings(model: SharcsModel | EarlyExitModel) -> tuple[Any, ...]:
   """The model's settings that shape its programs (beside the encoder's), for fingerprints."""
   if isinstance(model, EarlyExitModel):
-    return ("early exit", model.num_classes, model.pooling, model.widths, model.width_layer)
+    return ("early exit", model.num_classes, model.pooling, model.widths, model.width_layer,
+            model.narrow_exits)
   return (model.num_classes, model.widths, model.router_layer, model.router_hidden,
           model.compute_dtype, model.cls_only_last_layer)
 
@@ -96,8 +98,9 @@ def functions(model: SharcsModel | EarlyExitModel) -> dict[str, Callable[..., An
     def stage(variables, *inputs, first, last):
       return model.apply(variables, *inputs, first=first, last=last, method=EarlyExitModel.stage)
 
-    def narrow(variables, hidden, mask, *, width):
-      return model.apply(variables, hidden, mask, width=width, method=EarlyExitModel.narrow_stage)
+    def narrow(variables, hidden, mask, *, width, first, last):
+      return model.apply(variables, hidden, mask, width=width, span=(first, last),
+                         method=EarlyExitModel.narrow_stage)
 
     return {"stage": stage, "narrow": narrow}
 
@@ -119,15 +122,18 @@ def functions(model: SharcsModel | EarlyExitModel) -> dict[str, Callable[..., An
 
 
 def argument_specs(model: SharcsModel | EarlyExitModel, kind: str, batch: Any, length: Any,
-                   sharding: Any = None, span: Span | None = None
+                   sharding: Any = None, span: Span | None = None, width: float | None = None
                    ) -> tuple[jax.ShapeDtypeStruct, ...]:
   """What a part takes after its variables: (ids, mask, types), or (hidden, mask) for an
-  adaptive part or a stage after the first layer. The one place these shapes are spelled, for
-  compiling and for `jax.export` (where batch and length are symbolic)."""
+  adaptive part, a stage after the first layer or a narrow stage (d_w wide after the first).
+  The one place these shapes are spelled, for compiling and for `jax.export` (where batch and
+  length are symbolic)."""
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
   if kind in ("adaptive", "narrow") or (kind == "stage" and span[0] > 0):
-    return (jax.ShapeDtypeStruct((batch, length, model.encoder.hidden_size), jnp.float32,
-                                 sharding=sharding), ids)
+    d = model.encoder.hidden_size
+    if kind == "narrow" and span is not None and span[0] > model.width_layer:
+      d = widths.width_dims(model.encoder, width).hidden
+    return jax.ShapeDtypeStruct((batch, length, d), jnp.float32, sharding=sharding), ids
   return ids, ids, ids
 
 
@@ -199,7 +205,7 @@ class Programs:
                for w in model.widths]
       keys += [ProgramKey("stage", None, b, s, span) for span in self.spans]
       if "narrow" in kinds:
-        keys += [ProgramKey("narrow", w, b, s) for w in model.narrow_widths]
+        keys += [ProgramKey("narrow", w, b, s, span) for w, span in model.narrow_stages]
       for key in keys:
         self.executables[key], self.flops[key] = self._obtain(key)
     logging.info("%d programs: %d compiled, %d loaded from %s", len(self.executables),
@@ -288,8 +294,12 @@ class Programs:
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(self.mesh)),
           variables)
       rows = parallel.batch_sharded(self.mesh)
-    args = argument_specs(self.model, key.kind, key.batch, key.length, rows, key.span)
+    args = argument_specs(self.model, key.kind, key.batch, key.length, rows, key.span, key.width)
     function = self._functions[key.kind]
+    if key.kind == "narrow":
+      return jax.jit(function, static_argnames=("width", "first", "last"),
+                     out_shardings=rows).lower(variables, *args, width=key.width,
+                                               first=key.span[0], last=key.span[1])
     if key.kind == "stage":
       return jax.jit(function, static_argnames=("first", "last"), out_shardings=rows).lower(
           variables, *args, first=key.span[0], last=key.span[1])
@@ -327,7 +337,7 @@ def check_spans(spans: Sequence[Span], num_layers: int) -> tuple[Span, ...]:
 @dataclasses.dataclass(frozen=True)
 class StageProgram:
   """Which program runs one stage of an early-exit model's cascade: a span of full-width
-  layers ("stage") or the narrow layers at a width ("narrow")."""
+  layers ("stage") or of the narrow layers at a width ("narrow")."""
 
   kind: str
   width: float | None

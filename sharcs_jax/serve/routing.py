@@ -93,7 +93,8 @@ def confidence(probabilities: np.ndarray, signal: str = "max_prob") -> np.ndarra
     return top[..., -1] - top[..., -2]
   if signal == "entropy":
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
-    return 1.0 - entropy / np.log(p.shape[-1])
+    # clipped: float32 probabilities near uniform can give H a hair above log C
+    return np.clip(1.0 - entropy / np.log(p.shape[-1]), 0.0, 1.0)
   raise ValueError(f"unknown confidence signal {signal!r}; known: {CONFIDENCE_SIGNALS}")
 
 
@@ -391,13 +392,14 @@ def calibrate_depth_width(stage_probabilities: np.ndarray, stage_flops: np.ndarr
                           ) -> tuple[ExitCascade, list[dict]]:
   """The depth-and-width cascade that meets `budget` most accurately on these labelled rows: for
   each narrow threshold (a small search, None skipping the narrow stages; by default None and
-  the `NARROW_QUANTILES` of the narrow stage's confidence, whatever the signal's range) the
+  the `NARROW_QUANTILES` of the narrow stages' confidences, whatever the signal's range) the
   depth threshold that meets the budget (`calibrate_exits`), then the pair with the best
   accuracy (ties: the earlier candidate). Returns it and every candidate's accuracy and
   reduction, for the report."""
   labels = np.asarray(labels)
   if narrow_thresholds is None:
-    sure = confidence(stage_probabilities[narrow_first], signal)
+    narrow = np.asarray(stage_probabilities[narrow_first:narrow_first + narrow_count])
+    sure = confidence(narrow.reshape(-1, narrow.shape[-1]), signal)  # every narrow exit's
     narrow_thresholds = [None] + sorted(set(np.quantile(sure, NARROW_QUANTILES).tolist()))
   tried, best, best_accuracy = [], None, -1.0
   for narrow in narrow_thresholds:
