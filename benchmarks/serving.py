@@ -49,6 +49,7 @@ from sharcs_jax.serve import evaluate, hf_export
 from sharcs_jax import report
 from sharcs_jax.data import glue
 from sharcs_jax.data.padding import length_mask
+from sharcs_jax.checkpoint import holds_early_exit
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve import dispatch, routing
 from sharcs_jax.serve.precision import PRECISIONS
@@ -210,9 +211,6 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
                 texts, threads: int) -> tuple[dict[str, dict], dict[str, str], dict]:
   """({name: {"run": texts -> probabilities [N, C], ...description}}, skipped budgets, model
   files); the ONNX models are written into `scratch`."""
-  import torch
-  import transformers
-
   params, max_length = engine.params["params"], engine.length_buckets[-1]
   classes = engine.model.num_classes
   paths, skipped = {}, {}
@@ -257,6 +255,18 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
       paths[name + suffix] = dict(described, run=lambda t, e=routed: e.predict(t).probabilities,
                                   engine=routed, routed=True)
 
+  stock, sizes = hf_paths(hf_dir, scratch, texts, threads, max_length, classes)
+  return paths | stock, skipped, sizes
+
+
+def hf_paths(hf_dir: str, scratch: str, texts, threads: int, max_length: int, classes: int
+             ) -> tuple[dict[str, dict], dict]:
+  """The stock paths on the Hugging Face export in `hf_dir`: PyTorch eager and ONNX Runtime
+  fp32 / int8 of its `torch.onnx.export` (written into `scratch`); and the model files' sizes."""
+  import torch
+  import transformers
+
+  paths = {}
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
   torch.set_num_threads(threads)
   pt = torch_runner(transformers.BertForSequenceClassification.from_pretrained(hf_dir).eval())
@@ -284,6 +294,59 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
   with torch.inference_mode():  # one padded batch through both fp32 runtimes: the same model
     difference = np.abs(onnx_runner(files["fp32"], threads)(*sample) - pt(*sample)).max()
   sizes["max_abs_logit_difference_onnx_fp32_vs_pytorch"] = float(difference)
+  return paths, sizes
+
+
+def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, threads: int
+                     ) -> tuple[dict[str, dict], dict[str, str], dict]:
+  """`build_paths` for an early-exit run: its full depth (one program) and its exit engine at
+  each budget (DeeBERT's entropy rule calibrated on the run's calibration split, on each
+  runtime's own programs), on every runtime and precision the exit engine runs; the stock
+  paths where its exits read [CLS] (the HF export has no mean-pooled head)."""
+  from sharcs_jax.checkpoint import load_kept_exit
+  from sharcs_jax.data import batching
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
+  kept = load_kept_exit(workdir)
+  config, model, _ = kept
+  calibration = glue.run_splits(config)[2]
+  if calibration is None:
+    raise app.UsageError(f"{workdir}: the run holds no calibration split to fit the budgets on")
+  paths, skipped = {}, {}
+  for runtime, precision in runtime_precisions(FLAGS.runtimes, FLAGS.precisions):
+    if runtime == "xla" and precision != "fp32":
+      continue  # an early-exit model runs fp32 on XLA
+    serve = lambda **options: ExitEngine.from_kept(workdir, *kept, runtime=runtime,
+                                                   precision=precision, threads=threads,
+                                                   **options)
+    prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
+    suffix = "" if precision == "fp32" else f" {precision}"
+    full = serve(exit_layers=[model.encoder.num_layers])
+    described = dict(runtime=prefix, precision=precision, cls_only_last_layer=False,
+                     batch=f"buckets {full.batch_sizes}")
+    paths[f"{prefix} full depth{suffix}"] = dict(
+        described, run=lambda t, e=full: e.predict(t).probabilities, engine=full)
+    engine = serve()
+    (data,) = batching.encode_splits([calibration], engine.tokenizer, engine.length_buckets)
+    every_stage = engine.every_stage(data)
+    for budget in budgets:
+      name = f"{prefix} exit engine {budget}{suffix}"
+      try:
+        rule = engine.calibrate(budget, data, "entropy", every_stage=every_stage)
+      except ValueError as e:
+        skipped[name] = str(e)
+        continue
+      routed = copy.copy(engine)
+      routed.rule = rule
+      paths[name] = dict(described, run=lambda t, e=routed: e.predict(t).probabilities,
+                         engine=routed, routed=True)
+  sizes = {}
+  if model.pooling == "cls":
+    hf_dir = os.path.join(scratch, "hf")
+    hf_export.export_workdir(workdir, hf_dir)
+    stock, sizes = hf_paths(hf_dir, scratch, texts, threads, config.data.length_buckets[-1],
+                            model.num_classes)
+    paths |= stock
   return paths, skipped, sizes
 
 
@@ -323,13 +386,17 @@ def at_precision(engine: Engine, precision: str, runtime: str = "xla",
 
 
 def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[str, ...],
-            rounds: int) -> dict[str, dict]:
-  """Interleaved timed passes; each path's outputs from its own last pass."""
+            rounds: int, reference: str = "sharcs_jax full width", bar: str = BAR
+            ) -> dict[str, dict]:
+  """Interleaved timed passes; each path's outputs from its own last pass, compared with the
+  `reference` path's, its speed a multiple of the `bar`'s."""
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
   outputs = {}
   candidates = {name: (lambda n=name: outputs.__setitem__(n, paths[n]["run"](texts)))
                 for name in paths}
   times = common.time_side_by_side(candidates, rounds, warmup=1)
-  full = outputs["sharcs_jax full width"]
+  full = outputs[reference]
   results = {}
   for name, path in paths.items():
     median, predicted = float(np.median(times[name])), outputs[name].argmax(-1)
@@ -341,12 +408,13 @@ def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[st
               "max_abs_probability_difference_vs_full_width":
                   float(np.abs(outputs[name] - full).max())}
     if "engine" in path:
-      entry |= jax_details(path["engine"], texts, path.get("routed", False))
+      details = exit_details if isinstance(path["engine"], ExitEngine) else jax_details
+      entry |= details(path["engine"], texts, path.get("routed", False))
     results[name] = entry
-  if BAR in results:
+  if bar in results:
     for entry in results.values():
       entry["speed_vs_onnxruntime_int8"] = (entry["examples_per_second"]
-                                            / results[BAR]["examples_per_second"])
+                                            / results[bar]["examples_per_second"])
   return results
 
 
@@ -363,9 +431,27 @@ def jax_details(engine: Engine, texts, routed: bool) -> dict:
           "share_per_width": predictions.share_per_width(engine.widths)}
 
 
+def exit_details(engine, texts, routed: bool) -> dict:
+  """`jax_details` of an `ExitEngine`: GFLOPs against its full depth, and where rows left."""
+  data = engine.encode(texts)
+  predictions = engine.run(data)
+  gflops = float(predictions.gflops.mean())
+  if not routed:
+    return {"gflops_per_example": gflops}
+  routes = predictions.routes()
+  return {"gflops_per_example": gflops,
+          "dev_flops_reduction": float(engine.full_depth_gflops(data).mean()) / gflops,
+          "rule": engine.rule.to_json(), "calibration_reduction": engine.rule.calibration_reduction,
+          "mean_exit_layer": float(predictions.exit_layers.mean()),
+          "share_per_exit": {name: routes.count(name) / len(routes)
+                             for name in engine.route_names()}}
+
+
 def main(argv):
   del argv
   threads = FLAGS.threads or len(os.sched_getaffinity(0))
+  if holds_early_exit(FLAGS.workdir):
+    return exit_main(threads)
   engine = Engine.from_workdir(FLAGS.workdir)
   task = engine.task
   (split,) = engine.trained.splits("dev", limit=FLAGS.limit)  # as the run read it
@@ -387,13 +473,49 @@ def main(argv):
                       "xla": "XLA CPU's own pool (all usable CPUs)",
                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
           "onnxruntime_providers": onnxruntime.get_available_providers(),
-          "versions": versions(), "model_files": sizes, "paths": results, "skipped": skipped}
+          "versions": versions(), "model_files": sizes, "paths": results, "skipped": skipped,
+          "bar": BAR}
+  write_reports(FLAGS.out, data, task)
+
+
+EXIT_BAR = "sharcs_jax ort full depth int8"  # a mean-pooled exit run's bar: no stock head pools
+
+
+def exit_main(threads: int) -> None:
+  """An early-exit run served text in, labels out: its full depth and exit engine on each
+  runtime, beside the stock paths of its HF export where its exits read [CLS]."""
+  from sharcs_jax.checkpoint import load_kept_exit
+
+  config = load_kept_exit(FLAGS.workdir)[0]
+  task = glue.get_task(config.task)
+  split = glue.first(glue.run_splits(config)[1], FLAGS.limit)
+  with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:
+    paths, skipped, sizes = build_exit_paths(FLAGS.workdir, FLAGS.budgets, tmp, split.texts,
+                                             threads)
+    bar = BAR if BAR in paths else EXIT_BAR
+    print(f"{len(split.texts)} {task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} "
+          "rounds", flush=True)
+    results = measure(paths, split.texts, split.labels, task.metrics, FLAGS.rounds,
+                      reference="sharcs_jax full depth", bar=bar)
+  import onnxruntime
+  import torch
+  data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": config.model.backbone,
+          "model": "early_exit", "exit_pooling": config.model.exit_pooling,
+          "examples": len(split.texts), "rounds": FLAGS.rounds,
+          "max_length": config.data.length_buckets[-1],
+          "length_buckets": list(config.data.length_buckets), "cpu": common.cpu_info(),
+          "threads": {"pytorch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
+                      "xla": "XLA CPU's own pool (all usable CPUs)",
+                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+          "onnxruntime_providers": onnxruntime.get_available_providers(),
+          "versions": versions(), "model_files": sizes, "paths": results, "skipped": skipped,
+          "bar": bar}
   write_reports(FLAGS.out, data, task)
 
 
 def write_reports(out: str, data: dict, task: glue.Task) -> None:
   has_f1 = "f1" in task.metrics
-  header = ["path", "batch", "examples/s", f"x {BAR}", "median s", "accuracy (%)"] + (
+  header = ["path", "batch", "examples/s", f"x {data['bar']}", "median s", "accuracy (%)"] + (
       ["F1 (%)"] if has_f1 else []) + ["same label as full width (%)", "max abs prob. diff.",
                                        "GFLOPs/example"]
   rows = [[name, p["batch"], p["examples_per_second"], p.get("speed_vs_onnxruntime_int8", ""),
@@ -411,6 +533,10 @@ def write_reports(out: str, data: dict, task: glue.Task) -> None:
            f"{data['threads']['pytorch']}, ONNX Runtime {data['threads']['onnxruntime_intra_op']} "
            f"intra-op. Versions: jax {v['jax']}, torch "
            f"{v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}.")
+  if data.get("model") == "early_exit":
+    notes += (f" An early-exit run ({data['exit_pooling']} pooling): its exit engine's entropy "
+              "rule calibrated to each budget on the run's held-out training examples, each "
+              "runtime on its own programs; 'same label' is against its full depth.")
   if data["skipped"]:
     notes += " Skipped: " + "; ".join(f"{k}: {e}" for k, e in data["skipped"].items())
   common.write_outputs(out, "serving", data, f"{data['task'].upper()} serving on CPU", header,

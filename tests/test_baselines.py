@@ -233,6 +233,32 @@ def test_throughput_and_pareto_serve_an_early_exit_run(early_exit_run, tmp_path)
 
 
 @needs_glue
+def test_serving_benchmark_serves_an_early_exit_run_beside_its_hf_export(early_exit_run, tmp_path):
+  """Text in, labels out: the exit engine at a budget and its full depth on XLA and ONNX Runtime
+  int8, beside the stock paths of the run's HF export ([CLS] exits): the HF model is the full
+  depth, so PyTorch gives its labels, and speeds are multiples of ORT int8 of that export."""
+  workdir, summary = early_exit_run
+  data, _ = run_benchmark("serving", tmp_path, f"--workdir={workdir}", "--rounds=1",
+                          "--limit=48", "--budgets=1.2x,50x", "--precisions=fp32,int8",
+                          report="serving", timeout=600)
+  paths = data["paths"]
+  assert set(paths) == {"sharcs_jax full depth", "sharcs_jax exit engine 1.2x",
+                        "sharcs_jax ort full depth", "sharcs_jax ort exit engine 1.2x",
+                        "sharcs_jax ort full depth int8", "sharcs_jax ort exit engine 1.2x int8",
+                        "pytorch eager b32", "onnxruntime fp32 b32", "onnxruntime int8 b32"}
+  assert set(data["skipped"]) == {f"sharcs_jax{o} exit engine 50x{p}"
+                                  for o, p in (("", ""), (" ort", ""), (" ort", " int8"))}
+  assert data["model"] == "early_exit" and data["bar"] == "onnxruntime int8 b32"
+  assert paths["onnxruntime int8 b32"]["speed_vs_onnxruntime_int8"] == 1.0
+  assert paths["pytorch eager b32"]["agreement_with_full_width"] == 1.0
+  for name in ("sharcs_jax exit engine 1.2x", "sharcs_jax ort exit engine 1.2x"):
+    assert paths[name]["calibration_reduction"] == pytest.approx(1.2, rel=0.1)
+    assert paths[name]["dev_flops_reduction"] > 1.0 and paths[name]["mean_exit_layer"] < 3
+    assert sum(paths[name]["share_per_exit"].values()) == pytest.approx(1.0)
+  assert_png(tmp_path / "serving_pareto.png")
+
+
+@needs_glue
 def test_predict_mode_serves_an_early_exit_run(early_exit_run, tmp_path):
   from sharcs_jax.checkpoint import holds_early_exit
   from sharcs_jax.errors import RunError
