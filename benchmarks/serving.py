@@ -323,7 +323,8 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
     suffix = "" if precision == "fp32" else f" {precision}"
     full = serve(exit_layers=[model.encoder.num_layers])
     described = dict(runtime=prefix, precision=precision, cls_only_last_layer=False,
-                     batch=f"buckets {full.batch_sizes}")
+                     batch=f"buckets {full.batch_sizes}" if runtime == "xla" else
+                     f"any, 1-{max(full.batch_sizes)}")
     paths[f"{prefix} full depth{suffix}"] = dict(
         described, run=lambda t, e=full: e.predict(t).probabilities, engine=full)
     engine = serve()
