@@ -182,33 +182,11 @@ def test_the_main_job_reports_what_the_engine_serves_at_the_configs_budget(early
 
 
 @needs_glue
-def test_exit_serving_benchmark_writes_its_reports(early_exit_run, tmp_path):
-  workdir, summary = early_exit_run
-  data, _ = run_benchmark("exit_serving", tmp_path, f"--workdir={workdir}", "--rounds=1",
-                          "--budgets=1.2x", "--signal=max_prob", report="exit_serving",
-                          timeout=600)
-  full, routed = data["paths"]["full depth"], data["paths"]["1.2x"]
-  assert data["examples"] == summary["dev_examples"] and data["exit_layers"] == [1, 2, 3]
-  assert full["accuracy"] == pytest.approx(summary["per_exit"][-1]["accuracy"])
-  assert full["dev_reduction"] == pytest.approx(1.0) and full["mean_exit_layer"] == 3
-  assert routed["calibration_reduction"] == pytest.approx(1.2, rel=0.1)
-  assert routed["dev_reduction"] > 1.0 and routed["mean_exit_layer"] < 3
-  assert data["calibration"] == "pooled" and routed["rule"]["bucket_thresholds"] == []
-  assert routed["dev_reduction_other_calibration"] > 1.0  # per length bucket's, unserved
-  for path in (full, routed):
-    assert path["examples_per_second"] == pytest.approx(data["examples"] /
-                                                        np.median(path["seconds"]))
-  assert routed["speedup"] == pytest.approx(routed["examples_per_second"] /
-                                            full["examples_per_second"])
-  assert_png(tmp_path / "exit_serving.png")
-  assert "examples/s" in (tmp_path / "exit_serving.md").read_text()
-
-
-@needs_glue
 def test_throughput_and_pareto_serve_an_early_exit_run(early_exit_run, tmp_path):
-  """Both benchmarks serve an early-exit run with its exit engine: throughput at the config's
-  budget beside the full depth, pareto at each budget (one out of reach) beside each exit
-  alone, whose accuracies are the run's kept exits'."""
+  """Both benchmarks serve an early-exit run with its exit engine (`exit_budgets`, which
+  exit_serving shares): throughput at the config's budget beside the full depth, pareto at each
+  budget (one out of reach) beside each exit alone, whose accuracies are the run's kept exits',
+  with the other calibration's (per length bucket) dev reduction beside each budget."""
   workdir, summary = early_exit_run
   data, _ = run_benchmark("throughput", tmp_path / "t", f"--workdir={workdir}", "--rounds=1",
                           "--signal=max_prob", report="throughput", timeout=600)
@@ -225,6 +203,18 @@ def test_throughput_and_pareto_serve_an_early_exit_run(early_exit_run, tmp_path)
                           timeout=600)
   assert list(data["paths"]) == ["full depth", "1.2x", "max"] and "50x" in data["out_of_reach"]
   assert data["signal"] == "entropy" and data["rule"] == "exit"
+  assert data["examples"] == summary["dev_examples"] and data["exit_layers"] == [1, 2, 3]
+  full, routed = data["paths"]["full depth"], data["paths"]["1.2x"]
+  assert full["dev_reduction"] == pytest.approx(1.0) and full["mean_exit_layer"] == 3
+  assert routed["calibration_reduction"] == pytest.approx(1.2, rel=0.1)
+  assert routed["dev_reduction"] > 1.0 and routed["mean_exit_layer"] < 3
+  assert data["calibration"] == "pooled" and routed["rule"]["bucket_thresholds"] == []
+  assert routed["dev_reduction_other_calibration"] > 1.0  # per length bucket's, unserved
+  for path in data["paths"].values():
+    assert path["examples_per_second"] == pytest.approx(data["examples"] /
+                                                        np.median(path["seconds"]))
+    assert path["speedup"] == pytest.approx(path["examples_per_second"] /
+                                            full["examples_per_second"])
   assert data["paths"]["max"]["mean_exit_layer"] == 1.0
   np.testing.assert_allclose([e["accuracy"] for e in data["exits"]],
                              [e["accuracy"] for e in summary["per_exit"]])
