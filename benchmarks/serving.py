@@ -465,18 +465,24 @@ def main(argv):
     print(f"{len(texts)} {task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} rounds",
           flush=True)
     results = measure(paths, texts, split.labels, task.metrics, FLAGS.rounds)
-  import onnxruntime
-  import torch
   data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": engine.trained.config.model.backbone,
           "examples": len(texts), "rounds": FLAGS.rounds, "max_length": engine.length_buckets[-1],
-          "length_buckets": list(engine.length_buckets), "cpu": common.cpu_info(),
+          "length_buckets": list(engine.length_buckets), **environment(threads),
+          "model_files": sizes, "paths": results, "skipped": skipped, "bar": BAR}
+  write_reports(FLAGS.out, data, task)
+
+
+def environment(threads: int) -> dict:
+  """What every number of a serving report depends on beside the model: CPU, threads, versions."""
+  import onnxruntime
+  import torch
+
+  return {"cpu": common.cpu_info(),
           "threads": {"pytorch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
                       "xla": "XLA CPU's own pool (all usable CPUs)",
                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
           "onnxruntime_providers": onnxruntime.get_available_providers(),
-          "versions": versions(), "model_files": sizes, "paths": results, "skipped": skipped,
-          "bar": BAR}
-  write_reports(FLAGS.out, data, task)
+          "versions": versions()}
 
 
 EXIT_BAR = "sharcs_jax ort full depth int8"  # a mean-pooled exit run's bar: no stock head pools
@@ -498,19 +504,12 @@ def exit_main(threads: int) -> None:
           "rounds", flush=True)
     results = measure(paths, split.texts, split.labels, task.metrics, FLAGS.rounds,
                       reference="sharcs_jax full depth", bar=bar)
-  import onnxruntime
-  import torch
   data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": config.model.backbone,
           "model": "early_exit", "exit_pooling": config.model.exit_pooling,
           "examples": len(split.texts), "rounds": FLAGS.rounds,
           "max_length": config.data.length_buckets[-1],
-          "length_buckets": list(config.data.length_buckets), "cpu": common.cpu_info(),
-          "threads": {"pytorch": torch.get_num_threads(), "onnxruntime_intra_op": threads,
-                      "xla": "XLA CPU's own pool (all usable CPUs)",
-                      "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-          "onnxruntime_providers": onnxruntime.get_available_providers(),
-          "versions": versions(), "model_files": sizes, "paths": results, "skipped": skipped,
-          "bar": bar}
+          "length_buckets": list(config.data.length_buckets), **environment(threads),
+          "model_files": sizes, "paths": results, "skipped": skipped, "bar": bar}
   write_reports(FLAGS.out, data, task)
 
 
