@@ -52,7 +52,7 @@ class EarlyExitModel(nn.Module):
   @property
   def narrow_spans(self) -> tuple[tuple[int, int], ...]:
     """The narrow part's stages (0-based first and last layer), each ending at a narrow exit;
-    the last one at layer L. None without narrow widths."""
+    the last one at layer L; none without a narrow width."""
     if not self.narrow_widths:
       return ()
     ends = sorted(set(self.narrow_exits) | {self.encoder.num_layers})
@@ -121,8 +121,8 @@ class EarlyExitModel(nn.Module):
       x = layer(x, mask, deterministic=deterministic)
       logits.append(head(self._pool(x, mask), deterministic=deterministic)[1])
       if i == k - 1:
-        narrow = [logits for w in self.narrow_widths
-                  for logits in self._narrow(x, mask, width=w, deterministic=deterministic)[1]]
+        narrow = [exit_logits for w in self.narrow_widths for exit_logits in
+                  self._narrow(x, mask, width=w, deterministic=deterministic)[1]]
     chex.assert_equal(len(logits), cfg.num_layers)
     return jnp.stack(logits), jnp.stack(narrow) if narrow else jnp.zeros((0,) + logits[0].shape)
 
