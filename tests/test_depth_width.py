@@ -24,7 +24,7 @@ def joint_engine(tiny_config):
   data = _inputs()
   params = model.init(jax.random.key(1), data.input_ids[:2], data.input_ids[:2] > 0)["params"]
   return ExitEngine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
-                    batch_buckets=(1, 4, 8))
+                    batch_buckets=(1, 8))
 
 
 def _model_stages(engine, data):
@@ -153,7 +153,7 @@ def narrow_exit_engine(tiny_config):
   data = _inputs()
   params = model.init(jax.random.key(2), data.input_ids[:2], data.input_ids[:2] > 0)["params"]
   return ExitEngine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
-                    batch_buckets=(1, 4, 8))
+                    batch_buckets=(1, 8))
 
 
 def test_narrow_exits_chain_inside_the_narrow_part(narrow_exit_engine):
