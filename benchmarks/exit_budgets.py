@@ -69,7 +69,6 @@ def serve_budgets(run: ExitRun, budgets: Sequence[str], *, signal: str = "entrop
   engine, dev, calibration = run.engine, run.dev, run.calibration
   cheapest = stage_gflops(engine, calibration)[0].mean()  # every row leaves at the first exit
   most = routing.Budget(reduction=float(engine.full_depth_gflops(calibration).mean() / cheapest))
-  exit_layers = [p[1] + 1 for p in engine.spans]
   full = run.serve(exit_layers=[run.kept[1].encoder.num_layers])  # one program, the last exit
   engines, other, out_of_reach = {FULL_DEPTH: full}, {}, {}
   calibration_stages, dev_stages = (engine.every_stage(d) for d in (calibration, dev))
@@ -80,9 +79,9 @@ def serve_budgets(run: ExitRun, budgets: Sequence[str], *, signal: str = "entrop
     except ValueError as e:
       out_of_reach[budget] = str(e)
       continue
-    engines[budget] = run.serve(exit_layers=exit_layers, rule=rule)
+    engines[budget] = engine.with_rule(rule)
     if engine.narrow_count:  # the same model's full-width exits alone
-      engines[f"{budget}, depth only"] = run.serve(exit_layers=exit_layers, rule=engine.calibrate(
+      engines[f"{budget}, depth only"] = engine.with_rule(engine.calibrate(
           target, calibration, signal, every_stage=calibration_stages, narrow=False))
       continue
     unserved = engine.calibrate(target, calibration, signal, not by_length, calibration_stages)

@@ -337,8 +337,7 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
       except ValueError as e:
         skipped[name] = str(e)
         continue
-      routed = copy.copy(engine)
-      routed.rule = rule
+      routed = engine.with_rule(rule)
       paths[name] = dict(described, run=lambda t, e=routed: e.predict(t).probabilities,
                          engine=routed, routed=True)
   sizes = {}

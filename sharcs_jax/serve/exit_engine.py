@@ -17,6 +17,7 @@ joint search over both thresholds (`routing.calibrate_depth_width`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Sequence
@@ -165,6 +166,16 @@ class ExitEngine:
     narrow = ((self.narrow_first, self.narrow_count, narrow_threshold) if self.narrow_count
               else (0, 0, None))
     return ExitCascade(threshold, len(self.stages), signal, "", 1.0, (), *narrow)
+
+  def with_rule(self, rule: ExitCascade) -> "ExitEngine":
+    """This engine under another rule, sharing its compiled programs (a budget sweep loads
+    them once, not once per budget)."""
+    if rule.num_stages != len(self.stages) or rule.narrow_count != self.narrow_count:
+      raise ValueError(f"the rule has {rule.num_stages} stages ({rule.narrow_count} narrow), "
+                       f"the engine {len(self.stages)} ({self.narrow_count})")
+    routed = copy.copy(self)
+    routed.rule = rule
+    return routed
 
   def every_stage_rule(self) -> ExitCascade:
     """A rule under which every row runs every stage, narrow ones included."""
