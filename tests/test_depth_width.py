@@ -143,6 +143,10 @@ def test_serving_never_compiles(joint_engine, narrow_exit_engine):
       _run_with(engine, every, _inputs(n=40, seed=3))
       engine.every_stage(_inputs(n=9, seed=6))
     assert counter.events == [] and engine.programs.compiled == compiled
+    routed = engine.with_rule(every)  # a budget's engine shares the compiled programs
+    assert routed.programs is engine.programs and routed.rule == every and engine.rule != every
+  with pytest.raises(ValueError, match="the rule has 3 stages"):
+    joint_engine.with_rule(ExitCascade(0.5, 3))
 
 
 @pytest.fixture(scope="module")
