@@ -8,12 +8,13 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
+from absl import app
 
 from benchmarks import common
 from sharcs_jax.checkpoint import load_kept_exit
 from sharcs_jax.data import batching, glue
 from sharcs_jax.serve import evaluate, routing
-from sharcs_jax.serve.exit_engine import ExitEngine, leave_costs
+from sharcs_jax.serve.exit_engine import ExitEngine, calibration_split, leave_costs
 
 FULL_DEPTH = "full depth"
 
@@ -37,15 +38,17 @@ class ExitRun:
 
 def open_exit_run(workdir: str, *, exit_layers: Sequence[int] | None = None,
                   runtime: str = "xla", precision: str = "fp32", limit: int = 0) -> ExitRun:
-  """ValueError (one line) where the run holds no calibration split to fit budgets on."""
+  """A usage error (one line) where the run holds no calibration split to fit budgets on, or
+  its engine cannot run at this runtime and precision."""
   kept = load_kept_exit(workdir)
   config = kept[0]
   options = {"runtime": runtime, "precision": precision}
-  engine = ExitEngine.from_kept(workdir, *kept, exit_layers=exit_layers, **options)
-  _, dev, calibration = glue.run_splits(config)
-  if calibration is None:
-    raise ValueError(f"{workdir}: the run holds no calibration split to fit the budgets on; "
-                     "train it with --config.routing.calibration_examples > 0")
+  try:
+    engine = ExitEngine.from_kept(workdir, *kept, exit_layers=exit_layers, **options)
+    calibration = calibration_split(config, workdir)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  dev = glue.run_splits(config)[1]
   dev_data, calibration_data = batching.encode_splits(
       [glue.first(dev, limit), calibration], engine.tokenizer, engine.length_buckets)
   return ExitRun(workdir, config, glue.get_task(config.task), kept, engine, dev_data,

@@ -40,12 +40,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   exit_layers = [int(layer) for layer in FLAGS.exit_layers] or None
-  try:
-    run = exit_budgets.open_exit_run(FLAGS.workdir, exit_layers=exit_layers,
-                                     runtime=FLAGS.runtime, precision=FLAGS.precision,
-                                     limit=FLAGS.limit)
-  except ValueError as e:
-    raise app.UsageError(str(e))
+  run = exit_budgets.open_exit_run(FLAGS.workdir, exit_layers=exit_layers,
+                                   runtime=FLAGS.runtime, precision=FLAGS.precision,
+                                   limit=FLAGS.limit)
   data = exit_budgets.serve_budgets(run, FLAGS.budgets, signal=FLAGS.signal,
                                     by_length=FLAGS.by_length, rounds=FLAGS.rounds)
   rows = [[name, p["calibration_reduction"], p["dev_reduction"],

@@ -121,11 +121,8 @@ def exit_main() -> None:
   if FLAGS["rule"].present or FLAGS["start_budget"].present or FLAGS.calibrate_on_dev:
     raise app.UsageError("an early-exit run is swept with its exit rule on its calibration "
                          "split: --rule, --start_budget and --calibrate_on_dev are for SHARCS runs")
-  try:
-    run = exit_budgets.open_exit_run(FLAGS.workdir, runtime=FLAGS.runtime,
-                                     precision=FLAGS.precision, limit=FLAGS.limit)
-  except ValueError as e:
-    raise app.UsageError(str(e))
+  run = exit_budgets.open_exit_run(FLAGS.workdir, runtime=FLAGS.runtime,
+                                   precision=FLAGS.precision, limit=FLAGS.limit)
   signal = FLAGS.signal if FLAGS["signal"].present else "entropy"
   data = exit_budgets.serve_budgets(run, FLAGS.budgets, signal=signal, rounds=FLAGS.rounds)
   data["rule"] = "exit"

@@ -305,13 +305,14 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
   paths where its exits read [CLS] (the HF export has no mean-pooled head)."""
   from sharcs_jax.checkpoint import load_kept_exit
   from sharcs_jax.data import batching
-  from sharcs_jax.serve.exit_engine import ExitEngine
+  from sharcs_jax.serve.exit_engine import ExitEngine, calibration_split
 
   kept = load_kept_exit(workdir)
   config, model, _ = kept
-  calibration = glue.run_splits(config)[2]
-  if calibration is None:
-    raise app.UsageError(f"{workdir}: the run holds no calibration split to fit the budgets on")
+  try:
+    calibration = calibration_split(config, workdir)
+  except ValueError as e:
+    raise app.UsageError(str(e))
   paths, skipped = {}, {}
   for runtime, precision in runtime_precisions(FLAGS.runtimes, FLAGS.precisions):
     if runtime == "xla" and precision != "fp32":

@@ -106,10 +106,7 @@ def exit_main() -> None:
   if FLAGS["rule"].present or FLAGS["batch_buckets"].present:
     raise app.UsageError("an early-exit run is served by its exit rule on the engine's batch "
                          "buckets: --rule and --batch_buckets are for SHARCS runs")
-  try:
-    run = exit_budgets.open_exit_run(FLAGS.workdir, precision=FLAGS.precision, limit=FLAGS.limit)
-  except ValueError as e:
-    raise app.UsageError(str(e))
+  run = exit_budgets.open_exit_run(FLAGS.workdir, precision=FLAGS.precision, limit=FLAGS.limit)
   budget = FLAGS.budget or run.config.routing.budget or "2x"
   data = exit_budgets.serve_budgets(run, [budget], signal=FLAGS.signal, rounds=FLAGS.rounds)
   if budget in data["out_of_reach"]:

@@ -87,6 +87,16 @@ def stage_layout(model: EarlyExitModel, spans: Sequence[Span]
   return programs, stages, first, len(narrow)
 
 
+def calibration_split(config: Any, workdir: str) -> glue.Split:
+  """The run's held-out training examples that budgets are fitted on; ValueError (one line)
+  where it held none back."""
+  calibration = glue.run_splits(config)[2]
+  if calibration is None:
+    raise ValueError(f"{workdir}: the run holds no calibration split to fit a budget on "
+                     "(config.routing.calibration_examples=0)")
+  return calibration
+
+
 def leave_costs(stages: Sequence[dispatch.Stage], stage_flops: np.ndarray) -> np.ndarray:
   """What leaving at each stage costs [S, ...]: that stage and every stage it reads, from each
   stage's cost alone `stage_flops` [S, ...]."""
@@ -146,13 +156,16 @@ class ExitEngine:
     self.stage_flops = self.programs.stage_flops_table(stage_programs)  # [S, length buckets]
     self.rule = rule or self.layout_rule(NEVER_SURE)  # the full depth, narrow stages skipped
     self.workdir = self.backbone = None  # the training run's, when built from one (`from_kept`)
-    if self.rule.num_stages != len(self.stages):
-      raise ValueError(f"the rule has {self.rule.num_stages} stages, the engine "
-                       f"{len(self.stages)}")
-    if self.rule.narrow_count != self.narrow_count or (
-        narrow and self.rule.narrow_first != self.narrow_first):
-      raise ValueError(f"the rule has {self.rule.narrow_count} narrow stages from stage "
-                       f"{self.rule.narrow_first}, the engine {self.narrow_count} from "
+    self._check_rule(self.rule)
+
+  def _check_rule(self, rule: ExitCascade) -> None:
+    """ValueError unless `rule` is laid over this engine's stages (`layout_rule`)."""
+    if rule.num_stages != len(self.stages):
+      raise ValueError(f"the rule has {rule.num_stages} stages, the engine {len(self.stages)}")
+    if rule.narrow_count != self.narrow_count or (
+        self.narrow_count and rule.narrow_first != self.narrow_first):
+      raise ValueError(f"the rule has {rule.narrow_count} narrow stages from stage "
+                       f"{rule.narrow_first}, the engine {self.narrow_count} from "
                        f"{self.narrow_first}")
 
   def route_names(self) -> list[str]:
@@ -170,9 +183,7 @@ class ExitEngine:
   def with_rule(self, rule: ExitCascade) -> "ExitEngine":
     """This engine under another rule, sharing its compiled programs (a budget sweep loads
     them once, not once per budget)."""
-    if rule.num_stages != len(self.stages) or rule.narrow_count != self.narrow_count:
-      raise ValueError(f"the rule has {rule.num_stages} stages ({rule.narrow_count} narrow), "
-                       f"the engine {len(self.stages)} ({self.narrow_count})")
+    self._check_rule(rule)
     routed = copy.copy(self)
     routed.rule = rule
     return routed
@@ -208,11 +219,8 @@ class ExitEngine:
                  precision=precision, threads=threads)
     engine.workdir, engine.backbone = workdir, config.model.backbone
     if budget:
-      calibration = glue.run_splits(config)[2]
-      if calibration is None:
-        raise ValueError(f"{workdir}: the run holds no calibration split to fit budget {budget} "
-                         "on (config.routing.calibration_examples=0)")
-      (data,) = batching.encode_splits([calibration], engine.tokenizer, engine.length_buckets)
+      (data,) = batching.encode_splits([calibration_split(config, workdir)], engine.tokenizer,
+                                       engine.length_buckets)
       engine.rule = engine.calibrate(budget, data, signal, by_length)
       logging.info("Exits calibrated to budget %s: %s on %d calibration examples", budget,
                    engine.rule.to_json(), len(data))
