@@ -4,6 +4,8 @@ skipped narrow stage costs nothing), calibration meets a budget, nothing compile
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -180,6 +182,33 @@ def test_narrow_exits_chain_inside_the_narrow_part(narrow_exit_engine):
   with pytest.raises(ValueError, match="narrow exits"):
     EarlyExitModel(engine.model.encoder, num_classes=3, widths=(0.5, 1.0), width_layer=2,
                    narrow_exits=(2,)).init(jax.random.key(0), ids[:1], mask[:1])
+
+
+def test_onnxruntime_narrow_stages_equal_the_xla_stages(narrow_exit_engine, tmp_path):
+  """The same five stages on ONNX Runtime fp32 (the narrow ones converted from the same
+  `narrow_stage`, the second reading the first's d_w-wide states): every stage within 1e-4 of
+  XLA's, the same FLOPs and routes, and no session built while serving."""
+  pytest.importorskip("onnxruntime")
+  xla = narrow_exit_engine
+  onnx = ExitEngine(xla.model, xla.variables["params"], length_buckets=(8, 16),
+                    exit_layers=(2, 3), batch_buckets=(1, 8), runtime="onnxruntime",
+                    precision="fp32", cache_dir=str(tmp_path))
+  assert (onnx.exit_layers, onnx.stage_widths) == (xla.exit_layers, xla.stage_widths)
+  assert sorted(os.listdir(onnx.onnx.directory)) == [
+      "narrow_0.5_l2-2.onnx", "narrow_0.5_l3-3.onnx", "stage_l0-1.onnx", "stage_l2-2.onnx",
+      "stage_l3-3.onnx"]
+  data = _inputs(n=30, seed=7)
+  every = xla.every_stage(data)
+  np.testing.assert_allclose(onnx.every_stage(data), every, atol=1e-4)
+  np.testing.assert_allclose(onnx.stage_flops, xla.stage_flops)
+  built = onnx.runner.sessions_built
+  rule = xla.layout_rule(float(np.median(every[0].max(-1))),
+                         float(np.median(every[1:3].max(-1))), signal="max_prob")
+  on_ort, on_xla = _run_with(onnx, rule, data), _run_with(xla, rule, data)
+  np.testing.assert_array_equal(on_ort.exit_layers, on_xla.exit_layers)
+  np.testing.assert_array_equal(on_ort.widths, on_xla.widths)
+  np.testing.assert_allclose(on_ort.gflops, on_xla.gflops)
+  assert onnx.runner.sessions_built == built == 5
 
 
 def test_rows_try_the_narrow_exits_in_turn_then_go_on_at_full_width(narrow_exit_engine):

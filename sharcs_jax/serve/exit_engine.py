@@ -135,9 +135,6 @@ class ExitEngine:
     stage_programs, self.stages, self.narrow_first, self.narrow_count = stage_layout(
         model, self.spans)
     narrow = self.narrow_count > 0
-    if narrow and runtime != "xla":
-      raise ValueError("a depth-and-width model's narrow stages run on XLA only, so far "
-                       "(--runtime=xla)")
     self.exit_layers = tuple(p.span[1] + 1 for p in stage_programs)  # each stage's, 1-based
     self.stage_widths = tuple(p.width or 1.0 for p in stage_programs)
     self.programs = Programs(model, params,
@@ -151,7 +148,7 @@ class ExitEngine:
       from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
 
       self.onnx = OnnxPrograms(model, params, precision=self.precision, cache_dir=cache_dir,
-                               spans=self.spans)
+                               stages=stage_programs)
       self.runner = self.onnx.runner(threads)
     self.stage_flops = self.programs.stage_flops_table(stage_programs)  # [S, length buckets]
     self.rule = rule or self.layout_rule(NEVER_SURE)  # the full depth, narrow stages skipped

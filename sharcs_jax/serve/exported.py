@@ -68,6 +68,11 @@ def stage_part_name(span: tuple[int, int]) -> str:
   return f"stage_l{span[0]}-{span[1]}"
 
 
+def narrow_part_name(width: float, span: tuple[int, int]) -> str:
+  """A depth-and-width model's narrow layers span[0]..span[1] (0-based) at `width`."""
+  return f"narrow_{width:g}_l{span[0]}-{span[1]}"
+
+
 def spans_of(exit_layers: Sequence[int]) -> tuple[tuple[int, int], ...]:
   """The stages (first and last layer, 0-based) that end at each of `exit_layers` (1-based,
   increasing)."""

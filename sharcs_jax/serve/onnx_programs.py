@@ -45,10 +45,10 @@ try:
 except ImportError:
   raise ort_runner.missing_extra("the onnx package (to convert the programs)") from None
 from sharcs_jax.serve import onnx_graph  # pylint: disable=g-import-not-at-top
-from sharcs_jax.serve.exported import part_name, stage_part_name
+from sharcs_jax.serve.exported import narrow_part_name, part_name, stage_part_name
 from sharcs_jax.serve.precision import PRECISIONS, cpu_flags, int8_reduce_range
-from sharcs_jax.serve.programs import (Span, argument_specs, check_spans, functions,
-                                       model_settings)
+from sharcs_jax.serve.programs import (Span, StageProgram, argument_specs, check_spans,
+                                       functions, model_settings)
 
 _SOURCES = (model_config, encoder, sharcs, widths, early_exit, onnx_graph)
 _VERSIONED = ("jax", "jax2onnx", "onnx", "onnx-ir", "onnxruntime")
@@ -90,7 +90,8 @@ class Int8Recipe:
 @dataclasses.dataclass(frozen=True)
 class OnnxKey:
   kind: str  # "prefix", "adaptive", "forward" (the whole model at one width, no router), "stage",
-  # "prefix_part" (the prefix and one width's part as one model)
+  # "narrow" (an early-exit model's narrow layers at a width), "prefix_part" (the prefix and one
+  # width's part as one model)
   width: float | None
   span: Span | None = None  # an early-exit model's stage: its layers
 
@@ -98,6 +99,8 @@ class OnnxKey:
   def name(self) -> str:
     if self.kind == "stage":
       return stage_part_name(self.span)
+    if self.kind == "narrow":
+      return narrow_part_name(self.width, self.span)
     if self.kind == "prefix_part":
       return f"prefix_{part_name(self.width)}"
     return FORWARD if self.kind == "forward" else part_name(self.width)
@@ -209,8 +212,14 @@ def program_model(model: SharcsModel | EarlyExitModel, params: Any, key: OnnxKey
     model = model.clone(compute_dtype="float32")
   function = functions(model)
   variables = {"params": params}
-  specs = argument_specs(model, key.kind, "batch", "length", span=key.span)
-  if key.kind == "stage":
+  specs = argument_specs(model, key.kind, "batch", "length", span=key.span, width=key.width)
+  if key.kind == "narrow":
+    first, last = key.span
+    onnx_model = convert(lambda hidden, mask: function["narrow"](variables, hidden, mask,
+                                                                 width=key.width, first=first,
+                                                                 last=last),
+                         specs, ort_runner.PART_INPUTS, ort_runner.STAGE_OUTPUTS, key.name)
+  elif key.kind == "stage":
     first, last = key.span
     names = ort_runner.PREFIX_INPUTS if first == 0 else ort_runner.PART_INPUTS
     onnx_model = convert(lambda *inputs: function["stage"](variables, *inputs, first=first,
@@ -271,11 +280,12 @@ class OnnxPrograms:
                cache_dir: str | None = None, reduce_range: bool | None = None,
                recipe: Int8Recipe = Int8Recipe(),
                calibration: tuple[np.ndarray, ...] | None = None, full_width: bool = False,
-               fuse_first_width: bool = False, spans: Sequence[Span] = ()):
+               fuse_first_width: bool = False, stages: Sequence[StageProgram] = ()):
     """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe;
     `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`);
     `fuse_first_width` the prefix with the narrowest width's part as one (`OrtRunner`); an
-    early-exit model's programs are its stages, each of `spans` (`programs.check_spans`)."""
+    early-exit model's programs are its `stages` in the dispatch core's order (their full-width
+    spans cover the layers, `programs.check_spans`; narrow ones read hidden states)."""
     if precision not in PRECISIONS["onnxruntime"][1:]:
       raise ValueError(f"ONNX Runtime precision {precision!r} is not one of "
                        f"{PRECISIONS['onnxruntime'][1:]} (resolve 'auto' first)")
@@ -295,8 +305,8 @@ class OnnxPrograms:
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
                                   f"onnx-{key}")
     if isinstance(model, EarlyExitModel):
-      self.spans = check_spans(spans, model.encoder.num_layers)
-      self.keys = [OnnxKey("stage", None, span) for span in self.spans]
+      check_spans([p.span for p in stages if p.kind == "stage"], model.encoder.num_layers)
+      self.keys = [OnnxKey(p.kind, p.width, p.span) for p in stages]
     else:
       # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
       self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
