@@ -43,12 +43,13 @@ def open_exit_run(workdir: str, *, exit_layers: Sequence[int] | None = None,
   kept = load_kept_exit(workdir)
   config = kept[0]
   options = {"runtime": runtime, "precision": precision}
+  splits = glue.run_splits(config)
   try:
     engine = ExitEngine.from_kept(workdir, *kept, exit_layers=exit_layers, **options)
-    calibration = calibration_split(config, workdir)
+    calibration = calibration_split(config, workdir, splits)
   except ValueError as e:
     raise app.UsageError(str(e))
-  dev = glue.run_splits(config)[1]
+  dev = splits[1]
   dev_data, calibration_data = batching.encode_splits(
       [glue.first(dev, limit), calibration], engine.tokenizer, engine.length_buckets)
   return ExitRun(workdir, config, glue.get_task(config.task), kept, engine, dev_data,

@@ -87,10 +87,11 @@ def stage_layout(model: EarlyExitModel, spans: Sequence[Span]
   return programs, stages, first, len(narrow)
 
 
-def calibration_split(config: Any, workdir: str) -> glue.Split:
+def calibration_split(config: Any, workdir: str,
+                      splits: tuple[glue.Split, ...] | None = None) -> glue.Split:
   """The run's held-out training examples that budgets are fitted on; ValueError (one line)
-  where it held none back."""
-  calibration = glue.run_splits(config)[2]
+  where it held none back. `splits`: the run's `glue.run_splits`, where the caller has them."""
+  calibration = (splits or glue.run_splits(config))[2]
   if calibration is None:
     raise ValueError(f"{workdir}: the run holds no calibration split to fit a budget on "
                      "(config.routing.calibration_examples=0)")
