@@ -80,7 +80,7 @@ class BudgetSweep:
   @classmethod
   def build(cls, engine: Engine, dev: batching.Encoded,
             calibration: batching.Encoded) -> "BudgetSweep":
-    params, batch = engine.params["params"], engine.batch_buckets[-1]
+    params, batch = engine.variables["params"], engine.batch_buckets[-1]
     probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch,
                                                             engine.runner)
     calibration_probabilities, calibration_router = evaluate.predict_all_widths(

@@ -11,10 +11,11 @@ import numpy as np
 from absl import app
 
 from benchmarks import common
-from sharcs_jax.checkpoint import load_kept_exit
 from sharcs_jax.data import batching, glue
+from sharcs_jax.run import Run, load_run
 from sharcs_jax.serve import evaluate, routing
-from sharcs_jax.serve.exit_engine import ExitEngine, calibration_split, leave_costs
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.exit_layout import calibration_split, leave_costs
 
 FULL_DEPTH = "full depth"
 
@@ -26,37 +27,38 @@ class ExitRun:
   workdir: str
   config: Any
   task: glue.Task
-  kept: tuple
-  engine: ExitEngine
+  run: Run
+  engine: Engine
   dev: batching.Encoded
   calibration: batching.Encoded
   options: dict  # what every engine of this run is built with (runtime, precision)
 
-  def serve(self, **options: Any) -> ExitEngine:
-    return ExitEngine.from_kept(self.workdir, *self.kept, **self.options, **options)
+  def serve(self, **options: Any) -> Engine:
+    return Engine.from_run(self.run, **{"signal": "entropy", **self.options, **options})
 
 
 def open_exit_run(workdir: str, *, exit_layers: Sequence[int] | None = None,
                   runtime: str = "xla", precision: str = "fp32", limit: int = 0) -> ExitRun:
   """A usage error (one line) where the run holds no calibration split to fit budgets on, or
   its engine cannot run at this runtime and precision."""
-  kept = load_kept_exit(workdir)
-  config = kept[0]
+  run = load_run(workdir)
+  config = run.config
   options = {"runtime": runtime, "precision": precision}
   splits = glue.run_splits(config)
+  every_layer = exit_layers or range(1, run.model.encoder.num_layers + 1)
   try:
-    engine = ExitEngine.from_kept(workdir, *kept, exit_layers=exit_layers, **options)
+    engine = Engine.from_run(run, exit_layers=every_layer, **options)
     calibration = calibration_split(config, workdir, splits)
   except ValueError as e:
     raise app.UsageError(str(e))
   dev = splits[1]
   dev_data, calibration_data = batching.encode_splits(
       [glue.first(dev, limit), calibration], engine.tokenizer, engine.length_buckets)
-  return ExitRun(workdir, config, glue.get_task(config.task), kept, engine, dev_data,
+  return ExitRun(workdir, config, glue.get_task(config.task), run, engine, dev_data,
                  calibration_data, options)
 
 
-def stage_gflops(engine: ExitEngine, data: batching.Encoded) -> np.ndarray:
+def stage_gflops(engine: Engine, data: batching.Encoded) -> np.ndarray:
   """[S, N]: what each row pays to leave at each stage, that stage and every stage it reads."""
   return leave_costs(engine.stages, engine.stage_flops[:, data.bucket_of] / 1e9)
 
@@ -72,23 +74,25 @@ def serve_budgets(run: ExitRun, budgets: Sequence[str], *, signal: str = "entrop
   reduction, from every stage's dev outputs."""
   engine, dev, calibration = run.engine, run.dev, run.calibration
   cheapest = stage_gflops(engine, calibration)[0].mean()  # every row leaves at the first exit
-  most = routing.Budget(reduction=float(engine.full_depth_gflops(calibration).mean() / cheapest))
-  full = run.serve(exit_layers=[run.kept[1].encoder.num_layers])  # one program, the last exit
+  most = routing.Budget(reduction=float(engine.full_gflops(calibration).mean() / cheapest))
+  full = run.serve(exit_layers=[run.run.model.encoder.num_layers])  # one program, the last exit
   engines, other, out_of_reach = {FULL_DEPTH: full}, {}, {}
   calibration_stages, dev_stages = (engine.every_stage(d) for d in (calibration, dev))
   for budget in budgets:
     target = most if budget == "max" else budget
     try:
-      rule = engine.calibrate(target, calibration, signal, by_length, calibration_stages)
+      rule = engine.calibrate(target, calibration, signal=signal, by_length=by_length,
+                              every_stage=calibration_stages)
     except ValueError as e:
       out_of_reach[budget] = str(e)
       continue
     engines[budget] = engine.with_rule(rule)
     if engine.narrow_count:  # the same model's full-width exits alone
       engines[f"{budget}, depth only"] = engine.with_rule(engine.calibrate(
-          target, calibration, signal, every_stage=calibration_stages, narrow=False))
+          target, calibration, signal=signal, every_stage=calibration_stages, narrow=False))
       continue
-    unserved = engine.calibrate(target, calibration, signal, not by_length, calibration_stages)
+    unserved = engine.calibrate(target, calibration, signal=signal, by_length=not by_length,
+                                every_stage=calibration_stages)
     other[budget] = routing.exit_reduction(unserved, dev_stages,
                                            engine.stage_flops[:, dev.bucket_of].T, dev.bucket_of)
   outputs = {}
@@ -96,7 +100,7 @@ def serve_budgets(run: ExitRun, budgets: Sequence[str], *, signal: str = "entrop
                 for name in engines}
   print(f"{len(dev)} {run.task.name} dev examples, {rounds} rounds per path", flush=True)
   times = common.time_side_by_side(candidates, rounds, warmup=1)
-  full_gflops = full.full_depth_gflops(dev).mean()
+  full_gflops = full.full_gflops(dev).mean()
   base_rate = len(dev) / float(np.median(times[FULL_DEPTH]))
   paths = {}
   for name in engines:  # the full depth first, then the budgets in the order asked
@@ -118,7 +122,7 @@ def serve_budgets(run: ExitRun, budgets: Sequence[str], *, signal: str = "entrop
             **evaluate.classification_metrics(p.argmax(-1), dev.labels, run.task.metrics)}
            for name, g, p in zip(engine.route_names(), leave_at, dev_stages)]
   return {"examples": len(dev), "task": run.task.name, "workdir": run.workdir,
-          "exit_pooling": run.kept[1].pooling, "exit_layers": list(engine.exit_layers),
+          "exit_pooling": run.run.model.pooling, "exit_layers": list(engine.exit_layers),
           "stage_widths": list(engine.stage_widths), "signal": signal, "rounds": rounds,
           "runtime": engine.runtime, "precision": engine.precision,
           "calibration": "per length bucket" if by_length else "pooled",

@@ -30,8 +30,6 @@ from absl import app, flags
 from benchmarks import common
 from sharcs_jax import report
 from sharcs_jax.checkpoint import holds_early_exit
-from sharcs_jax.serve import predict
-from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 
 FLAGS = flags.FLAGS
@@ -258,13 +256,12 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
   return {"levels": levels, "exit_code": code}
 
 
-def engine_at(budget: str, exit_run: bool):
-  """The engine a server at `budget` runs: `Engine`, or an early-exit run's `ExitEngine`."""
-  if exit_run:
-    return predict.exit_engine(FLAGS.workdir, BATCH_BUCKETS, budget, "router", EXIT_SIGNAL, "",
-                               FLAGS.precision, FLAGS.runtime)
-  return Engine.from_workdir(FLAGS.workdir, budget=budget, rule=FLAGS.rule,
-                             precision=FLAGS.precision, runtime=FLAGS.runtime)
+def engine_at(budget: str, exit_run: bool) -> Engine:
+  """The engine a server at `budget` runs (an early-exit run: its exit rule)."""
+  return Engine.from_workdir(FLAGS.workdir, budget=budget,
+                             rule="router" if exit_run else FLAGS.rule,
+                             signal=EXIT_SIGNAL if exit_run else "", precision=FLAGS.precision,
+                             runtime=FLAGS.runtime)
 
 
 def offline_predictions(engine, pairs: list) -> tuple[np.ndarray, float]:

@@ -50,6 +50,7 @@ from sharcs_jax import report
 from sharcs_jax.data import glue
 from sharcs_jax.data.padding import length_mask
 from sharcs_jax.checkpoint import holds_early_exit
+from sharcs_jax.run import load_run
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve import dispatch, routing
 from sharcs_jax.serve.precision import PRECISIONS
@@ -211,7 +212,7 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
                 texts, threads: int) -> tuple[dict[str, dict], dict[str, str], dict]:
   """({name: {"run": texts -> probabilities [N, C], ...description}}, skipped budgets, model
   files); the ONNX models are written into `scratch`."""
-  params, max_length = engine.params["params"], engine.length_buckets[-1]
+  params, max_length = engine.variables["params"], engine.length_buckets[-1]
   classes = engine.model.num_classes
   paths, skipped = {}, {}
   served = runtime_precisions(FLAGS.runtimes, FLAGS.precisions)
@@ -303,12 +304,11 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
   each budget (DeeBERT's entropy rule calibrated on the run's calibration split, on each
   runtime's own programs), on every runtime and precision the exit engine runs; the stock
   paths where its exits read [CLS] (the HF export has no mean-pooled head)."""
-  from sharcs_jax.checkpoint import load_kept_exit
   from sharcs_jax.data import batching
-  from sharcs_jax.serve.exit_engine import ExitEngine, calibration_split
+  from sharcs_jax.serve.exit_layout import calibration_split
 
-  kept = load_kept_exit(workdir)
-  config, model, _ = kept
+  run = load_run(workdir)
+  config, model = run.config, run.model
   try:
     calibration = calibration_split(config, workdir)
   except ValueError as e:
@@ -317,9 +317,8 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
   for runtime, precision in runtime_precisions(FLAGS.runtimes, FLAGS.precisions):
     if runtime == "xla" and precision != "fp32":
       continue  # an early-exit model runs fp32 on XLA
-    serve = lambda **options: ExitEngine.from_kept(workdir, *kept, runtime=runtime,
-                                                   precision=precision, threads=threads,
-                                                   **options)
+    serve = lambda **options: Engine.from_run(run, runtime=runtime, precision=precision,
+                                              threads=threads, signal="entropy", **options)
     prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
     suffix = "" if precision == "fp32" else f" {precision}"
     full = serve(exit_layers=[model.encoder.num_layers])
@@ -334,7 +333,7 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
     for budget in budgets:
       name = f"{prefix} exit engine {budget}{suffix}"
       try:
-        rule = engine.calibrate(budget, data, "entropy", every_stage=every_stage)
+        rule = engine.calibrate(budget, data, signal="entropy", every_stage=every_stage)
       except ValueError as e:
         skipped[name] = str(e)
         continue
@@ -377,7 +376,7 @@ def runtime_precisions(runtimes: Sequence[str], requested: Sequence[str]
 def at_precision(engine: Engine, precision: str, runtime: str = "xla",
                  cls_only_last_layer: bool = False, fuse_first_width: bool = False) -> Engine:
   """The same run's engine with its matmuls at `precision` on `runtime` (its own programs)."""
-  other = Engine(engine.model, engine.params["params"], length_buckets=engine.length_buckets,
+  other = Engine(engine.model, engine.variables["params"], length_buckets=engine.length_buckets,
                  batch_buckets=engine.batch_buckets, tokenizer=engine.tokenizer,
                  task=engine.task, cache_dir=os.path.join(engine.trained.workdir, "executables"),
                  precision=precision, runtime=runtime, cls_only_last_layer=cls_only_last_layer,
@@ -391,8 +390,6 @@ def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[st
             ) -> dict[str, dict]:
   """Interleaved timed passes; each path's outputs from its own last pass, compared with the
   `reference` path's, its speed a multiple of the `bar`'s."""
-  from sharcs_jax.serve.exit_engine import ExitEngine
-
   outputs = {}
   candidates = {name: (lambda n=name: outputs.__setitem__(n, paths[n]["run"](texts)))
                 for name in paths}
@@ -409,8 +406,7 @@ def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[st
               "max_abs_probability_difference_vs_full_width":
                   float(np.abs(outputs[name] - full).max())}
     if "engine" in path:
-      details = exit_details if isinstance(path["engine"], ExitEngine) else jax_details
-      entry |= details(path["engine"], texts, path.get("routed", False))
+      entry |= engine_details(path["engine"], texts, path.get("routed", False))
     results[name] = entry
   if bar in results:
     for entry in results.values():
@@ -419,33 +415,20 @@ def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[st
   return results
 
 
-def jax_details(engine: Engine, texts, routed: bool) -> dict:
+def engine_details(engine: Engine, texts, routed: bool) -> dict:
   """XLA cost-analysis GFLOPs per example; for a routed engine its rule and where it routed."""
-  full = float(engine.full_width_gflops(engine.encode(texts)).mean())
+  data = engine.encode(texts)
+  full = float(engine.full_gflops(data).mean())
   if not routed:
     return {"gflops_per_example": full}
-  predictions = engine.predict(texts)
-  return {"gflops_per_example": float(predictions.gflops.mean()),
-          "dev_flops_reduction": full / float(predictions.gflops.mean()),
-          "rule": engine.rule.to_json(),
-          "calibration_reduction": engine.rule.calibration_reduction,
-          "share_per_width": predictions.share_per_width(engine.widths)}
-
-
-def exit_details(engine, texts, routed: bool) -> dict:
-  """`jax_details` of an `ExitEngine`: GFLOPs against its full depth, and where rows left."""
-  data = engine.encode(texts)
   predictions = engine.run(data)
   gflops = float(predictions.gflops.mean())
-  if not routed:
-    return {"gflops_per_example": gflops}
-  routes = predictions.routes()
-  return {"gflops_per_example": gflops,
-          "dev_flops_reduction": float(engine.full_depth_gflops(data).mean()) / gflops,
+  by_width = engine.layout.by_width
+  return {"gflops_per_example": gflops, "dev_flops_reduction": full / gflops,
           "rule": engine.rule.to_json(), "calibration_reduction": engine.rule.calibration_reduction,
-          "mean_exit_layer": float(predictions.exit_layers.mean()),
-          "share_per_exit": {name: routes.count(name) / len(routes)
-                             for name in engine.route_names()}}
+          **({} if by_width else {"mean_exit_layer": float(predictions.exit_layers.mean())}),
+          "share_per_width" if by_width else "share_per_exit":
+              predictions.share_per_route(engine.route_names())}
 
 
 def main(argv):
@@ -459,7 +442,7 @@ def main(argv):
   texts = split.texts
   with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:
     hf_dir = os.path.join(tmp, "hf")
-    hf_export.export_hf(engine.trained.config, engine.model, engine.params["params"], hf_dir)
+    hf_export.export_hf(engine.trained.config, engine.model, engine.variables["params"], hf_dir)
     paths, skipped, sizes = build_paths(engine, FLAGS.workdir, FLAGS.budgets, hf_dir, tmp, texts,
                                         threads)
     print(f"{len(texts)} {task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} rounds",
@@ -491,9 +474,7 @@ EXIT_BAR = "sharcs_jax ort full depth int8"  # a mean-pooled exit run's bar: no 
 def exit_main(threads: int) -> None:
   """An early-exit run served text in, labels out: its full depth and exit engine on each
   runtime, beside the stock paths of its HF export where its exits read [CLS]."""
-  from sharcs_jax.checkpoint import load_kept_exit
-
-  config = load_kept_exit(FLAGS.workdir)[0]
+  config = load_run(FLAGS.workdir).config
   task = glue.get_task(config.task)
   split = glue.first(glue.run_splits(config)[1], FLAGS.limit)
   with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:

@@ -53,7 +53,7 @@ def main(argv):
   run = load_run(FLAGS.workdir)
   engine = Engine.from_run(run, batch_buckets=batch_buckets, budget=FLAGS.budget,
                            rule=FLAGS.rule, precision=FLAGS.precision)
-  full = Programs(engine.model, engine.params["params"], batch_buckets=batch_buckets,
+  full = Programs(engine.model, engine.variables["params"], batch_buckets=batch_buckets,
                   length_buckets=engine.length_buckets, kinds=("forward",),
                   cache_dir=os.path.join(FLAGS.workdir, "executables"))
   (dev,) = run.encoded("dev", limit=FLAGS.limit)
@@ -61,12 +61,12 @@ def main(argv):
   candidates = {
       "SHARCS engine": lambda: outputs.__setitem__("SHARCS engine", engine.run(dev).labels),
       "full width": lambda: outputs.__setitem__(
-          "full width", common.full_width_labels(full, engine.params["params"], dev)),
+          "full width", common.full_width_labels(full, engine.variables["params"], dev)),
   }
   print(f"{len(dev)} {run.task.name} dev examples, {FLAGS.rounds} rounds per path", flush=True)
   times = common.time_side_by_side(candidates, FLAGS.rounds, warmup=1)
   predictions = engine.run(dev)
-  full_gflops = engine.full_width_gflops(dev)
+  full_gflops = engine.full_gflops(dev)
   data = {"examples": len(dev), "batch_buckets": list(batch_buckets), "rounds": FLAGS.rounds,
           "workdir": FLAGS.workdir, "precision": engine.precision, "rule": engine.rule.to_json(),
           "cpu": common.cpu_info(), "paths": {}}

@@ -22,7 +22,7 @@ from sharcs_jax.serve import predict, summary
 from sharcs_jax.serve import precision as precision_lib
 from sharcs_jax.serve.ort_runner import MissingExtra, usable_cores
 from sharcs_jax.train import loop as train
-from sharcs_jax.checkpoint import holds_early_exit, quiet_orbax_logging
+from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
@@ -147,21 +147,15 @@ def serve_http() -> None:
       workers=FLAGS.workers)
   threads = cores // FLAGS.workers if FLAGS.workers > 1 else 0  # 0: every usable core
   precision = checked_precision("auto")
-  if holds_early_exit(FLAGS.workdir):  # its stages and exit rule (`predict.exit_engine`)
-    predict.check_exit_settings(FLAGS.workdir, FLAGS.rule, FLAGS.start_budget, precision)
-    build, route = lambda: predict.exit_engine(
-        FLAGS.workdir, BATCH_BUCKETS, FLAGS.budget, FLAGS.rule, FLAGS.signal,
-        FLAGS.start_budget, precision, FLAGS.runtime, threads), "exit_layer"
-  else:
-    run = load_run(FLAGS.workdir)  # a missing or damaged run is one line before the port is taken
-    build, route = lambda: Engine.from_run(
-        run, budget=FLAGS.budget, rule=FLAGS.rule, signal=FLAGS.signal,
-        start_budget=FLAGS.start_budget, precision=precision, runtime=FLAGS.runtime,
-        threads=threads), "width"
+  run = load_run(FLAGS.workdir)  # a missing or damaged run is one line before the port is taken
+  build = lambda: Engine.from_run(
+      run, budget=FLAGS.budget, rule=FLAGS.rule, signal=FLAGS.signal,
+      start_budget=FLAGS.start_budget, precision=precision, runtime=FLAGS.runtime,
+      threads=threads)
 
   code = http.serve(build, FLAGS.host, FLAGS.port, options,
                     lambda engine: http.engine_info(engine, options, FLAGS.rule, FLAGS.budget),
-                    lambda line: logging.info("%s", line), route)
+                    lambda line: logging.info("%s", line))
   logging.flush()
   sys.exit(code)
 
@@ -187,14 +181,9 @@ def run_mode() -> None:
       raise app.UsageError("--mode=export needs --output (a directory)")
     from sharcs_jax.serve import export  # jax.export only where it is used
     export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
-    if holds_early_exit(FLAGS.workdir):
-      engine = predict.exit_engine(FLAGS.workdir, BATCH_BUCKETS, FLAGS.budget,
-                                   FLAGS.rule, FLAGS.signal, FLAGS.start_budget,
-                                   checked_precision("fp32"), FLAGS.runtime)
-    else:
-      engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
-                                   signal=FLAGS.signal, start_budget=FLAGS.start_budget,
-                                   precision=checked_precision("fp32"), runtime=FLAGS.runtime)
+    engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
+                                 signal=FLAGS.signal, start_budget=FLAGS.start_budget,
+                                 precision=checked_precision("fp32"), runtime=FLAGS.runtime)
     manifest = export.export_engine(engine, FLAGS.output)
     logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
                  manifest["routing"]["budget"] or "router argmax", FLAGS.output)

@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 
 from sharcs_jax.data import batching, glue
+from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.serve.routing import Cascade, Rule
@@ -20,9 +21,9 @@ SPLITS = ("train", "dev", "calibration")
 class Run:
   workdir: str
   config: ml_collections.ConfigDict  # as the checkpoint holds it
-  model: SharcsModel
+  model: SharcsModel | EarlyExitModel
   params: Any  # the kept epoch's
-  rule: Rule | Cascade  # the kept epoch's routing rule (Rule() for the router's argmax)
+  rule: Rule | Cascade | None  # a SHARCS run's kept routing rule (Rule(): the router's argmax)
   task: glue.Task
   tokenizer: Any
 
@@ -51,9 +52,14 @@ class Run:
 
 
 def load_run(workdir: str) -> Run:
-  from sharcs_jax.checkpoint import load_kept  # orbax only where checkpoints are read
+  """The kept epoch of the run in `workdir`, whichever model it trained."""
+  from sharcs_jax.checkpoint import holds_early_exit, load_kept, load_kept_exit  # orbax here only
 
-  config, model, params, rule = load_kept(workdir)
+  if holds_early_exit(workdir):
+    config, model, params = load_kept_exit(workdir)
+    rule = None
+  else:
+    config, model, params, rule = load_kept(workdir)
   return Run(workdir=workdir, config=config, model=model, params=params, rule=rule,
              task=glue.get_task(config.task),
              tokenizer=batching.load_tokenizer(resolve_model_dir(config.model.backbone)))

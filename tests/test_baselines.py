@@ -129,10 +129,10 @@ def test_the_engine_serves_the_kept_early_exit_model(early_exit_run):
   """Every stage of the served model gives the kept epoch's exits on dev (the summary's
   accuracies), and a budget calibrated on the calibration split is met there."""
   from sharcs_jax.data import batching, glue
-  from sharcs_jax.serve.exit_engine import ExitEngine
+  from sharcs_jax.serve.engine import Engine
 
   workdir, summary = early_exit_run
-  engine = ExitEngine.from_workdir(str(workdir), budget="1.5x", signal="max_prob")
+  engine = Engine.from_workdir(str(workdir), budget="1.5x", signal="max_prob")
   config = tiny_run_config(summary["model"])
   _, dev, calibration = glue.run_splits(config)
   dev_data, calibration_data = batching.encode_splits([dev, calibration], engine.tokenizer,
@@ -141,7 +141,7 @@ def test_the_engine_serves_the_kept_early_exit_model(early_exit_run):
   accuracy = [float((p.argmax(-1) == dev_data.labels).mean()) for p in every]
   np.testing.assert_allclose(accuracy, [e["accuracy"] for e in summary["per_exit"]])
   served = engine.run(calibration_data)
-  reduction = engine.full_depth_gflops(calibration_data).mean() / served.gflops.mean()
+  reduction = engine.full_gflops(calibration_data).mean() / served.gflops.mean()
   assert reduction == pytest.approx(engine.rule.calibration_reduction)
   assert reduction == pytest.approx(1.5, rel=0.1)
   predicted = engine.predict(list(dev.texts[:5]))
@@ -150,13 +150,13 @@ def test_the_engine_serves_the_kept_early_exit_model(early_exit_run):
 
 @needs_glue
 def test_the_main_job_reports_what_the_engine_serves_at_the_configs_budget(early_exit_run):
-  """The run's `served` row is what `ExitEngine` calibrates at the config's budget (the same
+  """The run's `served` row is what `Engine` calibrates at the config's budget (the same
   reduction on the calibration split) and, at the row's threshold, gives on dev: the same
   accuracy, exits and reduction. (The tiny model's confidences crowd near 0.5, so thresholds
   bisected on the engine's and the training forward's probabilities, 1e-7 apart, can part rows.)
   """
   from sharcs_jax.data import batching, glue
-  from sharcs_jax.serve.exit_engine import ExitEngine
+  from sharcs_jax.serve.engine import Engine
   from sharcs_jax.serve.routing import ExitCascade
 
   workdir, summary = early_exit_run
@@ -164,10 +164,10 @@ def test_the_main_job_reports_what_the_engine_serves_at_the_configs_budget(early
   served = summary["served"]
   assert served["budget"] == config.routing.budget == "1.1x"
   assert served["calibration_examples"] == config.routing.calibration_examples
-  calibrated = ExitEngine.from_workdir(str(workdir), budget="1.1x", signal=config.routing.signal)
+  calibrated = Engine.from_workdir(str(workdir), budget="1.1x", signal=config.routing.signal)
   assert calibrated.rule.calibration_reduction == pytest.approx(served["calibration_reduction"],
                                                                 rel=0.02)
-  engine = ExitEngine.from_workdir(str(workdir), rule=ExitCascade(
+  engine = Engine.from_workdir(str(workdir), rule=ExitCascade(
       served["threshold"], len(calibrated.exit_layers), served["signal"]))
   (dev,) = batching.encode_splits([glue.run_splits(config)[1]], engine.tokenizer,
                                   engine.length_buckets)
@@ -177,7 +177,7 @@ def test_the_main_job_reports_what_the_engine_serves_at_the_configs_budget(early
   # FLOPs: the run's table costs leaving after layer k as one program of layers 1..k and exits
   # 1..k, the engine as the stages it ran (on the tiny model 1.133x against 1.116x).
   assert served["dev_reduction"] == pytest.approx(
-      engine.full_depth_gflops(dev).mean() / out.gflops.mean(), rel=0.02)
+      engine.full_gflops(dev).mean() / out.gflops.mean(), rel=0.02)
   assert "served: max_prob calibrated to 1.1x" in (workdir / "early_exit.md").read_text()
 
 
@@ -400,8 +400,7 @@ def test_the_http_server_serves_an_early_exit_run(early_exit_run):
   assert {status for status, _, _ in answers} == {200} and status == status_metrics == 200
   assert info["exit_layers"] == [1, 2, 3] and info["rule"]["rule"] == "exit"
   assert info["exits"] == ["layer 1", "layer 2", "layer 3"] and info["stage_widths"] == [1.0] * 3
-  offline = predict_lib.exit_engine(str(workdir), (1, 8, 32), "1.2x", "router", "max_prob", "",
-                                    "fp32", "xla").predict(pairs)
+  offline = Engine.from_workdir(str(workdir), budget="1.2x", signal="max_prob").predict(pairs)
   for (_, _, answer), layer, probabilities in zip(answers, offline.exit_layers,
                                                   offline.probabilities):
     assert set(answer) == {"scores", "exit_layer", "gflops"} and answer["exit_layer"] == layer
@@ -409,7 +408,7 @@ def test_the_http_server_serves_an_early_exit_run(early_exit_run):
     np.testing.assert_allclose([scores["not_duplicate"], scores["duplicate"]], probabilities,
                                atol=1e-6, rtol=0)
   counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                if line.startswith("sharcs_pairs_total{exit_layer="))
+                if line.startswith("sharcs_pairs_total{route="))
   assert counted == len(pairs)
 
 
@@ -441,11 +440,11 @@ def test_hf_export_of_an_early_exit_run_gives_its_full_depth(early_exit_run, tmp
 
   from sharcs_jax.data import batching, glue
   from sharcs_jax.serve import hf_export
-  from sharcs_jax.serve.exit_engine import ExitEngine
+  from sharcs_jax.serve.engine import Engine
 
   workdir, summary = early_exit_run
   hf_export.export_workdir(str(workdir), str(tmp_path / "hf"))
-  engine = ExitEngine.from_workdir(str(workdir))  # no budget: the full depth
+  engine = Engine.from_workdir(str(workdir))  # no budget: the full depth
   dev = glue.first(glue.run_splits(tiny_run_config(summary["model"]))[1], 12)
   ours = engine.run(batching.encode(dev, engine.tokenizer, engine.length_buckets)).probabilities
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))

@@ -12,7 +12,7 @@ import pytest
 
 from sharcs_jax.model import EarlyExitModel
 from sharcs_jax.serve import dispatch
-from sharcs_jax.serve.exit_engine import ExitEngine
+from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.routing import STOP, ExitCascade, calibrate_depth_width, parse_budget
 from conftest import needs_glue, tiny_run_config
 from test_engine import CompileCounter, _inputs
@@ -25,7 +25,7 @@ def joint_engine(tiny_config):
                          width_layer=2)
   data = _inputs()
   params = model.init(jax.random.key(1), data.input_ids[:2], data.input_ids[:2] > 0)["params"]
-  return ExitEngine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
+  return Engine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
                     batch_buckets=(1, 8))
 
 
@@ -83,16 +83,16 @@ def test_without_a_rule_every_row_runs_the_full_depth_only(joint_engine):
   data = _inputs(n=12, seed=2)
   out = joint_engine.run(data)
   assert (out.exit_layers == 4).all()
-  np.testing.assert_allclose(out.gflops, joint_engine.full_depth_gflops(data))
+  np.testing.assert_allclose(out.gflops, joint_engine.full_gflops(data))
 
 
 def test_calibration_meets_the_budget_and_picks_the_most_accurate_pair(joint_engine):
   data = _inputs(n=60, seed=5)
-  rule = joint_engine.calibrate("1.3x", data, "max_prob")
+  rule = joint_engine.calibrate("1.3x", data, signal="max_prob")
   assert rule.calibration_reduction >= 1.3 * (1 - 1e-9)  # met (a random model's steps are coarse)
   assert rule.narrow_count == 1 and rule.narrow_first == 1
   out = _run_with(joint_engine, rule, data)
-  assert joint_engine.full_depth_gflops(data).mean() / out.gflops.mean() == pytest.approx(
+  assert joint_engine.full_gflops(data).mean() / out.gflops.mean() == pytest.approx(
       rule.calibration_reduction)
 
 
@@ -158,7 +158,7 @@ def narrow_exit_engine(tiny_config):
                          width_layer=2, narrow_exits=(3,))
   data = _inputs()
   params = model.init(jax.random.key(2), data.input_ids[:2], data.input_ids[:2] > 0)["params"]
-  return ExitEngine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
+  return Engine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
                     batch_buckets=(1, 8))
 
 
@@ -190,7 +190,7 @@ def test_onnxruntime_narrow_stages_equal_the_xla_stages(narrow_exit_engine, tmp_
   XLA's, the same FLOPs and routes, and no session built while serving."""
   pytest.importorskip("onnxruntime")
   xla = narrow_exit_engine
-  onnx = ExitEngine(xla.model, xla.variables["params"], length_buckets=(8, 16),
+  onnx = Engine(xla.model, xla.variables["params"], length_buckets=(8, 16),
                     exit_layers=(2, 3), batch_buckets=(1, 8), runtime="onnxruntime",
                     precision="fp32", cache_dir=str(tmp_path))
   assert (onnx.exit_layers, onnx.stage_widths) == (xla.exit_layers, xla.stage_widths)
@@ -229,7 +229,7 @@ def test_rows_try_the_narrow_exits_in_turn_then_go_on_at_full_width(narrow_exit_
   np.testing.assert_allclose(out.probabilities, every[final, np.arange(40)], atol=1e-6)
   cost = engine.stage_flops[:, data.bucket_of].T
   np.testing.assert_allclose(out.gflops, (cost * ran).sum(-1) / 1e9)
-  calibrated = engine.calibrate("1.3x", data, "max_prob")
+  calibrated = engine.calibrate("1.3x", data, signal="max_prob")
   assert calibrated.narrow_count == 2 and calibrated.calibration_reduction >= 1.3 * (1 - 1e-9)
 
 
@@ -255,7 +255,7 @@ def test_the_main_job_reports_what_the_engine_serves(depth_width_run):
   row is the engine's joint calibration at the config's budget, and at its two thresholds the
   engine gives its dev accuracy, exit layers and reduction."""
   from sharcs_jax.data import batching, glue
-  from sharcs_jax.serve.exit_engine import ExitEngine
+  from sharcs_jax.serve.engine import Engine
   from sharcs_jax.serve.routing import ExitCascade
 
   workdir, summary, config = depth_width_run
@@ -263,7 +263,7 @@ def test_the_main_job_reports_what_the_engine_serves(depth_width_run):
   assert [(n["width"], n["exit_layer"]) for n in summary["narrow"]] == [(0.5, 2), (0.5, 3)]
   assert summary["narrow"][0]["gflops"] < summary["narrow"][1]["gflops"]
   served = summary["served"]
-  calibrated = ExitEngine.from_workdir(str(workdir), budget="1.3x",
+  calibrated = Engine.from_workdir(str(workdir), budget="1.3x",
                                        signal=config.routing.signal)
   assert calibrated.exit_layers == (1, 2, 3, 2, 3)
   assert calibrated.rule.calibration_reduction == pytest.approx(served["calibration_reduction"],
@@ -279,14 +279,14 @@ def test_the_main_job_reports_what_the_engine_serves(depth_width_run):
                                         summary["narrow"][1]["accuracy"],
                                         summary["per_exit"][1]["accuracy"],
                                         summary["per_exit"][2]["accuracy"]])
-  engine = ExitEngine.from_workdir(str(workdir), rule=ExitCascade(
+  engine = Engine.from_workdir(str(workdir), rule=ExitCascade(
       served["threshold"], 5, served["signal"], narrow_first=1, narrow_count=2,
       narrow_threshold=served["narrow_threshold"]))
   out = engine.run(dev)
   assert served["accuracy"] == pytest.approx(float((out.labels == dev.labels).mean()))
   assert served["mean_exit_layer"] == pytest.approx(float(out.exit_layers.mean()))
   assert served["dev_reduction"] == pytest.approx(
-      engine.full_depth_gflops(dev).mean() / out.gflops.mean(), rel=0.02)
+      engine.full_gflops(dev).mean() / out.gflops.mean(), rel=0.02)
   # served through predict's path too: texts in, the same labels
   texts = list(glue.run_splits(config)[1].texts[:6])
   np.testing.assert_array_equal(engine.predict(texts).labels, out.labels[:6])
@@ -301,7 +301,7 @@ def test_exit_serving_and_predict_serve_a_depth_and_width_run(depth_width_run, t
 
   from conftest import glue_data_dir, run_benchmark
   from sharcs_jax.serve import hf_export, predict
-  from sharcs_jax.serve.exit_engine import ExitEngine
+  from sharcs_jax.serve.engine import Engine
   from sharcs_jax.serve.export import export_engine
 
   workdir, summary, _ = depth_width_run
@@ -328,7 +328,7 @@ def test_exit_serving_and_predict_serve_a_depth_and_width_run(depth_width_run, t
   assert all(r["width"] == 0.5 and r["exit_layer"] in (2, 3) for r in narrow)
   assert len(narrow) / len(rows) == pytest.approx(out["share_per_exit"]["layer 2 at width 0.5"]
                                                   + out["share_per_exit"]["layer 3 at width 0.5"])
-  engine = ExitEngine.from_workdir(str(workdir), budget="1.3x")
+  engine = Engine.from_workdir(str(workdir), budget="1.3x")
   with pytest.raises(ValueError, match="narrow stages is not supported yet"):
     export_engine(engine, str(tmp_path / "export"))
   with pytest.raises(hf_export.ExportError, match="only \\[CLS\\] exits export"):

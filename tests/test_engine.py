@@ -72,7 +72,7 @@ def test_engine_matches_the_model_example_by_example(engine, tiny_model):
   out = engine.run(data)
   assert len(set(out.widths.tolist())) >= 2, out.widths
   reference = jax.jit(lambda ids, mask, width: tiny_model.apply(
-      engine.params, ids, mask, jnp.zeros_like(ids), width=width), static_argnames="width")
+      engine.variables, ids, mask, jnp.zeros_like(ids), width=width), static_argnames="width")
   for row in range(len(data)):
     length = data.length_buckets[data.bucket_of[row]]  # padding is masked (test_encoder)
     ids = jnp.asarray(data.input_ids[row:row + 1, :length])
@@ -115,7 +115,7 @@ def test_budget_routing_in_the_engine(engine, split_params):
     out = engine.run(data)
   finally:
     engine.rule = routing.Rule()
-  full = engine.full_width_gflops(data).mean()
+  full = engine.full_gflops(data).mean()
   assert full / out.gflops.mean() == pytest.approx(rule.calibration_reduction)
   assert 1.6 <= rule.calibration_reduction <= 1.6 * 1.05
   probabilities, router = evaluate.predict_all_widths(engine.programs, split_params, data, 8)
@@ -273,7 +273,7 @@ def test_cascade_in_the_engine_matches_the_model(cascade_engine, tiny_model):
   data = _inputs(n=30, seed=11)
   out = engine.run(data)
   reference = jax.jit(lambda ids, mask, width: jax.nn.softmax(tiny_model.apply(
-      engine.params, ids, mask, jnp.zeros_like(ids), width=width).logits), static_argnames="width")
+      engine.variables, ids, mask, jnp.zeros_like(ids), width=width).logits), static_argnames="width")
   escalated = 0
   for row in range(len(data)):
     bucket = data.bucket_of[row]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sharcs_jax.model import EarlyExitModel
-from sharcs_jax.serve.exit_engine import NEVER_SURE as NEVER, ExitEngine, layer_spans
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.exit_layout import NEVER_SURE as NEVER, layer_spans
 from sharcs_jax.serve.routing import ExitCascade
 from test_engine import CompileCounter, _inputs
 
@@ -18,7 +19,7 @@ def exit_engine(request, tiny_config):
   model = EarlyExitModel(tiny_config, num_classes=3, pooling=request.param)
   data = _inputs()
   params = model.init(jax.random.key(0), data.input_ids[:2], data.input_ids[:2] > 0)["params"]
-  return ExitEngine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
+  return Engine(model, params, length_buckets=(8, 16), exit_layers=(2, 3),
                     batch_buckets=(1, 4, 8))
 
 
@@ -68,7 +69,7 @@ def test_rows_leave_at_their_first_sure_exit_in_row_order_and_pay_for_what_they_
   spent = np.cumsum(exit_engine.stage_flops, axis=0)[stage, data.bucket_of] / 1e9
   np.testing.assert_allclose(out.gflops, spent)
   assert (np.diff(exit_engine.stage_flops, axis=1) > 0).all()  # longer buckets cost more
-  full = exit_engine.full_depth_gflops(data)
+  full = exit_engine.full_gflops(data)
   assert (out.gflops <= full + 1e-12).all() and out.gflops.mean() < full.mean()
 
 
@@ -84,10 +85,10 @@ def test_thresholds_per_length_bucket_route_each_row_by_its_own_bucket(exit_engi
 
 def test_calibrated_exits_meet_the_budget_on_the_calibration_rows(exit_engine):
   data = _inputs(n=60, seed=5)
-  rule = exit_engine.calibrate("1.3x", data, "max_prob")
+  rule = exit_engine.calibrate("1.3x", data, signal="max_prob")
   assert rule.calibration_reduction == pytest.approx(1.3, rel=0.1)
   out = _run_with(exit_engine, rule, data)
-  assert exit_engine.full_depth_gflops(data).mean() / out.gflops.mean() == pytest.approx(
+  assert exit_engine.full_gflops(data).mean() / out.gflops.mean() == pytest.approx(
       rule.calibration_reduction)
 
 
@@ -103,7 +104,7 @@ def test_serving_never_compiles(exit_engine):
 def test_onnxruntime_stages_equal_the_xla_stages(exit_engine, tmp_path):
   """The same stages converted for ONNX Runtime (fp32): every stage's probabilities within
   1e-4 of XLA's, the same FLOPs table, and no session built while serving."""
-  onnx = ExitEngine(exit_engine.model, exit_engine.variables["params"], length_buckets=(8, 16),
+  onnx = Engine(exit_engine.model, exit_engine.variables["params"], length_buckets=(8, 16),
                     exit_layers=(2, 3), batch_buckets=(1, 4, 8), runtime="onnxruntime",
                     precision="fp32", cache_dir=str(tmp_path))
   data = _inputs(n=30, seed=7)
@@ -115,5 +116,5 @@ def test_onnxruntime_stages_equal_the_xla_stages(exit_engine, tmp_path):
                                 _run_with(exit_engine, rule, data).exit_layers)
   assert onnx.runner.sessions_built == built == 3
   with pytest.raises(ValueError, match="runs fp32 on XLA"):
-    ExitEngine(exit_engine.model, exit_engine.variables["params"], length_buckets=(8, 16),
+    Engine(exit_engine.model, exit_engine.variables["params"], length_buckets=(8, 16),
                precision="bf16")

@@ -364,9 +364,9 @@ def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.nda
   fused = bool(getattr(runner, "fuses_first_width", False) and rule.starts_narrowest)
   first = 0 if fused else 1  # the narrowest width's stage
   stages = [Stage(TOKENS, answers=fused)] + [Stage(0, answers=True)] * (num_widths - fused)
-  out = run_stages(_FusedWidthParts(runner) if fused else _WidthParts(runner), stages, ids, types,
+  out = run_stages(_FusedWidthParts(runner) if fused else WidthParts(runner), stages, ids, types,
                    lengths, program_lengths=program_lengths, batch_buckets=batch_buckets,
-                   rule=_WidthCascade(rule, num_widths, width_flops, first),
+                   rule=WidthCascade(rule, num_widths, width_flops, first),
                    block_size=block_size, to_host=to_host)
   router = out.outputs[0][-1] if n else np.zeros((0, num_widths), np.float32)
   every = None
@@ -376,7 +376,7 @@ def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.nda
 
 
 @dataclasses.dataclass(frozen=True)
-class _WidthParts:
+class WidthParts:
   """A SHARCS `Runner` as stages: the prefix, then each width's part."""
 
   runner: Runner
@@ -405,7 +405,7 @@ class _FusedWidthParts:
 
 
 @dataclasses.dataclass(frozen=True)
-class _WidthCascade:
+class WidthCascade:
   """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation. Width i
   is stage `first` + i: with `first` 1 stage 0 is the prefix alone, with 0 (fused) the prefix and
   the narrowest part."""

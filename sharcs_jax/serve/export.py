@@ -31,11 +31,10 @@ from jax import export
 from sharcs_jax import report
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
-from sharcs_jax.serve.exit_engine import ExitEngine
 from sharcs_jax.serve.exported import (FORMAT_VERSION, MANIFEST, SHARED_WEIGHTS,
-                                       adaptive_part_name, file_sha256, stage_part_name)
+                                       file_sha256, program_part_name)
 from sharcs_jax.model.weights import resolve_model_dir
-from sharcs_jax.serve.programs import argument_specs, functions
+from sharcs_jax.serve.programs import argument_specs, functions, static_arguments
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
@@ -43,30 +42,21 @@ def _flatten(tree: Any) -> dict[str, np.ndarray]:
   return {"/".join(str(k.key) for k in path): np.asarray(x) for path, x in leaves}
 
 
-def _params(engine: Engine | ExitEngine) -> Any:
-  return engine.params["params"] if isinstance(engine, Engine) else engine.variables["params"]
-
-
-def _export_parts(engine: Engine | ExitEngine) -> dict[str, bytes]:
+def _export_parts(engine: Engine) -> dict[str, bytes]:
+  """Each stage program of the engine's layout as a jax.export part, batch and length
+  symbolic, named as the loader expects."""
   variables = {"params": jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params(engine))}
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), engine.variables["params"])}
   batch, length = export.symbolic_shape("batch, length")
   function = functions(engine.model)
-  if isinstance(engine, ExitEngine):
-    parts = {}
-    for span in engine.spans:
-      stage = _named(lambda v, *inputs, span=span: function["stage"](
-          v, *inputs, first=span[0], last=span[1]), stage_part_name(span))
-      parts[stage.__name__] = export.export(jax.jit(stage))(
-          variables, *argument_specs(engine.model, "stage", batch, length, span=span))
-  else:
-    parts = {"prefix": export.export(jax.jit(function["prefix"]))(
-        variables, *argument_specs(engine.model, "prefix", batch, length))}
-    for width in engine.widths:
-      part = _named(lambda v, hidden, mask, width=width: function["adaptive"](
-          v, hidden, mask, width=width), adaptive_part_name(width))
-      parts[part.__name__] = export.export(jax.jit(part))(
-          variables, *argument_specs(engine.model, "adaptive", batch, length))
+  parts = {}
+  for p in engine.stage_programs:
+    static = static_arguments(p.kind, p.width, p.span)
+    part = _named(lambda v, *inputs, kind=p.kind, static=static: function[kind](
+        v, *inputs, **static), program_part_name(p.kind, p.width, p.span))
+    parts[part.__name__] = export.export(jax.jit(part))(
+        variables, *argument_specs(engine.model, p.kind, batch, length, span=p.span,
+                                   width=p.width))
   return {name: part.serialize() for name, part in parts.items()}
 
 
@@ -123,23 +113,13 @@ def _replace_directory(tmp: str, directory: str) -> None:
   shutil.rmtree(tmp)  # the earlier export, which check_output found to be one
 
 
-def _origin(engine: Engine | ExitEngine) -> tuple[str | None, str | None]:
-  """(training workdir, backbone) of the run the engine was built from (None, None if not)."""
-  if isinstance(engine, ExitEngine):
-    return engine.workdir, engine.backbone
-  if engine.trained is None:
-    return None, None
-  return engine.trained.workdir, engine.trained.config.model.backbone
-
-
-def export_engine(engine: Engine | ExitEngine, directory: str) -> dict[str, Any]:
-  """Writes the export of a SHARCS or an early-exit engine into `directory` (replacing an
+def export_engine(engine: Engine, directory: str) -> dict[str, Any]:
+  """Writes the export of an engine built from a training run into `directory` (replacing an
   earlier export there); returns the manifest."""
-  workdir, _ = _origin(engine)
+  workdir = engine.workdir
   if workdir is None:
-    raise ValueError("export needs an engine built from a training run (Engine.from_run, "
-                     "ExitEngine.from_kept)")
-  if isinstance(engine, ExitEngine) and engine.narrow_count:
+    raise ValueError("export needs an engine built from a training run (Engine.from_run)")
+  if engine.narrow_count:
     raise ValueError("exporting a depth-and-width model's narrow stages is not supported yet: "
                      "export its full depth (no --budget), or serve it from "
                      "its workdir (--mode=predict or --mode=serve)")
@@ -158,7 +138,7 @@ def export_engine(engine: Engine | ExitEngine, directory: str) -> dict[str, Any]
   return manifest
 
 
-def _write_parts(engine: Engine | ExitEngine, tmp: str) -> tuple[dict[str, str], dict[str, Any]]:
+def _write_parts(engine: Engine, tmp: str) -> tuple[dict[str, str], dict[str, Any]]:
   """The parts' files ({part name: file}) and what the manifest says of the runtime."""
   files = {}
   if engine.runtime == "onnxruntime":
@@ -176,7 +156,7 @@ def _write_parts(engine: Engine | ExitEngine, tmp: str) -> tuple[dict[str, str],
     files[name] = f"{name}.jaxexport"
     with open(os.path.join(tmp, files[name]), "wb") as f:
       f.write(blob)
-  np.savez(os.path.join(tmp, "params.npz"), **_flatten(_params(engine)))
+  np.savez(os.path.join(tmp, "params.npz"), **_flatten(engine.variables["params"]))
   return files, {"runtime": "jax", "jax_version": jax.__version__,
                  "params": {"file": "params.npz", "sha256": file_sha256(
                      os.path.join(tmp, "params.npz"))}}
@@ -212,21 +192,23 @@ def share_weights(sources: dict[str, str], directory: str, file: str,
       onnx.save(model, os.path.join(directory, name))
 
 
-def _model_entries(engine: Engine | ExitEngine) -> dict[str, Any]:
+def _model_entries(engine: Engine) -> dict[str, Any]:
   """What the manifest says of the model: its widths and FLOPs per part, or its stages."""
-  if isinstance(engine, ExitEngine):
-    return {"model": "early_exit", "exit_layers": list(engine.exit_layers),
-            "stage_gflops_per_example": (engine.stage_flops / 1e9).tolist(),
+  layout = engine.layout
+  if not layout.by_width:
+    return {"model": "early_exit", "exit_layers": list(layout.stage_layers),
+            "stage_gflops_per_example": (layout.stage_flops / 1e9).tolist(),
             "compute_dtype": "float32"}
-  return {"model": "sharcs", "widths": list(engine.widths),
+  return {"model": "sharcs", "widths": list(layout.widths),
+          "router_layer": int(layout.stage_layers[0]), "num_layers": int(layout.stage_layers[-1]),
           "compute_dtype": engine.model.compute_dtype,
-          "gflops_per_example": (engine.flops / 1e9).tolist(),
-          "prefix_gflops_per_example": (engine.prefix_flops / 1e9).tolist()}
+          "gflops_per_example": (layout.width_flops() / 1e9).tolist(),
+          "prefix_gflops_per_example": (layout.stage_flops[0] / 1e9).tolist()}
 
 
-def _write_export(engine: Engine | ExitEngine, tmp: str) -> dict[str, Any]:
+def _write_export(engine: Engine, tmp: str) -> dict[str, Any]:
   files, runtime = _write_parts(engine, tmp)
-  shutil.copy(os.path.join(resolve_model_dir(_origin(engine)[1]), "tokenizer.json"),
+  shutil.copy(os.path.join(resolve_model_dir(engine.trained.config.model.backbone), "tokenizer.json"),
               os.path.join(tmp, "tokenizer.json"))
 
   def entry(file: str) -> dict[str, str]:

@@ -26,8 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from sharcs_jax.data.inputs import text_rows
-from sharcs_jax.data.padding import length_bucket_of, pack_rows
+from sharcs_jax.data.padding import pack_rows
 from sharcs_jax.serve import dispatch
+from sharcs_jax.serve.layout import Layout, Predictions, run, width_layout
 from sharcs_jax.serve.routing import rule_from_json
 
 # 2: parts are named after their width and the manifest records the position offset, so that
@@ -36,12 +37,15 @@ from sharcs_jax.serve.routing import rule_from_json
 # 4: an ONNX export's parts keep their large weights, once, in a shared file (`shared_weights`).
 # 5: an ONNX export has one part per program, named as the jax export's, length symbolic.
 # 6: the manifest names its model, "sharcs" or "early_exit" (whose parts are its stages).
-FORMAT_VERSION = 6
+# 7: a SHARCS manifest names the layers its prefix and parts end at (`router_layer`,
+# `num_layers`), so that predictions carry every row's route as the engine's do.
+FORMAT_VERSION = 7
 MANIFEST = "manifest.json"
 SHARED_WEIGHTS = "weights.bin"
 MANIFEST_KEYS = ("format_version", "runtime", "model", "task", "label_names", "text_fields",
                  "length_buckets", "position_offset", "routing", "parts", "tokenizer")
-MODEL_KEYS = {"sharcs": ("widths", "gflops_per_example", "prefix_gflops_per_example"),
+MODEL_KEYS = {"sharcs": ("widths", "gflops_per_example", "prefix_gflops_per_example",
+                        "router_layer", "num_layers"),
               "early_exit": ("exit_layers", "stage_gflops_per_example")}
 
 
@@ -73,6 +77,15 @@ def narrow_part_name(width: float, span: tuple[int, int]) -> str:
   return f"narrow_{width:g}_l{span[0]}-{span[1]}"
 
 
+def program_part_name(kind: str, width: float | None, span: tuple[int, int] | None) -> str:
+  """The one spelling of a program's part name, whichever model it belongs to."""
+  if kind == "stage":
+    return stage_part_name(span)
+  if kind == "narrow":
+    return narrow_part_name(width, span)
+  return part_name(width)  # the prefix (width None) or a width's adaptive part
+
+
 def spans_of(exit_layers: Sequence[int]) -> tuple[tuple[int, int], ...]:
   """The stages (first and last layer, 0-based) that end at each of `exit_layers` (1-based,
   increasing)."""
@@ -98,24 +111,16 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
   return tree
 
 
-@dataclasses.dataclass(frozen=True)
-class ExportedPredictions:
-  """The engine's `Predictions` fields; its own class because the engine's module imports flax."""
-
-  labels: np.ndarray  # int32 [N]
-  probabilities: np.ndarray  # float32 [N, C]
-  widths: np.ndarray  # float32 [N]
-  gflops: np.ndarray  # float64 [N]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportedExitPredictions:
-  """The exit engine's `ExitPredictions` fields (its module imports jax)."""
-
-  labels: np.ndarray  # int32 [N]
-  probabilities: np.ndarray  # float32 [N, C] at the exit each row left at
-  exit_layers: np.ndarray  # int32 [N] that exit's layer, 1-based
-  gflops: np.ndarray  # float64 [N] the stages each row ran
+def manifest_layout(manifest: dict) -> Layout:
+  """The engine's stage layout as the manifest records it (FLOPs per stage from its GFLOPs)."""
+  if manifest["model"] == "early_exit":
+    layers = tuple(manifest["exit_layers"])
+    return Layout(tuple(dispatch.chained_stages(len(layers))), (1.0,) * len(layers), layers,
+                  np.asarray(manifest["stage_gflops_per_example"], np.float64) * 1e9)
+  prefix = np.asarray(manifest["prefix_gflops_per_example"], np.float64) * 1e9
+  widths = np.asarray(manifest["gflops_per_example"], np.float64) * 1e9
+  return width_layout(manifest["widths"], manifest["router_layer"], manifest["num_layers"],
+                      prefix, widths - prefix)
 
 
 class ExportedModel:
@@ -132,14 +137,7 @@ class ExportedModel:
     self.label_names = tuple(manifest["label_names"])
     self.text_fields = tuple(manifest["text_fields"])
     self.rule = rule_from_json(manifest["routing"])
-    if self.model == "early_exit":
-      self.exit_layers = tuple(manifest["exit_layers"])
-      # [stages, length buckets]: each stage's own cost
-      self.stage_gflops = np.asarray(manifest["stage_gflops_per_example"], np.float64)
-    else:
-      self.widths = tuple(manifest["widths"])
-      self.gflops = np.asarray(manifest["gflops_per_example"], np.float64)  # [m, length buckets]
-      self.prefix_gflops = np.asarray(manifest["prefix_gflops_per_example"], np.float64)
+    self.layout = manifest_layout(manifest)
     self.runner = runner
     self._tokenizer = tokenizer
 
@@ -184,29 +182,21 @@ class ExportedModel:
     types, _ = pack_rows([e.type_ids for e in encodings], size)
     return ids, types, lengths
 
-  def predict(self, texts: Sequence[str | Sequence[str]]
-              ) -> ExportedPredictions | ExportedExitPredictions:
-    """Through the dispatch core, as the engine serves: the same rule, batches and order (the
-    jax parts at the length buckets, since each new shape would compile anew)."""
+  def route_names(self) -> list[str]:
+    """Each route a row may take, by name (`Layout.route_names`)."""
+    return self.layout.route_names()
+
+  def predict(self, texts: Sequence[str | Sequence[str]]) -> Predictions:
+    """Through the dispatch core, as the engine serves: the same layout, rule, batches and
+    order (the jax parts at the length buckets, since each new shape would compile anew)."""
     ids, types, lengths = self.encode(texts)
     runtime = "xla" if self.runtime == "jax" else self.runtime
-    shapes = dict(length_buckets=self.length_buckets,
-                  batch_buckets=dispatch.batch_sizes_for(runtime),
-                  program_lengths=dispatch.lengths_for(runtime, self.length_buckets),
-                  num_classes=len(self.label_names))
-    if self.model == "early_exit":
-      out, gflops = dispatch.run_stage_buckets(
-          self.runner, dispatch.chained_stages(len(self.exit_layers)), ids, types, lengths,
-          rule=self.rule.over_rows(length_bucket_of(lengths, self.length_buckets)),
-          stage_flops=self.stage_gflops, **shapes)
-      return ExportedExitPredictions(out.probabilities.argmax(-1).astype(np.int32),
-                                     out.probabilities,
-                                     np.asarray(self.exit_layers, np.int32)[out.final], gflops)
-    out = dispatch.run_buckets(self.runner, ids, types, lengths, num_widths=len(self.widths),
-                               rule=self.rule, width_flops=self.gflops,
-                               prefix_flops=self.prefix_gflops, **shapes)
-    return ExportedPredictions(out.probabilities.argmax(-1).astype(np.int32), out.probabilities,
-                               np.asarray(self.widths, np.float32)[out.final], out.flops)
+    predictions, _ = run(self.layout, self.runner, self.rule, ids, types, lengths,
+                         length_buckets=self.length_buckets,
+                         batch_sizes=dispatch.batch_sizes_for(runtime),
+                         program_lengths=dispatch.lengths_for(runtime, self.length_buckets),
+                         num_classes=len(self.label_names))
+    return predictions
 
 
 class _JaxParts:

@@ -26,7 +26,6 @@ from starlette.routing import Route
 from sharcs_jax.data import batching
 from sharcs_jax.serve import tei
 from sharcs_jax.serve.batcher import Batcher, Limits, Pending
-from sharcs_jax.serve.engine import route_detail, route_labels
 from sharcs_jax.serve.tei import RequestError
 
 VERSION = "0.1.0"
@@ -43,9 +42,9 @@ class ServerOptions:
 
 class Metrics:
   """The server's Prometheus metrics, in a registry of its own; per-route metrics are labelled
-  by `route` ("width" for a SHARCS model, "exit_layer" for an early-exit model)."""
+  by `route`: a row's route as the engine names it ("0.25" for a width, "3" for an exit)."""
 
-  def __init__(self, route: str = "width"):
+  def __init__(self, route: str = "route"):
     self.registry = prom.CollectorRegistry()
     self.requests = prom.Counter("sharcs_requests", "Requests by HTTP status", ["status"],
                                  registry=self.registry)
@@ -65,11 +64,13 @@ class Metrics:
   def observe(self, batch: list[Pending], predictions: Any, seconds: float) -> None:
     for pending in batch:
       self.queue_time.observe(pending.started - pending.enqueued)
-    values, counts = np.unique(route_labels(predictions), return_counts=True)
+    routes = predictions.metric_routes()
+    values, counts = np.unique(routes, return_counts=True)
     for value, count in zip(values, counts):
       self.batch_size.labels(value).observe(int(count))
       self.pairs.labels(value).inc(int(count))
-    self.inference_time.labels(max(values, key=float)).observe(seconds)
+    if routes:
+      self.inference_time.labels(routes[int(np.argmax(predictions.gflops))]).observe(seconds)
 
 
 def error_response(error: RequestError, metrics: Metrics) -> JSONResponse:
@@ -81,9 +82,9 @@ def error_response(error: RequestError, metrics: Metrics) -> JSONResponse:
 class State:
   """What the routes share: the engine once ready, its batcher, and whether the server drains."""
 
-  def __init__(self, options: ServerOptions, route: str = "width"):
+  def __init__(self, options: ServerOptions):
     self.options = options
-    self.metrics = Metrics(route)
+    self.metrics = Metrics()
     self.engine: Any = None
     self.batcher: Batcher | None = None
     self.info: dict[str, Any] = {}
@@ -163,7 +164,7 @@ def make_app(state: State) -> Starlette:
     for i in range(begin, end):
       answer: Any = tei.scores(predictions.probabilities[i], labels, raw_scores)
       if body.get("details"):
-        answer = {"scores": answer, **route_detail(predictions, i),
+        answer = {"scores": answer, **predictions.route_detail(i),
                   "gflops": float(predictions.gflops[i])}
       answers.append(answer)
     done = time.monotonic()
@@ -179,18 +180,16 @@ def make_app(state: State) -> Starlette:
 
 
 def engine_info(engine: Any, options: ServerOptions, rule: str, budget: str) -> dict[str, Any]:
-  """`/info`: a SHARCS engine lists its widths, an early-exit engine (`ExitEngine`) the exits
-  its rows may leave at: each stage's layer and width, and its name as responses give it."""
+  """`/info`: the model, the routes its rows may take (each stage's layer and width, and each
+  route's name as responses give it), the rule and the server's limits."""
   limits = options.limits
-  if hasattr(engine, "exit_layers"):
-    model, routed = engine.workdir, {"exit_layers": [int(layer) for layer in engine.exit_layers],
-                                     "stage_widths": [float(w) for w in engine.stage_widths],
-                                     "exits": engine.route_names()}
-  else:
-    model = engine.trained.workdir if engine.trained else None
-    routed = {"widths": [float(w) for w in engine.widths]}
-  return {"model": model, "task": engine.task.name, "labels": list(engine.task.label_names),
-          **routed, "rule": engine.rule.to_json(),
+  layout = engine.layout
+  routed = ({"widths": [float(w) for w in layout.widths]} if layout.by_width else
+            {"exit_layers": [int(layer) for layer in layout.stage_layers],
+             "stage_widths": [float(w) for w in layout.stage_widths],
+             "exits": engine.route_names()})
+  return {"model": engine.workdir, "task": engine.task.name,
+          "labels": list(engine.task.label_names), **routed, "rule": engine.rule.to_json(),
           "budget": budget or None, "rule_name": rule, "precision": engine.precision,
           "runtime": engine.runtime, "version": VERSION,
           "limits": {**dataclasses.asdict(limits),
@@ -199,11 +198,9 @@ def engine_info(engine: Any, options: ServerOptions, rule: str, budget: str) -> 
 
 
 def serve(build_engine: Callable[[], Any], host: str, port: int, options: ServerOptions,
-          describe: Callable[[Any], dict[str, Any]], log: Callable[[str], None],
-          route: str = "width") -> int:
+          describe: Callable[[Any], dict[str, Any]], log: Callable[[str], None]) -> int:
   """Binds host:port, builds the engine behind a 503 `/health`, serves until SIGTERM or SIGINT,
-  then drains: `/health` and new requests get 503 while everything queued is answered. `route`
-  names the per-route metrics' label ("width" or "exit_layer")."""
+  then drains: `/health` and new requests get 503 while everything queued is answered."""
   import socket
 
   import uvicorn
@@ -215,7 +212,7 @@ def serve(build_engine: Callable[[], Any], host: str, port: int, options: Server
   except OSError as e:
     from sharcs_jax.errors import RunError
     raise RunError(f"--host={host} --port={port}: cannot listen there ({e.strerror})") from None
-  state = State(options, route)
+  state = State(options)
 
   def build() -> None:
     try:

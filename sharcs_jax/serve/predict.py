@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from sharcs_jax import report
-from sharcs_jax.errors import DataError, MissingFileError, RunError
+from sharcs_jax.errors import DataError, MissingFileError
 from sharcs_jax.data.glue import Task
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
-from sharcs_jax.serve.engine import Engine, route_detail
+from sharcs_jax.serve.engine import Engine
 
 
 def _label_id(value: Any, task: Task, where: str) -> int:
@@ -130,34 +130,6 @@ def check_paths(input_path: str, output_path: str) -> None:
                       f"{path}); write the predictions elsewhere")
 
 
-def check_exit_settings(workdir: str, rule: str, start_budget: str, precision: str) -> None:
-  """Settings only SHARCS has, given for an early-exit run: one line naming them."""
-  refused = [f"--{name}={value}" for name, value, allowed in (
-      ("rule", rule, ("router", "exit")), ("start_budget", start_budget, ("",)),
-      ("precision", precision, ("fp32", "auto", "int8")))
-             if value not in allowed]
-  if refused:
-    raise RunError(f"{workdir} holds an early-exit model, served by its exit rule at fp32 (or "
-                   f"int8 on ONNX Runtime): {', '.join(refused)} applies to SHARCS runs only")
-
-
-def exit_engine(workdir: str, batch_buckets: tuple[int, ...], budget: str, rule: str,
-                signal: str, start_budget: str, precision: str, runtime: str,
-                threads: int = 0) -> Any:
-  """An early-exit run's engine; settings only SHARCS has are refused, naming the setting.
-  Without a budget every row runs the full depth, as one program. `threads`: ONNX Runtime's
-  intra-op threads (0: every usable core)."""
-  from sharcs_jax.checkpoint import load_kept_exit
-  from sharcs_jax.serve.exit_engine import ExitEngine
-
-  check_exit_settings(workdir, rule, start_budget, precision)
-  config, model, params = load_kept_exit(workdir)
-  return ExitEngine.from_kept(workdir, config, model, params, budget=budget, signal=signal,
-                              exit_layers=None if budget else [model.encoder.num_layers],
-                              batch_buckets=batch_buckets, runtime=runtime, precision=precision,
-                              threads=threads)
-
-
 def run(workdir: str, input_path: str, output_path: str,
         batch_buckets: tuple[int, ...] = BATCH_BUCKETS, budget: str = "", rule: str = "router",
         signal: str = "max_prob", start_budget: str = "", precision: str = "fp32",
@@ -165,48 +137,34 @@ def run(workdir: str, input_path: str, output_path: str,
   """Writes predictions to `output_path` and the summary beside it (`.summary.json`, `.md`).
 
   `budget` ("2.5x", "0.4gflops"): route by the rule named `rule` ("router", "cascade",
-  "router+cascade"), calibrated on the run's held-out examples. An early-exit run
-  (`baselines.train_early_exit`) is served by its exit rule (`exit_engine`), each row's
-  `exit_layer` in place of its width.
+  "router+cascade"), calibrated on the run's held-out examples; an early-exit run by its exit
+  rule, each row's `exit_layer` in place of its width (`Engine.from_run`).
   """
   check_paths(input_path, output_path)
-  from sharcs_jax.checkpoint import holds_early_exit  # orbax only where checkpoints are read
-
-  early_exit = holds_early_exit(workdir)
-  if early_exit:
-    engine = exit_engine(workdir, batch_buckets, budget, rule, signal, start_budget, precision,
-                         runtime)
-  else:
-    engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget, rule=rule,
-                                 signal=signal, start_budget=start_budget, precision=precision,
-                                 runtime=runtime)
+  engine = Engine.from_workdir(workdir, batch_buckets=batch_buckets, budget=budget, rule=rule,
+                               signal=signal, start_budget=start_budget, precision=precision,
+                               runtime=runtime)
+  by_width = engine.layout.by_width
   task = engine.task
   texts, labels = read_inputs(input_path, task)
   start = time.perf_counter()
   data = engine.encode(texts, labels)
   predictions = engine.run(data)
   seconds = time.perf_counter() - start
-  if early_exit:
-    route = lambda i: route_detail(predictions, i)
-    routes = predictions.routes()
-    full, shares = engine.full_depth_gflops(data), {
-        name: routes.count(name) / len(texts) if len(texts) else 0.0
-        for name in engine.route_names()}
-  else:
-    route = lambda i: {"width": float(predictions.widths[i])}
-    full, shares = engine.full_width_gflops(data), predictions.share_per_width(engine.widths)
+  full = engine.full_gflops(data)
+  shares = predictions.share_per_route(engine.route_names())
   with report.atomic_path(output_path) as tmp, open(tmp, "w") as f:
     for i in range(len(texts)):
       f.write(json.dumps({
           "index": i, "label": task.label_names[predictions.labels[i]],
           "probabilities": [round(float(p), 6) for p in predictions.probabilities[i]],
-          **route(i), "gflops": float(predictions.gflops[i])}) + "\n")
+          **predictions.route_detail(i), "gflops": float(predictions.gflops[i])}) + "\n")
   summary = {
       "task": task.name, "examples": len(texts), "seconds": seconds,
-      "routing": engine.rule.budget or ("full depth" if early_exit else "router argmax"),
+      "routing": engine.rule.budget or ("router argmax" if by_width else "full depth"),
       "rule": engine.rule.name, "runtime": engine.runtime, "precision": engine.precision,
       "examples_per_second": len(texts) / seconds if seconds else 0.0,
-      "share_per_exit" if early_exit else "share_per_width": shares,
+      "share_per_width" if by_width else "share_per_exit": shares,
       "gflops_per_example": float(predictions.gflops.mean()) if len(texts) else 0.0,
       "full_width_gflops_per_example": float(full.mean()) if len(texts) else 0.0,
   }

@@ -295,18 +295,15 @@ class Programs:
           variables)
       rows = parallel.batch_sharded(self.mesh)
     args = argument_specs(self.model, key.kind, key.batch, key.length, rows, key.span, key.width)
-    function = self._functions[key.kind]
-    if key.kind == "narrow":
-      return jax.jit(function, static_argnames=("width", "first", "last"),
-                     out_shardings=rows).lower(variables, *args, width=key.width,
-                                               first=key.span[0], last=key.span[1])
-    if key.kind == "stage":
-      return jax.jit(function, static_argnames=("first", "last"), out_shardings=rows).lower(
-          variables, *args, first=key.span[0], last=key.span[1])
-    if key.kind == "prefix":
-      return jax.jit(function, out_shardings=rows).lower(variables, *args)
-    return jax.jit(function, static_argnames="width", out_shardings=rows).lower(
-        variables, *args, width=key.width)
+    static = static_arguments(key.kind, key.width, key.span)
+    return jax.jit(self._functions[key.kind], static_argnames=tuple(static),
+                   out_shardings=rows).lower(variables, *args, **static)
+
+
+def static_arguments(kind: str, width: float | None, span: Span | None) -> dict[str, Any]:
+  """What a program of `kind` is compiled for besides its shapes: its width and its layers."""
+  layers = {} if span is None else {"first": span[0], "last": span[1]}
+  return {**({} if width is None else {"width": width}), **layers}
 
 
 class ProgramRunner:
@@ -336,8 +333,9 @@ def check_spans(spans: Sequence[Span], num_layers: int) -> tuple[Span, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class StageProgram:
-  """Which program runs one stage of an early-exit model's cascade: a span of full-width
-  layers ("stage") or of the narrow layers at a width ("narrow")."""
+  """Which program runs one stage of a layout: SHARCS's prefix or a width's adaptive part, an
+  early-exit model's span of full-width layers ("stage") or of narrow layers at a width
+  ("narrow")."""
 
   kind: str
   width: float | None
