@@ -13,8 +13,7 @@ the run's SHARCS model routed to that FLOPs budget), on the dev split of the run
     its programs on ONNX Runtime (fp32 or int8; the full width is the whole model at width 1.0
     as one ONNX program, the budget rules calibrated on the ONNX programs' own probabilities);
     `sharcs_jax ort prefix+part full width` is every input at width 1.0 through the engine's
-    prefix and full part (two sessions per batch); `... fused` engines run the prefix and the
-    narrowest part as one program (`--fused`);
+    prefix and full part (two sessions per batch);
   - `pytorch eager b32`: `BertForSequenceClassification` on the Hugging Face export
     (`sharcs_jax.serve.hf_export`; transformers' default SDPA attention), batches of 32 sorted by
     length, each padded to its longest row;
@@ -71,9 +70,6 @@ flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at
                   "on onnxruntime.")
 flags.DEFINE_list("cls_only", ["onnxruntime:int8"], "runtime:precision engines also served with "
                   "the last layer computed for [CLS] alone (paths named '... cls-only').")
-flags.DEFINE_list("fused", [], "runtime:precision engines also served with the prefix and the "
-                  "narrowest part as one program (paths named '... fused'; e.g. "
-                  "onnxruntime:int8).")
 flags.DEFINE_list("hf_batches", [str(32)], "Batch sizes of the ONNX Runtime paths of the HF export "
                   "(1: one input at a time; 32: sorted batches).")
 flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
@@ -215,15 +211,12 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
   classes = engine.model.num_classes
   paths, skipped = {}, {}
   served = runtime_precisions(FLAGS.runtimes, FLAGS.precisions)
-  variants = [(r, p, False, False) for r, p in served] + [
-      (r, p, True, False) for r, p in served if f"{r}:{p}" in FLAGS.cls_only] + [
-      (r, p, False, True) for r, p in served if f"{r}:{p}" in FLAGS.fused]
-  for runtime, precision, cls_only, fused in variants:
-    at = engine if (runtime, precision, cls_only, fused) == (
-        engine.runtime, engine.precision, False, False) \
-        else at_precision(engine, precision, runtime, cls_only, fused)
-    suffix = (("" if precision == "fp32" else f" {precision}") + (" cls-only" if cls_only else "")
-              + (" fused" if fused else ""))
+  variants = [(r, p, False) for r, p in served] + [
+      (r, p, True) for r, p in served if f"{r}:{p}" in FLAGS.cls_only]
+  for runtime, precision, cls_only in variants:
+    at = engine if (runtime, precision, cls_only) == (engine.runtime, engine.precision, False) \
+        else at_precision(engine, precision, runtime, cls_only)
+    suffix = ("" if precision == "fp32" else f" {precision}") + (" cls-only" if cls_only else "")
     prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
     described = dict(runtime=prefix, precision=precision, cls_only_last_layer=cls_only,
                      batch="buckets " + str(at.batch_buckets) if runtime == "xla" else
@@ -235,7 +228,7 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
       paths[prefix + " full width" + suffix] = dict(
           described, run=lambda t, f=full, e=at: common.full_width_probabilities(
               f, params, e.encode(t)), engine=at)
-    elif not fused:  # the whole model at width 1.0 as one ONNX program, as XLA's is one
+    else:  # the whole model at width 1.0 as one ONNX program, as XLA's is one
       from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
 
       call = OnnxPrograms(at.model, params, precision=at.precision, full_width=True,
@@ -375,13 +368,12 @@ def runtime_precisions(runtimes: Sequence[str], requested: Sequence[str]
 
 
 def at_precision(engine: Engine, precision: str, runtime: str = "xla",
-                 cls_only_last_layer: bool = False, fuse_first_width: bool = False) -> Engine:
+                 cls_only_last_layer: bool = False) -> Engine:
   """The same run's engine with its matmuls at `precision` on `runtime` (its own programs)."""
   other = Engine(engine.model, engine.params["params"], length_buckets=engine.length_buckets,
                  batch_buckets=engine.batch_buckets, tokenizer=engine.tokenizer,
                  task=engine.task, cache_dir=os.path.join(engine.trained.workdir, "executables"),
-                 precision=precision, runtime=runtime, cls_only_last_layer=cls_only_last_layer,
-                 fuse_first_width=fuse_first_width)
+                 precision=precision, runtime=runtime, cls_only_last_layer=cls_only_last_layer)
   other.trained = engine.trained
   return other
 

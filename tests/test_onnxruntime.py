@@ -241,41 +241,6 @@ def test_ort_engine_builds_no_session_while_serving(engines, monkeypatch):
   assert len(out.labels) == 40 and ort.runner.sessions_built == built
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_fused_first_width_equals_the_prefix_then_the_narrowest_part(precision, tiny_model,
-                                                                     tiny_params, tmp_path):
-  """The prefix and the narrowest part as one ONNX model: the two sessions' outputs (int8's
-  activation scales are the same tensors'), and a cascade engine on it serves the same results
-  with a session more, none built while serving; the XLA engine refuses the option."""
-  programs = OnnxPrograms(tiny_model, tiny_params, precision=precision, cache_dir=str(tmp_path),
-                          fuse_first_width=True)
-  runner = programs.runner()
-  assert runner.fuses_first_width and runner.sessions_built == 2 + len(tiny_model.widths)
-  ids, lengths = _rows(6, seed=3, length=11)
-  mask, types = length_mask(lengths, 11), np.zeros_like(ids)
-  hidden, router, probabilities = runner.prefix_first_part(6, 11, ids, mask, types)
-  want_hidden, want_router = runner.prefix(6, 11, ids, mask, types)
-  np.testing.assert_allclose(hidden, want_hidden, atol=1e-6)
-  np.testing.assert_allclose(router, want_router, atol=1e-6)
-  np.testing.assert_allclose(probabilities, runner.part(0, 6, 11, want_hidden, mask), atol=1e-6)
-  engines = [Engine(tiny_model, tiny_params, length_buckets=LENGTHS, batch_buckets=(1, 8),
-                    cache_dir=str(tmp_path), runtime="onnxruntime", precision=precision,
-                    fuse_first_width=fuse) for fuse in (False, True)]
-  calibration = _encoded(64, seed=7)
-  rules = [e.calibrate("1.5x", calibration, "cascade") for e in engines]
-  assert rules[0].threshold == pytest.approx(rules[1].threshold, abs=1e-6)
-  data = _encoded(61, seed=8)
-  for engine in engines:
-    engine.rule = rules[0]
-  plain, fused = (e.run(data) for e in engines)
-  np.testing.assert_allclose(fused.probabilities, plain.probabilities, atol=1e-6)
-  np.testing.assert_array_equal(fused.widths, plain.widths)
-  np.testing.assert_allclose(fused.gflops, plain.gflops)
-  assert 0 < np.mean(fused.widths == 1.0) < 1  # some rows escalate, some stop narrow
-  with pytest.raises(ValueError, match="fuse_first_width applies to runtime 'onnxruntime'"):
-    Engine(tiny_model, tiny_params, length_buckets=LENGTHS, fuse_first_width=True)
-
-
 def test_restart_converts_nothing(tiny_model, tiny_params, tmp_path):
   first = OnnxPrograms(tiny_model, tiny_params, precision="fp32",
                        cache_dir=str(tmp_path))

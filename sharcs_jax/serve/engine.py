@@ -66,12 +66,7 @@ class Engine:
                batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS, tokenizer: Any = None,
                task: glue.Task | None = None, cache_dir: str | None = None,
                rule: Rule | Cascade = Rule(), precision: str = "fp32", runtime: str = "xla",
-               threads: int = 0, cls_only_last_layer: bool = False,
-               fuse_first_width: bool = False):
-    """`fuse_first_width` (ONNX Runtime): the prefix and the narrowest width's part also as one
-    program, which rules that start every row there (the cascade) run in one call, not two."""
-    if fuse_first_width and runtime != "onnxruntime":
-      raise ValueError("fuse_first_width applies to runtime 'onnxruntime'")
+               threads: int = 0, cls_only_last_layer: bool = False):
     self.runtime = runtime
     self.precision = resolve_precision(precision, jax.default_backend(), runtime=runtime)
     xla_precision = self.precision if runtime == "xla" else "fp32"
@@ -103,8 +98,7 @@ class Engine:
       # The XLA programs at batch 1 only: the FLOPs table, and the model's shapes for evaluation.
       self.programs = counted = Programs(fp32, params, batch_buckets=batch_buckets[:1],
                                          length_buckets=length_buckets, cache_dir=cache_dir)
-      self.onnx = OnnxPrograms(model, params, precision=self.precision, cache_dir=cache_dir,
-                               fuse_first_width=fuse_first_width)
+      self.onnx = OnnxPrograms(model, params, precision=self.precision, cache_dir=cache_dir)
       self.runner = self.onnx.runner(threads)
     self.flops = counted.flops_table()  # [m, length buckets]
     self.prefix_flops = counted.prefix_flops_row()  # [length buckets]
@@ -115,8 +109,8 @@ class Engine:
   def from_run(cls, run: Run, *, batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
                cache_dir: str | None = None, budget: str = "", rule: str = "router",
                signal: str = "max_prob", start_budget: str = "", precision: str = "fp32",
-               runtime: str = "xla", threads: int = 0, cls_only_last_layer: bool = False,
-               fuse_first_width: bool = False) -> "Engine":
+               runtime: str = "xla", threads: int = 0, cls_only_last_layer: bool = False
+               ) -> "Engine":
     """The kept model of a training run; programs are stored under `workdir/executables`.
 
     Routing is the rule kept with the run's checkpoint, or with `budget` ("2.5x", "0.4gflops") the
@@ -126,7 +120,7 @@ class Engine:
     "int8" ("auto": int8 where the CPU has an int8 dot product), with `threads` intra-op threads
     (0: every usable core). A budget is calibrated on the runtime's own probabilities.
     `cls_only_last_layer` computes the last layer for [CLS] alone (the same logits, fewer FLOPs;
-    the FLOPs table and budgets are then this model's). `fuse_first_width`: `Engine`.
+    the FLOPs table and budgets are then this model's).
     """
     if rule != "router" and not budget:
       raise ValueError(f"the {rule!r} rule is calibrated to a budget: give one, e.g. budget='2x'")
@@ -134,8 +128,7 @@ class Engine:
                  batch_buckets=batch_buckets, tokenizer=run.tokenizer, task=run.task,
                  cache_dir=cache_dir or os.path.join(run.workdir, "executables"),
                  rule=Rule() if budget else run.rule, precision=precision, runtime=runtime,
-                 threads=threads, cls_only_last_layer=cls_only_last_layer,
-                 fuse_first_width=fuse_first_width)
+                 threads=threads, cls_only_last_layer=cls_only_last_layer)
     engine.trained = run
     if budget:
       (calibration,) = run.encoded("calibration")

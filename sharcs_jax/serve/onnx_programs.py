@@ -90,8 +90,7 @@ class Int8Recipe:
 @dataclasses.dataclass(frozen=True)
 class OnnxKey:
   kind: str  # "prefix", "adaptive", "forward" (the whole model at one width, no router), "stage",
-  # "narrow" (an early-exit model's narrow layers at a width), "prefix_part" (the prefix and one
-  # width's part as one model)
+  # "narrow" (an early-exit model's narrow layers at a width)
   width: float | None
   span: Span | None = None  # an early-exit model's stage: its layers
 
@@ -101,8 +100,6 @@ class OnnxKey:
       return stage_part_name(self.span)
     if self.kind == "narrow":
       return narrow_part_name(self.width, self.span)
-    if self.kind == "prefix_part":
-      return f"prefix_{part_name(self.width)}"
     return FORWARD if self.kind == "forward" else part_name(self.width)
 
 
@@ -228,11 +225,6 @@ def program_model(model: SharcsModel | EarlyExitModel, params: Any, key: OnnxKey
   elif key.kind == "prefix":
     onnx_model = convert(lambda ids, mask, types: function["prefix"](variables, ids, mask, types),
                          specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_OUTPUTS, key.name)
-  elif key.kind == "prefix_part":
-    onnx_model = convert(
-        lambda ids, mask, types: function["prefix_part"](variables, ids, mask, types,
-                                                         width=key.width),
-        specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_PART_OUTPUTS, key.name)
   elif key.kind == "forward":
     onnx_model = convert(
         lambda ids, mask, types: function["forward"](variables, ids, mask, types, width=key.width),
@@ -280,10 +272,9 @@ class OnnxPrograms:
                cache_dir: str | None = None, reduce_range: bool | None = None,
                recipe: Int8Recipe = Int8Recipe(),
                calibration: tuple[np.ndarray, ...] | None = None, full_width: bool = False,
-               fuse_first_width: bool = False, stages: Sequence[StageProgram] = ()):
+               stages: Sequence[StageProgram] = ()):
     """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe;
-    `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`);
-    `fuse_first_width` the prefix with the narrowest width's part as one (`OrtRunner`); an
+    `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`); an
     early-exit model's programs are its `stages` in the dispatch core's order (their full-width
     spans cover the layers, `programs.check_spans`; narrow ones read hidden states)."""
     if precision not in PRECISIONS["onnxruntime"][1:]:
@@ -296,10 +287,9 @@ class OnnxPrograms:
     self.recipe, self.calibration = recipe, calibration
     if self.static and calibration is None:
       raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
-    if self.static and (full_width or fuse_first_width or isinstance(model, EarlyExitModel)):
+    if self.static and (full_width or isinstance(model, EarlyExitModel)):
       raise ValueError("a static int8 recipe calibrates a SHARCS prefix and parts only; convert "
-                       "the full-width model, a fused first width and an early-exit model with "
-                       "the dynamic recipe")
+                       "the full-width model and an early-exit model with the dynamic recipe")
     params = jax.tree_util.tree_map(np.asarray, params)
     key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
@@ -311,8 +301,7 @@ class OnnxPrograms:
       # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
       self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
       self.keys = ([OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
-                   + ([OnnxKey("forward", 1.0)] if full_width else [])
-                   + ([OnnxKey("prefix_part", model.widths[0])] if fuse_first_width else []))
+                   + ([OnnxKey("forward", 1.0)] if full_width else []))
     self.converted = self.loaded = 0
     self.paths = {key: self._obtain(key, params) for key in self.keys}
     logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
@@ -342,10 +331,9 @@ class OnnxPrograms:
     """Sessions for every program (built now, never while serving)."""
     if isinstance(self.model, EarlyExitModel):
       return ort_runner.StageOrtRunner([self.paths[key] for key in self.keys], threads)
-    widths = self.model.widths
     return ort_runner.OrtRunner(self.paths[OnnxKey("prefix", None)],
-                                [self.paths[OnnxKey("adaptive", w)] for w in widths], threads,
-                                self.paths.get(OnnxKey("prefix_part", widths[0])))
+                                [self.paths[OnnxKey("adaptive", w)] for w in self.model.widths],
+                                threads)
 
   def full_width_call(self, threads: int = 0) -> Callable[..., np.ndarray]:
     """The whole model at width 1.0 in one session (built now), as `dispatch.run_each_row` calls

@@ -114,11 +114,7 @@ def functions(model: SharcsModel | EarlyExitModel) -> dict[str, Callable[..., An
   def forward(variables, ids, mask, types, *, width):
     return jax.nn.softmax(model.apply(variables, ids, mask, types, width=width).logits, axis=-1)
 
-  def prefix_part(variables, ids, mask, types, *, width):
-    hidden, router = prefix(variables, ids, mask, types)
-    return hidden, router, adaptive(variables, hidden, mask, width=width)
-
-  return {"prefix": prefix, "adaptive": adaptive, "forward": forward, "prefix_part": prefix_part}
+  return {"prefix": prefix, "adaptive": adaptive, "forward": forward}
 
 
 def argument_specs(model: SharcsModel | EarlyExitModel, kind: str, batch: Any, length: Any,
