@@ -66,12 +66,11 @@ class Engine:
                batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS, tokenizer: Any = None,
                task: glue.Task | None = None, cache_dir: str | None = None,
                rule: Rule | Cascade = Rule(), precision: str = "fp32", runtime: str = "xla",
-               threads: int = 0, cls_only_last_layer: bool = False):
+               threads: int = 0):
     self.runtime = runtime
     self.precision = resolve_precision(precision, jax.default_backend(), runtime=runtime)
     xla_precision = self.precision if runtime == "xla" else "fp32"
-    model = model.clone(compute_dtype=COMPUTE_DTYPES[xla_precision],
-                        cls_only_last_layer=cls_only_last_layer)
+    model = model.clone(compute_dtype=COMPUTE_DTYPES[xla_precision])
     self.model = model
     self.params = {"params": params}
     self.length_buckets = tuple(length_buckets)
@@ -109,8 +108,7 @@ class Engine:
   def from_run(cls, run: Run, *, batch_buckets: Sequence[int] = dispatch.BATCH_BUCKETS,
                cache_dir: str | None = None, budget: str = "", rule: str = "router",
                signal: str = "max_prob", start_budget: str = "", precision: str = "fp32",
-               runtime: str = "xla", threads: int = 0, cls_only_last_layer: bool = False
-               ) -> "Engine":
+               runtime: str = "xla", threads: int = 0) -> "Engine":
     """The kept model of a training run; programs are stored under `workdir/executables`.
 
     Routing is the rule kept with the run's checkpoint, or with `budget` ("2.5x", "0.4gflops") the
@@ -119,8 +117,6 @@ class Engine:
     fast bf16) is the matmuls' compute dtype on `runtime` "xla"; on "onnxruntime" it is "fp32" or
     "int8" ("auto": int8 where the CPU has an int8 dot product), with `threads` intra-op threads
     (0: every usable core). A budget is calibrated on the runtime's own probabilities.
-    `cls_only_last_layer` computes the last layer for [CLS] alone (the same logits, fewer FLOPs;
-    the FLOPs table and budgets are then this model's).
     """
     if rule != "router" and not budget:
       raise ValueError(f"the {rule!r} rule is calibrated to a budget: give one, e.g. budget='2x'")
@@ -128,7 +124,7 @@ class Engine:
                  batch_buckets=batch_buckets, tokenizer=run.tokenizer, task=run.task,
                  cache_dir=cache_dir or os.path.join(run.workdir, "executables"),
                  rule=Rule() if budget else run.rule, precision=precision, runtime=runtime,
-                 threads=threads, cls_only_last_layer=cls_only_last_layer)
+                 threads=threads)
     engine.trained = run
     if budget:
       (calibration,) = run.encoded("calibration")

@@ -74,7 +74,7 @@ def model_settings(model: SharcsModel | EarlyExitModel) -> tuple[Any, ...]:
     return ("early exit", model.num_classes, model.pooling, model.widths, model.width_layer,
             model.narrow_exits)
   return (model.num_classes, model.widths, model.router_layer, model.router_hidden,
-          model.compute_dtype, model.cls_only_last_layer)
+          model.compute_dtype)
 
 
 def fingerprint(model: SharcsModel | EarlyExitModel, shapes: Any) -> str:
