@@ -22,7 +22,7 @@ from sharcs_jax.data.padding import length_bucket_of, length_mask
 from sharcs_jax.serve import dispatch, onnx_graph, ort_runner, precision, routing
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.exported import ExportedModel
-from sharcs_jax.serve.onnx_programs import Int8Recipe, OnnxPrograms
+from sharcs_jax.serve.onnx_programs import OnnxPrograms
 from sharcs_jax.serve.programs import functions
 
 LENGTHS = (8, 16)
@@ -80,35 +80,6 @@ def test_full_width_model_equals_xla_forward(onnx_programs, tiny_model, tiny_par
     assert np.abs(call(5, length, ids, mask, types) - want).max() <= tolerance, length
   with pytest.raises(ValueError, match="converted without the full-width model"):
     onnx_programs.full_width_call()
-
-
-@pytest.mark.parametrize("recipe", [Int8Recipe(per_channel=False), Int8Recipe(method="static"),
-                                    Int8Recipe(bert_fusions=True)], ids=repr)
-def test_other_int8_recipes_stay_near_xla(recipe, tiny_model, tiny_params, tmp_path):
-  ids, lengths = _rows(64, seed=5)
-  programs = OnnxPrograms(tiny_model, tiny_params, precision="int8",
-                          cache_dir=str(tmp_path), recipe=recipe,
-                          calibration=(ids, np.zeros_like(ids), lengths))
-  runner, function = programs.runner(), functions(tiny_model)
-  mask = length_mask(lengths[:5], 16)
-  hidden, _ = function["prefix"]({"params": tiny_params}, ids[:5], mask, np.zeros_like(ids[:5]))
-  for i, width in enumerate(tiny_model.widths):
-    want = function["adaptive"]({"params": tiny_params}, hidden, mask, width=width)
-    assert np.abs(runner.part(i, 5, 16, np.asarray(hidden), mask) - want).max() <= 5e-2
-  if recipe.method == "static":
-    assert "QuantizeLinear" in onnx_graph.op_counts(onnx.load(programs.paths[programs.keys[0]]))
-
-
-def test_recipe_errors(tiny_model, tiny_params):
-  with pytest.raises(ValueError, match="int8 method 'qat' is not 'dynamic' or 'static'"):
-    Int8Recipe(method="qat")
-  with pytest.raises(ValueError, match="a static int8 recipe needs calibration rows"):
-    OnnxPrograms(tiny_model, tiny_params, precision="int8",
-                 recipe=Int8Recipe(method="static"))
-  with pytest.raises(ValueError, match="calibrates a SHARCS prefix and parts only"):
-    OnnxPrograms(tiny_model, tiny_params, precision="int8", recipe=Int8Recipe(method="static"),
-                 calibration=(np.zeros((1, 4), np.int32),) * 2 + (np.ones(1, np.int32),),
-                 full_width=True)
 
 
 def test_dense_layers_are_matmuls_and_int8_quantises_them(onnx_programs):
