@@ -273,9 +273,9 @@ def test_cli_refuses_a_precision_the_runtime_cannot_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def onnx_export(trained, tmp_path_factory):
-  """(export directory, export_parity's report) of the tiny run exported at int8."""
+  """(export directory, parity with the engine) of the tiny run exported at int8."""
   return export_and_compare(trained[0], tmp_path_factory.mktemp("onnx_export"),
-                            "--runtime=onnxruntime", "--precision=int8")
+                            runtime="onnxruntime", precision="int8")
 
 
 @needs_glue
