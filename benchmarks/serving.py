@@ -13,8 +13,7 @@ the run's SHARCS model routed to that FLOPs budget), on the dev split of the run
     its programs on ONNX Runtime (fp32 or int8; the full width is the whole model at width 1.0
     as one ONNX program, the budget rules calibrated on the ONNX programs' own probabilities);
     `sharcs_jax ort prefix+part full width` is every input at width 1.0 through the engine's
-    prefix and full part (two sessions per batch); `... fused` engines run the prefix and the
-    narrowest part as one program (`--fused`);
+    prefix and full part (two sessions per batch);
   - `pytorch eager b32`: `BertForSequenceClassification` on the Hugging Face export
     (`sharcs_jax.serve.hf_export`; transformers' default SDPA attention), batches of 32 sorted by
     length, each padded to its longest row;
@@ -70,11 +69,6 @@ flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at
                   "runtime that runs it: fp32; bf16 (xla); int8 (onnxruntime); auto: bf16 where "
                   "the CPU multiplies bf16 natively on xla, int8 where it has an int8 dot product "
                   "on onnxruntime.")
-flags.DEFINE_list("cls_only", ["onnxruntime:int8"], "runtime:precision engines also served with "
-                  "the last layer computed for [CLS] alone (paths named '... cls-only').")
-flags.DEFINE_list("fused", [], "runtime:precision engines also served with the prefix and the "
-                  "narrowest part as one program (paths named '... fused'; e.g. "
-                  "onnxruntime:int8).")
 flags.DEFINE_list("hf_batches", [str(32)], "Batch sizes of the ONNX Runtime paths of the HF export "
                   "(1: one input at a time; 32: sorted batches).")
 flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
@@ -215,18 +209,12 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
   params, max_length = engine.variables["params"], engine.length_buckets[-1]
   classes = engine.model.num_classes
   paths, skipped = {}, {}
-  served = runtime_precisions(FLAGS.runtimes, FLAGS.precisions)
-  variants = [(r, p, False, False) for r, p in served] + [
-      (r, p, True, False) for r, p in served if f"{r}:{p}" in FLAGS.cls_only] + [
-      (r, p, False, True) for r, p in served if f"{r}:{p}" in FLAGS.fused]
-  for runtime, precision, cls_only, fused in variants:
-    at = engine if (runtime, precision, cls_only, fused) == (
-        engine.runtime, engine.precision, False, False) \
-        else at_precision(engine, precision, runtime, cls_only, fused)
-    suffix = (("" if precision == "fp32" else f" {precision}") + (" cls-only" if cls_only else "")
-              + (" fused" if fused else ""))
+  for runtime, precision in runtime_precisions(FLAGS.runtimes, FLAGS.precisions):
+    at = engine if (runtime, precision) == (engine.runtime, engine.precision) \
+        else at_precision(engine, precision, runtime)
+    suffix = "" if precision == "fp32" else f" {precision}"
     prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
-    described = dict(runtime=prefix, precision=precision, cls_only_last_layer=cls_only,
+    described = dict(runtime=prefix, precision=precision,
                      batch="buckets " + str(at.batch_buckets) if runtime == "xla" else
                      f"any, 1-{max(at.batch_sizes)}")
     if runtime == "xla":
@@ -236,7 +224,7 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
       paths[prefix + " full width" + suffix] = dict(
           described, run=lambda t, f=full, e=at: common.full_width_probabilities(
               f, params, e.encode(t)), engine=at)
-    elif not fused:  # the whole model at width 1.0 as one ONNX program, as XLA's is one
+    else:  # the whole model at width 1.0 as one ONNX program, as XLA's is one
       from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
 
       call = OnnxPrograms(at.model, params, precision=at.precision, full_width=True,
@@ -322,7 +310,7 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
     prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
     suffix = "" if precision == "fp32" else f" {precision}"
     full = serve(exit_layers=[model.encoder.num_layers])
-    described = dict(runtime=prefix, precision=precision, cls_only_last_layer=False,
+    described = dict(runtime=prefix, precision=precision,
                      batch=f"buckets {full.batch_sizes}" if runtime == "xla" else
                      f"any, 1-{max(full.batch_sizes)}")
     paths[f"{prefix} full depth{suffix}"] = dict(
@@ -373,14 +361,12 @@ def runtime_precisions(runtimes: Sequence[str], requested: Sequence[str]
   return out
 
 
-def at_precision(engine: Engine, precision: str, runtime: str = "xla",
-                 cls_only_last_layer: bool = False, fuse_first_width: bool = False) -> Engine:
+def at_precision(engine: Engine, precision: str, runtime: str = "xla") -> Engine:
   """The same run's engine with its matmuls at `precision` on `runtime` (its own programs)."""
   other = Engine(engine.model, engine.variables["params"], length_buckets=engine.length_buckets,
                  batch_buckets=engine.batch_buckets, tokenizer=engine.tokenizer,
                  task=engine.task, cache_dir=os.path.join(engine.trained.workdir, "executables"),
-                 precision=precision, runtime=runtime, cls_only_last_layer=cls_only_last_layer,
-                 fuse_first_width=fuse_first_width)
+                 precision=precision, runtime=runtime)
   other.trained = engine.trained
   return other
 
@@ -552,24 +538,22 @@ def plot_pareto(path: str, data: dict) -> None:
   """Pairs/s against dev accuracy: one line per engine runtime and precision through its full
   width and budgets, one marker per stock path."""
   fig, ax = report.pyplot().subplots(figsize=(8, 5.5))
-  lines: dict[tuple[str, str, bool], list[tuple[float, float, str]]] = {}
+  lines: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
   for name, p in data["paths"].items():
     point = (100 * p["accuracy"], p["examples_per_second"])
     if p.get("off_pareto"):  # a variant of a point already on a line (in the bars)
       continue
     if p["runtime"].startswith("sharcs_jax"):
       reduction = p.get("dev_flops_reduction", 1.0)
-      key = (p["runtime"], p["precision"], p["cls_only_last_layer"])
+      key = (p["runtime"], p["precision"])
       lines.setdefault(key, []).append((*point, f"{reduction:.2g}x"))
     else:
       ax.scatter(*point, marker="s", s=40, label=f"{name}", zorder=3)
   styles = {"fp32": "--", "bf16": "-", "int8": "-"}
-  for (runtime, precision, cls_only), points in lines.items():
+  for (runtime, precision), points in lines.items():
     points.sort(key=lambda q: q[1])
-    label = (f"{'XLA' if runtime == 'sharcs_jax' else 'ONNX Runtime'} {precision} (engine"
-             f"{', [CLS]-only last layer' if cls_only else ''})")
-    color = "tab:green" if cls_only else {"sharcs_jax": "tab:red",
-                                          "sharcs_jax ort": "tab:purple"}[runtime]
+    label = f"{'XLA' if runtime == 'sharcs_jax' else 'ONNX Runtime'} {precision} (engine)"
+    color = {"sharcs_jax": "tab:red", "sharcs_jax ort": "tab:purple"}[runtime]
     ax.plot([q[0] for q in points], [q[1] for q in points], styles[precision], marker="o",
             label=label, color=color, alpha=1.0 if precision != "fp32" else 0.6)
     for accuracy, speed, tag in points:

@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 import pytest
 
 from sharcs_jax.model import EncoderConfig, SharcsModel, init_params, weights
@@ -199,13 +200,74 @@ def run_benchmark(module: str, out: pathlib.Path, *args: str, report: str,
   return json.loads((out / f"{report}.json").read_text()), result
 
 
-def export_and_compare(workdir, out: pathlib.Path, *extra: str) -> tuple[pathlib.Path, dict]:
-  """(export directory, export_parity's report) of `workdir` exported into OUT/export and
-  predicted on 48 dev pairs in a fresh process."""
-  data, _ = run_benchmark("export_parity", out, f"--workdir={workdir}",
-                          f"--export_dir={out / 'export'}", "--limit=48", *extra,
-                          report="export_parity", timeout=600)
-  return out / "export", data
+# The exported model is loaded in a fresh process that may not import these (nor jax, for an
+# ONNX Runtime export: there `import jax` is made to fail).
+FORBIDDEN_IN_LOADER = ("flax", "optax", "orbax", "transformers", "torch")
+NO_JAX = ("jax", "jaxlib")
+LOADER = """
+import json, sys
+blocked, forbidden = (names.split(",") if names else [] for names in sys.argv[4:6])
+for name in blocked:
+  sys.modules[name] = None  # `import name` now raises ImportError
+from sharcs_jax.serve.exported import ExportedModel
+model = ExportedModel.load(sys.argv[1])
+out = model.predict(json.load(open(sys.argv[2])))
+routed = out.exit_layers if model.model == "early_exit" else out.widths
+imported = sorted(m for m, module in sys.modules.items()  # None: blocked, not loaded
+                  if module is not None and m.split(".")[0] in forbidden)
+json.dump({"labels": out.labels.tolist(), "probabilities": out.probabilities.tolist(),
+           "routed": routed.tolist(), "forbidden_modules": imported}, open(sys.argv[3], "w"))
+"""
+
+
+def export_and_compare(workdir, out: pathlib.Path, *, runtime: str = "xla",
+                       precision: str = "fp32", budget: str = "", limit: int = 48
+                       ) -> tuple[pathlib.Path, dict]:
+  """(export directory, parity) of the engine of `workdir` (SHARCS or early exit; at `budget`,
+  else the run's own rule) exported into OUT/export and predicting the first `limit` dev rows in
+  a fresh process, against the engine here: the share of equal labels and widths (exit layers),
+  the largest probability difference, and what the loader imported that it may not. A budget's
+  rule reads the max-probability signal."""
+  from sharcs_jax.checkpoint import holds_early_exit, load_kept_exit
+  from sharcs_jax.data import glue
+  from sharcs_jax.run import load_run
+  from sharcs_jax.serve import export
+  from sharcs_jax.serve.engine import Engine
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
+  early_exit = holds_early_exit(str(workdir))
+  if early_exit:
+    kept = load_kept_exit(str(workdir))
+    engine = ExitEngine.from_kept(str(workdir), *kept, budget=budget, signal="max_prob",
+                                  runtime=runtime, precision=precision)
+    texts = glue.first(glue.run_splits(kept[0])[1], limit).texts
+  else:
+    run = load_run(str(workdir))
+    engine = Engine.from_run(run, budget=budget, runtime=runtime, precision=precision)
+    texts = run.splits("dev", limit=limit)[0].texts
+  directory = out / "export"
+  manifest = export.export_engine(engine, str(directory))
+  reference = engine.predict(texts)
+  blocked = NO_JAX if runtime == "onnxruntime" else ()
+  (out / "texts.json").write_text(json.dumps(texts))
+  result = subprocess.run(
+      [sys.executable, "-c", LOADER, str(directory), str(out / "texts.json"),
+       str(out / "loaded.json"), ",".join(blocked), ",".join(FORBIDDEN_IN_LOADER + blocked)],
+      capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  loaded = json.loads((out / "loaded.json").read_text())
+  routed = reference.exit_layers if early_exit else reference.widths
+  return directory, {
+      "examples": len(texts), "model": manifest["model"], "routing": manifest["routing"],
+      "runtime": manifest["runtime"], "precision": manifest["precision"],
+      "imports_blocked_in_loader": list(blocked),
+      "forbidden_modules_imported": loaded["forbidden_modules"],
+      "labels_equal": float(np.mean(np.asarray(loaded["labels"]) == reference.labels)),
+      ("exit_layers_equal" if early_exit else "widths_equal"): float(
+          np.mean(np.asarray(loaded["routed"]) == routed)),
+      "max_probability_difference": float(np.abs(
+          np.asarray(loaded["probabilities"], np.float32) - reference.probabilities).max()),
+      "files": sorted(os.listdir(directory))}
 
 
 def damaged_copy(directory: pathlib.Path, tmp_path: pathlib.Path, change) -> str:

@@ -330,31 +330,14 @@ def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
 
 
 @needs_glue
-@pytest.mark.slow
-def test_exit_probe_benchmark_reports_every_layer(tiny_backbone, tmp_path):
-  data, _ = run_benchmark("exit_probe", tmp_path, f"--model={tiny_backbone}",
-                          "--train_examples=64", "--dev_limit=48", "--probe_steps=20",
-                          "--max_length=32", f"--data_dir={glue_data_dir()}",
-                          report="exit_probe_sst2", timeout=300)
-  assert (data["train_examples"], data["dev_examples"]) == (64, 48)
-  assert [layer["layer"] for layer in data["layers"]] == [1, 2, 3]  # the tiny backbone's layers
-  for layer in data["layers"]:
-    assert layer["cls_spread"] > 0  # [CLS] differs across inputs (0 if one input were read)
-    for probe in ("cls_probe_accuracy", "mean_pool_probe_accuracy"):  # a share of the 48 pairs
-      assert layer[probe] * 48 == pytest.approx(round(layer[probe] * 48))
-  assert 0.3 < data["majority_accuracy"] < 0.7  # SST-2 dev is about balanced
-  assert (tmp_path / "exit_probe_sst2.md").read_text().count("\n| ") == 4  # header + 3 layers
-
-
-@needs_glue
 @pytest.mark.parametrize("runtime, precision", [("xla", "fp32"), ("onnxruntime", "int8")])
 def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, runtime,
                                                               precision, tmp_path):
   """Its stages exported with the exit rule at a budget, loaded in a fresh process (where
   `import jax` fails, on ONNX Runtime): the engine's labels and exit layers on dev."""
   workdir, _ = early_exit_run
-  directory, data = export_and_compare(workdir, tmp_path, f"--runtime={runtime}",
-                                       f"--precision={precision}", "--budget=1.2x")
+  directory, data = export_and_compare(workdir, tmp_path, runtime=runtime, precision=precision,
+                                       budget="1.2x")
   assert data["model"] == "early_exit" and data["routing"]["rule"] == "exit"
   assert data["labels_equal"] == 1.0 and data["exit_layers_equal"] == 1.0
   assert data["max_probability_difference"] <= 1e-5

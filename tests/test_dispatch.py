@@ -141,45 +141,6 @@ def test_run_buckets_gives_each_row_its_own_result_in_row_order(rule):
       alone.final, alone.ran, width_flops[:, bucket].T, np.array([0.5, 1.0])[bucket]))
 
 
-class FusedFakeRunner(FakeRunner):
-  """FakeRunner that also runs the prefix and the narrowest part as one call."""
-
-  fuses_first_width = True
-
-  def prefix_first_part(self, batch, length, ids, mask, types):
-    hidden, router = self.prefix(batch, length, ids, mask, types)
-    self.calls[-1] = ("fused",) + self.calls[-1][1:]
-    probabilities = self.part(0, batch, length, hidden, mask)
-    self.calls.pop()
-    return hidden, router, probabilities
-
-
-@pytest.mark.parametrize("rule", [routing.Rule(), routing.Cascade(threshold=0.85),
-                                  routing.Cascade(threshold=0.85, start_cost_weight=0.0),
-                                  routing.Fixed(0), routing.Fixed(2), dispatch.EVERY_WIDTH],
-                         ids=["router", "cascade", "router+cascade", "fixed 0", "fixed 2",
-                              "every"])
-@pytest.mark.parametrize("block_size", [None, 8])
-def test_a_fused_first_width_gives_the_same_results_in_fewer_calls(rule, block_size):
-  """Where every row starts at the narrowest width, the prefix and that part run as one call
-  per batch; elsewhere the fused program is not used. Results are the unfused runner's."""
-  plain, fused = FakeRunner(), FusedFakeRunner()
-  every = rule is dispatch.EVERY_WIDTH  # the only rule that runs every width
-  out = {name: _run(runner, 37, rule, keep_every_width=every, block_size=block_size)[0]
-         for name, runner in (("plain", plain), ("fused", fused))}
-  for field in ("final", "ran", "probabilities", "router") + (("every_width",) if every else ()):
-    np.testing.assert_allclose(getattr(out["fused"], field), getattr(out["plain"], field))
-  kinds = [c[0] for c in fused.calls]
-  narrowest = [c for c in plain.calls if c[0] == "part" and c[1] == 0]
-  if rule.starts_narrowest:
-    assert kinds.count("fused") == kinds.count("prefix") + kinds.count("fused") == sum(
-        c[0] == "prefix" for c in plain.calls)
-    assert not any(c[0] == "part" and c[1] == 0 for c in fused.calls) and narrowest
-    assert len(fused.calls) == len(plain.calls) - len(narrowest)
-  else:
-    assert "fused" not in kinds and len(fused.calls) == len(plain.calls)
-
-
 def test_no_rows():
   out = dispatch.run_rows(FakeRunner(), np.zeros((0, 6), int), np.zeros((0, 6), int),
                           np.zeros(0, int), program_lengths=(6,), batch_buckets=(1, 4),

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-  """Runs the parity benchmark: export, then predict dev in a fresh process."""
+  """Export, then predict dev in a fresh process (`export_and_compare`)."""
   return export_and_compare(trained[0], tmp_path_factory.mktemp("parity"))
 
 

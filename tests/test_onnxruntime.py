@@ -22,7 +22,7 @@ from sharcs_jax.data.padding import length_bucket_of, length_mask
 from sharcs_jax.serve import dispatch, onnx_graph, ort_runner, precision, routing
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.exported import ExportedModel
-from sharcs_jax.serve.onnx_programs import Int8Recipe, OnnxPrograms
+from sharcs_jax.serve.onnx_programs import OnnxPrograms
 from sharcs_jax.serve.programs import functions
 
 LENGTHS = (8, 16)
@@ -80,35 +80,6 @@ def test_full_width_model_equals_xla_forward(onnx_programs, tiny_model, tiny_par
     assert np.abs(call(5, length, ids, mask, types) - want).max() <= tolerance, length
   with pytest.raises(ValueError, match="converted without the full-width model"):
     onnx_programs.full_width_call()
-
-
-@pytest.mark.parametrize("recipe", [Int8Recipe(per_channel=False), Int8Recipe(method="static"),
-                                    Int8Recipe(bert_fusions=True)], ids=repr)
-def test_other_int8_recipes_stay_near_xla(recipe, tiny_model, tiny_params, tmp_path):
-  ids, lengths = _rows(64, seed=5)
-  programs = OnnxPrograms(tiny_model, tiny_params, precision="int8",
-                          cache_dir=str(tmp_path), recipe=recipe,
-                          calibration=(ids, np.zeros_like(ids), lengths))
-  runner, function = programs.runner(), functions(tiny_model)
-  mask = length_mask(lengths[:5], 16)
-  hidden, _ = function["prefix"]({"params": tiny_params}, ids[:5], mask, np.zeros_like(ids[:5]))
-  for i, width in enumerate(tiny_model.widths):
-    want = function["adaptive"]({"params": tiny_params}, hidden, mask, width=width)
-    assert np.abs(runner.part(i, 5, 16, np.asarray(hidden), mask) - want).max() <= 5e-2
-  if recipe.method == "static":
-    assert "QuantizeLinear" in onnx_graph.op_counts(onnx.load(programs.paths[programs.keys[0]]))
-
-
-def test_recipe_errors(tiny_model, tiny_params):
-  with pytest.raises(ValueError, match="int8 method 'qat' is not 'dynamic' or 'static'"):
-    Int8Recipe(method="qat")
-  with pytest.raises(ValueError, match="a static int8 recipe needs calibration rows"):
-    OnnxPrograms(tiny_model, tiny_params, precision="int8",
-                 recipe=Int8Recipe(method="static"))
-  with pytest.raises(ValueError, match="calibrates a SHARCS prefix and parts only"):
-    OnnxPrograms(tiny_model, tiny_params, precision="int8", recipe=Int8Recipe(method="static"),
-                 calibration=(np.zeros((1, 4), np.int32),) * 2 + (np.ones(1, np.int32),),
-                 full_width=True)
 
 
 def test_dense_layers_are_matmuls_and_int8_quantises_them(onnx_programs):
@@ -241,41 +212,6 @@ def test_ort_engine_builds_no_session_while_serving(engines, monkeypatch):
   assert len(out.labels) == 40 and ort.runner.sessions_built == built
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_fused_first_width_equals_the_prefix_then_the_narrowest_part(precision, tiny_model,
-                                                                     tiny_params, tmp_path):
-  """The prefix and the narrowest part as one ONNX model: the two sessions' outputs (int8's
-  activation scales are the same tensors'), and a cascade engine on it serves the same results
-  with a session more, none built while serving; the XLA engine refuses the option."""
-  programs = OnnxPrograms(tiny_model, tiny_params, precision=precision, cache_dir=str(tmp_path),
-                          fuse_first_width=True)
-  runner = programs.runner()
-  assert runner.fuses_first_width and runner.sessions_built == 2 + len(tiny_model.widths)
-  ids, lengths = _rows(6, seed=3, length=11)
-  mask, types = length_mask(lengths, 11), np.zeros_like(ids)
-  hidden, router, probabilities = runner.prefix_first_part(6, 11, ids, mask, types)
-  want_hidden, want_router = runner.prefix(6, 11, ids, mask, types)
-  np.testing.assert_allclose(hidden, want_hidden, atol=1e-6)
-  np.testing.assert_allclose(router, want_router, atol=1e-6)
-  np.testing.assert_allclose(probabilities, runner.part(0, 6, 11, want_hidden, mask), atol=1e-6)
-  engines = [Engine(tiny_model, tiny_params, length_buckets=LENGTHS, batch_buckets=(1, 8),
-                    cache_dir=str(tmp_path), runtime="onnxruntime", precision=precision,
-                    fuse_first_width=fuse) for fuse in (False, True)]
-  calibration = _encoded(64, seed=7)
-  rules = [e.calibrate("1.5x", calibration, "cascade") for e in engines]
-  assert rules[0].threshold == pytest.approx(rules[1].threshold, abs=1e-6)
-  data = _encoded(61, seed=8)
-  for engine in engines:
-    engine.rule = rules[0]
-  plain, fused = (e.run(data) for e in engines)
-  np.testing.assert_allclose(fused.probabilities, plain.probabilities, atol=1e-6)
-  np.testing.assert_array_equal(fused.widths, plain.widths)
-  np.testing.assert_allclose(fused.gflops, plain.gflops)
-  assert 0 < np.mean(fused.widths == 1.0) < 1  # some rows escalate, some stop narrow
-  with pytest.raises(ValueError, match="fuse_first_width applies to runtime 'onnxruntime'"):
-    Engine(tiny_model, tiny_params, length_buckets=LENGTHS, fuse_first_width=True)
-
-
 def test_restart_converts_nothing(tiny_model, tiny_params, tmp_path):
   first = OnnxPrograms(tiny_model, tiny_params, precision="fp32",
                        cache_dir=str(tmp_path))
@@ -337,9 +273,9 @@ def test_cli_refuses_a_precision_the_runtime_cannot_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def onnx_export(trained, tmp_path_factory):
-  """(export directory, export_parity's report) of the tiny run exported at int8."""
+  """(export directory, parity with the engine) of the tiny run exported at int8."""
   return export_and_compare(trained[0], tmp_path_factory.mktemp("onnx_export"),
-                            "--runtime=onnxruntime", "--precision=int8")
+                            runtime="onnxruntime", precision="int8")
 
 
 @needs_glue

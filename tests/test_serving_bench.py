@@ -21,8 +21,7 @@ JAX_PATHS = {"sharcs_jax full width", *(f"sharcs_jax engine {b}" for b in BUDGET
              *(f"sharcs_jax engine {b} cascade" for b in BUDGETS)}
 ORT_PATHS = {name.replace("sharcs_jax", "sharcs_jax ort") for name in JAX_PATHS}
 SPLIT = "sharcs_jax ort prefix+part full width"  # full width through the engine's two sessions
-CLS_ONLY = {f"{name} int8 cls-only" for name in ORT_PATHS | {SPLIT}}
-PATHS = {*JAX_PATHS, *(f"{name} bf16" for name in JAX_PATHS), *CLS_ONLY, SPLIT, f"{SPLIT} int8",
+PATHS = {*JAX_PATHS, *(f"{name} bf16" for name in JAX_PATHS), SPLIT, f"{SPLIT} int8",
          *ORT_PATHS, *(f"{name} int8" for name in ORT_PATHS), "pytorch eager b32",
          "onnxruntime fp32 b1", "onnxruntime fp32 b32", "onnxruntime int8 b1",
          "onnxruntime int8 b32"}
@@ -41,8 +40,7 @@ def serving(trained, tmp_path_factory):
   data, _ = run_benchmark("serving", out, f"--workdir={workdir}", f"--limit={LIMIT}",
                           "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}",
                           "--precisions=fp32,bf16,int8", "--rules=router,cascade",
-                          "--runtimes=xla,onnxruntime", "--hf_batches=1,32",
-                          "--cls_only=onnxruntime:int8", report="serving")
+                          "--runtimes=xla,onnxruntime", "--hf_batches=1,32", report="serving")
   return out, data
 
 
@@ -67,17 +65,11 @@ def _full_width_labels(workdir, dev) -> np.ndarray:
 
 def test_every_path_and_the_unreachable_budget(serving):
   _, data = serving
-  # The [CLS]-only model's full width is cheaper, so a small budget may be out of its reach.
-  cls_skipped = {name for name in CLS_ONLY if name in data["skipped"]}
-  assert "sharcs_jax ort full width int8 cls-only" in data["paths"]
-  assert set(data["paths"]) == PATHS - cls_skipped
-  assert set(data["skipped"]) == cls_skipped | {
+  assert set(data["paths"]) == PATHS
+  assert set(data["skipped"]) == {
       f"sharcs_jax{runtime} engine {UNREACHABLE}{rule}{precision}"
-      for runtime, precisions in (("", ("", " bf16")), (" ort", ("", " int8", " int8 cls-only")))
+      for runtime, precisions in (("", ("", " bf16")), (" ort", ("", " int8")))
       for rule in ("", " cascade") for precision in precisions}
-  for name in cls_skipped:
-    why = data["skipped"][name]
-    assert "out of reach" in why or "this cascade reaches" in why
   assert "out of reach" in data["skipped"][f"sharcs_jax engine {UNREACHABLE}"]
   assert "this cascade reaches" in data["skipped"][f"sharcs_jax engine {UNREACHABLE} cascade"]
   assert data["examples"] == LIMIT and data["task"] == "qqp"
@@ -180,16 +172,11 @@ def test_ort_fp32_paths_are_the_xla_paths(serving):
   split = data["paths"][SPLIT]
   assert split["max_abs_probability_difference_vs_full_width"] <= 1e-4
   assert split["gflops_per_example"] == pytest.approx(full["gflops_per_example"])
-  for suffix in (" int8", " int8 cls-only"):
-    assert data["paths"][SPLIT + suffix]["max_abs_probability_difference_vs_full_width"] \
-        <= INT8_PROBABILITY_TOLERANCE
+  assert data["paths"][SPLIT + " int8"]["max_abs_probability_difference_vs_full_width"] \
+      <= INT8_PROBABILITY_TOLERANCE
   int8 = data["paths"]["sharcs_jax ort full width int8"]
   assert int8["gflops_per_example"] == pytest.approx(full["gflops_per_example"])
   assert 0 < int8["max_abs_probability_difference_vs_full_width"] <= INT8_PROBABILITY_TOLERANCE
-  cls_only = data["paths"]["sharcs_jax ort full width int8 cls-only"]
-  assert cls_only["cls_only_last_layer"] and not int8["cls_only_last_layer"]
-  assert cls_only["gflops_per_example"] < 0.95 * int8["gflops_per_example"]  # fewer FLOPs
-  assert cls_only["max_abs_probability_difference_vs_full_width"] <= INT8_PROBABILITY_TOLERANCE
 
 
 def test_bf16_paths_keep_the_fp32_answers(serving):

@@ -119,10 +119,7 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, *, width: float = 1.0,
-               head_mask: Array | None = None, deterministic: bool = True,
-               queries: int | None = None) -> Array:
-    """Hidden states [B, S, d_w]; with `queries` only the first `queries` positions' ([B, queries,
-    d_w]), attending to every position: what a layer whose output only [CLS] reads needs."""
+               head_mask: Array | None = None, deterministic: bool = True) -> Array:
     cfg = self.cfg
     dims = width_dims(cfg, width)
     chex.assert_shape(x, (None, None, dims.hidden))
@@ -148,13 +145,8 @@ class EncoderLayer(nn.Module):
 
     # Self-attention over the leading heads, one fused Q/K/V matmul.
     dt = self.compute_dtype
-    kernel, bias = qkv["kernel"][:dw, :, :hw], qkv["bias"][:, None, None, :hw]
-    if queries is None:
-      q, k, v = contract("bsd,dthe->tbshe", x, kernel, dt) + bias
-    else:  # keys and values of every position, queries (and all that follows) of the first
-      k, v = contract("bsd,dthe->tbshe", x, kernel[:, 1:], dt) + bias[1:]
-      x = x[:, :queries]
-      q = (contract("bsd,dthe->tbshe", x, kernel[:, :1], dt) + bias[:1])[0]
+    q, k, v = (contract("bsd,dthe->tbshe", x, qkv["kernel"][:dw, :, :hw], dt)
+               + qkv["bias"][:, None, None, :hw])
     scores = contract("bqhe,bkhe->bhqk", q, k, dt) / jnp.sqrt(jnp.float32(hd))
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)

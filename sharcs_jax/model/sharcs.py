@@ -30,7 +30,7 @@ Array = jax.Array
 class SharcsOutput:
   logits: Array  # [B, num_classes]
   router_logits: Array | None  # [B, num_widths]; None from `adaptive` alone
-  last_hidden_state: Array  # [B, S, d_w] ([B, 1, d_w] with cls_only_last_layer)
+  last_hidden_state: Array  # [B, S, d_w]
   pooled: Array  # [B, d]
 
 
@@ -58,9 +58,6 @@ class SharcsModel(nn.Module):
   router_layer: int  # K, 1-indexed: layers 1..K are full width
   router_hidden: int
   compute_dtype: str = "float32"  # the encoder layers' matmul inputs (encoder.COMPUTE_DTYPES)
-  # The last layer computes [CLS] alone (keys and values of every token): the head reads nothing
-  # else, so the logits are the same for fewer FLOPs. A serving choice; the parameters are the same.
-  cls_only_last_layer: bool = False
 
   def setup(self):
     cfg = self.encoder
@@ -110,11 +107,9 @@ class SharcsModel(nn.Module):
                                self.encoder.hidden_size))
     mask = attention_mask.astype(bool)
     x = self.down_projection(hidden, width=width)
-    last = len(self.layers) - 1
     for i, layer in enumerate(self.layers[self.router_layer:], start=self.router_layer):
       x = layer(x, mask, width=width, head_mask=None if head_mask is None else head_mask[i],
-                deterministic=deterministic,
-                queries=1 if self.cls_only_last_layer and i == last else None)
+                deterministic=deterministic)
     pooled, logits = self.head(x[:, 0], deterministic=deterministic)
     return SharcsOutput(logits=logits, router_logits=None, last_hidden_state=x, pooled=pooled)
 

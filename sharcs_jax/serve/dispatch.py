@@ -115,15 +115,11 @@ class Runner(Protocol):
   def part(self, width_index: int, batch: int, length: int, hidden: Any, mask: Any) -> Any:
     """Class probabilities [batch, C]."""
 
-  # A runner whose `fuses_first_width` is true also has `prefix_first_part(batch, length, ids,
-  # mask, types)` -> (hidden, router logits, the narrowest width's probabilities): one call.
-
 
 class Routing(Protocol):
   """What dispatch asks of a routing rule (`routing.Rule`, `routing.Cascade`)."""
 
   escalating: bool
-  starts_narrowest: bool  # every row's first width is the narrowest, whatever the router says
 
   def first_widths(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray: ...
 
@@ -135,7 +131,6 @@ class _EveryWidth:
   """Every row runs every width, from the narrowest: what dev evaluation measures."""
 
   escalating = True
-  starts_narrowest = True
 
   def first_widths(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray:
     return np.zeros(len(router_logits), np.int64)
@@ -359,20 +354,16 @@ def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.nda
   """
   n = len(ids)
   width_flops = np.broadcast_to(np.asarray(width_flops, np.float64), (n, num_widths))
-  # Fused, the prefix and the narrowest part are stage 0 and width i's part stage i; else the
-  # prefix is stage 0 and width i's part stage 1 + i.
-  fused = bool(getattr(runner, "fuses_first_width", False) and rule.starts_narrowest)
-  first = 0 if fused else 1  # the narrowest width's stage
-  stages = [Stage(TOKENS, answers=fused)] + [Stage(0, answers=True)] * (num_widths - fused)
-  out = run_stages(_FusedWidthParts(runner) if fused else WidthParts(runner), stages, ids, types,
-                   lengths, program_lengths=program_lengths, batch_buckets=batch_buckets,
-                   rule=WidthCascade(rule, num_widths, width_flops, first),
-                   block_size=block_size, to_host=to_host)
-  router = out.outputs[0][-1] if n else np.zeros((0, num_widths), np.float32)
+  stages = [Stage(TOKENS, answers=False)] + [Stage(0, answers=True)] * num_widths
+  out = run_stages(WidthParts(runner), stages, ids, types, lengths,
+                   program_lengths=program_lengths, batch_buckets=batch_buckets,
+                   rule=WidthCascade(rule, num_widths, width_flops), block_size=block_size,
+                   to_host=to_host)
+  router = out.outputs[0][0] if n else np.zeros((0, num_widths), np.float32)
   every = None
   if keep_every_width:
-    every = np.stack([outputs[0] for outputs in out.outputs[first:]])
-  return Dispatched(out.probabilities, out.final - first, out.ran[:, first:], router, every)
+    every = np.stack([outputs[0] for outputs in out.outputs[1:]])
+  return Dispatched(out.probabilities, out.final - 1, out.ran[:, 1:], router, every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,42 +381,24 @@ class WidthParts:
 
 
 @dataclasses.dataclass(frozen=True)
-class _FusedWidthParts:
-  """A SHARCS `Runner` that fuses the first width as stages: the prefix with the narrowest
-  width's part (outputs: its probabilities, then the router's logits), then each wider part."""
-
-  runner: Runner
-
-  def stage(self, index: int, batch: int, length: int, inputs: tuple[Any, ...]
-            ) -> tuple[Any, tuple[Any, ...]]:
-    if index == 0:
-      hidden, router, probabilities = self.runner.prefix_first_part(batch, length, *inputs)
-      return hidden, (probabilities, router)
-    return None, (self.runner.part(index, batch, length, *inputs),)
-
-
-@dataclasses.dataclass(frozen=True)
 class WidthCascade:
-  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation. Width i
-  is stage `first` + i: with `first` 1 stage 0 is the prefix alone, with 0 (fused) the prefix and
-  the narrowest part."""
+  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation. Stage 0
+  is the prefix, stage 1 + i width i's part."""
 
   rule: Routing
   num_widths: int
   width_flops: np.ndarray  # float64 [n, m]
-  first: int = 1
 
   def continues(self, stage: int) -> bool:
-    return stage < self.first or (self.rule.escalating
-                                  and stage - self.first < self.num_widths - 1)
+    return stage == 0 or (self.rule.escalating and stage < self.num_widths)
 
   def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
                   ) -> np.ndarray:
-    if stage < self.first:
+    if stage == 0:
       return 1 + np.asarray(self.rule.first_widths(outputs[0], self.width_flops[rows]), np.int64)
     if not self.continues(stage):
       return np.full(len(rows), STOP, np.int64)
-    return np.where(self.rule.escalates(outputs[0], stage - self.first), stage + 1, STOP)
+    return np.where(self.rule.escalates(outputs[0], stage - 1), stage + 1, STOP)
 
 
 def run_stages(runner: StageRunner, stages: Sequence[Stage], ids: np.ndarray, types: np.ndarray,

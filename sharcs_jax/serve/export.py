@@ -142,8 +142,7 @@ def _write_parts(engine: Engine, tmp: str) -> tuple[dict[str, str], dict[str, An
   """The parts' files ({part name: file}) and what the manifest says of the runtime."""
   files = {}
   if engine.runtime == "onnxruntime":
-    # A fused first width (`OnnxPrograms(fuse_first_width=True)`) is a serving option, not a part.
-    paths = {k: p for k, p in engine.onnx.paths.items() if k.kind != "prefix_part"}
+    paths = engine.onnx.paths
     for key in paths:
       files[key.name] = f"{key.name}.onnx"
     share_weights({files[k.name]: p for k, p in paths.items()}, tmp, SHARED_WEIGHTS)

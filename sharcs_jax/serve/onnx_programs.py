@@ -7,12 +7,10 @@ length symbolic (a batch runs at its longest row's length: no padding to length 
      initializers, dropout goes);
   2. `onnx_graph` splits the packed Q/K/V projection into three, turns every Einsum and Gemm
      into MatMul (+ Add) and each LayerNorm and GELU into one node;
-  3. for int8 (`Int8Recipe`; the default measured best, docs/serving.md), `quantize_dynamic`:
-     signed int8 weights per output channel, activations quantised to uint8 at run time (u8 x s8
-     is the kernel VNNI and AVX2 run), MatMul with a constant weight only. Without VNNI the
-     weights keep 7 bits (`reduce_range`), since AVX2's u8 x s8 multiply (vpmaddubsw) saturates
-     at 8 bits. The alternatives measured: per-tensor weights, static QDQ quantisation calibrated
-     on held-out inputs, and onnxruntime.transformers' BERT fusions before quantising.
+  3. for int8 (the recipe measured best, docs/serving.md), `quantize_dynamic`: signed int8
+     weights per output channel, activations quantised to uint8 at run time (u8 x s8 is the
+     kernel VNNI and AVX2 run), MatMul with a constant weight only. Without VNNI the weights keep
+     7 bits (`reduce_range`), since AVX2's u8 x s8 multiply (vpmaddubsw) saturates at 8 bits.
 Models are stored under `cache_dir/onnx-<fingerprint>/` (the fingerprint covers the parameter
 values, the model code and the converter versions), so a restart converts nothing.
 """
@@ -35,7 +33,6 @@ from absl import logging
 from sharcs_jax import report
 from sharcs_jax.model import config as model_config
 from sharcs_jax.model import early_exit, encoder, sharcs, widths
-from sharcs_jax.data.padding import length_mask
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.serve import ort_runner
@@ -75,23 +72,9 @@ def import_jax2onnx() -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8Recipe:
-  """How int8 programs are made (module doc, step 3)."""
-
-  method: str = "dynamic"  # "dynamic", or "static": QDQ with activation ranges from calibration
-  per_channel: bool = True  # weight scales per output channel (else one per matrix)
-  bert_fusions: bool = False  # onnxruntime.transformers' BERT fusions before quantising
-
-  def __post_init__(self):
-    if self.method not in ("dynamic", "static"):
-      raise ValueError(f"int8 method {self.method!r} is not 'dynamic' or 'static'")
-
-
-@dataclasses.dataclass(frozen=True)
 class OnnxKey:
   kind: str  # "prefix", "adaptive", "forward" (the whole model at one width, no router), "stage",
-  # "narrow" (an early-exit model's narrow layers at a width), "prefix_part" (the prefix and one
-  # width's part as one model)
+  # "narrow" (an early-exit model's narrow layers at a width)
   width: float | None
   span: Span | None = None  # an early-exit model's stage: its layers
 
@@ -101,8 +84,6 @@ class OnnxKey:
       return stage_part_name(self.span)
     if self.kind == "narrow":
       return narrow_part_name(self.width, self.span)
-    if self.kind == "prefix_part":
-      return f"prefix_{part_name(self.width)}"
     return FORWARD if self.kind == "forward" else part_name(self.width)
 
 
@@ -110,18 +91,14 @@ FORWARD = "forward"  # the full-width model's file name
 
 
 def fingerprint(model: SharcsModel | EarlyExitModel, params: Any, precision: str,
-                reduce_range: bool, recipe: Int8Recipe, calibration: Any = None) -> str:
-  """Everything a converted model depends on, parameter values (and calibration rows) included."""
+                reduce_range: bool) -> str:
+  """Everything a converted model depends on, parameter values included."""
   h = hashlib.sha256()
   for part in (repr(dataclasses.asdict(model.encoder)),
                *(repr(setting) for setting in model_settings(model)), precision,
                repr(reduce_range),
-               repr(recipe) if precision == "int8" else "",
                *(str(report.package_version(p)) for p in _VERSIONED)):
     h.update(part.encode())
-  if precision == "int8" and recipe.method == "static":
-    for rows in calibration:
-      h.update(np.ascontiguousarray(rows).tobytes())
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     h.update(jax.tree_util.keystr(path).encode())
     h.update(np.ascontiguousarray(leaf).tobytes())
@@ -155,36 +132,8 @@ def fold_constants(model: Any) -> Any:
     return onnx.load(options.optimized_model_filepath)
 
 
-def bert_fusions(model: Any, heads: int, hidden: int) -> tuple[Any, dict[str, int]]:
-  """onnxruntime.transformers' BERT graph fusions (GELU, SkipLayerNorm, attention where the
-  pattern matches) and what each fused. Its LayerNorm pass is off: on these graphs its simplified-
-  LayerNorm fusion fails (onnxruntime 1.32: "'NodeProto' object is not subscriptable"), and the
-  session's own optimiser fuses LayerNorm anyway."""
-  ort_runner.import_onnxruntime()
-  from onnxruntime.transformers import optimizer
-  from onnxruntime.transformers.fusion_options import FusionOptions
-
-  options = FusionOptions("bert")
-  options.enable_layer_norm = False
-  with _quiet("onnxruntime.transformers"):  # it warns that the producer is not PyTorch
-    fused = optimizer.optimize_model(model, model_type="bert", num_heads=heads,
-                                     hidden_size=hidden, optimization_options=options, opt_level=0)
-  return fused.model, {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
-
-
-class _Feeds:
-  """onnxruntime's CalibrationDataReader over a list of input feeds."""
-
-  def __init__(self, feeds: list[dict[str, np.ndarray]]):
-    self.feeds = iter(feeds)
-
-  def get_next(self) -> dict[str, np.ndarray] | None:
-    return next(self.feeds, None)
-
-
-def quantize_int8(model: Any, reduce_range: bool, recipe: Int8Recipe = Int8Recipe(),
-                  feeds: list[dict[str, np.ndarray]] | None = None) -> Any:
-  """int8 weights of every constant MatMul (module doc); `feeds` calibrate a static recipe."""
+def quantize_int8(model: Any, reduce_range: bool) -> Any:
+  """int8 weights of every constant MatMul (module doc, step 3)."""
   ort_runner.import_onnxruntime()
   from onnxruntime import quantization as q
 
@@ -192,21 +141,14 @@ def quantize_int8(model: Any, reduce_range: bool, recipe: Int8Recipe = Int8Recip
   with _quiet(""), tempfile.TemporaryDirectory() as tmp:
     source, target = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
     onnx.save(model, source)
-    if recipe.method == "dynamic":
-      q.quantize_dynamic(source, target, op_types_to_quantize=["MatMul"],
-                         per_channel=recipe.per_channel, reduce_range=reduce_range,
-                         weight_type=q.QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
-    else:
-      q.quantize_static(source, target, _Feeds(feeds or []), quant_format=q.QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul"], per_channel=recipe.per_channel,
-                        reduce_range=reduce_range, activation_type=q.QuantType.QUInt8,
-                        weight_type=q.QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    q.quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=True,
+                       reduce_range=reduce_range, weight_type=q.QuantType.QInt8,
+                       extra_options={"MatMulConstBOnly": True})
     return onnx.load(target)
 
 
 def program_model(model: SharcsModel | EarlyExitModel, params: Any, key: OnnxKey,
-                  precision: str, reduce_range: bool, recipe: Int8Recipe = Int8Recipe(),
-                  feeds: list[dict[str, np.ndarray]] | None = None) -> Any:
+                  precision: str, reduce_range: bool) -> Any:
   """One program as a lowered (and for int8 quantised) ONNX model."""
   if isinstance(model, SharcsModel):
     model = model.clone(compute_dtype="float32")
@@ -228,11 +170,6 @@ def program_model(model: SharcsModel | EarlyExitModel, params: Any, key: OnnxKey
   elif key.kind == "prefix":
     onnx_model = convert(lambda ids, mask, types: function["prefix"](variables, ids, mask, types),
                          specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_OUTPUTS, key.name)
-  elif key.kind == "prefix_part":
-    onnx_model = convert(
-        lambda ids, mask, types: function["prefix_part"](variables, ids, mask, types,
-                                                         width=key.width),
-        specs, ort_runner.PREFIX_INPUTS, ort_runner.PREFIX_PART_OUTPUTS, key.name)
   elif key.kind == "forward":
     onnx_model = convert(
         lambda ids, mask, types: function["forward"](variables, ids, mask, types, width=key.width),
@@ -243,34 +180,7 @@ def program_model(model: SharcsModel | EarlyExitModel, params: Any, key: OnnxKey
         specs, ort_runner.PART_INPUTS, ort_runner.PART_OUTPUTS, key.name)
   onnx_model = onnx_graph.split_packed_projections(fold_constants(onnx_model))
   onnx_model = onnx_graph.fuse_norms_and_gelu(onnx_graph.lower_to_matmul(onnx_model))
-  if precision != "int8":
-    return onnx_model
-  if recipe.bert_fusions:
-    dims = widths.width_dims(model.encoder, key.width or 1.0)
-    onnx_model, fused = bert_fusions(onnx_model, dims.heads, dims.hidden)
-    logging.info("%s: BERT fusions %s", key.name, fused or "none matched")
-  return quantize_int8(onnx_model, reduce_range, recipe, feeds)
-
-
-def calibration_feeds(prefix: Callable[..., Any], params: Any, key: OnnxKey, ids: np.ndarray,
-                      types: np.ndarray, lengths: np.ndarray, batch: int = 32, most: int = 512
-                      ) -> list[dict[str, np.ndarray]]:
-  """A program's inputs for the first `most` calibration rows in ascending length, in batches at
-  their longest row's length (as they are served): token ids for the prefix, the float32
-  prefix's hidden states for a part."""
-  rows = np.argsort(lengths[:most], kind="stable")
-  feeds = []
-  for start in range(0, len(rows), batch):
-    chosen = rows[start:start + batch]
-    length = int(lengths[chosen].max())
-    mask = length_mask(lengths[chosen], length)
-    feed = {"input_ids": ids[chosen, :length], "attention_mask": mask,
-            "token_type_ids": types[chosen, :length]}
-    if key.kind != "prefix":
-      hidden, _ = prefix({"params": params}, *feed.values())
-      feed = {"hidden": np.asarray(hidden), "attention_mask": mask}
-    feeds.append(feed)
-  return feeds
+  return onnx_model if precision != "int8" else quantize_int8(onnx_model, reduce_range)
 
 
 class OnnxPrograms:
@@ -278,14 +188,11 @@ class OnnxPrograms:
 
   def __init__(self, model: SharcsModel | EarlyExitModel, params: Any, *, precision: str,
                cache_dir: str | None = None, reduce_range: bool | None = None,
-               recipe: Int8Recipe = Int8Recipe(),
-               calibration: tuple[np.ndarray, ...] | None = None, full_width: bool = False,
-               fuse_first_width: bool = False, stages: Sequence[StageProgram] = ()):
-    """`calibration` (token ids, type ids, lengths of held-out rows) feeds a static recipe;
-    `full_width` also converts the whole model at width 1.0 as one program (`full_width_call`);
-    `fuse_first_width` the prefix with the narrowest width's part as one (`OrtRunner`); an
-    early-exit model's programs are its `stages` in the dispatch core's order (their full-width
-    spans cover the layers, `programs.check_spans`; narrow ones read hidden states)."""
+               full_width: bool = False, stages: Sequence[StageProgram] = ()):
+    """`full_width` also converts the whole model at width 1.0 as one program
+    (`full_width_call`); an early-exit model's programs are its `stages` in the dispatch core's
+    order (their full-width spans cover the layers, `programs.check_spans`; narrow ones read
+    hidden states)."""
     if precision not in PRECISIONS["onnxruntime"][1:]:
       raise ValueError(f"ONNX Runtime precision {precision!r} is not one of "
                        f"{PRECISIONS['onnxruntime'][1:]} (resolve 'auto' first)")
@@ -293,45 +200,27 @@ class OnnxPrograms:
     self.precision = precision
     self.reduce_range = (int8_reduce_range(cpu_flags()) if reduce_range is None
                          else reduce_range) if precision == "int8" else False
-    self.recipe, self.calibration = recipe, calibration
-    if self.static and calibration is None:
-      raise ValueError("a static int8 recipe needs calibration rows (ids, types, lengths)")
-    if self.static and (full_width or fuse_first_width or isinstance(model, EarlyExitModel)):
-      raise ValueError("a static int8 recipe calibrates a SHARCS prefix and parts only; convert "
-                       "the full-width model, a fused first width and an early-exit model with "
-                       "the dynamic recipe")
     params = jax.tree_util.tree_map(np.asarray, params)
-    key = fingerprint(model, params, precision, self.reduce_range, recipe, calibration)
+    key = fingerprint(model, params, precision, self.reduce_range)
     self.directory = os.path.join(cache_dir or tempfile.mkdtemp(prefix="sharcs-onnx-"),
                                   f"onnx-{key}")
     if isinstance(model, EarlyExitModel):
       check_spans([p.span for p in stages if p.kind == "stage"], model.encoder.num_layers)
       self.keys = [OnnxKey(p.kind, p.width, p.span) for p in stages]
     else:
-      # One jitted float32 prefix for every program's calibration feeds (a static recipe only).
-      self._float32_prefix = jax.jit(functions(model.clone(compute_dtype="float32"))["prefix"])
       self.keys = ([OnnxKey("prefix", None)] + [OnnxKey("adaptive", w) for w in model.widths]
-                   + ([OnnxKey("forward", 1.0)] if full_width else [])
-                   + ([OnnxKey("prefix_part", model.widths[0])] if fuse_first_width else []))
+                   + ([OnnxKey("forward", 1.0)] if full_width else []))
     self.converted = self.loaded = 0
     self.paths = {key: self._obtain(key, params) for key in self.keys}
     logging.info("%d ONNX %s programs: %d converted, %d loaded from %s", len(self.paths),
                  precision, self.converted, self.loaded, self.directory)
-
-  @property
-  def static(self) -> bool:
-    """int8 by static QDQ quantisation, which calibrates on held-out rows."""
-    return self.precision == "int8" and self.recipe.method == "static"
 
   def _obtain(self, key: OnnxKey, params: Any) -> str:
     path = os.path.join(self.directory, f"{key.name}.onnx")
     if os.path.isfile(path):
       self.loaded += 1
       return path
-    feeds = (calibration_feeds(self._float32_prefix, params, key, *self.calibration)
-             if self.static else None)
-    onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range,
-                               self.recipe, feeds)
+    onnx_model = program_model(self.model, params, key, self.precision, self.reduce_range)
     os.makedirs(self.directory, exist_ok=True)
     with report.atomic_path(path) as tmp:
       onnx.save(onnx_model, tmp)
@@ -342,10 +231,9 @@ class OnnxPrograms:
     """Sessions for every program (built now, never while serving)."""
     if isinstance(self.model, EarlyExitModel):
       return ort_runner.StageOrtRunner([self.paths[key] for key in self.keys], threads)
-    widths = self.model.widths
     return ort_runner.OrtRunner(self.paths[OnnxKey("prefix", None)],
-                                [self.paths[OnnxKey("adaptive", w)] for w in widths], threads,
-                                self.paths.get(OnnxKey("prefix_part", widths[0])))
+                                [self.paths[OnnxKey("adaptive", w)] for w in self.model.widths],
+                                threads)
 
   def full_width_call(self, threads: int = 0) -> Callable[..., np.ndarray]:
     """The whole model at width 1.0 in one session (built now), as `dispatch.run_each_row` calls

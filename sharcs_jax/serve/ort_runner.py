@@ -22,7 +22,6 @@ PREFIX_OUTPUTS = ("hidden", "router_logits")
 PART_INPUTS = ("hidden", "attention_mask")
 PART_OUTPUTS = ("probabilities",)
 STAGE_OUTPUTS = ("stage_hidden", "probabilities")  # an early-exit model's stage
-PREFIX_PART_OUTPUTS = PREFIX_OUTPUTS + PART_OUTPUTS  # the prefix and the narrowest part as one
 
 
 class MissingExtra(ImportError):
@@ -114,30 +113,12 @@ def full_width_caller(model: str | bytes, threads: int = 0) -> Callable[..., np.
 
 class OrtRunner:
   """A session for the prefix and one for each width's part; `sessions_built` counts them, so a
-  test can check that serving builds none. Batch and length are symbolic in every model.
+  test can check that serving builds none. Batch and length are symbolic in every model."""
 
-  With `prefix_first_part` (the prefix and the narrowest width's part as one model) the dispatch
-  core runs rows that all start at the narrowest width in one call where they would take two
-  (`dispatch.run_rows`)."""
-
-  def __init__(self, prefix: str | bytes, parts: Sequence[str | bytes], threads: int = 0,
-               prefix_first_part: str | bytes | None = None):
+  def __init__(self, prefix: str | bytes, parts: Sequence[str | bytes], threads: int = 0):
     self.prefix_session = make_session(prefix, threads)
     self.part_sessions = [make_session(m, threads) for m in parts]
-    self.fused_session = (None if prefix_first_part is None
-                          else make_session(prefix_first_part, threads))
-    self.sessions_built = 1 + len(self.part_sessions) + (prefix_first_part is not None)
-
-  @property
-  def fuses_first_width(self) -> bool:
-    return self.fused_session is not None
-
-  def prefix_first_part(self, batch: int, length: int, ids: np.ndarray, mask: np.ndarray,
-                        types: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(hidden states, router logits, the narrowest width's probabilities) in one call."""
-    hidden, router, probabilities = self.fused_session.run(PREFIX_PART_OUTPUTS,
-                                                           token_feeds(ids, mask, types))
-    return hidden, router, probabilities
+    self.sessions_built = 1 + len(self.part_sessions)
 
   def prefix(self, batch: int, length: int, ids: np.ndarray, mask: np.ndarray,
              types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -74,7 +74,7 @@ def model_settings(model: SharcsModel | EarlyExitModel) -> tuple[Any, ...]:
     return ("early exit", model.num_classes, model.pooling, model.widths, model.width_layer,
             model.narrow_exits)
   return (model.num_classes, model.widths, model.router_layer, model.router_hidden,
-          model.compute_dtype, model.cls_only_last_layer)
+          model.compute_dtype)
 
 
 def fingerprint(model: SharcsModel | EarlyExitModel, shapes: Any) -> str:
@@ -114,11 +114,7 @@ def functions(model: SharcsModel | EarlyExitModel) -> dict[str, Callable[..., An
   def forward(variables, ids, mask, types, *, width):
     return jax.nn.softmax(model.apply(variables, ids, mask, types, width=width).logits, axis=-1)
 
-  def prefix_part(variables, ids, mask, types, *, width):
-    hidden, router = prefix(variables, ids, mask, types)
-    return hidden, router, adaptive(variables, hidden, mask, width=width)
-
-  return {"prefix": prefix, "adaptive": adaptive, "forward": forward, "prefix_part": prefix_part}
+  return {"prefix": prefix, "adaptive": adaptive, "forward": forward}
 
 
 def argument_specs(model: SharcsModel | EarlyExitModel, kind: str, batch: Any, length: Any,

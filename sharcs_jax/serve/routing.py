@@ -63,7 +63,6 @@ class Rule:
 
   name = "router"
   escalating = False
-  starts_narrowest = False  # every row's first width is the narrowest, whatever the router says
 
   def choose(self, router_logits: np.ndarray, example_flops: np.ndarray) -> np.ndarray:
     """Width index per example. router_logits [N, m]; example_flops [N, m], last = full width."""
@@ -124,10 +123,6 @@ class Cascade:
   def escalates(self, probabilities: np.ndarray, width_index: int) -> np.ndarray:
     return confidence(probabilities, self.signal) < self.threshold
 
-  @property
-  def starts_narrowest(self) -> bool:
-    return self.start_cost_weight is None
-
   def to_json(self) -> dict:
     return {"rule": self.name, "budget": self.budget, "threshold": self.threshold,
             "signal": self.signal, "start_cost_weight": self.start_cost_weight,
@@ -150,10 +145,6 @@ class Fixed:
 
   def escalates(self, probabilities: np.ndarray, width_index: int) -> np.ndarray:
     return np.zeros(len(probabilities), bool)
-
-  @property
-  def starts_narrowest(self) -> bool:
-    return self.width_index == 0
 
   def to_json(self) -> dict:
     return {"rule": self.name, "budget": self.budget, "width_index": self.width_index,
