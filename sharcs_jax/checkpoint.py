@@ -201,9 +201,8 @@ def load_kept(workdir: str) -> tuple[ml_collections.ConfigDict, SharcsModel, Any
     # from SHARCS configs, so the checkpoint's metadata (no arrays read) says.
     if config.model.get("method") == "early_exit" or holds_early_exit(workdir):
       raise CheckpointError(
-          f"{workdir} holds an early-exit model, which this SHARCS path cannot serve: serve it "
-          "with --mode=predict, --mode=serve, --mode=export, ExitEngine, benchmarks.exit_serving "
-          "or benchmarks.load")
+          f"{workdir} holds an early-exit model, which this SHARCS path cannot load: load it "
+          "with run.load_run (Engine.from_workdir, --mode=predict, --mode=serve, --mode=export)")
     model = model_from_config(config)
     abstract = on_one_device(jax.eval_shape(initial_best, param_shapes(model)))
     best = _restore(manager, step, best=ocp.args.StandardRestore(abstract)).best

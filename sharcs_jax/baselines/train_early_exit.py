@@ -32,7 +32,7 @@ from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
 from sharcs_jax.serve import routing
 from sharcs_jax.serve.evaluate import classification_metrics
-from sharcs_jax.serve.exit_engine import layer_spans, leave_costs, stage_layout
+from sharcs_jax.serve.exit_layout import layer_spans, leave_costs, stage_layout
 from sharcs_jax.serve.programs import argument_specs
 from sharcs_jax.model.flops import param_shapes, xla_flops
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
@@ -113,7 +113,7 @@ def exit_forward(model: EarlyExitModel) -> Any:
 def stage_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
   """XLA FLOPs [S, num_buckets] of one example's every stage alone, in `stage_order` (a stage
   per layer, and each narrow stage), read from the programs the engine runs at batch 1: the
-  costs `ExitEngine.stage_flops` holds."""
+  costs `Engine.stage_flops` holds."""
   shapes = param_shapes(model)
   layers = model.encoder.num_layers
   table = np.zeros((layers + len(model.narrow_stages), len(length_buckets)))
@@ -161,7 +161,7 @@ def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, f
                      dev_logits: np.ndarray, dev_data: batching.Encoded,
                      metric_names: tuple[str, ...]) -> dict[str, Any] | None:
   """What the engine serves at `config.routing.budget`: DeeBERT's rule with its threshold fitted
-  on the run's `calibration` split (as `ExitEngine.from_kept` fits it; for a depth-and-width
+  on the run's `calibration` split (as `Engine.from_run` fits it; for a depth-and-width
   model both thresholds, searched jointly), applied to dev; None without a budget or
   calibration split. `stage_flops` [S, buckets]: each stage alone, in `stage_order`."""
   if not config.routing.budget or calibration is None:

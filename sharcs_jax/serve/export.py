@@ -1,7 +1,7 @@
 """Writes a trained model as a portable export directory that `exported.py` runs without flax.
 
 A SHARCS model's parts are the prefix with the router and each width's adaptive part with the
-head; an early-exit model's are its stages (`exit_engine`), each ending in its exit. On the XLA
+head; an early-exit model's are its stages (`exit_layout`), each ending in its exit. On the XLA
 runtime each part is `jax.export`ed with symbolic batch and length, so one file serves every
 batch size and length bucket; parameters are an argument (one `.npz`), not constants baked into
 each part. On
