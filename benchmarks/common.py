@@ -12,7 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from sharcs_jax.serve import dispatch, evaluate, routing
+from sharcs_jax.serve import dispatch, routing
+from sharcs_jax import evaluate
 from sharcs_jax import report
 from sharcs_jax.data import batching, glue
 from sharcs_jax.serve.engine import Engine

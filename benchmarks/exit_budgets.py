@@ -13,7 +13,8 @@ from absl import app
 from benchmarks import common
 from sharcs_jax.data import batching, glue
 from sharcs_jax.run import Run, load_run
-from sharcs_jax.serve import evaluate, routing
+from sharcs_jax.serve import routing
+from sharcs_jax import evaluate
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.exit_layout import calibration_split, leave_costs
 

@@ -15,7 +15,7 @@ the run's SHARCS model routed to that FLOPs budget), on the dev split of the run
     `sharcs_jax ort prefix+part full width` is every input at width 1.0 through the engine's
     prefix and full part (two sessions per batch);
   - `pytorch eager b32`: `BertForSequenceClassification` on the Hugging Face export
-    (`sharcs_jax.serve.hf_export`; transformers' default SDPA attention), batches of 32 sorted by
+    (`sharcs_jax.serve.export.hf`; transformers' default SDPA attention), batches of 32 sorted by
     length, each padded to its longest row;
   - `onnxruntime fp32 b1 / b32`: that model exported with `torch.onnx.export` (dynamic batch and
     sequence axes), one input at a time, and sorted batches of 32;
@@ -44,7 +44,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from sharcs_jax.serve import evaluate, hf_export
+from sharcs_jax import evaluate
+from sharcs_jax.serve.export import hf as hf_export
 from sharcs_jax import report
 from sharcs_jax.data import glue
 from sharcs_jax.data.padding import length_mask
@@ -225,7 +226,7 @@ def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: st
           described, run=lambda t, f=full, e=at: common.full_width_probabilities(
               f, params, e.encode(t)), engine=at)
     else:  # the whole model at width 1.0 as one ONNX program, as XLA's is one
-      from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
+      from sharcs_jax.serve.onnx.programs import OnnxPrograms  # the serve extra, only here
 
       call = OnnxPrograms(at.model, params, precision=at.precision, full_width=True,
                           cache_dir=os.path.join(workdir, "executables")).full_width_call(threads)

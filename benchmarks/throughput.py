@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common, exit_budgets
-from sharcs_jax.serve import evaluate
+from sharcs_jax import evaluate
 from sharcs_jax import report
 from sharcs_jax.checkpoint import holds_early_exit
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS

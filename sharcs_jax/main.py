@@ -20,7 +20,7 @@ from sharcs_jax import config as config_lib
 from sharcs_jax import parallel
 from sharcs_jax.serve import predict, summary
 from sharcs_jax.serve import precision as precision_lib
-from sharcs_jax.serve.ort_runner import MissingExtra, usable_cores
+from sharcs_jax.serve.onnx.runner import MissingExtra, usable_cores
 from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
@@ -124,8 +124,8 @@ def checked_precision(default: str) -> str:
 def serve_http() -> None:
   """--mode=serve: checks the limits, then `serve.http.serve` until SIGTERM."""
   try:
-    from sharcs_jax.serve import http
-    from sharcs_jax.serve.batcher import Limits
+    from sharcs_jax.serve.http import app as http
+    from sharcs_jax.serve.http.batcher import Limits
   except ImportError as e:
     raise MissingExtra(f"--mode=serve needs the 'serve' install extra (bash launch/install.sh "
                        f"serve): {e}") from None
@@ -179,7 +179,7 @@ def run_mode() -> None:
   if FLAGS.mode == "export":
     if not FLAGS.output:
       raise app.UsageError("--mode=export needs --output (a directory)")
-    from sharcs_jax.serve import export  # jax.export only where it is used
+    from sharcs_jax.serve.export import writer as export  # jax.export only where it is used
     export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
     engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
                                  signal=FLAGS.signal, start_budget=FLAGS.start_budget,

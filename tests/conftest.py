@@ -209,7 +209,7 @@ import json, sys
 blocked, forbidden = (names.split(",") if names else [] for names in sys.argv[4:6])
 for name in blocked:
   sys.modules[name] = None  # `import name` now raises ImportError
-from sharcs_jax.serve.exported import ExportedModel
+from sharcs_jax.serve.export.loader import ExportedModel
 model = ExportedModel.load(sys.argv[1])
 out = model.predict(json.load(open(sys.argv[2])))
 routed = out.exit_layers if model.model == "early_exit" else out.widths
@@ -231,7 +231,7 @@ def export_and_compare(workdir, out: pathlib.Path, *, runtime: str = "xla",
   from sharcs_jax.checkpoint import holds_early_exit, load_kept_exit
   from sharcs_jax.data import glue
   from sharcs_jax.run import load_run
-  from sharcs_jax.serve import export
+  from sharcs_jax.serve.export import writer as export
   from sharcs_jax.serve.engine import Engine
   from sharcs_jax.serve.exit_engine import ExitEngine
 

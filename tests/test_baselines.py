@@ -347,7 +347,7 @@ def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, ru
   suffix = ".onnx" if runtime == "onnxruntime" else ".jaxexport"
   assert sorted(f.name for f in directory.glob(f"*{suffix}")) == [
       f"stage_l{i}-{i}{suffix}" for i in range(3)]
-  from sharcs_jax.serve.exported import ExportedModel
+  from sharcs_jax.serve.export.loader import ExportedModel
 
   for i, (change, message) in enumerate([
       (lambda m: m.update(exit_layers=[1, 3]), r"exit layers \[1, 3\] need"),
@@ -422,7 +422,7 @@ def test_hf_export_of_an_early_exit_run_gives_its_full_depth(early_exit_run, tmp
   import transformers
 
   from sharcs_jax.data import batching, glue
-  from sharcs_jax.serve import hf_export
+  from sharcs_jax.serve.export import hf as hf_export
   from sharcs_jax.serve.engine import Engine
 
   workdir, summary = early_exit_run

@@ -9,8 +9,8 @@ import types
 import numpy as np
 import pytest
 
-from sharcs_jax.serve.batcher import Batcher, Limits
-from sharcs_jax.serve.tei import RequestError
+from sharcs_jax.serve.http.batcher import Batcher, Limits
+from sharcs_jax.serve.http.tei import RequestError
 
 
 def fake_engine(gate: threading.Event | None = None):

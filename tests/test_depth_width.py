@@ -300,7 +300,8 @@ def test_exit_serving_and_predict_serve_a_depth_and_width_run(depth_width_run, t
   import json
 
   from conftest import glue_data_dir, run_benchmark
-  from sharcs_jax.serve import hf_export, predict
+  from sharcs_jax.serve import predict
+  from sharcs_jax.serve.export import hf as hf_export
   from sharcs_jax.serve.engine import Engine
   from sharcs_jax.serve.export import export_engine
 

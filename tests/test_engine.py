@@ -14,7 +14,8 @@ import transformers
 from conftest import needs_glue
 from conftest import tiny_run_config as _tiny_config
 
-from sharcs_jax.serve import evaluate, routing
+from sharcs_jax.serve import routing
+from sharcs_jax import evaluate
 from sharcs_jax.data import batching, glue
 from sharcs_jax.data.padding import length_bucket_of
 from sharcs_jax.data.batching import Encoded

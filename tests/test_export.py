@@ -14,11 +14,11 @@ import pytest
 
 from conftest import REPO_ROOT, damaged_copy, export_and_compare, glue_data_dir
 from sharcs_jax.serve.engine import Engine
-from sharcs_jax.serve import export
+from sharcs_jax.serve.export import writer as export
 from sharcs_jax import report
 from sharcs_jax.data import glue
 from sharcs_jax.errors import RunError
-from sharcs_jax.serve.exported import ExportedModel, file_sha256
+from sharcs_jax.serve.export.loader import ExportedModel, file_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     glue_data_dir() is None, reason="needs the local GLUE copy (network otherwise)")]
@@ -173,6 +173,6 @@ def test_exported_part_names_spell_widths_as_the_model_does(width):
   # the loader spells the width itself (it does not import the flax model package); the two
   # spellings must not drift apart, or an export would name parts its loader cannot find
   from sharcs_jax.model.widths import width_label
-  from sharcs_jax.serve.exported import adaptive_part_name
+  from sharcs_jax.serve.export.loader import adaptive_part_name
 
   assert adaptive_part_name(width) == f"adaptive_{width_label(width)}"

@@ -17,7 +17,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO_ROOT, real_sentences
-from sharcs_jax.serve import hf_export
+from sharcs_jax.serve.export import hf as hf_export
 from sharcs_jax.run import load_run
 from sharcs_jax.data import glue
 from sharcs_jax.model import EncoderConfig, SharcsModel
@@ -174,7 +174,7 @@ def test_output_checks(tmp_path):
 
 
 def _cli(workdir, output):
-  return subprocess.run([sys.executable, "-m", "sharcs_jax.serve.hf_export", f"--workdir={workdir}",
+  return subprocess.run([sys.executable, "-m", "sharcs_jax.serve.export.hf", f"--workdir={workdir}",
                          f"--output={output}"], capture_output=True, text=True, timeout=600,
                         cwd=REPO_ROOT)
 

@@ -16,6 +16,27 @@ LAYERS = ("model", "data", "serve", "train", "baselines")
 NOT_FROM_SHARED = ("sharcs_jax.train.loop", "sharcs_jax.baselines")
 
 
+# Modules the exported loader and the dispatch core run on: numpy only (no jax, flax, optax, orbax),
+# here and through every module of ours they import.
+NUMPY_ONLY = ("sharcs_jax.serve.dispatch", "sharcs_jax.serve.layout", "sharcs_jax.serve.routing",
+              "sharcs_jax.serve.export.loader", "sharcs_jax.serve.onnx.runner")
+HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "chex", "transformers")
+# The HTTP layer knows the engine's public API and its own limits: nothing of widths, exits,
+# programs, routing or the model.
+HTTP_MAY_IMPORT = ("sharcs_jax.serve.http", "sharcs_jax.data.batching", "sharcs_jax.errors")
+
+
+def _third_party(path: pathlib.Path) -> set[str]:
+  """The top-level names of every other package a file imports at module level."""
+  found = set()
+  for node in ast.parse(path.read_text()).body:
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.add(node.module.split(".")[0])
+    elif isinstance(node, ast.Import):
+      found |= {a.name.split(".")[0] for a in node.names}
+  return found
+
+
 def _imports(path: pathlib.Path) -> set[str]:
   """Every sharcs_jax module a file imports (module-level and inside functions)."""
   found = set()
@@ -87,3 +108,32 @@ def test_the_graph_is_read_from_the_source():
   assert "sharcs_jax.run" in graph["sharcs_jax.serve.engine"]
   assert "sharcs_jax.serve.programs" in graph["sharcs_jax.train.loop"]
   assert _layer("sharcs_jax.train.loop") == "train" and _layer("sharcs_jax.config") is None
+
+
+def _path(module: str) -> pathlib.Path:
+  as_file = PACKAGE.parent / (module.replace(".", "/") + ".py")
+  return as_file if as_file.exists() else PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+
+
+@pytest.mark.parametrize("module", NUMPY_ONLY)
+def test_the_loaders_core_is_numpy_only(module):
+  """What the exported loader runs imports no jax or flax, through none of our modules either."""
+  graph, seen, todo, heavy = _modules(), set(), [module], []
+  while todo:
+    current = todo.pop()
+    if current in seen:
+      continue
+    seen.add(current)
+    heavy += [f"{current} -> {name}" for name in _third_party(_path(current)) & set(HEAVY)]
+    todo += [t for t in graph.get(current, ()) if t.startswith("sharcs_jax.")]
+  assert not heavy, heavy
+
+
+def test_serve_shows_its_parts_as_sub_packages():
+  graph = _modules()
+  for package in ("onnx", "export", "http"):
+    assert f"sharcs_jax.serve.{package}" in graph  # a package, with its docstring
+  http = {t for m, imports in graph.items() if m.startswith("sharcs_jax.serve.http")
+          for t in imports}
+  wrong = sorted(t for t in http if not t.startswith(HTTP_MAY_IMPORT))
+  assert not wrong, wrong

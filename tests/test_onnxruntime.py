@@ -19,10 +19,12 @@ import pytest
 from conftest import REPO_ROOT, damaged_copy, export_and_compare, needs_glue
 from sharcs_jax.data.batching import Encoded
 from sharcs_jax.data.padding import length_bucket_of, length_mask
-from sharcs_jax.serve import dispatch, onnx_graph, ort_runner, precision, routing
+from sharcs_jax.serve import dispatch, precision, routing
+from sharcs_jax.serve.onnx import graph as onnx_graph
+from sharcs_jax.serve.onnx import runner as ort_runner
 from sharcs_jax.serve.engine import Engine
-from sharcs_jax.serve.exported import ExportedModel
-from sharcs_jax.serve.onnx_programs import OnnxPrograms
+from sharcs_jax.serve.export.loader import ExportedModel
+from sharcs_jax.serve.onnx.programs import OnnxPrograms
 from sharcs_jax.serve.programs import functions
 
 LENGTHS = (8, 16)

@@ -82,7 +82,7 @@ def sweep_rules(logits: np.ndarray, labels: np.ndarray, exit_gflops: np.ndarray,
   `exit_gflops` [L, N] is what leaving after each layer costs each example (at its length);
   entropy thresholds are fractions of the largest possible entropy, log(classes).
   """
-  from sharcs_jax.serve.evaluate import classification_metrics  # numpy-only use of the metrics
+  from sharcs_jax.evaluate import classification_metrics  # numpy-only use of the metrics
 
   logits = _check(logits)
   rows = np.arange(logits.shape[1])

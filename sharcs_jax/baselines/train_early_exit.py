@@ -31,7 +31,7 @@ from sharcs_jax import parallel, report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints
 from sharcs_jax.data import batching, glue
 from sharcs_jax.serve import routing
-from sharcs_jax.serve.evaluate import classification_metrics
+from sharcs_jax.evaluate import classification_metrics
 from sharcs_jax.serve.exit_layout import layer_spans, leave_costs, stage_layout
 from sharcs_jax.serve.programs import argument_specs
 from sharcs_jax.model.flops import param_shapes, xla_flops

@@ -30,7 +30,8 @@ from sharcs_jax.errors import RunError
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
 from sharcs_jax.run import Run, load_run
-from sharcs_jax.serve import dispatch, evaluate
+from sharcs_jax.serve import dispatch
+from sharcs_jax import evaluate
 from sharcs_jax.serve.exit_layout import (NEVER_SURE, calibration_split, layer_spans,
                                           stage_layout)
 from sharcs_jax.serve.layout import Layout, Predictions, width_layout
@@ -100,7 +101,7 @@ def _width_parts(model: SharcsModel, params: Any, length_buckets: Sequence[int],
         cache_dir=cache_dir)
     runner: Any = ProgramRunner(programs, {"params": params})
   else:
-    from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
+    from sharcs_jax.serve.onnx.programs import OnnxPrograms  # the serve extra, only here
 
     # The XLA programs at batch 1 only: the FLOPs table, and the model's shapes for evaluation.
     programs = counted = Programs(fp32, params, batch_buckets=batch_buckets[:1],
@@ -131,7 +132,7 @@ def _exit_stages(model: EarlyExitModel, params: Any, length_buckets: Sequence[in
   if runtime == "xla":
     runner: Any = StageProgramRunner(programs, {"params": params}, stage_programs)
   else:
-    from sharcs_jax.serve.onnx_programs import OnnxPrograms  # the serve extra, only here
+    from sharcs_jax.serve.onnx.programs import OnnxPrograms  # the serve extra, only here
 
     onnx = OnnxPrograms(model, params, precision=precision, cache_dir=cache_dir,
                         stages=stage_programs)

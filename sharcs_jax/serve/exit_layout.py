@@ -24,7 +24,7 @@ import numpy as np
 from sharcs_jax.data import glue
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.serve import dispatch
-from sharcs_jax.serve.exported import spans_of
+from sharcs_jax.serve.export.loader import spans_of
 from sharcs_jax.serve.programs import Span, StageProgram
 
 NEVER_SURE = 2.0  # a threshold no confidence reaches: every row runs every stage

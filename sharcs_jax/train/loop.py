@@ -28,7 +28,7 @@ import optax
 from absl import logging
 
 from sharcs_jax import config as config_lib
-from sharcs_jax.serve import evaluate
+from sharcs_jax import evaluate
 from sharcs_jax.train import hardness
 from sharcs_jax import parallel, report, workdir as workdir_lib
 from sharcs_jax.checkpoint import Checkpoints, initial_best

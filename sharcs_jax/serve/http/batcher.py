@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sharcs_jax.serve.tei import RequestError
+from sharcs_jax.serve.http.tei import RequestError
 
 
 @dataclasses.dataclass

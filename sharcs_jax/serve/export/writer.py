@@ -31,7 +31,7 @@ from jax import export
 from sharcs_jax import report
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.errors import RunError
-from sharcs_jax.serve.exported import (FORMAT_VERSION, MANIFEST, SHARED_WEIGHTS,
+from sharcs_jax.serve.export.loader import (FORMAT_VERSION, MANIFEST, SHARED_WEIGHTS,
                                        file_sha256, program_part_name)
 from sharcs_jax.model.weights import resolve_model_dir
 from sharcs_jax.serve.programs import argument_specs, functions, static_arguments

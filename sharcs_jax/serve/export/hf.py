@@ -1,6 +1,6 @@
 """A trained run's full-width model as a Hugging Face `BertForSequenceClassification` directory.
 
-    python -m sharcs_jax.serve.hf_export --workdir=/tmp/sharcs_qqp --output=/tmp/sharcs_qqp_hf
+    python -m sharcs_jax.serve.export.hf --workdir=/tmp/sharcs_qqp --output=/tmp/sharcs_qqp_hf
 
 At width 1.0 the SHARCS model is a plain BERT classifier: the down-projection is the identity,
 every layer uses its full-width LayerNorms, and the head is BERT's pooler (dense + tanh on [CLS])

@@ -35,14 +35,14 @@ from sharcs_jax.model import config as model_config
 from sharcs_jax.model import early_exit, encoder, sharcs, widths
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
-from sharcs_jax.serve import ort_runner
+from sharcs_jax.serve.onnx import runner as ort_runner
 
 try:
   import onnx
 except ImportError:
   raise ort_runner.missing_extra("the onnx package (to convert the programs)") from None
-from sharcs_jax.serve import onnx_graph  # pylint: disable=g-import-not-at-top
-from sharcs_jax.serve.exported import narrow_part_name, part_name, stage_part_name
+from sharcs_jax.serve.onnx import graph as onnx_graph  # pylint: disable=g-import-not-at-top
+from sharcs_jax.serve.export.loader import narrow_part_name, part_name, stage_part_name
 from sharcs_jax.serve.precision import PRECISIONS, cpu_flags, int8_reduce_range
 from sharcs_jax.serve.programs import (Span, StageProgram, argument_specs, check_spans,
                                        functions, model_settings)

@@ -24,9 +24,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sharcs_jax.data import batching
-from sharcs_jax.serve import tei
-from sharcs_jax.serve.batcher import Batcher, Limits, Pending
-from sharcs_jax.serve.tei import RequestError
+from sharcs_jax.serve.http import tei
+from sharcs_jax.serve.http.batcher import Batcher, Limits, Pending
+from sharcs_jax.serve.http.tei import RequestError
 
 VERSION = "0.1.0"
 

@@ -292,7 +292,7 @@ def _check_onnx_io(path: str, manifest: dict, name: str, named_inputs: list, nam
 
 def _onnx_stage_runner(directory: str, path: str, manifest: dict) -> Any:
   """Sessions for every stage, checked against the manifest before anything runs."""
-  from sharcs_jax.serve import ort_runner
+  from sharcs_jax.serve.onnx import runner as ort_runner
 
   names = expected_parts(manifest)
   runner = ort_runner.StageOrtRunner([os.path.join(directory, manifest["parts"][n]["file"])
@@ -308,7 +308,7 @@ def _onnx_stage_runner(directory: str, path: str, manifest: dict) -> Any:
 
 def _onnx_runner(directory: str, path: str, manifest: dict) -> Any:
   """Sessions for every ONNX part, checked against the manifest before anything runs."""
-  from sharcs_jax.serve import ort_runner
+  from sharcs_jax.serve.onnx import runner as ort_runner
 
   widths = manifest["widths"]
   file = {name: os.path.join(directory, entry["file"]) for name, entry in manifest["parts"].items()}
