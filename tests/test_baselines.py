@@ -15,6 +15,7 @@ from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
 from sharcs_jax.model.weights import load_pretrained_early_exit
+from sharcs_jax.serve.engine import Engine
 from sharcs_jax.baselines import train_early_exit as train_early_exit_module
 from sharcs_jax.baselines.train_early_exit import exit_flops_table, train_early_exit
 
@@ -146,6 +147,10 @@ def test_the_engine_serves_the_kept_early_exit_model(early_exit_run):
   assert reduction == pytest.approx(1.5, rel=0.1)
   predicted = engine.predict(list(dev.texts[:5]))
   np.testing.assert_array_equal(predicted.labels, engine.run(dev_data).labels[:5])
+  # The one engine and result type that serve a SHARCS run serve this one too.
+  from sharcs_jax.serve.layout import Predictions
+  assert type(engine) is Engine and type(predicted) is Predictions and not predicted.by_width
+  assert predicted.routes == tuple(f"layer {int(k)}" for k in predicted.exit_layers)
 
 
 @needs_glue
@@ -366,7 +371,6 @@ def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, ru
 def test_the_http_server_serves_an_early_exit_run(early_exit_run):
   """`--mode=serve` on an early-exit run: its exit rule at a budget, each answer's exit layer in
   its details, the offline engine's scores, and requests counted per exit layer."""
-  from sharcs_jax.serve import predict as predict_lib
   from test_http_server import call, predict, start_server, stop
 
   workdir, _ = early_exit_run
