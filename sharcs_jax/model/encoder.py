@@ -145,8 +145,8 @@ class EncoderLayer(nn.Module):
 
     # Self-attention over the leading heads, one fused Q/K/V matmul.
     dt = self.compute_dtype
-    q, k, v = (contract("bsd,dthe->tbshe", x, qkv["kernel"][:dw, :, :hw], dt)
-               + qkv["bias"][:, None, None, :hw])
+    kernel, bias = qkv["kernel"][:dw, :, :hw], qkv["bias"][:, None, None, :hw]
+    q, k, v = contract("bsd,dthe->tbshe", x, kernel, dt) + bias
     scores = contract("bqhe,bkhe->bhqk", q, k, dt) / jnp.sqrt(jnp.float32(hd))
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)
