@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 import pytest
 
 from sharcs_jax.model import EncoderConfig, SharcsModel, init_params, weights
@@ -157,6 +159,51 @@ def noisy_layernorms(params):
   noisy = [x + 0.1 * jax.random.normal(k, x.shape) if "ln" in jax.tree_util.keystr(p) else x
            for (p, x), k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(tree, noisy)
+
+
+def engine_gflops_by_exit(engine, data) -> dict[str, np.ndarray]:
+  """Per-row GFLOPs [N] the served `ExitEngine` counts on `data` when every row leaves at one
+  stage (through the stages that lead there), by the stage's route name ("layer 2 at width
+  0.5")."""
+  from sharcs_jax.serve.routing import STOP, ExitCascade
+
+  @dataclasses.dataclass(frozen=True)
+  class LeaveAt(ExitCascade):
+    at: int = 0
+
+    def next_stages_at(self, stage, outputs, threshold):
+      skip = self.narrow_count and stage == self.narrow_first - 1 and not self.is_narrow(self.at)
+      after = self.narrow_first + self.narrow_count if skip else stage + 1
+      return np.full(len(outputs[0]), STOP if stage == self.at else after, np.int64)
+
+  out = {}
+  for at, name in enumerate(engine.route_names()):
+    served = engine.with_rule(LeaveAt(**vars(engine.layout_rule(0.0)), at=at)).run(data)
+    assert (served.exit_layers == engine.exit_layers[at]).all()
+    out[name] = served.gflops
+  return out
+
+
+def assert_report_gflops_are_the_engines(workdir, summary: dict, config) -> None:
+  """Each exit's GFLOPs in an early-exit run's report (its full-width and narrow exits) and its
+  served row's are, on the same dev rows, what the served `ExitEngine` counts (within 1%)."""
+  from sharcs_jax.data import batching, glue
+  from sharcs_jax.serve.engine import route_name
+  from sharcs_jax.serve.exit_engine import ExitEngine
+
+  engine = ExitEngine.from_workdir(str(workdir))
+  (dev,) = batching.encode_splits([glue.run_splits(config)[1]], engine.tokenizer,
+                                  engine.length_buckets)
+  reported = {route_name(k + 1, 1.0): e["gflops"] for k, e in enumerate(summary["per_exit"])}
+  reported.update({route_name(e["exit_layer"], e["width"]): e["gflops"]
+                   for e in summary["narrow"]})
+  served = engine_gflops_by_exit(engine, dev)
+  assert set(reported) == set(served)
+  np.testing.assert_allclose([reported[k] for k in served],
+                             [served[k].mean() for k in served], rtol=0.01)
+  row = summary["served"]
+  rule = engine.layout_rule(row["threshold"], row["narrow_threshold"], row["signal"])
+  assert row["gflops"] == pytest.approx(engine.with_rule(rule).run(dev).gflops.mean(), rel=0.01)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (REPO_ROOT, assert_png, damaged_copy, export_and_compare, glue_data_dir,
-                      needs_glue, real_sentences, run_benchmark, tiny_run_config)
+from conftest import (REPO_ROOT, assert_png, assert_report_gflops_are_the_engines, damaged_copy,
+                      export_and_compare, glue_data_dir, needs_glue, real_sentences,
+                      run_benchmark, tiny_run_config)
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
@@ -179,6 +180,14 @@ def test_the_main_job_reports_what_the_engine_serves_at_the_configs_budget(early
   assert served["dev_reduction"] == pytest.approx(
       engine.full_depth_gflops(dev).mean() / out.gflops.mean(), rel=0.02)
   assert "served: max_prob calibrated to 1.1x" in (workdir / "early_exit.md").read_text()
+
+
+@needs_glue
+def test_the_reports_gflops_are_what_the_engine_counts(early_exit_run):
+  """One FLOPs table: each exit's GFLOPs and the served row's in the report are what the served
+  engine counts for the same dev rows."""
+  workdir, summary = early_exit_run
+  assert_report_gflops_are_the_engines(workdir, summary, tiny_run_config(summary["model"]))
 
 
 @needs_glue
