@@ -18,7 +18,7 @@ from sharcs_jax.serve import dispatch, routing
 from sharcs_jax.data.batching import Encoded
 from sharcs_jax.parallel import to_host
 from sharcs_jax.serve.programs import ProgramRunner, Programs
-from sharcs_jax.serve.routing import Budget, Cascade, Rule, ran_flops, route_all
+from sharcs_jax.serve.routing import Budget, Cascade, Rule, route_all, width_ran_flops
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray,
@@ -115,7 +115,7 @@ def summarize(probabilities: np.ndarray, router: np.ndarray, data: Encoded, flop
 
   def routed(chosen: Rule | Cascade) -> dict[str, Any]:
     final, ran = route_all(chosen, probabilities, router, per_width_flops.T)
-    gflops = float(ran_flops(final, ran, per_width_flops.T, prefix).mean() / 1e9)
+    gflops = float(width_ran_flops(ran, per_width_flops.T, prefix).mean() / 1e9)
     return {**classification_metrics(predictions[final, rows], data.labels, metric_names),
             "gflops": gflops, "flops_reduction": full_gflops / gflops,
             "share_per_width": [float(np.mean(final == i)) for i in range(widths)]}

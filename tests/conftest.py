@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -160,6 +161,53 @@ def noisy_layernorms(params):
   return jax.tree_util.tree_unflatten(tree, noisy)
 
 
+def engine_gflops_by_exit(engine, data) -> dict[str, np.ndarray]:
+  """Per-row GFLOPs [N] the served `Engine` counts on `data` when every row leaves at one
+  stage (through the stages that lead there), by the stage's route name ("layer 2 at width
+  0.5")."""
+  from sharcs_jax.serve.routing import STOP, ExitCascade
+
+  @dataclasses.dataclass(frozen=True)
+  class LeaveAt(ExitCascade):
+    at: int = 0
+
+    def next_stages_at(self, stage, outputs, threshold):
+      skip = self.narrow_count and stage == self.narrow_first - 1 and not self.is_narrow(self.at)
+      after = self.narrow_first + self.narrow_count if skip else stage + 1
+      return np.full(len(outputs[0]), STOP if stage == self.at else after, np.int64)
+
+  out = {}
+  for at, name in enumerate(engine.route_names()):
+    served = engine.with_rule(LeaveAt(**vars(engine.layout_rule(0.0)), at=at)).run(data)
+    assert (served.exit_layers == engine.exit_layers[at]).all()
+    out[name] = served.gflops
+  return out
+
+
+def assert_report_gflops_are_the_engines(workdir, summary: dict, config) -> None:
+  """Each exit's GFLOPs in an early-exit run's report (its full-width and narrow exits) and its
+  served row's are, on the same dev rows, what the served `Engine` counts (within 1%)."""
+  from sharcs_jax.data import batching, glue
+  from sharcs_jax.run import load_run
+  from sharcs_jax.serve.engine import Engine
+  from sharcs_jax.serve.layout import route_name
+
+  run = load_run(str(workdir))  # an exit after every layer, as the report has
+  engine = Engine.from_run(run, exit_layers=range(1, run.model.encoder.num_layers + 1))
+  (dev,) = batching.encode_splits([glue.run_splits(config)[1]], engine.tokenizer,
+                                  engine.length_buckets)
+  reported = {route_name(k + 1, 1.0): e["gflops"] for k, e in enumerate(summary["per_exit"])}
+  reported.update({route_name(e["exit_layer"], e["width"]): e["gflops"]
+                   for e in summary["narrow"]})
+  served = engine_gflops_by_exit(engine, dev)
+  assert set(reported) == set(served)
+  np.testing.assert_allclose([reported[k] for k in served],
+                             [served[k].mean() for k in served], rtol=0.01)
+  row = summary["served"]
+  rule = engine.layout_rule(row["threshold"], row["narrow_threshold"], row["signal"])
+  assert row["gflops"] == pytest.approx(engine.with_rule(rule).run(dev).gflops.mean(), rel=0.01)
+
+
 @pytest.fixture(scope="session")
 def tiny_batch():
   """Two examples of different lengths, padded to 10 tokens."""
@@ -212,11 +260,10 @@ for name in blocked:
 from sharcs_jax.serve.export.loader import ExportedModel
 model = ExportedModel.load(sys.argv[1])
 out = model.predict(json.load(open(sys.argv[2])))
-routed = out.exit_layers if model.model == "early_exit" else out.widths
 imported = sorted(m for m, module in sys.modules.items()  # None: blocked, not loaded
                   if module is not None and m.split(".")[0] in forbidden)
 json.dump({"labels": out.labels.tolist(), "probabilities": out.probabilities.tolist(),
-           "routed": routed.tolist(), "forbidden_modules": imported}, open(sys.argv[3], "w"))
+           "routes": list(out.routes), "forbidden_modules": imported}, open(sys.argv[3], "w"))
 """
 
 
@@ -225,26 +272,17 @@ def export_and_compare(workdir, out: pathlib.Path, *, runtime: str = "xla",
                        ) -> tuple[pathlib.Path, dict]:
   """(export directory, parity) of the engine of `workdir` (SHARCS or early exit; at `budget`,
   else the run's own rule) exported into OUT/export and predicting the first `limit` dev rows in
-  a fresh process, against the engine here: the share of equal labels and widths (exit layers),
+  a fresh process, against the engine here: the share of equal labels and routes (widths, exits),
   the largest probability difference, and what the loader imported that it may not. A budget's
   rule reads the max-probability signal."""
-  from sharcs_jax.checkpoint import holds_early_exit, load_kept_exit
-  from sharcs_jax.data import glue
   from sharcs_jax.run import load_run
   from sharcs_jax.serve.export import writer as export
   from sharcs_jax.serve.engine import Engine
-  from sharcs_jax.serve.exit_engine import ExitEngine
 
-  early_exit = holds_early_exit(str(workdir))
-  if early_exit:
-    kept = load_kept_exit(str(workdir))
-    engine = ExitEngine.from_kept(str(workdir), *kept, budget=budget, signal="max_prob",
-                                  runtime=runtime, precision=precision)
-    texts = glue.first(glue.run_splits(kept[0])[1], limit).texts
-  else:
-    run = load_run(str(workdir))
-    engine = Engine.from_run(run, budget=budget, runtime=runtime, precision=precision)
-    texts = run.splits("dev", limit=limit)[0].texts
+  run = load_run(str(workdir))
+  engine = Engine.from_run(run, budget=budget, signal="max_prob", runtime=runtime,
+                           precision=precision)
+  texts = run.splits("dev", limit=limit)[0].texts
   directory = out / "export"
   manifest = export.export_engine(engine, str(directory))
   reference = engine.predict(texts)
@@ -256,15 +294,13 @@ def export_and_compare(workdir, out: pathlib.Path, *, runtime: str = "xla",
       capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   loaded = json.loads((out / "loaded.json").read_text())
-  routed = reference.exit_layers if early_exit else reference.widths
   return directory, {
       "examples": len(texts), "model": manifest["model"], "routing": manifest["routing"],
       "runtime": manifest["runtime"], "precision": manifest["precision"],
       "imports_blocked_in_loader": list(blocked),
       "forbidden_modules_imported": loaded["forbidden_modules"],
       "labels_equal": float(np.mean(np.asarray(loaded["labels"]) == reference.labels)),
-      ("exit_layers_equal" if early_exit else "widths_equal"): float(
-          np.mean(np.asarray(loaded["routed"]) == routed)),
+      "routes_equal": float(np.mean(np.asarray(loaded["routes"]) == np.asarray(reference.routes))),
       "max_probability_difference": float(np.abs(
           np.asarray(loaded["probabilities"], np.float32) - reference.probabilities).max()),
       "files": sorted(os.listdir(directory))}

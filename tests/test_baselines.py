@@ -9,15 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (REPO_ROOT, assert_png, damaged_copy, export_and_compare, glue_data_dir,
-                      needs_glue, real_sentences, run_benchmark, tiny_run_config)
+from conftest import (REPO_ROOT, assert_png, assert_report_gflops_are_the_engines, damaged_copy,
+                      export_and_compare, glue_data_dir, needs_glue, real_sentences,
+                      run_benchmark, tiny_run_config)
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
 from sharcs_jax.model.weights import load_pretrained_early_exit
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.baselines import train_early_exit as train_early_exit_module
-from sharcs_jax.baselines.train_early_exit import exit_flops_table, train_early_exit
+from sharcs_jax.baselines.train_early_exit import served_stage_flops, train_early_exit
 
 
 
@@ -81,7 +82,8 @@ def test_mean_pool_exits_read_the_real_tokens(tiny_backbone):
 
 def test_exit_flops_follow_the_analytic_count():
   cfg = config_lib.backbone_config(config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py")))
-  table = exit_flops_table(EarlyExitModel(cfg, num_classes=2), (32,))
+  # Leaving after layer k runs the engine's stages 1..k, each a layer and its exit.
+  table = np.cumsum(served_stage_flops(EarlyExitModel(cfg, num_classes=2), (32,)), axis=0)
   assert table.shape == (6, 1) and np.all(np.diff(table[:, 0]) > 0)
   for k in range(6):
     # Leaving after layer k runs the exits before it too (to decide): both counts include them.
@@ -179,11 +181,17 @@ def test_the_main_job_reports_what_the_engine_serves_at_the_configs_budget(early
   out = engine.run(dev)
   assert served["accuracy"] == pytest.approx(float((out.labels == dev.labels).mean()))
   assert served["mean_exit_layer"] == pytest.approx(float(out.exit_layers.mean()))
-  # FLOPs: the run's table costs leaving after layer k as one program of layers 1..k and exits
-  # 1..k, the engine as the stages it ran (on the tiny model 1.133x against 1.116x).
   assert served["dev_reduction"] == pytest.approx(
       engine.full_gflops(dev).mean() / out.gflops.mean(), rel=0.02)
   assert "served: max_prob calibrated to 1.1x" in (workdir / "early_exit.md").read_text()
+
+
+@needs_glue
+def test_the_reports_gflops_are_what_the_engine_counts(early_exit_run):
+  """One FLOPs table: each exit's GFLOPs and the served row's in the report are what the served
+  engine counts for the same dev rows."""
+  workdir, summary = early_exit_run
+  assert_report_gflops_are_the_engines(workdir, summary, tiny_run_config(summary["model"]))
 
 
 @needs_glue
@@ -344,7 +352,7 @@ def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, ru
   directory, data = export_and_compare(workdir, tmp_path, runtime=runtime, precision=precision,
                                        budget="1.2x")
   assert data["model"] == "early_exit" and data["routing"]["rule"] == "exit"
-  assert data["labels_equal"] == 1.0 and data["exit_layers_equal"] == 1.0
+  assert data["labels_equal"] == 1.0 and data["routes_equal"] == 1.0
   assert data["max_probability_difference"] <= 1e-5
   assert data["imports_blocked_in_loader"] == (["jax", "jaxlib"] if runtime == "onnxruntime"
                                                else [])

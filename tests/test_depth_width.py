@@ -14,7 +14,7 @@ from sharcs_jax.model import EarlyExitModel
 from sharcs_jax.serve import dispatch
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.routing import STOP, ExitCascade, calibrate_depth_width, parse_budget
-from conftest import needs_glue, tiny_run_config
+from conftest import assert_report_gflops_are_the_engines, needs_glue, tiny_run_config
 from test_engine import CompileCounter, _inputs
 from test_exit_engine import _run_with
 
@@ -290,6 +290,15 @@ def test_the_main_job_reports_what_the_engine_serves(depth_width_run):
   # served through predict's path too: texts in, the same labels
   texts = list(glue.run_splits(config)[1].texts[:6])
   np.testing.assert_array_equal(engine.predict(texts).labels, out.labels[:6])
+
+
+@pytest.mark.slow
+@needs_glue
+def test_the_reports_gflops_are_what_the_engine_counts(depth_width_run):
+  """One FLOPs table: every exit's GFLOPs (full-width and narrow) and the served row's in the
+  report are what the served engine counts for the same dev rows."""
+  workdir, summary, config = depth_width_run
+  assert_report_gflops_are_the_engines(workdir, summary, config)
 
 
 @pytest.mark.slow

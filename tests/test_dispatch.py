@@ -137,8 +137,8 @@ def test_run_buckets_gives_each_row_its_own_result_in_row_order(rule):
   np.testing.assert_allclose(out.every_width, alone.every_width)
   np.testing.assert_allclose(out.router, alone.router)
   bucket = (lengths > 3).astype(int)
-  np.testing.assert_allclose(out.flops, routing.ran_flops(
-      alone.final, alone.ran, width_flops[:, bucket].T, np.array([0.5, 1.0])[bucket]))
+  np.testing.assert_allclose(out.flops, routing.width_ran_flops(
+      alone.ran, width_flops[:, bucket].T, np.array([0.5, 1.0])[bucket]))
 
 
 def test_no_rows():

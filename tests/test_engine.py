@@ -303,8 +303,8 @@ def test_cascade_in_the_engine_is_the_evaluation(cascade_engine, split_params):
   example = evaluate.per_example_flops(engine.flops, data)
   final, ran = routing.route_all(engine.rule, probabilities, router, example)
   np.testing.assert_array_equal(out.widths, np.asarray(engine.widths)[final])
-  np.testing.assert_allclose(out.gflops * 1e9, routing.ran_flops(
-      final, ran, example, engine.prefix_flops[data.bucket_of]))
+  np.testing.assert_allclose(out.gflops * 1e9, routing.width_ran_flops(
+      ran, example, engine.prefix_flops[data.bucket_of]))
   result = evaluate.summarize(probabilities, router, data, engine.flops, ("accuracy",),
                               engine.rule, engine.prefix_flops)
   assert result["sharcs"]["gflops"] == pytest.approx(out.gflops.mean())

@@ -34,7 +34,7 @@ def test_fresh_process_reproduces_the_engine(exported):
   _, parity = exported
   assert parity["examples"] == 48
   assert parity["forbidden_modules_imported"] == []
-  assert parity["labels_equal"] == 1.0 and parity["widths_equal"] == 1.0
+  assert parity["labels_equal"] == 1.0 and parity["routes_equal"] == 1.0
   assert parity["max_probability_difference"] <= 1e-5
   assert parity["routing"]["budget"] == "1.1x"  # the rule the run reported travels with it
   assert {"manifest.json", "params.npz", "tokenizer.json", "prefix.jaxexport"} <= set(

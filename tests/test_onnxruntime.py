@@ -287,7 +287,7 @@ def test_onnx_export_serves_without_jax(onnx_export):
   assert data["imports_blocked_in_loader"] == ["jax", "jaxlib"]
   assert data["forbidden_modules_imported"] == []
   assert (data["runtime"], data["precision"]) == ("onnxruntime", "int8")
-  assert data["labels_equal"] == 1.0 and data["widths_equal"] == 1.0
+  assert data["labels_equal"] == 1.0 and data["routes_equal"] == 1.0
   assert data["max_probability_difference"] <= 1e-5
   assert "params.npz" not in data["files"] and "prefix.onnx" in data["files"]
   # One part per program, the large weights in weights.bin: the embedding table (30522 x 32

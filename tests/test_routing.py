@@ -101,7 +101,7 @@ def test_cascade_escalates_in_width_order_and_pays_every_part_it_ran():
   assert ran.tolist() == [[True, False, False], [True, True, False], [True, True, True],
                           [True, True, True]]
   # prefix once, then every part run: 1+2, 1+2+4, 1+2+4+8 (twice)
-  assert routing.ran_flops(final, ran, example, prefix).tolist() == [3.0, 7.0, 15.0, 15.0]
+  assert routing.width_ran_flops(ran, example, prefix).tolist() == [3.0, 7.0, 15.0, 15.0]
 
 
 def test_cascade_from_the_router_starts_where_the_budget_rule_routes():
@@ -111,7 +111,7 @@ def test_cascade_from_the_router_starts_where_the_budget_rule_routes():
   rule = routing.Cascade(threshold=0.9, start_cost_weight=0.0)
   final, ran = routing.route_all(rule, probabilities, logits, example)
   assert final.tolist() == [1, 1] and ran.tolist() == [[True, True], [False, True]]
-  assert routing.ran_flops(final, ran, example, np.array([0.5, 0.5])).tolist() == [2.5, 2.0]
+  assert routing.width_ran_flops(ran, example, np.array([0.5, 0.5])).tolist() == [2.5, 2.0]
 
 
 @pytest.mark.parametrize("signal, expected", [
@@ -144,14 +144,14 @@ def test_cascade_calibration_meets_the_budget(target):
   probabilities, logits, example, prefix = _cascade_data()
   rule = routing.calibrate_cascade(probabilities, logits, example, prefix,
                                    routing.Budget(reduction=target))
-  final, ran = routing.route_all(rule, probabilities, logits, example)
-  reached = example[:, -1].mean() / routing.ran_flops(final, ran, example, prefix).mean()
+  ran = routing.route_all(rule, probabilities, logits, example)[1]
+  reached = example[:, -1].mean() / routing.width_ran_flops(ran, example, prefix).mean()
   assert reached == pytest.approx(rule.calibration_reduction)
   assert target <= reached <= target * 1.05
   # one notch more escalation would overspend: the threshold is the highest that fits
   looser = routing.Cascade(rule.threshold + 1e-3)
-  final, ran = routing.route_all(looser, probabilities, logits, example)
-  assert example[:, -1].mean() / routing.ran_flops(final, ran, example, prefix).mean() < target
+  ran = routing.route_all(looser, probabilities, logits, example)[1]
+  assert example[:, -1].mean() / routing.width_ran_flops(ran, example, prefix).mean() < target
 
 
 def test_cascade_budget_out_of_reach_names_the_range():

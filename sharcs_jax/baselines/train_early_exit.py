@@ -5,9 +5,10 @@ schedule and epoch loop (`train.loop.train_epoch`: mesh, data order from the sta
 a non-finite loss) as SHARCS training; the loss is PABEE's weighted mean of every exit's cross-entropy. After each
 epoch one dev pass keeps every exit's logits; the epoch whose last exit is most accurate is kept
 (SHARCS keeps its best dev epoch too), and every entropy threshold and patience is evaluated on it
-without running the model again. FLOPs of leaving after layer k are XLA's cost analysis of the
-program that runs layers 1..k and exits 1..k at batch 1, at each length bucket. Every epoch is
-checkpointed as a SHARCS run's is, so re-running an interrupted run resumes it.
+without running the model again. FLOPs are the served engine's: XLA's cost analysis of its stage
+programs at batch 1, at each length bucket (`served_stage_flops`); leaving at an exit costs the
+stages a row runs to get there (layers 1..k and their exits). Every epoch is checkpointed as a
+SHARCS run's is, so re-running an interrupted run resumes it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from sharcs_jax.data import batching, glue
 from sharcs_jax.serve import routing
 from sharcs_jax.evaluate import classification_metrics
 from sharcs_jax.serve.exit_layout import layer_spans, leave_costs, stage_layout
-from sharcs_jax.serve.programs import argument_specs
-from sharcs_jax.model.flops import param_shapes, xla_flops
+from sharcs_jax.serve.programs import Programs
+from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
 from sharcs_jax.model.reorder import reorder_by_importance
@@ -110,28 +111,19 @@ def exit_forward(model: EarlyExitModel) -> Any:
   return jax.jit(forward)
 
 
-def stage_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
-  """XLA FLOPs [S, num_buckets] of one example's every stage alone, in `stage_order` (a stage
-  per layer, and each narrow stage), read from the programs the engine runs at batch 1: the
-  costs `Engine.stage_flops` holds."""
-  shapes = param_shapes(model)
-  layers = model.encoder.num_layers
-  table = np.zeros((layers + len(model.narrow_stages), len(length_buckets)))
-  for j, length in enumerate(length_buckets):
-    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    hidden = jax.ShapeDtypeStruct((1, length, model.encoder.hidden_size), jnp.float32)
-    for k in range(layers):
-      table[k, j] = xla_flops(functools.partial(
-          lambda p, *inputs, layer: model.apply({"params": p}, *inputs, first=layer, last=layer,
-                                                method=EarlyExitModel.stage), layer=k),
-                              shapes, *((ids, ids, ids) if k == 0 else (hidden, ids)))
-    for i, (w, span) in enumerate(model.narrow_stages):
-      table[layers + i, j] = xla_flops(functools.partial(
-          lambda p, h, m, width, span: model.apply({"params": p}, h, m, width=width, span=span,
-                                                   method=EarlyExitModel.narrow_stage),
-          width=w, span=span), shapes,
-          argument_specs(model, "narrow", 1, length, span=span, width=w)[0], ids)
-  return stage_order(model, table)
+def served_stage_flops(model: EarlyExitModel, length_buckets: tuple[int, ...],
+                       cache_dir: str | None = None) -> np.ndarray:
+  """FLOPs [S, num_buckets] of one example's every stage alone, in the engine's stage order (a
+  stage per layer, and each narrow stage): `Programs.stage_flops_table` of the very programs an
+  `Engine` with an exit after every layer serves, so that the report, the served row and
+  the engine count by one table. Stored in `cache_dir`, where that engine loads them."""
+  spans = layer_spans(model.encoder.num_layers)
+  stages = stage_layout(model, spans)[0]
+  programs = Programs(model, param_shapes(model), batch_buckets=(1,),
+                      length_buckets=length_buckets,
+                      kinds=tuple(dict.fromkeys(p.kind for p in stages)), spans=spans,
+                      cache_dir=cache_dir)
+  return programs.stage_flops_table(stages)
 
 
 def stage_order(model: EarlyExitModel, per_exit: np.ndarray) -> np.ndarray:
@@ -141,19 +133,6 @@ def stage_order(model: EarlyExitModel, per_exit: np.ndarray) -> np.ndarray:
   if not model.narrow_widths:
     return per_exit[:layers]
   return np.concatenate([per_exit[:k], per_exit[layers:], per_exit[k:layers]])
-
-
-def exit_flops_table(model: EarlyExitModel, length_buckets: tuple[int, ...]) -> np.ndarray:
-  """XLA FLOPs [L, num_buckets] of one example leaving after each layer, at each length."""
-  shapes = param_shapes(model)
-  table = np.zeros((model.encoder.num_layers, len(length_buckets)))
-  for j, length in enumerate(length_buckets):
-    row = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    for k in range(model.encoder.num_layers):
-      table[k, j] = xla_flops(functools.partial(
-          lambda p, i, m, t, layer: model.apply({"params": p}, i, m, t, exit_layer=layer),
-          layer=k), shapes, row, row, row)
-  return table
 
 
 def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, forward: Any,
@@ -181,8 +160,7 @@ def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, f
     rule = routing.calibrate_exits(probabilities, costs, budget, config.routing.signal)
   dev = in_stage_order(dev_logits)
   final, ran = rule.paths(dev)
-  dev_costs = stage_flops[:, dev_data.bucket_of].T / 1e9
-  spent = (dev_costs * ran).sum(-1)
+  dev_costs = stage_flops[:, dev_data.bucket_of].T
   exit_layer = stage_order(model, np.concatenate([
       np.arange(1, model.encoder.num_layers + 1),
       [last + 1 for _, (_, last) in model.narrow_stages]]).astype(int))
@@ -192,8 +170,8 @@ def served_at_budget(config: ml_collections.ConfigDict, model: EarlyExitModel, f
           "calibration_reduction": rule.calibration_reduction,
           **classification_metrics(dev[final, np.arange(len(final))].argmax(-1),
                                    dev_data.labels, metric_names),
-          "gflops": float(spent.mean()),
-          "dev_reduction": float((dev_costs * rule.full_depth()).sum(-1).mean() / spent.mean()),
+          "gflops": float(routing.ran_flops(ran, dev_costs).mean() / 1e9),
+          "dev_reduction": routing.exit_reduction(rule, dev, dev_costs),
           "mean_exit_layer": float(exit_layer[final].mean()),
           "narrow_share": float(ran[:, ~rule.full_depth()].any(-1).mean()),
           "search": search}
@@ -283,14 +261,16 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
     checkpoints.save(state, best, history)
   best_epoch, all_logits = int(best["epoch"]), np.asarray(best["logits"])
   logits = all_logits[:num_layers]  # the full-width exits
-  flops = exit_flops_table(model, buckets)  # [L, buckets]
+  # Leaving at an exit costs its stage and every stage before it on its path, each as the
+  # engine counts it; in exit order: the full-width exits, then the narrow ones.
+  stage_flops = served_stage_flops(model, buckets, os.path.join(workdir, "executables"))
+  leave = leave_costs(stage_layout(model, layer_spans(num_layers))[1], stage_flops)
+  leave = leave[np.argsort(stage_order(model, np.arange(exits)))]  # [L + n, buckets]
+  flops = leave[:num_layers]
   exit_gflops = flops[:, dev_data.bucket_of] / 1e9  # [L, N]
   points = early_exit.sweep_rules(logits, dev_data.labels, exit_gflops, task.metrics,
                                   entropy_fractions,
                                   patiences or tuple(range(1, num_layers)))
-  stage_flops = stage_flops_table(model, buckets)
-  leave_at = leave_costs(stage_layout(model, layer_spans(num_layers))[1],
-                         stage_flops[:, dev_data.bucket_of])  # [S, N]
   served = served_at_budget(
       config, model, forward, best["params"],
       None if calibration is None else batching.encode(calibration, tokenizer, buckets),
@@ -308,7 +288,7 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
              "narrow": [{"width": w, "exit_layer": span[1] + 1, **classification_metrics(
                  l.argmax(-1), dev_data.labels, task.metrics),
                          # layers 1..K, then the narrow stages to this one
-                         "gflops": float(leave_at[model.width_layer + i].mean() / 1e9)}
+                         "gflops": float(leave[num_layers + i, dev_data.bucket_of].mean() / 1e9)}
                         for i, ((w, span), l) in enumerate(zip(model.narrow_stages,
                                                                all_logits[num_layers:]))],
              "points": points, "served": served, "history": history}

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from sharcs_jax.data.padding import length_bucket_of, length_mask, pad_mask, pad_rows
-from sharcs_jax.serve.routing import STOP, ran_flops
+from sharcs_jax.serve.routing import STOP, WidthStages, ran_flops, width_ran_flops
 
 # Batch sizes programs are compiled for by default: a few sizes bound the compiles while small
 # groups waste little padding.
@@ -259,7 +259,7 @@ def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.
   `program_lengths` (default the length buckets). `width_flops` [m, length buckets]: one row's
   FLOPs at each width and bucket (prefix included), `prefix_flops` [length buckets] the
   prefix's; each row is costed at its own length bucket, and `flops` in the result counts its
-  prefix once and the part of every width it ran (`routing.ran_flops`)."""
+  prefix once and the part of every width it ran (`routing.width_ran_flops`)."""
   lengths = np.asarray(lengths)
   n = len(lengths)
   bucket_of = length_bucket_of(lengths, length_buckets)
@@ -278,7 +278,7 @@ def run_buckets(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.
     every = (out.every_width[:, back] if n
              else np.zeros((num_widths, 0, num_classes), np.float32))
   final, ran = out.final[back], out.ran[back]
-  flops = ran_flops(final, ran, row_flops, np.asarray(prefix_flops)[bucket_of])
+  flops = width_ran_flops(ran, row_flops, np.asarray(prefix_flops)[bucket_of])
   return Dispatched(probabilities, final, ran, out.router[back], every, flops)
 
 
@@ -304,8 +304,8 @@ def run_stage_buckets(runner: StageRunner, stages: Sequence[Stage], ids: np.ndar
   back[order] = np.arange(n)
   probabilities = (out.probabilities[back] if n else np.zeros((0, num_classes), np.float32))
   ran = out.ran[back]
-  flops = (ran * np.asarray(stage_flops, np.float64)[:, length_bucket_of(lengths,
-                                                                        length_buckets)].T).sum(-1)
+  flops = ran_flops(ran, np.asarray(stage_flops, np.float64)[:, length_bucket_of(
+      lengths, length_buckets)].T)
   return StagesRun(probabilities, out.final[back], ran,
                    tuple(tuple(o[back] for o in outs) for outs in out.outputs)), flops
 
@@ -357,7 +357,7 @@ def run_rows(runner: Runner, ids: np.ndarray, types: np.ndarray, lengths: np.nda
   stages = [Stage(TOKENS, answers=False)] + [Stage(0, answers=True)] * num_widths
   out = run_stages(WidthParts(runner), stages, ids, types, lengths,
                    program_lengths=program_lengths, batch_buckets=batch_buckets,
-                   rule=WidthCascade(rule, num_widths, width_flops), block_size=block_size,
+                   rule=WidthStages(rule, num_widths, width_flops), block_size=block_size,
                    to_host=to_host)
   router = out.outputs[0][0] if n else np.zeros((0, num_widths), np.float32)
   every = None
@@ -378,27 +378,6 @@ class WidthParts:
       hidden, router = self.runner.prefix(batch, length, *inputs)
       return hidden, (router,)
     return None, (self.runner.part(index - 1, batch, length, *inputs),)
-
-
-@dataclasses.dataclass(frozen=True)
-class WidthCascade:
-  """A SHARCS routing rule as a `StageRule`: the router's first width, then escalation. Stage 0
-  is the prefix, stage 1 + i width i's part."""
-
-  rule: Routing
-  num_widths: int
-  width_flops: np.ndarray  # float64 [n, m]
-
-  def continues(self, stage: int) -> bool:
-    return stage == 0 or (self.rule.escalating and stage < self.num_widths)
-
-  def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
-                  ) -> np.ndarray:
-    if stage == 0:
-      return 1 + np.asarray(self.rule.first_widths(outputs[0], self.width_flops[rows]), np.int64)
-    if not self.continues(stage):
-      return np.full(len(rows), STOP, np.int64)
-    return np.where(self.rule.escalates(outputs[0], stage - 1), stage + 1, STOP)
 
 
 def run_stages(runner: StageRunner, stages: Sequence[Stage], ids: np.ndarray, types: np.ndarray,

@@ -21,6 +21,7 @@ import numpy as np
 
 from sharcs_jax.data.padding import length_bucket_of
 from sharcs_jax.serve import dispatch
+from sharcs_jax.serve.routing import WidthStages
 
 
 def width_label(width: float) -> str:
@@ -82,7 +83,7 @@ class Layout:
     row's first width from the router and may escalate; an exit rule sends a row on until it
     is sure."""
     if self.by_width:
-      return dispatch.WidthCascade(rule, len(self.widths), self.width_flops()[:, bucket_of].T)
+      return WidthStages(rule, len(self.widths), self.width_flops()[:, bucket_of].T)
     return rule.over_rows(bucket_of)
 
   def stage_runner(self, runner: Any) -> dispatch.StageRunner:

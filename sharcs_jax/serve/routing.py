@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -172,37 +172,80 @@ def rule_from_json(saved: dict) -> "Rule | Cascade | Fixed | ExitCascade":
   return Rule(float(saved["cost_weight"]), saved["budget"], float(saved["calibration_reduction"]))
 
 
-def route_all(rule: "Rule | Cascade", probabilities: np.ndarray, router_logits: np.ndarray,
-              example_flops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(final width index [N], widths run [N, m]) of `rule` given every width's probabilities
-  [m, N, C]: what serving computes, without running anything. An input ends at the first width
-  it does not escalate from."""
-  m, n = probabilities.shape[:2]
-  current = np.asarray(rule.first_widths(router_logits, example_flops)).astype(np.int64)
-  final = np.full(n, -1, np.int64)
-  ran = np.zeros((n, m), bool)
-  rows = np.arange(n)
-  for i in range(m):
-    here = rows[(current == i) & (final < 0)]
-    ran[here, i] = True
-    go_on = rule.escalates(probabilities[i, here], i) if i < m - 1 else np.zeros(len(here), bool)
-    final[here[~go_on]] = i
-    current[here[go_on]] = i + 1
+STOP = -1  # a stage rule's answer for a row that stops where it is (`dispatch.run_stages`)
+
+
+def replay(rule: Any, stage_outputs: Sequence[tuple[np.ndarray, ...]]
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(the stage each row stops at [N], the stages it ran [N, S]) of the cascade
+  `dispatch.run_stages` runs, walked on every stage's outputs already known (per stage, a tuple
+  of arrays [N, ...]); `rule` (a `dispatch.StageRule`) is asked about rows by their numbers. The
+  one offline replay: of SHARCS's widths (`route_all`) and of an early exit (`ExitCascade`)."""
+  n = len(stage_outputs[0][0])
+  at = np.zeros(n, np.int64)  # the stage each row runs next, or STOP
+  final = np.full(n, STOP, np.int64)
+  ran = np.zeros((n, len(stage_outputs)), bool)
+  for stage, outputs in enumerate(stage_outputs):
+    rows = np.flatnonzero(at == stage)
+    ran[rows, stage] = True
+    go_to = np.asarray(rule.next_stages(stage, rows, tuple(o[rows] for o in outputs)), np.int64)
+    final[rows[go_to == STOP]] = stage
+    at[rows] = go_to
   return final, ran
 
 
-def ran_flops(final: np.ndarray, ran: np.ndarray, example_flops: np.ndarray,
-              prefix_flops: np.ndarray | float) -> np.ndarray:
-  """FLOPs per input [N]: its final width's (prefix included) plus the part of every width it ran
-  before escalating. example_flops [N, m] or [m] (one length), prefix_flops [N] or a scalar."""
-  example_flops = np.broadcast_to(np.asarray(example_flops, np.float64), ran.shape)
-  parts = example_flops - np.asarray(prefix_flops, np.float64).reshape(-1, 1)
-  earlier = ran.copy()
-  earlier[np.arange(len(final)), final] = False
-  return example_flops[np.arange(len(final)), final] + (earlier * parts).sum(-1)
+def ran_flops(ran: np.ndarray, stage_flops: np.ndarray) -> np.ndarray:
+  """FLOPs per row [N]: the sum of the stages it ran (`ran` [N, S]), each at the row's cost
+  (`stage_flops` [N, S], or [S] for rows of one length). What the served engines count, so the
+  one convention every replay, calibration and report is costed by."""
+  return (np.asarray(ran) * np.asarray(stage_flops, np.float64)).sum(-1)
 
 
-STOP = -1  # a stage rule's answer for a row that stops where it is (`dispatch.run_stages`)
+@dataclasses.dataclass(frozen=True)
+class WidthStages:
+  """A SHARCS routing rule as a stage rule (`dispatch.StageRule`): the router's first width, then
+  escalation. Stage 0 is the prefix (its output the router's logits), stage 1 + i width i's
+  part."""
+
+  rule: "Rule | Cascade | Fixed"
+  num_widths: int
+  width_flops: np.ndarray  # float64 [n, m]
+
+  def continues(self, stage: int) -> bool:
+    return stage == 0 or (self.rule.escalating and stage < self.num_widths)
+
+  def next_stages(self, stage: int, rows: np.ndarray, outputs: tuple[np.ndarray, ...]
+                  ) -> np.ndarray:
+    if stage == 0:
+      return 1 + np.asarray(self.rule.first_widths(outputs[0], self.width_flops[rows]), np.int64)
+    if not self.continues(stage):
+      return np.full(len(rows), STOP, np.int64)
+    return np.where(self.rule.escalates(outputs[0], stage - 1), stage + 1, STOP)
+
+
+def route_all(rule: "Rule | Cascade | Fixed", probabilities: np.ndarray,
+              router_logits: np.ndarray, example_flops: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """(final width index [N], widths run [N, m]) of `rule` given every width's probabilities
+  [m, N, C]: what serving computes, without running anything (`replay` of the prefix, then
+  each width's part). An input ends at the first width it does not escalate from."""
+  m, n = probabilities.shape[:2]
+  flops = np.broadcast_to(np.asarray(example_flops, np.float64), (n, m))
+  final, ran = replay(WidthStages(rule, m, flops),
+                      [(np.asarray(router_logits),)] + [(p,) for p in probabilities])
+  return final - 1, ran[:, 1:]
+
+
+def width_ran_flops(ran: np.ndarray, example_flops: np.ndarray,
+                    prefix_flops: np.ndarray | float) -> np.ndarray:
+  """`ran_flops` of SHARCS's cascade (`ran` [N, m]: the widths each row ran): the prefix once,
+  then each width's part, its example FLOPs (`example_flops` [N, m] or [m], prefix included)
+  less the prefix's (`prefix_flops` [N] or a scalar)."""
+  n, m = np.shape(ran)
+  example = np.broadcast_to(np.asarray(example_flops, np.float64), (n, m))
+  prefix = np.broadcast_to(np.asarray(prefix_flops, np.float64).reshape(-1, 1), (n, 1))
+  return ran_flops(np.column_stack([np.ones(n, bool), ran]),
+                   np.column_stack([prefix, example - prefix]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,21 +314,12 @@ class ExitCascade:
             ) -> tuple[np.ndarray, np.ndarray]:
     """(the stage each row leaves at [N], the stages it ran [N, S]) from every stage's
     probabilities [S, N, C] (and the rows' length buckets, with thresholds per bucket): the
-    cascade `dispatch.run_stages` runs, walked on outputs already known."""
+    cascade `dispatch.run_stages` runs, `replay`ed on outputs already known."""
     stage_probabilities = np.asarray(stage_probabilities)
     n = stage_probabilities.shape[1]
     threshold = (np.full(n, self.threshold) if bucket_of is None and not self.bucket_thresholds
                  else self.row_thresholds(bucket_of))
-    at = np.zeros(n, np.int64)  # the stage each row runs next, or STOP
-    final = np.zeros(n, np.int64)
-    ran = np.zeros((n, self.num_stages), bool)
-    for stage in range(self.num_stages):
-      rows = np.flatnonzero(at == stage)
-      ran[rows, stage] = True
-      go_to = self.next_stages_at(stage, (stage_probabilities[stage, rows],), threshold[rows])
-      final[rows[go_to == STOP]] = stage
-      at[rows] = go_to
-    return final, ran
+    return replay(_RowThresholds(self, threshold), [(p,) for p in stage_probabilities])
 
   def exits(self, stage_probabilities: np.ndarray, bucket_of: np.ndarray | None = None
             ) -> np.ndarray:
@@ -420,18 +454,18 @@ def exit_reduction(rule: ExitCascade, stage_probabilities: np.ndarray, stage_flo
   from every stage's probabilities [S, N, C] and costs [N, S] (and the rows' length buckets)."""
   stage_flops = np.asarray(stage_flops, np.float64)
   ran = rule.paths(stage_probabilities, bucket_of)[1]
-  return float((stage_flops * rule.full_depth()).sum(-1).mean()
-               / (stage_flops * ran).sum(-1).mean())
+  return float(ran_flops(rule.full_depth(), stage_flops).mean()
+               / ran_flops(ran, stage_flops).mean())
 
 
 def _exit_threshold(stage_probabilities: np.ndarray, stage_flops: np.ndarray, budget: Budget,
                     layout: ExitCascade, iterations: int) -> tuple[float, float]:
   """`calibrate_exits`' one threshold over these rows, and the reduction it reaches."""
-  full = float((stage_flops * layout.full_depth()).sum(-1).mean())
+  full = float(ran_flops(layout.full_depth(), stage_flops).mean())
 
   def cost(threshold: float) -> float:
     ran = dataclasses.replace(layout, threshold=threshold).paths(stage_probabilities)[1]
-    return float((stage_flops * ran).sum(-1).mean())
+    return float(ran_flops(ran, stage_flops).mean())
 
   return _threshold_for_budget(cost, full, budget, "these exits reach", iterations)
 
@@ -453,8 +487,8 @@ def calibrate_cascade(probabilities: np.ndarray, router_logits: np.ndarray,
 
   def cost(threshold: float) -> float:
     rule = Cascade(threshold, signal, start_cost_weight=start_cost_weight)
-    final, ran = route_all(rule, probabilities, router_logits, example_flops)
-    return float(ran_flops(final, ran, example_flops, prefix_flops).mean())
+    ran = route_all(rule, probabilities, router_logits, example_flops)[1]
+    return float(width_ran_flops(ran, example_flops, prefix_flops).mean())
 
   threshold, reduction = _threshold_for_budget(cost, float(example_flops[:, -1].mean()), budget,
                                                "this cascade reaches", iterations)
