@@ -193,16 +193,12 @@ def full_depth_params(model: EarlyExitModel, params: Mapping[str, Any]) -> dict[
 
 def export_workdir(workdir: str, output: str) -> None:
   """Loads the kept parameters of `workdir` and exports them atomically to `output`."""
-  from sharcs_jax.checkpoint import holds_early_exit, load_kept_exit
-
   check_output(output, workdir)
-  if holds_early_exit(workdir):
-    config, model, params = load_kept_exit(workdir)
+  run = load_run(workdir)
+  config, model, params = run.config, run.model, run.params
+  if isinstance(model, EarlyExitModel):  # its full depth
     check_exportable(model)
     params = full_depth_params(model, params)
-  else:
-    run = load_run(workdir)
-    config, model, params = run.config, run.model, run.params
   partial = partial_path(output)
   export_hf(config, model, params, partial)
   os.replace(partial, output)
