@@ -38,9 +38,8 @@ from sharcs_jax.serve.programs import Programs
 from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.early_exit import EarlyExitModel, exit_loss_weights
 from sharcs_jax.model.weights import load_pretrained_early_exit, resolve_model_dir
-from sharcs_jax.model.reorder import reorder_by_importance
-from sharcs_jax.train.loop import (apply_gradients, copy_buffers, epoch_rng, importance_batches,
-                                  make_optimizer, train_epoch, width_loss)
+from sharcs_jax.train.loop import (apply_gradients, copy_buffers, epoch_rng, make_optimizer,
+                                  reordered, train_epoch, width_loss)
 
 Array = jax.Array
 
@@ -231,12 +230,8 @@ def _train_early_exit(config: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     state, best, history, _ = restored
   elif model.narrow_widths and config.model.reorder:  # narrow slices: the most important units
-    start = time.time()
-    params = reorder_by_importance(model, params, importance_batches(
-        train_data, t.batch_size, config.model.reorder_batches))
-    state = state.replace(params=params, opt_state=tx.init(params))
-    best = exit_best(copy_buffers(params), exits, len(dev_data), task.num_classes)
-    logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
+    state = reordered(state, model, train_data, config, tx)
+    best = exit_best(copy_buffers(state.params), exits, len(dev_data), task.num_classes)
   state = parallel.replicate(state, mesh)
   for epoch in range(int(state.epoch), t.epochs):
     plan = batching.plan_train_epoch(train_data, np.zeros(len(train_data), np.int32),

@@ -246,6 +246,17 @@ def selection_score(result: dict[str, Any], rule: str, max_drop: float,
   raise ValueError(f"unknown selection rule {rule!r}; known: {config_lib.SELECTION_RULES}")
 
 
+def reordered(state: Any, model: Any, train_data: batching.Encoded,
+              config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> Any:
+  """A fresh run's state with its heads and neurons in order of importance (DynaBERT), so that
+  every narrow width's leading slice keeps the most important units; the optimiser restarts."""
+  start = time.time()
+  params = reorder_by_importance(model, state.params, importance_batches(
+      train_data, config.train.batch_size, config.model.reorder_batches))
+  logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
+  return state.replace(params=params, opt_state=tx.init(params))
+
+
 def importance_batches(data: batching.Encoded, batch_size: int, count: int):
   full = (b for rows, b in batching.eval_batches(data, batch_size) if len(rows) == batch_size)
   for _, batch in zip(range(count), full):
@@ -346,11 +357,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, best, history, best_rule = restored
   else:
     if m.reorder:
-      start = time.time()
-      params = reorder_by_importance(model, params, importance_batches(
-          train_data, t.batch_size, m.reorder_batches))
-      state = state.replace(params=params, opt_state=tx.init(params))
-      logging.info("Reordered heads and neurons by importance in %.1fs", time.time() - start)
+      state = reordered(state, model, train_data, config, tx)
     state = parallel.replicate(state, mesh)
     best = parallel.replicate(initial_best(copy_buffers(state.params)), mesh)
 
