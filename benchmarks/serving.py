@@ -316,7 +316,7 @@ def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, 
                      f"any, 1-{max(full.batch_sizes)}")
     paths[f"{prefix} full depth{suffix}"] = dict(
         described, run=lambda t, e=full: e.predict(t).probabilities, engine=full)
-    engine = serve()
+    engine = serve(exit_layers=range(1, model.encoder.num_layers + 1))  # every exit
     (data,) = batching.encode_splits([calibration], engine.tokenizer, engine.length_buckets)
     every_stage = engine.every_stage(data)
     for budget in budgets:
