@@ -304,7 +304,7 @@ def test_serving_budgets_and_predict_serve_a_depth_and_width_run(depth_width_run
   from sharcs_jax.serve import predict
   from sharcs_jax.serve.export import hf as hf_export
   from sharcs_jax.serve.engine import Engine
-  from sharcs_jax.serve.export import export_engine
+  from sharcs_jax.serve.export.writer import export_engine
 
   workdir, summary, _ = depth_width_run
   data, _ = run_benchmark("serving", tmp_path, "--mode=budgets", f"--workdir={workdir}",
