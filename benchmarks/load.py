@@ -3,7 +3,7 @@
     python -m benchmarks.load --workdir=W --out=O [--budget=2x --rule=cascade]
 
 An early-exit run (`config.model.method=early_exit`) is served by its exit rule at --budget, beside
-its full depth (one program) in place of budget 1x; --rule is then unused.
+its full depth (one program) in place of budget 1x.
 
 Closed loop at each --concurrency (one pair per request, QQP dev pairs), then Poisson arrivals at
 --open_loop fractions of the best closed-loop throughput and at --overload fractions of offline
@@ -29,17 +29,12 @@ from absl import app, flags
 
 from benchmarks import common
 from sharcs_jax import report
-from sharcs_jax.checkpoint import holds_early_exit
+from sharcs_jax.run import load_run
 from sharcs_jax.serve.engine import Engine
 
 FLAGS = flags.FLAGS
-EXIT_SIGNAL = "entropy"  # an early-exit run's rule, DeeBERT's, in the server and offline alike
-flags.DEFINE_string("workdir", None, "A training run's workdir.")
-flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_string("budget", "2x", "The routed server's budget.")
-flags.DEFINE_string("rule", "cascade", "The routed server's rule.")
-flags.DEFINE_string("precision", "auto", "Both servers' --precision.")
-flags.DEFINE_string("runtime", "xla", "Both servers' --runtime.")
+common.define_flags("workdir", "out", "budget", "rule", "signal", "runtime", "precision",
+                    required=("workdir", "out"), budget="2x", rule="cascade", precision="auto")
 flags.DEFINE_list("concurrency", ["1", "4", "16", "32", "64"], "Closed-loop client counts.")
 flags.DEFINE_list("open_loop", ["0.5", "1.0", "1.5"], "Open-loop rates, as fractions of the best "
                   "closed-loop pairs/s.")
@@ -53,7 +48,6 @@ flags.DEFINE_list("overload", ["1.5"], "Open-loop rates, as fractions of offline
                   "pairs/s: past what any batching can serve, so the queue fills (429s).")
 flags.DEFINE_integer("drain_clients", 32, "Closed-loop clients sending while SIGTERM arrives.")
 flags.DEFINE_integer("offline_rounds", 3, "Offline Engine.predict passes (the median is kept).")
-flags.mark_flags_as_required(["workdir", "out"])
 
 
 async def post(reader, writer, port: int, body: bytes) -> tuple[int, bytes]:
@@ -164,14 +158,14 @@ def summarise(results: list, seconds: float, offline: np.ndarray, labels: list[s
           "share_per_width": {f"{v:g}": int(c) / len(widths) for v, c in zip(values, counts)}}
 
 
-def start_server(budget: str, exit_run: bool) -> tuple[subprocess.Popen, int]:
+def start_server(budget: str, rule: str, signal_name: str) -> tuple[subprocess.Popen, int]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   process = subprocess.Popen(
       [sys.executable, "-m", "sharcs_jax.main", "--mode=serve", f"--workdir={FLAGS.workdir}",
        f"--port={port}", f"--budget={budget}",
-       *([f"--signal={EXIT_SIGNAL}"] if exit_run else [f"--rule={FLAGS.rule}"]),
+       f"--signal={signal_name}", *([] if rule == common.EXIT_RULE else [f"--rule={rule}"]),
        f"--precision={FLAGS.precision}", f"--runtime={FLAGS.runtime}",
        f"--max_wait_ms={FLAGS.max_wait_ms}", f"--workers={FLAGS.workers}",
        "--max_queued_pairs=256"],
@@ -217,8 +211,8 @@ def realised_batch(before: dict, after: dict) -> dict[str, float]:
 
 
 def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[str],
-          offline_rate: float, exit_run: bool) -> dict:
-  process, port = start_server(budget, exit_run)
+          offline_rate: float, rule: str, signal_name: str) -> dict:
+  process, port = start_server(budget, rule, signal_name)
   levels = {}
   draining = f"sigterm {FLAGS.drain_clients}"
   summary = lambda results, seconds: summarise(results, seconds, offline, labels)
@@ -256,12 +250,13 @@ def drive(budget: str, bodies: list[bytes], offline: np.ndarray, labels: list[st
   return {"levels": levels, "exit_code": code}
 
 
-def engine_at(budget: str, exit_run: bool) -> Engine:
-  """The engine a server at `budget` runs (an early-exit run: its exit rule)."""
-  return Engine.from_workdir(FLAGS.workdir, budget=budget,
-                             rule="router" if exit_run else FLAGS.rule,
-                             signal=EXIT_SIGNAL if exit_run else "", precision=FLAGS.precision,
-                             runtime=FLAGS.runtime)
+def engine_at(engine: Engine, budget: str, rule: str, signal_name: str) -> Engine:
+  """The engine a server at `budget` runs: `engine` under `rule` calibrated to it, as the server
+  calibrates it; no budget: the model's own routing (an early exit's full depth, one program)."""
+  if not budget:
+    return Engine.from_run(engine.trained, precision=FLAGS.precision, runtime=FLAGS.runtime)
+  return engine.with_rule(common.calibrated(engine, budget, common.calibration_data(
+      engine.trained), rule, signal_name))
 
 
 def offline_predictions(engine, pairs: list) -> tuple[np.ndarray, float]:
@@ -276,26 +271,28 @@ def offline_predictions(engine, pairs: list) -> tuple[np.ndarray, float]:
 
 def main(argv):
   del argv
-  exit_run = holds_early_exit(FLAGS.workdir)
-  baseline = "" if exit_run else "1x"  # an early-exit run's full depth, as one program
+  run = load_run(FLAGS.workdir)
+  engine = common.open_engine(run, runtime=FLAGS.runtime, precision=FLAGS.precision)
+  kind = common.kind_of(engine)
+  (rule,) = common.checked_rules(kind, "rule")
+  signal_name = FLAGS.signal or kind.signal  # in the servers and offline alike
+  dev = common.dev_split(run.task.name, None, FLAGS.pairs)
+  pairs = [list(text) if len(text) > 1 else text[0] for text in dev.texts]
+  labels = list(run.task.label_names)
+  bodies = [json.dumps({"inputs": pair, "details": True}).encode() for pair in pairs]
+  baseline = kind.baseline_budget or kind.full  # the 1x server, or an early exit's full depth
   servers, offline_rates = {}, {}
-  for budget in (FLAGS.budget, baseline):
-    engine = engine_at(budget, exit_run)
-    if not servers:
-      dev = common.dev_split(engine.task.name, None, FLAGS.pairs)
-      pairs = [list(text) if len(text) > 1 else text[0] for text in dev.texts]
-      labels = list(engine.task.label_names)
-      bodies = [json.dumps({"inputs": pair, "details": True}).encode() for pair in pairs]
-    name = budget or "full depth"
-    probabilities, offline_rates[name] = offline_predictions(engine, pairs)
-    del engine
-    servers[name] = drive(budget, bodies, probabilities, labels, offline_rates[name], exit_run)
-  baseline = baseline or "full depth"
-  offline = offline_rates[FLAGS.budget]
+  for budget, name in ((FLAGS.budget, FLAGS.budget or "own rule"),
+                       (kind.baseline_budget, baseline)):
+    probabilities, offline_rates[name] = offline_predictions(
+        engine_at(engine, budget, rule, signal_name), pairs)
+    servers[name] = drive(budget, bodies, probabilities, labels, offline_rates[name], rule,
+                          signal_name)
+  offline = offline_rates[FLAGS.budget or "own rule"]
   data = {"pairs": len(pairs), "cpu": common.cpu_info(), "offline_pairs_per_second": offline,
           "offline_pairs_per_second_1x": offline_rates[baseline], "budget": FLAGS.budget,
-          "baseline": baseline, "model": "early_exit" if exit_run else "sharcs",
-          "rule": "exit" if exit_run else FLAGS.rule, "precision": FLAGS.precision,
+          "baseline": baseline, "model": kind.model, "rule": rule, "signal": signal_name,
+          "precision": FLAGS.precision,
           "runtime": FLAGS.runtime, "max_wait_ms": FLAGS.max_wait_ms, "workers": FLAGS.workers,
           "servers": servers}
   rows = [[budget, level, v["pairs_per_second"], v["p50_ms"], v["p90_ms"], v["p99_ms"],
@@ -322,7 +319,7 @@ def main(argv):
   ax.set_ylabel("p99 latency (ms)")
   ax.legend()
   report.save_figure(fig, os.path.join(FLAGS.out, "load.png"), dpi=110)
-  print(open(os.path.join(FLAGS.out, "load.md")).read())
+  common.print_report(FLAGS.out, "load")
 
 
 if __name__ == "__main__":

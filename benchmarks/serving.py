@@ -1,43 +1,49 @@
-"""Text in, labels out: the SHARCS engine against stock CPU serving stacks on the same model.
+"""The engine served: its budgets against its own whole model, and against stock CPU stacks.
 
-    python -m benchmarks.serving --workdir=/tmp/sharcs_qqp --out=/tmp/bench \
-        [--budgets=1.5x,2x,2.5x] [--runtimes=xla,onnxruntime] [--rounds=3] [--limit=0]
+One code path for a SHARCS and an early-exit run: the engine over every route of the run in
+--workdir, its rule calibrated to each budget on the run's held-out training examples (never on
+dev), beside the whole model as one program (SHARCS: the full width, no router; an early exit:
+every layer and the last exit). Three modes:
 
-Every path serves the full-width model of the run in --workdir (or, for the engine at a budget,
-the run's SHARCS model routed to that FLOPs budget), on the dev split of the run's own task:
-  - `sharcs_jax full width`: the whole model at width 1.0 on its precompiled XLA programs (no
-    router), length buckets and batch buckets as `throughput.py` times it;
-  - `sharcs_jax engine <budget> <rule>`: `Engine` with the rule calibrated to that budget on the
-    run's held-out calibration split;
-  - `sharcs_jax ort full width` / `sharcs_jax ort engine <budget> <rule>`: the same engine with
-    its programs on ONNX Runtime (fp32 or int8; the full width is the whole model at width 1.0
-    as one ONNX program, the budget rules calibrated on the ONNX programs' own probabilities);
-    `sharcs_jax ort prefix+part full width` is every input at width 1.0 through the engine's
-    prefix and full part (two sessions per batch);
-  - `pytorch eager b32`: `BertForSequenceClassification` on the Hugging Face export
-    (`sharcs_jax.serve.export.hf`; transformers' default SDPA attention), batches of 32 sorted by
-    length, each padded to its longest row;
-  - `onnxruntime fp32 b1 / b32`: that model exported with `torch.onnx.export` (dynamic batch and
-    sequence axes), one input at a time, and sorted batches of 32;
-  - `onnxruntime int8 b1 / b32`: the same graph after `quantize_dynamic` (int8 weights, dynamic
-    int8 activations).
-Each timed pass tokenises the texts (the same tokenizer files and the same truncation for every
-path) and ends with class probabilities (labels are their argmax) in input order. Paths run in
-interleaved rounds in one process; the median pass is reported with each path's dev metrics and
-its speed as a multiple of ONNX Runtime int8 of the HF export (sorted batches of 32). Writes
-serving.json, serving.md, serving.png (bars) and serving_pareto.png (pairs/s against dev accuracy)
-into --out. torch, onnx and onnxruntime come from the `test` extra.
+    python -m benchmarks.serving --mode=stacks --workdir=W --out=O [--budgets=1.5x,2x,2.5x] \
+        [--rules=cascade] [--runtimes=xla,onnxruntime] [--precisions=fp32,auto] [--rounds=3]
+    python -m benchmarks.serving --mode=budgets --workdir=W --out=O [--budgets=1x,...,3x,max] \
+        [--rules=router] [--runtime=onnxruntime --precision=int8] [--by_length] [--exit_layers=..]
+    python -m benchmarks.serving --mode=throughput --workdir=W --out=O [--budgets=2x \
+        --rules=cascade] [--precision=auto]
+
+`stacks` (text in, labels out; serving.{json,md,png}, serving_pareto.png): on every runtime and
+precision asked, the whole model (`sharcs_jax full width` / `full depth`; on ONNX Runtime a SHARCS
+model's full width also through the engine's prefix and full part, `prefix+part full width`) and
+the engine at each budget and rule (`sharcs_jax engine 2x cascade`, `sharcs_jax exit engine 2x`),
+each runtime calibrated on its own programs' probabilities; beside them the run's Hugging Face
+export (where the model has one: [CLS] exits) as `pytorch eager b32` (transformers' SDPA
+attention, length-sorted batches of 32), and its `torch.onnx.export` on ONNX Runtime fp32 and
+int8 (`quantize_dynamic`), one input at a time (b1) or in sorted batches (b32). Every timed pass
+tokenises the texts (the same files and truncation for every path) and ends with probabilities in
+input order; speeds are also multiples of the bar, ONNX Runtime int8 of the HF export b32 (where
+there is none, int8 of the whole model). torch, onnx and onnxruntime come from the `test` extra.
+
+`budgets` (token ids to labels; pareto_TASK[_RULE].{json,md,png}): the whole model, the engine
+at each budget ('max': every row at its cheapest route) and each route alone (a width, an exit),
+with the reduction reached on the calibration split and on dev, dev accuracy and examples/s. A
+depth-and-width model adds at each budget its full-width exits alone ('2x, depth only'); an
+early-exit model's other calibration (one threshold per length bucket, or pooled) is reported
+beside each budget from every exit's dev outputs. A budget out of reach is reported with the
+reachable range.
+
+`throughput` (token ids to labels; throughput.{json,md,png}): the engine at one budget ('': the
+run's own rule: a SHARCS checkpoint's, an early exit's config budget) against the whole model.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import os
 import platform
 import tempfile
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -45,35 +51,41 @@ from absl import app, flags, logging
 
 from benchmarks import common
 from sharcs_jax import evaluate
-from sharcs_jax.serve.export import hf as hf_export
 from sharcs_jax import report
-from sharcs_jax.data import glue
+from sharcs_jax.checkpoint import quiet_orbax_logging
+from sharcs_jax.data import batching
 from sharcs_jax.data.padding import length_mask
-from sharcs_jax.checkpoint import holds_early_exit
-from sharcs_jax.run import load_run
-from sharcs_jax.serve.engine import Engine
+from sharcs_jax.run import Run, load_run
 from sharcs_jax.serve import dispatch, routing
+from sharcs_jax.serve.engine import Engine
+from sharcs_jax.serve.export import hf as hf_export
+from sharcs_jax.serve.layout import Predictions
 from sharcs_jax.serve.precision import PRECISIONS
 from sharcs_jax.serve.precision import resolve as resolve_precision
-from sharcs_jax.serve.programs import Programs
 
-flags.DEFINE_string("workdir", None, "A trained run (its checkpoints).", required=True)
-flags.DEFINE_string("out", None, "Output directory.", required=True)
-flags.DEFINE_integer("rounds", 3, "Interleaved timed passes over dev per path.")
-flags.DEFINE_integer("limit", 0, "> 0: only the first N dev examples.")
-flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x"], "FLOPs budgets to route the engine to ('2x', "
-                  "'0.4gflops'), calibrated on the run's held-out examples.")
-flags.DEFINE_list("rules", ["cascade"], "Routing rules to meet each budget with "
-                  "(router, cascade).")
-flags.DEFINE_list("runtimes", ["xla", "onnxruntime"], "Runtimes of the engine's programs.")
-flags.DEFINE_list("precisions", ["fp32", "auto"], "Engine precisions to serve at, each on every "
-                  "runtime that runs it: fp32; bf16 (xla); int8 (onnxruntime); auto: bf16 where "
-                  "the CPU multiplies bf16 natively on xla, int8 where it has an int8 dot product "
-                  "on onnxruntime.")
-flags.DEFINE_list("hf_batches", [str(32)], "Batch sizes of the ONNX Runtime paths of the HF export "
-                  "(1: one input at a time; 32: sorted batches).")
-flags.DEFINE_integer("threads", 0, "PyTorch and ONNX Runtime intra-op threads; 0: every usable "
-                     "CPU (XLA always sizes its own pool to the machine).")
+MODES = {  # each mode's defaults of the shared flags it reads
+    "stacks": {"budgets": ["1.5x", "2x", "2.5x"], "rules": ["cascade"]},
+    "budgets": {"budgets": ["1x", "1.25x", "1.5x", "1.75x", "2x", "2.25x", "2.5x", "3x", "max"],
+                "rules": ["router"]},
+    "throughput": {"budgets": [""], "rules": ["router"]},
+}
+flags.DEFINE_enum("mode", "stacks", list(MODES), "stacks: text in, labels out, against PyTorch and "
+                  "ONNX Runtime; budgets: a sweep of budgets; throughput: one budget against the "
+                  "whole model.")
+common.define_flags("workdir", "out", "rounds", "limit", "runtime", "precision", "runtimes",
+                    "precisions", "budgets", "rules", "signal", "threads",
+                    required=("workdir", "out"), budgets=None, rules=None)
+flags.DEFINE_string("start_budget", "", "SHARCS router+cascade: the router's own budget, e.g. 3x.")
+flags.DEFINE_bool("calibrate_on_dev", False, "budgets: calibrate on dev itself (for runs that held "
+                  "back no training examples); the dev figures are then not held-out estimates.")
+flags.DEFINE_bool("by_length", False, "An early-exit run: one exit threshold per length bucket "
+                  "(else one pooled threshold).")
+flags.DEFINE_list("exit_layers", [], "An early-exit run, budgets and throughput: the layers "
+                  "(1-based) whose exits the rule reads; default all.")
+flags.DEFINE_list("batch_buckets", [str(b) for b in dispatch.BATCH_BUCKETS],
+                  "budgets and throughput: batch sizes compiled for every path.")
+flags.DEFINE_list("hf_batches", ["32"], "stacks: batch sizes of the ONNX Runtime paths of the HF "
+                  "export (1: one input at a time; 32: sorted batches).")
 FLAGS = flags.FLAGS
 
 BATCH = 32
@@ -85,12 +97,277 @@ PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "tokenizers", "onn
 RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # ids, mask, types -> logits
 
 
+def apply_mode_defaults() -> None:
+  """The shared flags a mode defaults differently, set to its defaults where not given."""
+  for name, default in MODES[FLAGS.mode].items():
+    if FLAGS[name].value is None:
+      FLAGS[name].value = default
+
+
+def path_name(budget: str, rule: str) -> str:
+  """A budget's path: "2x", or "2x cascade" for a rule other than the default one."""
+  return budget + ("" if rule in ("router", common.EXIT_RULE) else f" {rule}")
+
+
+def calibration_stages(engine: Engine, kind: common.Kind, calibration: batching.Encoded
+                       ) -> np.ndarray | None:
+  """An early-exit model's every exit on the calibration split, computed once for every budget
+  it is calibrated to (a SHARCS rule reads what it needs itself)."""
+  return engine.every_stage(calibration) if kind.routes_by_depth else None
+
+
+def budget_rules(engine: Engine, calibration: batching.Encoded, budgets: Sequence[str],
+                 rules: Sequence[str], *, every_stage: np.ndarray | None, signal: str = "",
+                 start_budget: str = "", by_length: bool = False, depth_only: bool = False
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+  """({path name: rule} calibrated on `calibration` for each budget and rule, {name: why} for
+  those out of reach). 'max' is every row at its cheapest route; with `depth_only` a
+  depth-and-width model adds each budget's full-width exits alone ("2x, depth only")."""
+  most = routing.Budget(reduction=common.most_reduction(engine, calibration))
+  found, out_of_reach = {}, {}
+  for budget, rule in itertools.product(budgets, rules):
+    name = path_name(budget, rule)
+    calibrate = lambda **options: common.calibrated(
+        engine, most if budget == "max" else budget, calibration, rule, signal,
+        start_budget=start_budget, every_stage=every_stage, **options)
+    try:
+      found[name] = calibrate(by_length=by_length)
+      if depth_only and engine.narrow_count:
+        found[f"{name}, depth only"] = calibrate(narrow=False)
+    except ValueError as e:
+      logging.warning("%s: %s", name, e)
+      out_of_reach[name] = str(e)
+  return found, out_of_reach
+
+
+def timed_predictions(runs: dict[str, Callable[[], Predictions]], rounds: int
+                      ) -> dict[str, tuple[Predictions, np.ndarray]]:
+  """Each path's predictions from its last pass and its seconds per pass, in interleaved
+  rounds."""
+  outputs = {}
+  candidates = {name: (lambda name=name: outputs.__setitem__(name, runs[name]())) for name in runs}
+  times = common.time_side_by_side(candidates, rounds, warmup=1)
+  return {name: (outputs[name], times[name]) for name in runs}
+
+
+def path_figures(kind: common.Kind, engine: Engine, dev: batching.Encoded,
+                 predictions: Predictions, seconds: np.ndarray, full_gflops: float,
+                 rule: Any = None) -> dict:
+  """A timed path's dev figures: speed, FLOPs, reduction (on calibration and dev), metrics and
+  where its rows went."""
+  gflops = float(predictions.gflops.mean())
+  return {"seconds": seconds.tolist(), "examples_per_second": len(dev) / float(np.median(seconds)),
+          "gflops_per_example": gflops, "dev_reduction": full_gflops / gflops,
+          "calibration_reduction": rule.calibration_reduction if rule is not None else 1.0,
+          **({"rule": rule.to_json()} if rule is not None else {}),
+          **common.classification(predictions.labels, dev, engine.task.metrics),
+          **kind.route_figures(predictions, engine.route_names())}
+
+
+def served_paths(engine: Engine, kind: common.Kind, dev: batching.Encoded, rules: dict[str, Any],
+                 rounds: int) -> dict[str, dict]:
+  """The whole model (first) and the engine under each rule, timed side by side on dev; each
+  path's speed-up over the whole model."""
+  full = kind.full_program(engine, common.threads())
+  runs = {kind.full: lambda: common.full_predictions(engine, full(dev), dev)}
+  runs |= {name: (lambda routed=engine.with_rule(rule): routed.run(dev))
+           for name, rule in rules.items()}
+  print(f"{len(dev)} {engine.task.name} dev examples, {len(runs)} paths, {rounds} rounds",
+        flush=True)
+  timed = timed_predictions(runs, rounds)
+  full_gflops = float(engine.full_gflops(dev).mean())
+  paths = {name: path_figures(kind, engine, dev, predictions, seconds, full_gflops,
+                              rules.get(name))
+           for name, (predictions, seconds) in timed.items()}
+  for path in paths.values():
+    path["speedup"] = path["examples_per_second"] / paths[kind.full]["examples_per_second"]
+  return paths
+
+
+def routes_alone(engine: Engine, dev: batching.Encoded, every_stage: np.ndarray) -> list[dict]:
+  """Each route alone on dev (a width, an exit): every row answered there, same weights."""
+  costs = common.route_costs(engine, dev).mean(1)
+  full = float(engine.full_gflops(dev).mean())
+  return [{"route": name, "gflops": float(g), "dev_reduction": full / float(g),
+           **common.classification(p.argmax(-1), dev, engine.task.metrics)}
+          for name, g, p in zip(engine.route_names(), costs, every_stage)]
+
+
+def other_calibration(engine: Engine, calibration: batching.Encoded, dev: batching.Encoded,
+                      calibration_stages: np.ndarray, dev_stages: np.ndarray,
+                      rules: dict[str, Any], signal: str, by_length: bool) -> dict[str, float]:
+  """An early-exit model's dev reduction at each budget had it been calibrated the other way (per
+  length bucket, or pooled), from every exit's dev outputs: what --by_length would change."""
+  stage_flops = engine.stage_flops[:, dev.bucket_of].T
+  other = {}
+  for name, rule in rules.items():
+    unserved = engine.calibrate(rule.budget, calibration, signal=signal, by_length=not by_length,
+                                every_stage=calibration_stages)
+    other[name] = routing.exit_reduction(unserved, dev_stages, stage_flops, dev.bucket_of)
+  return other
+
+
+def opened(run: Run) -> tuple[Engine, common.Kind]:
+  """budgets and throughput: the run's engine on --runtime and --precision, and its kind."""
+  engine = common.open_engine(
+      run, runtime=FLAGS.runtime, precision=FLAGS.precision, threads=FLAGS.threads,
+      batch_buckets=tuple(int(b) for b in FLAGS.batch_buckets),
+      exit_layers=[int(layer) for layer in FLAGS.exit_layers] or None)
+  return engine, common.kind_of(engine)
+
+
+def budgets_main(run: Run) -> None:
+  engine, kind = opened(run)
+  rules = common.checked_rules(kind, "rules")
+  budgets = common.checked_budgets(FLAGS.budgets, special=("max",))
+  (dev,) = run.encoded("dev", limit=FLAGS.limit)
+  calibration = dev if FLAGS.calibrate_on_dev else common.calibration_data(run)
+  source = "dev itself" if FLAGS.calibrate_on_dev else "held-out training examples"
+  stages = calibration_stages(engine, kind, calibration)
+  found, out_of_reach = budget_rules(engine, calibration, budgets, rules, every_stage=stages,
+                                     signal=FLAGS.signal, start_budget=FLAGS.start_budget,
+                                     by_length=FLAGS.by_length, depth_only=True)
+  paths = served_paths(engine, kind, dev, found, FLAGS.rounds)
+  every_stage = engine.every_stage(dev)
+  if kind.routes_by_depth and not engine.narrow_count:
+    for name, reduction in other_calibration(engine, calibration, dev, stages, every_stage, found,
+                                             FLAGS.signal, FLAGS.by_length).items():
+      paths[name]["dev_reduction_other_calibration"] = reduction
+  data = {"task": run.task.name, "workdir": run.workdir, "model": kind.model,
+          **kind.describe(engine), "rule": "+".join(rules), "rules": rules,
+          "signal": FLAGS.signal or kind.signal, "start_budget": FLAGS.start_budget,
+          "runtime": engine.runtime, "precision": engine.precision, "rounds": FLAGS.rounds,
+          "examples": len(dev), "calibration_examples": len(calibration),
+          "calibration_source": source,
+          "calibration": "per length bucket" if FLAGS.by_length else "pooled",
+          "reachable_reductions": [1.0, common.most_reduction(engine, calibration)],
+          "full_gflops": float(engine.full_gflops(dev).mean()), "cpu": common.cpu_info(),
+          "full": kind.full, "paths": paths, "out_of_reach": out_of_reach,
+          "alone": routes_alone(engine, dev, every_stage)}
+  name = f"pareto_{run.task.name}" + ("" if rules == ["router"] else
+                                       "_" + "_".join(r.replace("+", "_") for r in rules))
+  write_budgets(FLAGS.out, name, data, kind, engine.task.metrics)
+
+
+def write_budgets(out: str, name: str, data: dict, kind: common.Kind,
+                  metrics: Sequence[str]) -> None:
+  other = any("dev_reduction_other_calibration" in p for p in data["paths"].values())
+  rows = [[path, p["calibration_reduction"], p["dev_reduction"],
+           *([p.get("dev_reduction_other_calibration", "")] if other else []),
+           *(100 * p[m] for m in metrics), p["gflops_per_example"], p["examples_per_second"],
+           p["speedup"], common.shares_line(p[kind.share_key])]
+          for path, p in data["paths"].items()]
+  blank = ["" for _ in range(5 + other + len(metrics))]
+  rows += [[path, "out of reach", *blank] for path in data["out_of_reach"]]
+  rows += [[f"{a['route']} alone", "", a["dev_reduction"], *([""] if other else []),
+            *(100 * a[m] for m in metrics), a["gflops"], "", "", ""] for a in data["alone"]]
+  reach = data["reachable_reductions"]
+  notes = (f"{data['task']} dev ({data['examples']} examples), token ids to labels, "
+           f"{data['runtime']} {data['precision']}; the {data['rule']} rule ({data['signal']}) "
+           f"calibrated {data['calibration']} to each budget on {data['calibration_examples']} "
+           f"{data['calibration_source']} (reachable reductions {reach[0]:g}x to "
+           f"{reach[1]:.2f}x), beside the {kind.full} as one program "
+           f"({data['full_gflops']:.4f} GFLOPs/example) and each route alone (same weights)"
+           + ("; the other calibration's dev reduction beside each budget" if other else "")
+           + f". Median of {data['rounds']} interleaved passes; CPU: "
+           f"{common.cpu_line(data['cpu'])}.")
+  if data["out_of_reach"]:
+    notes += " Out of reach: " + "; ".join(f"{k}: {e}" for k, e in data["out_of_reach"].items())
+  header = ["path", "reduction (calibration)", "reduction (dev)",
+            *(["reduction (dev, other calibration)"] if other else []),
+            *(f"dev {c}" for c in common.metric_columns(metrics)), "GFLOPs/example",
+            "examples/s", "speed-up", "share per route"]
+  common.write_outputs(out, name, data, f"{data['task']}: the {kind.engine} to a budget", header,
+                       rows, notes)
+  plot_budgets(os.path.join(out, f"{name}.png"), data, kind)
+  common.print_report(out, name)
+
+
+def plot_budgets(path: str, data: dict, kind: common.Kind) -> None:
+  """Dev accuracy against the dev reduction: the engine at each budget (with its examples/s),
+  each route alone and the mixtures of neighbouring routes a rule must beat."""
+  fig, ax = report.pyplot().subplots(figsize=(6, 4))
+  served = [(name, p) for name, p in data["paths"].items() if name != kind.full]
+  ax.plot([p["dev_reduction"] for _, p in served], [100 * p["accuracy"] for _, p in served],
+          "o-", color="tab:red", label=f"{kind.engine}, {data['rule']} rule calibrated to each "
+                                       f"budget on {data['calibration_source']}")
+  for name, p in served:
+    ax.annotate(f"{name}\n{p['examples_per_second']:.0f}/s",
+                (p["dev_reduction"], 100 * p["accuracy"]), textcoords="offset points",
+                xytext=(3, 4), fontsize=7)
+  alone = data["alone"]
+  ax.plot([a["dev_reduction"] for a in alone], [100 * a["accuracy"] for a in alone], "s",
+          color="tab:blue", label="each route alone (same weights)")
+  common.plot_width_mixture(ax, [(a["gflops"], 100 * a["accuracy"]) for a in alone],
+                            data["full_gflops"], "tab:blue")
+  common.save_accuracy_plot(fig, ax, f"{data['task']}: accuracy to a FLOPs budget", path,
+                            kind.full)
+
+
+def throughput_main(run: Run) -> None:
+  engine, kind = opened(run)
+  rules = common.checked_rules(kind, "rules")
+  if len(rules) > 1:
+    raise app.UsageError(f"--rules={','.join(rules)}: throughput times one rule")
+  rule_name = rules[0]
+  budgets = common.checked_budgets([b for b in FLAGS.budgets if b])
+  if len(budgets) > 1:
+    raise app.UsageError(f"--budgets={','.join(budgets)}: throughput times one budget")
+  if not budgets and rule_name not in ("router", common.EXIT_RULE):
+    raise app.UsageError(f"--rules={rule_name} is calibrated to a budget: give --budgets")
+  rule = (common.calibrated(engine, budgets[0], common.calibration_data(run), rule_name,
+                            FLAGS.signal, start_budget=FLAGS.start_budget,
+                            by_length=FLAGS.by_length)
+          if budgets else common.own_rule(engine, rule_name, FLAGS.signal))
+  (dev,) = run.encoded("dev", limit=FLAGS.limit)
+  paths = served_paths(engine, kind, dev, {kind.engine: rule}, FLAGS.rounds)
+  served, full = paths[kind.engine], paths[kind.full]
+  data = {"task": run.task.name, "workdir": run.workdir, "model": kind.model,
+          "examples": len(dev), "batch_buckets": list(engine.batch_buckets),
+          "rounds": FLAGS.rounds, "runtime": engine.runtime, "precision": engine.precision,
+          "budget": rule.budget, "rule": rule.to_json(), "cpu": common.cpu_info(),
+          "paths": {kind.engine: served, kind.full: full}, "speedup": served["speedup"],
+          "flops_reduction": full["gflops_per_example"] / served["gflops_per_example"],
+          "accuracy_drop_points": 100 * (full["accuracy"] - served["accuracy"])}
+  metrics = run.task.metrics
+  rows = [[name, p["examples_per_second"], *(100 * p[m] for m in metrics),
+           p["gflops_per_example"], common.shares_line(p[kind.share_key])]
+          for name, p in data["paths"].items()]
+  notes = (f"{len(dev)} {run.task.name} dev examples, token ids to labels, {engine.runtime} "
+           f"{engine.precision}, batch buckets {tuple(engine.batch_buckets)}, the "
+           f"{rule.name} rule at {rule.budget or 'its own setting'} "
+           f"({served['calibration_reduction']:.2f}x on the held-out training examples), CPU: "
+           f"{common.cpu_line(data['cpu'])}; median of {FLAGS.rounds} interleaved passes. The "
+           f"{kind.engine} serves {data['speedup']:.2f}x the {kind.full}'s throughput at "
+           f"{data['flops_reduction']:.2f}x fewer FLOPs, {data['accuracy_drop_points']:+.2f} "
+           "points accuracy drop.")
+  common.write_outputs(FLAGS.out, "throughput", data, f"{run.task.name} dev throughput", [
+      "path", "examples/s", *common.metric_columns(metrics), "GFLOPs/example",
+      "share per route"], rows, notes)
+  plot_throughput(os.path.join(FLAGS.out, "throughput.png"), data)
+  common.print_report(FLAGS.out, "throughput")
+
+
+def plot_throughput(path: str, data: dict) -> None:
+  names = list(data["paths"])
+  fig, axes = report.pyplot().subplots(1, 2, figsize=(8, 3.5))
+  axes[0].bar(names, [data["paths"][n]["examples_per_second"] for n in names],
+              color=["tab:red", "tab:blue"])
+  axes[0].set_ylabel("examples / s")
+  axes[0].set_title(f"speed-up {data['speedup']:.2f}x")
+  axes[1].bar(names, [100 * data["paths"][n]["accuracy"] for n in names],
+              color=["tab:red", "tab:blue"])
+  axes[1].set_ylim(min(100 * data["paths"][n]["accuracy"] for n in names) - 5, None)
+  axes[1].set_ylabel("dev accuracy (%)")
+  report.save_figure(fig, path, dpi=110)
+
+
+# --- stacks: tokenisation and sorted batches for the Hugging Face paths -------------------------
+
 def versions() -> dict:
   return {"python": platform.python_version(),
           **{name: report.package_version(name) for name in PACKAGES}}
 
-
-# --- tokenisation and sorted batches for the Hugging Face paths --------------------------------
 
 def tokenize(tokenizer, texts: Sequence[tuple[str, ...]], max_length: int
              ) -> tuple[list[list[int]], list[list[int]]]:
@@ -132,8 +409,6 @@ def sorted_probabilities(run_batch: RunBatch, tokenizer, texts, max_length: int,
     probabilities[rows] = softmax(run_batch(batch_ids, mask, batch_types))
   return probabilities
 
-
-# --- the runtimes ------------------------------------------------------------------------------
 
 def torch_runner(model) -> RunBatch:
   import torch
@@ -181,72 +456,47 @@ def onnx_runner(path: str, threads: int) -> RunBatch:
       ["logits"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
 
 
-def budget_engines(engine: Engine, budgets: Sequence[str], rules: Sequence[str] = ("router",),
-                   prefix: str = "sharcs_jax") -> tuple[dict[str, Engine], dict]:
-  """One engine per reachable budget and rule, sharing the compiled programs (each rule
-  calibrated on those programs' probabilities); unreachable ones named."""
-  (calibration,) = engine.trained.encoded("calibration")
-  engines, skipped = {}, {}
-  for budget, rule_name in itertools.product(budgets, rules):
-    name = f"{prefix} engine {budget}" + ("" if rule_name == "router" else f" {rule_name}")
-    try:
-      rule = engine.calibrate(budget, calibration, rule_name)
-    except ValueError as e:
-      logging.warning("%s: %s", name, e)
-      skipped[name] = str(e)
-      continue
-    routed = copy.copy(engine)
-    routed.rule = rule
-    engines[name] = routed
-  return engines, skipped
+# --- stacks: the paths -------------------------------------------------------------------------
 
-
-# --- the benchmark -----------------------------------------------------------------------------
-
-def build_paths(engine: Engine, workdir: str, budgets: Sequence[str], hf_dir: str, scratch: str,
-                texts, threads: int) -> tuple[dict[str, dict], dict[str, str], dict]:
-  """({name: {"run": texts -> probabilities [N, C], ...description}}, skipped budgets, model
-  files); the ONNX models are written into `scratch`."""
-  params, max_length = engine.variables["params"], engine.length_buckets[-1]
-  classes = engine.model.num_classes
-  paths, skipped = {}, {}
+def engine_paths(run: Run, calibration: batching.Encoded, budgets: Sequence[str], threads: int
+                 ) -> tuple[dict[str, dict], dict[str, str], common.Kind]:
+  """({name: {"run": texts -> probabilities [N, C], ...description}}, {skipped: why}, the
+  run's kind): the whole model and the engine at each budget and rule, on every runtime and
+  precision asked that the run's model runs."""
+  paths, skipped, kind = {}, {}, None
   for runtime, precision in runtime_precisions(FLAGS.runtimes, FLAGS.precisions):
-    at = engine if (runtime, precision) == (engine.runtime, engine.precision) \
-        else at_precision(engine, precision, runtime)
-    suffix = "" if precision == "fp32" else f" {precision}"
     prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
+    suffix = "" if precision == "fp32" else f" {precision}"
+    try:
+      engine = common.open_engine(run, runtime=runtime, precision=precision, threads=threads)
+    except app.UsageError as e:
+      skipped[f"{prefix}{suffix}"] = str(e)
+      continue
+    kind = common.kind_of(engine)
     described = dict(runtime=prefix, precision=precision,
-                     batch="buckets " + str(at.batch_buckets) if runtime == "xla" else
-                     f"any, 1-{max(at.batch_sizes)}")
-    if runtime == "xla":
-      full = Programs(at.model, params, batch_buckets=at.batch_buckets,
-                      length_buckets=at.length_buckets, kinds=("forward",),
-                      cache_dir=os.path.join(workdir, "executables"))
-      paths[prefix + " full width" + suffix] = dict(
-          described, run=lambda t, f=full, e=at: common.full_width_probabilities(
-              f, params, e.encode(t)), engine=at)
-    else:  # the whole model at width 1.0 as one ONNX program, as XLA's is one
-      from sharcs_jax.serve.onnx.programs import OnnxPrograms  # the serve extra, only here
-
-      call = OnnxPrograms(at.model, params, precision=at.precision, full_width=True,
-                          cache_dir=os.path.join(workdir, "executables")).full_width_call(threads)
-      paths[prefix + " full width" + suffix] = dict(
-          described, run=lambda t, c=call, e=at: onnx_full_width(c, e, t), engine=at)
-      # ... and through the engine's two sessions (prefix, then the full part): what a call
-      # more per batch costs.
-      fixed = copy.copy(at)
-      fixed.rule = routing.Fixed(len(at.widths) - 1, budget="1x")
-      paths[prefix + " prefix+part full width" + suffix] = dict(
-          described, run=lambda t, e=fixed: e.predict(t).probabilities, engine=fixed,
+                     batch=f"buckets {engine.batch_sizes}" if runtime == "xla" else
+                     f"any, 1-{max(engine.batch_sizes)}")
+    full = kind.full_program(engine, threads)
+    paths[f"{prefix} {kind.full}{suffix}"] = dict(
+        described, run=lambda t, f=full, e=engine: f(e.encode(t)), engine=engine)
+    if kind.staged_full is not None and runtime != "xla":  # what a call more per batch costs
+      staged = kind.staged_full(engine)
+      paths[f"{prefix} {kind.staged_full_name}{suffix}"] = dict(
+          described, run=lambda t, e=staged: e.predict(t).probabilities, engine=staged,
           off_pareto=True)
-    engines, unreachable = budget_engines(at, budgets, FLAGS.rules, prefix)
-    skipped |= {name + suffix: why for name, why in unreachable.items()}
-    for name, routed in engines.items():
-      paths[name + suffix] = dict(described, run=lambda t, e=routed: e.predict(t).probabilities,
-                                  engine=routed, routed=True)
-
-  stock, sizes = hf_paths(hf_dir, scratch, texts, threads, max_length, classes)
-  return paths | stock, skipped, sizes
+    rules, unreachable = budget_rules(
+        engine, calibration, budgets, common.checked_rules(kind, "rules"),
+        every_stage=calibration_stages(engine, kind, calibration), signal=FLAGS.signal)
+    engine_name = lambda name: f"{prefix} {kind.engine_path} {name}{suffix}"
+    skipped |= {engine_name(name): why for name, why in unreachable.items()}
+    for name, rule in rules.items():
+      routed = engine.with_rule(rule)
+      paths[engine_name(name)] = dict(described, run=lambda t, e=routed: e.predict(t).probabilities,
+                                      engine=routed, routed=True)
+  if kind is None:
+    raise app.UsageError("no runtime and precision asked runs this model: "
+                         + "; ".join(skipped.values()))
+  return paths, skipped, kind
 
 
 def hf_paths(hf_dir: str, scratch: str, texts, threads: int, max_length: int, classes: int
@@ -287,68 +537,6 @@ def hf_paths(hf_dir: str, scratch: str, texts, threads: int, max_length: int, cl
   return paths, sizes
 
 
-def build_exit_paths(workdir: str, budgets: Sequence[str], scratch: str, texts, threads: int
-                     ) -> tuple[dict[str, dict], dict[str, str], dict]:
-  """`build_paths` for an early-exit run: its full depth (one program) and its exit engine at
-  each budget (DeeBERT's entropy rule calibrated on the run's calibration split, on each
-  runtime's own programs), on every runtime and precision the exit engine runs; the stock
-  paths where its exits read [CLS] (the HF export has no mean-pooled head)."""
-  from sharcs_jax.data import batching
-  from sharcs_jax.serve.exit_layout import calibration_split
-
-  run = load_run(workdir)
-  config, model = run.config, run.model
-  try:
-    calibration = calibration_split(config, workdir)
-  except ValueError as e:
-    raise app.UsageError(str(e))
-  paths, skipped = {}, {}
-  for runtime, precision in runtime_precisions(FLAGS.runtimes, FLAGS.precisions):
-    if runtime == "xla" and precision != "fp32":
-      continue  # an early-exit model runs fp32 on XLA
-    serve = lambda **options: Engine.from_run(run, runtime=runtime, precision=precision,
-                                              threads=threads, signal="entropy", **options)
-    prefix = "sharcs_jax" if runtime == "xla" else "sharcs_jax ort"
-    suffix = "" if precision == "fp32" else f" {precision}"
-    full = serve(exit_layers=[model.encoder.num_layers])
-    described = dict(runtime=prefix, precision=precision,
-                     batch=f"buckets {full.batch_sizes}" if runtime == "xla" else
-                     f"any, 1-{max(full.batch_sizes)}")
-    paths[f"{prefix} full depth{suffix}"] = dict(
-        described, run=lambda t, e=full: e.predict(t).probabilities, engine=full)
-    engine = serve(exit_layers=range(1, model.encoder.num_layers + 1))  # every exit
-    (data,) = batching.encode_splits([calibration], engine.tokenizer, engine.length_buckets)
-    every_stage = engine.every_stage(data)
-    for budget in budgets:
-      name = f"{prefix} exit engine {budget}{suffix}"
-      try:
-        rule = engine.calibrate(budget, data, signal="entropy", every_stage=every_stage)
-      except ValueError as e:
-        skipped[name] = str(e)
-        continue
-      routed = engine.with_rule(rule)
-      paths[name] = dict(described, run=lambda t, e=routed: e.predict(t).probabilities,
-                         engine=routed, routed=True)
-  sizes = {}
-  if model.pooling == "cls":
-    hf_dir = os.path.join(scratch, "hf")
-    hf_export.export_workdir(workdir, hf_dir)
-    stock, sizes = hf_paths(hf_dir, scratch, texts, threads, config.data.length_buckets[-1],
-                            model.num_classes)
-    paths |= stock
-  return paths, skipped, sizes
-
-
-def onnx_full_width(call: Callable[..., np.ndarray], engine: Engine, texts) -> np.ndarray:
-  """Probabilities [N, C] of the one-program full-width model, rows batched as the engine
-  batches them (ascending length, its batch sizes, any length)."""
-  data = engine.encode(texts)
-  return dispatch.run_each_row(call, data.input_ids, data.token_type_ids, data.lengths,
-                               columns=engine.model.num_classes,
-                               program_lengths=engine.program_lengths,
-                               batch_buckets=engine.batch_sizes)
-
-
 def runtime_precisions(runtimes: Sequence[str], requested: Sequence[str]
                        ) -> list[tuple[str, str]]:
   """(runtime, precision) for every requested precision each runtime runs ("auto" resolved for
@@ -362,19 +550,8 @@ def runtime_precisions(runtimes: Sequence[str], requested: Sequence[str]
   return out
 
 
-def at_precision(engine: Engine, precision: str, runtime: str = "xla") -> Engine:
-  """The same run's engine with its matmuls at `precision` on `runtime` (its own programs)."""
-  other = Engine(engine.model, engine.variables["params"], length_buckets=engine.length_buckets,
-                 batch_buckets=engine.batch_buckets, tokenizer=engine.tokenizer,
-                 task=engine.task, cache_dir=os.path.join(engine.trained.workdir, "executables"),
-                 precision=precision, runtime=runtime)
-  other.trained = engine.trained
-  return other
-
-
 def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[str, ...],
-            rounds: int, reference: str = "sharcs_jax full width", bar: str = BAR
-            ) -> dict[str, dict]:
+            rounds: int, reference: str, bar: str | None, kind: common.Kind) -> dict[str, dict]:
   """Interleaved timed passes; each path's outputs from its own last pass, compared with the
   `reference` path's, its speed a multiple of the `bar`'s."""
   outputs = {}
@@ -393,16 +570,16 @@ def measure(paths: dict[str, dict], texts, labels: np.ndarray, metrics: tuple[st
               "max_abs_probability_difference_vs_full_width":
                   float(np.abs(outputs[name] - full).max())}
     if "engine" in path:
-      entry |= engine_details(path["engine"], texts, path.get("routed", False))
+      entry |= engine_details(path["engine"], kind, texts, path.get("routed", False))
     results[name] = entry
-  if bar in results:
+  if bar is not None:
     for entry in results.values():
       entry["speed_vs_onnxruntime_int8"] = (entry["examples_per_second"]
                                             / results[bar]["examples_per_second"])
   return results
 
 
-def engine_details(engine: Engine, texts, routed: bool) -> dict:
+def engine_details(engine: Engine, kind: common.Kind, texts, routed: bool) -> dict:
   """XLA cost-analysis GFLOPs per example; for a routed engine its rule and where it routed."""
   data = engine.encode(texts)
   full = float(engine.full_gflops(data).mean())
@@ -410,36 +587,9 @@ def engine_details(engine: Engine, texts, routed: bool) -> dict:
     return {"gflops_per_example": full}
   predictions = engine.run(data)
   gflops = float(predictions.gflops.mean())
-  by_width = engine.layout.by_width
   return {"gflops_per_example": gflops, "dev_flops_reduction": full / gflops,
           "rule": engine.rule.to_json(), "calibration_reduction": engine.rule.calibration_reduction,
-          **({} if by_width else {"mean_exit_layer": float(predictions.exit_layers.mean())}),
-          "share_per_width" if by_width else "share_per_exit":
-              predictions.share_per_route(engine.route_names())}
-
-
-def main(argv):
-  del argv
-  threads = FLAGS.threads or len(os.sched_getaffinity(0))
-  if holds_early_exit(FLAGS.workdir):
-    return exit_main(threads)
-  engine = Engine.from_workdir(FLAGS.workdir)
-  task = engine.task
-  (split,) = engine.trained.splits("dev", limit=FLAGS.limit)  # as the run read it
-  texts = split.texts
-  with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:
-    hf_dir = os.path.join(tmp, "hf")
-    hf_export.export_hf(engine.trained.config, engine.model, engine.variables["params"], hf_dir)
-    paths, skipped, sizes = build_paths(engine, FLAGS.workdir, FLAGS.budgets, hf_dir, tmp, texts,
-                                        threads)
-    print(f"{len(texts)} {task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} rounds",
-          flush=True)
-    results = measure(paths, texts, split.labels, task.metrics, FLAGS.rounds)
-  data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": engine.trained.config.model.backbone,
-          "examples": len(texts), "rounds": FLAGS.rounds, "max_length": engine.length_buckets[-1],
-          "length_buckets": list(engine.length_buckets), **environment(threads),
-          "model_files": sizes, "paths": results, "skipped": skipped, "bar": BAR}
-  write_reports(FLAGS.out, data, task)
+          **kind.route_figures(predictions, engine.route_names())}
 
 
 def environment(threads: int) -> dict:
@@ -455,36 +605,40 @@ def environment(threads: int) -> dict:
           "versions": versions()}
 
 
-EXIT_BAR = "sharcs_jax ort full depth int8"  # a mean-pooled exit run's bar: no stock head pools
-
-
-def exit_main(threads: int) -> None:
-  """An early-exit run served text in, labels out: its full depth and exit engine on each
-  runtime, beside the stock paths of its HF export where its exits read [CLS]."""
-  config = load_run(FLAGS.workdir).config
-  task = glue.get_task(config.task)
-  split = glue.first(glue.run_splits(config)[1], FLAGS.limit)
+def stacks_main(run: Run) -> None:
+  threads = common.threads()
+  budgets = common.checked_budgets(FLAGS.budgets, special=("max",))
+  (split,) = run.splits("dev", limit=FLAGS.limit)  # as the run read it
+  texts = split.texts
   with tempfile.TemporaryDirectory(prefix="sharcs-serving-") as tmp:
-    paths, skipped, sizes = build_exit_paths(FLAGS.workdir, FLAGS.budgets, tmp, split.texts,
-                                             threads)
-    bar = BAR if BAR in paths else EXIT_BAR
-    print(f"{len(split.texts)} {task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} "
+    paths, skipped, kind = engine_paths(run, common.calibration_data(run), budgets, threads)
+    hf_dir, sizes = os.path.join(tmp, "hf"), {}
+    try:
+      hf_export.export_workdir(run.workdir, hf_dir)
+    except hf_export.ExportError as e:
+      skipped["stock paths"] = f"the run exports no Hugging Face model: {e}"
+    else:
+      stock, sizes = hf_paths(hf_dir, tmp, texts, threads, run.length_buckets[-1],
+                              run.model.num_classes)
+      paths |= stock
+    reference = f"sharcs_jax {kind.full}"
+    bar = next((b for b in (BAR, f"sharcs_jax ort {kind.full} int8") if b in paths), None)
+    print(f"{len(texts)} {run.task.name} dev examples, {len(paths)} paths, {FLAGS.rounds} "
           "rounds", flush=True)
-    results = measure(paths, split.texts, split.labels, task.metrics, FLAGS.rounds,
-                      reference="sharcs_jax full depth", bar=bar)
-  data = {"task": task.name, "workdir": FLAGS.workdir, "backbone": config.model.backbone,
-          "model": "early_exit", "exit_pooling": config.model.exit_pooling,
-          "examples": len(split.texts), "rounds": FLAGS.rounds,
-          "max_length": config.data.length_buckets[-1],
-          "length_buckets": list(config.data.length_buckets), **environment(threads),
-          "model_files": sizes, "paths": results, "skipped": skipped, "bar": bar}
-  write_reports(FLAGS.out, data, task)
+    results = measure(paths, texts, split.labels, run.task.metrics, FLAGS.rounds, reference, bar,
+                      kind)
+  data = {"task": run.task.name, "workdir": run.workdir, "backbone": run.config.model.backbone,
+          "model": kind.model, "full": kind.full, "examples": len(texts), "rounds": FLAGS.rounds,
+          "max_length": run.length_buckets[-1], "length_buckets": list(run.length_buckets),
+          **environment(threads), "model_files": sizes, "paths": results, "skipped": skipped,
+          "bar": bar}
+  write_stacks(FLAGS.out, data, run.task.metrics)
 
 
-def write_reports(out: str, data: dict, task: glue.Task) -> None:
-  has_f1 = "f1" in task.metrics
+def write_stacks(out: str, data: dict, metrics: Sequence[str]) -> None:
+  has_f1 = "f1" in metrics
   header = ["path", "batch", "examples/s", f"x {data['bar']}", "median s", "accuracy (%)"] + (
-      ["F1 (%)"] if has_f1 else []) + ["same label as full width (%)", "max abs prob. diff.",
+      ["F1 (%)"] if has_f1 else []) + [f"same label as {data['full']} (%)", "max abs prob. diff.",
                                        "GFLOPs/example"]
   rows = [[name, p["batch"], p["examples_per_second"], p.get("speed_vs_onnxruntime_int8", ""),
            p["median_seconds"], 100 * p["accuracy"]]
@@ -493,28 +647,26 @@ def write_reports(out: str, data: dict, task: glue.Task) -> None:
              f"{p['max_abs_probability_difference_vs_full_width']:.1e}",
              p.get("gflops_per_example", "")]
           for name, p in data["paths"].items()]
-  cpu = data["cpu"]
   v = data["versions"]
   notes = (f"{data['examples']} {data['task']} dev examples, text in -> labels out (tokenisation "
            f"inside every timed pass, truncation at {data['max_length']} tokens), median of "
-           f"{data['rounds']} interleaved passes. CPU: {common.cpu_line(cpu)}. Threads: PyTorch "
-           f"{data['threads']['pytorch']}, ONNX Runtime {data['threads']['onnxruntime_intra_op']} "
-           f"intra-op. Versions: jax {v['jax']}, torch "
-           f"{v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}.")
-  if data.get("model") == "early_exit":
-    notes += (f" An early-exit run ({data['exit_pooling']} pooling): its exit engine's entropy "
-              "rule calibrated to each budget on the run's held-out training examples, each "
-              "runtime on its own programs; 'same label' is against its full depth.")
+           f"{data['rounds']} interleaved passes. CPU: {common.cpu_line(data['cpu'])}. Threads: "
+           f"PyTorch {data['threads']['pytorch']}, ONNX Runtime "
+           f"{data['threads']['onnxruntime_intra_op']} intra-op. Versions: jax {v['jax']}, torch "
+           f"{v['torch']}, transformers {v['transformers']}, onnxruntime {v['onnxruntime']}. "
+           f"A {data['model']} run: each budget's rule calibrated on the run's held-out training "
+           f"examples, each runtime on its own programs; 'same label' is against its "
+           f"{data['full']}.")
   if data["skipped"]:
     notes += " Skipped: " + "; ".join(f"{k}: {e}" for k, e in data["skipped"].items())
   common.write_outputs(out, "serving", data, f"{data['task'].upper()} serving on CPU", header,
                        rows, notes)
-  plot(os.path.join(out, "serving.png"), data)
-  plot_pareto(os.path.join(out, "serving_pareto.png"), data)
-  print(open(os.path.join(out, "serving.md")).read())
+  plot_stacks(os.path.join(out, "serving.png"), data)
+  plot_stacks_pareto(os.path.join(out, "serving_pareto.png"), data)
+  common.print_report(out, "serving")
 
 
-def plot(path: str, data: dict) -> None:
+def plot_stacks(path: str, data: dict) -> None:
   """Examples/s per path, each bar labelled with its dev accuracy."""
   names = list(data["paths"])
   speeds = [data["paths"][n]["examples_per_second"] for n in names]
@@ -535,9 +687,9 @@ def plot(path: str, data: dict) -> None:
   report.save_figure(fig, path, dpi=110)
 
 
-def plot_pareto(path: str, data: dict) -> None:
-  """Pairs/s against dev accuracy: one line per engine runtime and precision through its full
-  width and budgets, one marker per stock path."""
+def plot_stacks_pareto(path: str, data: dict) -> None:
+  """Pairs/s against dev accuracy: one line per engine runtime and precision through its whole
+  model and budgets, one marker per stock path."""
   fig, ax = report.pyplot().subplots(figsize=(8, 5.5))
   lines: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
   for name, p in data["paths"].items():
@@ -566,6 +718,14 @@ def plot_pareto(path: str, data: dict) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="best")
   report.save_figure(fig, path, dpi=110)
+
+
+def main(argv):
+  del argv
+  quiet_orbax_logging()
+  apply_mode_defaults()
+  run = load_run(FLAGS.workdir)
+  {"stacks": stacks_main, "budgets": budgets_main, "throughput": throughput_main}[FLAGS.mode](run)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,19 @@ again. Writes OUT/tradeoff_TASK.{json,md,png}.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from benchmarks import common
 from sharcs_jax import config as config_lib
+from sharcs_jax import evaluate
+from sharcs_jax.data import batching
 from sharcs_jax.model.widths import width_label
 from sharcs_jax.serve import routing
 from sharcs_jax.train import loop as train
@@ -43,15 +47,10 @@ config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/
                                 "widths); --config.section.key=value changes every run's config.",
                                 lock_config=True)
 flags.mark_flag_as_required("config")
-flags.DEFINE_string("out", None, "Output directory (runs are kept under OUT/runs).",
-                    required=True)
+common.define_flags("out", "budgets", "rules", required=("out",),
+                    budgets=["1.5x", "2x", "2.5x", "3x"], rules=["router", "cascade"])
 flags.DEFINE_list("thresholds", ["0.3", "0.5", "0.7", "0.9"], "Two-bucket thresholds t.")
 flags.DEFINE_list("router_layers", [], "Other router layers K to train at the config's t.")
-flags.DEFINE_list("budgets", ["1.5x", "2x", "2.5x", "3x"], "Budget-rule targets for the "
-                  "config's SHARCS model (unreachable ones are reported as such).")
-flags.DEFINE_list("rules", ["router", "cascade"], "Rules that meet each of --budgets: 'router' "
-                  "(the budget rule over the router), 'cascade' (narrowest first, the unsure "
-                  "escalate).")
 flags.DEFINE_list("with_runs", [], "Finished SHARCS workdirs of the same task and backbone "
                   "trained elsewhere (e.g. the main job's), routed to --budgets beside the sweep.")
 flags.DEFINE_list("only", [], "Run only these methods (sharcs, router_layer, entropy, "
@@ -150,12 +149,53 @@ def run_or_load(name: str, config, out: str) -> dict:
   return summary
 
 
+@dataclasses.dataclass(frozen=True)
+class BudgetSweep:
+  """A trained SHARCS run's dev predictions at every width and its router on a calibration split.
+
+  Every budget of a sweep is one calibration and one summary over these arrays, so the model runs
+  once per split however many budgets and rules are asked for.
+  """
+  engine: Engine
+  dev: batching.Encoded
+  calibration_router: np.ndarray
+  calibration_flops: np.ndarray
+  calibration_probabilities: np.ndarray  # [m, N, C]: what a cascade is calibrated on
+  calibration_prefix_flops: np.ndarray  # [N]
+  dev_probabilities: np.ndarray
+  dev_router: np.ndarray
+
+  @classmethod
+  def build(cls, engine: Engine, dev: batching.Encoded,
+            calibration: batching.Encoded) -> "BudgetSweep":
+    params, batch = engine.variables["params"], engine.batch_buckets[-1]
+    probabilities, dev_router = evaluate.predict_all_widths(engine.programs, params, dev, batch,
+                                                            engine.runner)
+    calibration_probabilities, calibration_router = evaluate.predict_all_widths(
+        engine.programs, params, calibration, batch, engine.runner)
+    return cls(engine, dev, calibration_router,
+               evaluate.per_example_flops(engine.flops, calibration), calibration_probabilities,
+               engine.prefix_flops[calibration.bucket_of], probabilities, dev_router)
+
+  def at_budget(self, budget: routing.Budget, rule: str = "router"
+                ) -> tuple[routing.Rule | routing.Cascade, dict]:
+    """The rule named `rule` calibrated to `budget` and its routed dev metrics; ValueError if out
+    of reach."""
+    calibrated = routing.calibrate_rule(rule, budget, self.calibration_router,
+                                        self.calibration_flops, self.calibration_probabilities,
+                                        self.calibration_prefix_flops)
+    summary = evaluate.summarize(self.dev_probabilities, self.dev_router, self.dev,
+                                 self.engine.flops, self.engine.task.metrics, calibrated,
+                                 self.engine.prefix_flops)
+    return calibrated, summary["sharcs"]
+
+
 def budget_points(workdir: str, eval_batch: int) -> list[dict]:
   """The trained SHARCS model routed to each target of --budgets (held-out calibration)."""
   run = load_run(workdir)
   engine = Engine.from_run(run, batch_buckets=(1, eval_batch))  # training's programs
   dev, calibration = run.encoded("dev", "calibration")
-  sweep = common.BudgetSweep.build(engine, dev, calibration)
+  sweep = BudgetSweep.build(engine, dev, calibration)
   points = []
   for rule_name in FLAGS.rules:
     for spec in FLAGS.budgets:

@@ -195,14 +195,14 @@ def test_the_reports_gflops_are_what_the_engine_counts(early_exit_run):
 
 
 @needs_glue
-def test_throughput_and_pareto_serve_an_early_exit_run(early_exit_run, tmp_path):
-  """Both benchmarks serve an early-exit run with its exit engine (`exit_budgets`, which
-  exit_serving shares): throughput at the config's budget beside the full depth, pareto at each
+def test_serving_throughput_and_budgets_serve_an_early_exit_run(early_exit_run, tmp_path):
+  """The serving benchmark's token-id modes serve an early-exit run with its exit engine, as
+  they serve SHARCS: throughput at the config's budget beside the full depth, budgets at each
   budget (one out of reach) beside each exit alone, whose accuracies are the run's kept exits',
   with the other calibration's (per length bucket) dev reduction beside each budget."""
   workdir, summary = early_exit_run
-  data, _ = run_benchmark("throughput", tmp_path / "t", f"--workdir={workdir}", "--rounds=1",
-                          "--signal=max_prob", report="throughput", timeout=600)
+  data, _ = run_benchmark("serving", tmp_path / "t", "--mode=throughput", f"--workdir={workdir}",
+                          "--rounds=1", "--signal=max_prob", report="throughput", timeout=600)
   engine, full = data["paths"]["early-exit engine"], data["paths"]["full depth"]
   assert data["budget"] == "1.1x" and engine["calibration_reduction"] == pytest.approx(1.1, rel=0.1)
   assert full["accuracy"] == pytest.approx(summary["per_exit"][-1]["accuracy"])
@@ -211,9 +211,9 @@ def test_throughput_and_pareto_serve_an_early_exit_run(early_exit_run, tmp_path)
   assert data["flops_reduction"] == pytest.approx(full["gflops_per_example"] /
                                                   engine["gflops_per_example"])
   assert_png(tmp_path / "t" / "throughput.png")
-  data, _ = run_benchmark("pareto", tmp_path / "p", f"--workdir={workdir}", "--rounds=1",
-                          "--budgets=1.2x,max,50x", report=f"pareto_{summary['task']}_exit",
-                          timeout=600)
+  data, _ = run_benchmark("serving", tmp_path / "p", "--mode=budgets", f"--workdir={workdir}",
+                          "--rounds=1", "--budgets=1.2x,max,50x",
+                          report=f"pareto_{summary['task']}_exit", timeout=600)
   assert list(data["paths"]) == ["full depth", "1.2x", "max"] and "50x" in data["out_of_reach"]
   assert data["signal"] == "entropy" and data["rule"] == "exit"
   assert data["examples"] == summary["dev_examples"] and data["exit_layers"] == [1, 2, 3]
@@ -229,9 +229,9 @@ def test_throughput_and_pareto_serve_an_early_exit_run(early_exit_run, tmp_path)
     assert path["speedup"] == pytest.approx(path["examples_per_second"] /
                                             full["examples_per_second"])
   assert data["paths"]["max"]["mean_exit_layer"] == 1.0
-  np.testing.assert_allclose([e["accuracy"] for e in data["exits"]],
+  np.testing.assert_allclose([e["accuracy"] for e in data["alone"]],
                              [e["accuracy"] for e in summary["per_exit"]])
-  assert [e["exit"] for e in data["exits"]] == ["layer 1", "layer 2", "layer 3"]
+  assert [e["route"] for e in data["alone"]] == ["layer 1", "layer 2", "layer 3"]
   assert_png(tmp_path / "p" / f"pareto_{summary['task']}_exit.png")
 
 
@@ -241,8 +241,9 @@ def test_serving_benchmark_serves_an_early_exit_run_beside_its_hf_export(early_e
   int8, beside the stock paths of the run's HF export ([CLS] exits): the HF model is the full
   depth, so PyTorch gives its labels, and speeds are multiples of ORT int8 of that export."""
   workdir, summary = early_exit_run
-  data, _ = run_benchmark("serving", tmp_path, f"--workdir={workdir}", "--rounds=1",
-                          "--limit=48", "--budgets=1.2x,50x", "--precisions=fp32,int8",
+  data, _ = run_benchmark("serving", tmp_path, "--mode=stacks", f"--workdir={workdir}",
+                          "--rounds=1", "--limit=48", "--budgets=1.2x,50x",
+                          "--precisions=fp32,int8",
                           report="serving", timeout=600)
   paths = data["paths"]
   assert set(paths) == {"sharcs_jax full depth", "sharcs_jax exit engine 1.2x",

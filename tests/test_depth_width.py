@@ -303,20 +303,21 @@ def test_the_reports_gflops_are_what_the_engine_counts(depth_width_run):
 
 @pytest.mark.slow
 @needs_glue
-def test_exit_serving_and_predict_serve_a_depth_and_width_run(depth_width_run, tmp_path):
-  """The serving benchmark serves the joint cascade beside its full-width exits alone at the
-  same budget; predict writes each row's exit and width, and a narrow export is refused."""
+def test_serving_budgets_and_predict_serve_a_depth_and_width_run(depth_width_run, tmp_path):
+  """The serving benchmark's budget sweep serves the joint cascade beside its full-width exits
+  alone at the same budget; predict writes each row's exit and width, and a narrow export is
+  refused."""
   import json
 
   from conftest import glue_data_dir, run_benchmark
   from sharcs_jax.serve import predict
   from sharcs_jax.serve.export import hf as hf_export
   from sharcs_jax.serve.engine import Engine
-  from sharcs_jax.serve.export import export_engine
+  from sharcs_jax.serve.export.writer import export_engine
 
   workdir, summary, _ = depth_width_run
-  data, _ = run_benchmark("exit_serving", tmp_path, f"--workdir={workdir}", "--rounds=1",
-                          "--budgets=1.3x", report="exit_serving", timeout=600)
+  data, _ = run_benchmark("serving", tmp_path, "--mode=budgets", f"--workdir={workdir}",
+                          "--rounds=1", "--budgets=1.3x", report="pareto_qqp_exit", timeout=600)
   assert data["exit_layers"] == [1, 2, 3, 2, 3]
   assert data["stage_widths"] == [1.0, 0.5, 0.5, 1.0, 1.0]
   joint, depth = data["paths"]["1.3x"], data["paths"]["1.3x, depth only"]

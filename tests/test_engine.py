@@ -106,6 +106,14 @@ def test_engine_matches_training_time_evaluation(engine, tiny_model, split_param
                              atol=1e-5)
 
 
+def test_every_stage_is_each_width_alone(engine, split_params):
+  """A SHARCS engine's every stage is each width's probabilities, as the evaluation gives them:
+  what a benchmark reports as each route alone."""
+  data = _inputs(n=21, seed=3)
+  probabilities, _ = evaluate.predict_all_widths(engine.programs, split_params, data, 8)
+  np.testing.assert_allclose(engine.every_stage(data), probabilities, atol=1e-5)
+
+
 def test_budget_routing_in_the_engine(engine, split_params):
   """A rule calibrated on inputs reaches its reduction when the engine serves those inputs, and
   routes as the training-time evaluation does under the same rule."""

@@ -1,4 +1,6 @@
-"""benchmarks/serving.py on a tiny trained run: every path, and accuracies checked independently."""
+"""benchmarks/serving.py on a tiny trained run. stacks: every path, and accuracies checked
+independently; budgets: every budget met on its calibration split; throughput: its reports and
+its values."""
 
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ INT8_LABEL_TOLERANCE = 2
 def serving(trained, tmp_path_factory):
   workdir, _ = trained
   out = tmp_path_factory.mktemp("serving")
-  data, _ = run_benchmark("serving", out, f"--workdir={workdir}", f"--limit={LIMIT}",
+  data, _ = run_benchmark("serving", out, "--mode=stacks", f"--workdir={workdir}",
+                          f"--limit={LIMIT}",
                           "--rounds=1", f"--budgets={','.join(BUDGETS + (UNREACHABLE,))}",
                           "--precisions=fp32,bf16,int8", "--rules=router,cascade",
                           "--runtimes=xla,onnxruntime", "--hf_batches=1,32", report="serving")
@@ -203,3 +206,58 @@ def test_bf16_paths_keep_the_fp32_answers(serving):
   full = data["paths"]["sharcs_jax full width bf16"]
   assert full["gflops_per_example"] == data["paths"]["sharcs_jax full width"]["gflops_per_example"]
   assert 0 < full["max_abs_probability_difference_vs_full_width"] <= 0.02
+
+
+def test_budgets_mode_meets_its_budgets(trained, tmp_path):
+  workdir, report = trained
+  assert report["sharcs"]["routing"]["budget"] == "1.1x"
+  assert report["routing"]["calibration_examples"] == 32 and report["train_examples"] == 64
+  data, _ = run_benchmark("serving", tmp_path, "--mode=budgets", f"--workdir={workdir}",
+                          "--rounds=1", f"--limit={LIMIT}", "--budgets=1x,1.1x,max,9x",
+                          report="pareto_qqp", timeout=300)
+  paths = data["paths"]
+  assert list(paths) == ["full width", "1x", "1.1x", "max"]
+  assert paths["1x"]["calibration_reduction"] == pytest.approx(1.0)
+  assert 1.1 <= paths["1.1x"]["calibration_reduction"] <= 1.1 * 1.05
+  assert paths["max"]["calibration_reduction"] == pytest.approx(data["reachable_reductions"][1])
+  assert "out of reach" in data["out_of_reach"]["9x"] and "1.1x" not in data["out_of_reach"]
+  assert paths["1.1x"]["dev_reduction"] > 1
+  # the whole model and each width alone score the dev pairs as the run's own evaluation did
+  assert paths["full width"]["accuracy"] == pytest.approx(report["full_width"]["accuracy"])
+  assert [a["route"] for a in data["alone"]] == list(report["static"])
+  np.testing.assert_allclose([a["accuracy"] for a in data["alone"]],
+                             [s["accuracy"] for s in report["static"].values()])
+  assert_png(tmp_path / "pareto_qqp.png")
+
+
+def test_throughput_mode_writes_its_reports(trained, tmp_path):
+  workdir, report = trained
+  data, _ = run_benchmark("serving", tmp_path, "--mode=throughput", f"--workdir={workdir}",
+                          "--rounds=1", f"--limit={LIMIT}", report="throughput", timeout=300)
+  assert data["examples"] == LIMIT
+  assert set(data["paths"]) == {"SHARCS engine", "full width"}
+  engine, full = data["paths"]["SHARCS engine"], data["paths"]["full width"]
+  for path in (engine, full):
+    assert path["examples_per_second"] == pytest.approx(LIMIT / np.median(path["seconds"]))
+  assert data["speedup"] == pytest.approx(engine["examples_per_second"] /
+                                          full["examples_per_second"])
+  # the same dev pairs the run reported on: both paths score them as training did
+  assert engine["accuracy"] == pytest.approx(report["sharcs"]["accuracy"])
+  assert full["accuracy"] == pytest.approx(report["full_width"]["accuracy"])
+  assert data["flops_reduction"] == pytest.approx(report["sharcs"]["flops_reduction"], rel=1e-3)
+  assert_png(tmp_path / "throughput.png")
+  assert "examples/s" in (tmp_path / "throughput.md").read_text()
+
+
+def test_throughput_mode_serves_a_cascade_at_bf16(trained, tmp_path):
+  workdir, report = trained
+  data, _ = run_benchmark("serving", tmp_path, "--mode=throughput", f"--workdir={workdir}",
+                          "--rounds=1", f"--limit={LIMIT}", "--budgets=1.2x", "--rules=cascade",
+                          "--precision=bf16", report="throughput", timeout=300)
+  assert data["precision"] == "bf16"
+  assert (data["rule"]["rule"], data["rule"]["budget"]) == ("cascade", "1.2x")
+  # FLOPs are counted on the float32 programs whatever the precision, so reductions compare
+  assert data["paths"]["full width"]["gflops_per_example"] == pytest.approx(
+      report["full_width"]["gflops"], rel=1e-3)
+  assert set(data["cpu"]) >= {"model", "flags", "usable_cpus"}
+  assert "bf16" in (tmp_path / "throughput.md").read_text()

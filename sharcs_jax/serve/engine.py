@@ -284,8 +284,11 @@ class Engine:
               if layout.narrow_count else (0, 0, None))
     return ExitCascade(threshold, len(layout.stages), signal, "", 1.0, (), *narrow)
 
-  def every_stage_rule(self) -> ExitCascade:
-    """A rule under which every row runs every stage, narrow ones included."""
+  def every_stage_rule(self) -> Cascade | ExitCascade:
+    """A rule under which every row runs every stage: SHARCS's every width, narrowest first; an
+    early-exit model's every exit, narrow ones included."""
+    if self.layout.by_width:
+      return Cascade(NEVER_SURE)
     return self.layout_rule(NEVER_SURE, NEVER_SURE)
 
   def _check_rule(self, rule: Any) -> None:
@@ -314,10 +317,11 @@ class Engine:
     return routed
 
   def every_stage(self, data: batching.Encoded) -> np.ndarray:
-    """An early-exit model's class probabilities at each stage [S, N, C] (every row runs every
-    stage)."""
+    """Class probabilities at each answering stage [R, N, C], in `route_names` order, every row
+    running every stage: a SHARCS model's at each width, an early-exit model's at each exit."""
     _, out = self._run(data, self.every_stage_rule())
-    return np.stack([outputs[0] for outputs in out.outputs])
+    return np.stack([outputs[0] for outputs, stage in zip(out.outputs, self.stages)
+                     if stage.answers])
 
   def calibrate(self, budget: Budget | str, data: batching.Encoded, rule: str = "router",
                 signal: str = "", start_budget: Budget | str = "", by_length: bool = False,
