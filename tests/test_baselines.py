@@ -272,9 +272,7 @@ def test_predict_mode_serves_an_early_exit_run(early_exit_run, tmp_path):
   assert holds_early_exit(str(workdir))
   from sharcs_jax.run import load_run
 
-  with pytest.raises(RunError, match="holds an early-exit model, which this SHARCS path cannot "
-                                     "serve: serve it with --mode=predict"):
-    load_run(str(workdir))  # every SHARCS-only path (serve mode, pareto, ...) says so at once
+  assert isinstance(load_run(str(workdir)).model, EarlyExitModel)  # one loader for either kind
   lines = (glue_data_dir() / "QQP" / "dev.tsv").read_text(encoding="utf-8").splitlines()[:49]
   (tmp_path / "in.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
   full = predict.run(str(workdir), str(tmp_path / "in.tsv"), str(tmp_path / "full.jsonl"))

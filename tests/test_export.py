@@ -18,7 +18,7 @@ from sharcs_jax.serve.export import writer as export
 from sharcs_jax import report
 from sharcs_jax.data import glue
 from sharcs_jax.errors import RunError
-from sharcs_jax.serve.export.loader import ExportedModel, file_sha256
+from sharcs_jax.serve.export.loader import FORMAT_VERSION, ExportedModel, file_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     glue_data_dir() is None, reason="needs the local GLUE copy (network otherwise)")]
@@ -66,7 +66,7 @@ def _drop_a_parameter(directory, manifest):
     (lambda d, m: (d / "adaptive_0.5.jaxexport").unlink(), FileNotFoundError,
      r"part 'adaptive_0.5' \(adaptive_0.5.jaxexport\) is missing"),
     (lambda d, m: m.update(format_version=1), ValueError,
-     "format version 1; this loader reads version 6"),
+     f"format version 1; this loader reads version {FORMAT_VERSION}"),
     (lambda d, m: m.update(widths=[1.0, 0.5, 0.25]), ValueError,
      r"widths \[1.0, 0.5, 0.25\] must increase to 1.0, the order in which the router scores"),
     (lambda d, m: m.update(length_buckets=[32, 1024]), ValueError,
@@ -148,7 +148,7 @@ def test_export_replaces_an_earlier_export(exported, trained, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["export"]  # no partial or old folder left behind
   assert json.loads((target / "manifest.json").read_text()) == manifest
   assert oct((target / "manifest.json").stat().st_mode & 0o777) == oct(0o666 & ~report.umask())
-  assert ExportedModel.load(str(target)).widths == engine.widths
+  assert ExportedModel.load(str(target)).layout.widths == engine.layout.widths
 
 
 def test_exported_cascade_equals_the_engine(trained, tmp_path):
