@@ -31,6 +31,7 @@ from benchmarks import common
 from sharcs_jax import report
 from sharcs_jax.run import load_run
 from sharcs_jax.serve.engine import Engine
+from sharcs_jax.errors import one_line_errors
 
 FLAGS = flags.FLAGS
 common.define_flags("workdir", "out", "budget", "rule", "signal", "runtime", "precision",
@@ -323,4 +324,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(one_line_errors(main))

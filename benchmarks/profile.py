@@ -40,6 +40,7 @@ from sharcs_jax.model.widths import width_label
 from sharcs_jax.run import load_run
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.serve.programs import ProgramKey, Programs, StageProgram
+from sharcs_jax.errors import one_line_errors
 
 flags.DEFINE_enum("mode", "programs", ["programs", "latency"], "programs: a trained run's routed "
                   "pass, program by program; latency: each width of a pretrained backbone against "
@@ -395,4 +396,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(one_line_errors(main))

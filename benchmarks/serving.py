@@ -62,6 +62,7 @@ from sharcs_jax.serve.export import hf as hf_export
 from sharcs_jax.serve.layout import Predictions
 from sharcs_jax.serve.precision import PRECISIONS
 from sharcs_jax.serve.precision import resolve as resolve_precision
+from sharcs_jax.errors import one_line_errors
 
 MODES = {  # each mode's defaults of the shared flags it reads
     "stacks": {"budgets": ["1.5x", "2x", "2.5x"], "rules": ["cascade"]},
@@ -729,4 +730,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(one_line_errors(main))

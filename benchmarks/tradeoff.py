@@ -42,6 +42,7 @@ from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.engine import Engine
 from sharcs_jax.run import load_run
 from sharcs_jax.baselines.train_early_exit import train_early_exit
+from sharcs_jax.errors import one_line_errors
 
 config_flags.DEFINE_config_file("config", None, "Task config file, e.g. configs/qqp.py (two "
                                 "widths); --config.section.key=value changes every run's config.",
@@ -375,4 +376,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(one_line_errors(main), flags_parser=config_lib.parse_flags)

@@ -22,3 +22,24 @@ class MissingFileError(RunError, FileNotFoundError):
 class DataError(RunError, ValueError):
   """Data that cannot be read as the task needs (a malformed row, a header without its columns)
   or a split too small for what the config asks of it, named by file, line or setting."""
+
+
+def one_line_errors(main, *also: type[BaseException]):
+  """`main` for `absl.app.run`, ended by a `RunError`, a usage error or one of `also` with one
+  line, `FATAL <message>`, and exit status 1: the one way every command here (training, serving,
+  export, the benchmarks) reports what its user must fix."""
+  import os
+  import sys
+
+  from absl import app, logging
+
+  def run(argv):
+    try:
+      main(argv)
+    except (RunError, app.UsageError, *also) as e:
+      logging.flush()
+      sys.stderr.write(f"FATAL {e}\n")
+      sys.stderr.flush()
+      os._exit(1)  # at once: orbax's reader threads would print their own tracebacks at shutdown
+
+  return run

@@ -25,7 +25,7 @@ from sharcs_jax.train import loop as train
 from sharcs_jax.checkpoint import quiet_orbax_logging
 from sharcs_jax.serve.dispatch import BATCH_BUCKETS
 from sharcs_jax.serve.engine import Engine
-from sharcs_jax.errors import RunError
+from sharcs_jax.errors import RunError, one_line_errors
 from sharcs_jax.run import load_run
 
 FLAGS = flags.FLAGS
@@ -102,13 +102,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   sys.unraisablehook = ignore_closed_loop_callbacks(sys.unraisablehook)
-  try:
-    run_mode()
-  except (RunError, MissingExtra) as e:  # its message names the file, setting or extra
-    logging.flush()
-    sys.stderr.write(f"FATAL {e}\n")
-    sys.stderr.flush()
-    os._exit(1)  # at once: orbax's reader threads would print their own tracebacks at shutdown
+  run_mode()
 
 
 def checked_precision(default: str) -> str:
@@ -201,18 +195,11 @@ def run_mode() -> None:
     summary.run(FLAGS.config, FLAGS.workdir)
     print(open(f"{FLAGS.workdir}/model_summary.md").read(), end="")
   else:
-    if FLAGS.config.model.method == "early_exit":
-      from sharcs_jax.baselines.train_early_exit import train_early_exit
-
-      train_early_exit(FLAGS.config, FLAGS.workdir)
-      report_file = "early_exit.md"
-    else:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-      report_file = "report.md"
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if parallel.is_primary():
-      print(open(f"{FLAGS.workdir}/{report_file}").read(), end="")
+      print(open(os.path.join(FLAGS.workdir, train.report_name(FLAGS.config))).read(), end="")
   logging.info("Reports in %s", FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(one_line_errors(main, MissingExtra), flags_parser=config_lib.parse_flags)

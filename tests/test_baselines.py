@@ -15,10 +15,11 @@ from conftest import (REPO_ROOT, assert_png, assert_report_gflops_are_the_engine
 from sharcs_jax import config as config_lib
 from sharcs_jax.baselines import early_exit
 from sharcs_jax.model import EarlyExitModel, weights
+from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.weights import load_pretrained_early_exit
 from sharcs_jax.serve.engine import Engine
-from sharcs_jax.baselines import train_early_exit as train_early_exit_module
-from sharcs_jax.baselines.train_early_exit import served_stage_flops, train_early_exit
+from sharcs_jax.checkpoint import Checkpoints
+from sharcs_jax.baselines.train_early_exit import train_early_exit
 
 
 
@@ -83,7 +84,9 @@ def test_mean_pool_exits_read_the_real_tokens(tiny_backbone):
 def test_exit_flops_follow_the_analytic_count():
   cfg = config_lib.backbone_config(config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py")))
   # Leaving after layer k runs the engine's stages 1..k, each a layer and its exit.
-  table = np.cumsum(served_stage_flops(EarlyExitModel(cfg, num_classes=2), (32,)), axis=0)
+  model = EarlyExitModel(cfg, num_classes=2)
+  engine = Engine(model, param_shapes(model), length_buckets=(32,), batch_buckets=(1,))
+  table = np.cumsum(engine.stage_flops, axis=0)
   assert table.shape == (6, 1) and np.all(np.diff(table[:, 0]) > 0)
   for k in range(6):
     # Leaving after layer k runs the exits before it too (to decide): both counts include them.
@@ -297,48 +300,23 @@ def test_resumed_early_exit_run_equals_uninterrupted(early_exit_run, tmp_path, m
                                                      caplog):
   _, straight = early_exit_run
   config = tiny_run_config(straight["model"])
-  original_save = train_early_exit_module.Checkpoints.save
+  original_save = Checkpoints.save
 
   def save_then_crash(self, *args):
     original_save(self, *args)
     raise KeyboardInterrupt("simulated kill after the first epoch's checkpoint")
 
-  monkeypatch.setattr(train_early_exit_module.Checkpoints, "save", save_then_crash)
+  monkeypatch.setattr(Checkpoints, "save", save_then_crash)
   with pytest.raises(KeyboardInterrupt):
     train_early_exit(config, str(tmp_path), **EXIT_RULES)
   assert not (tmp_path / "early_exit.json").exists()
-  monkeypatch.setattr(train_early_exit_module.Checkpoints, "save", original_save)
+  monkeypatch.setattr(Checkpoints, "save", original_save)
   caplog.set_level(logging.INFO)
   resumed = train_early_exit(config, str(tmp_path), **EXIT_RULES)
   assert "after epoch 1" in caplog.text and "early exit epoch 0:" not in caplog.text
   assert len(resumed["history"]) == config.train.epochs == 2
   without_time = lambda summary: {k: v for k, v in summary.items() if k != "train_seconds"}
   assert without_time(resumed) == without_time(straight)
-
-
-@needs_glue
-def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
-  # The trade-off benchmark's static 0.5 run (no weight decay, no reordering).
-  workdir = tradeoff[0] / "runs" / "static_w0.5"
-  from sharcs_jax.run import load_run
-  run = load_run(str(workdir))
-  config, params = run.config, run.params
-  assert config.train.static_width == 0.5 and config.train.weight_decay == 0.0
-  assert not config.model.reorder
-  summary = json.loads((workdir / "report.json").read_text())
-  assert summary["static_width"] == 0.5
-  _, start = weights.load_pretrained(
-      tiny_backbone, num_classes=2, widths=tuple(config.model.widths),
-      router_layer=config.model.router_layer, key=jax.random.fold_in(jax.random.PRNGKey(0), 1))
-  ffn = np.asarray(params["layers_2"]["ffn_in"]["kernel"])  # adaptive layer: [32, 64]
-  before = np.asarray(start["layers_2"]["ffn_in"]["kernel"])
-  assert not np.allclose(ffn[:16, :32], before[:16, :32])  # width 0.5's slice trained
-  np.testing.assert_array_equal(ffn[16:], before[16:])  # the rest never saw a gradient
-  np.testing.assert_array_equal(ffn[:, 32:], before[:, 32:])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params["router"], start["router"])
-  # The kept epoch is the one where width 0.5 was most accurate.
-  best = max(h["static"]["0.5"]["accuracy"] for h in summary["history"])
-  assert summary["static"]["0.5"]["accuracy"] == best
 
 
 @needs_glue

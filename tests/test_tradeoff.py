@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, TRADEOFF_ARGS, assert_png, glue_data_dir, run_tradeoff
+from sharcs_jax.model import weights
 
 pytestmark = pytest.mark.skipif(glue_data_dir() is None,
                                 reason="needs the local GLUE copy (network otherwise)")
@@ -117,3 +120,27 @@ def test_bad_config_overrides_are_usage_errors(tmp_path, program, override, mess
   assert message in result.stderr
   assert "Traceback" not in result.stderr
   assert not out.exists()  # nothing trained or written
+
+
+def test_static_width_run_trains_only_its_slice(tiny_backbone, tradeoff):
+  # The trade-off benchmark's static 0.5 run (no weight decay, no reordering).
+  workdir = tradeoff[0] / "runs" / "static_w0.5"
+  from sharcs_jax.run import load_run
+  run = load_run(str(workdir))
+  config, params = run.config, run.params
+  assert config.train.static_width == 0.5 and config.train.weight_decay == 0.0
+  assert not config.model.reorder
+  summary = json.loads((workdir / "report.json").read_text())
+  assert summary["static_width"] == 0.5
+  _, start = weights.load_pretrained(
+      tiny_backbone, num_classes=2, widths=tuple(config.model.widths),
+      router_layer=config.model.router_layer, key=jax.random.fold_in(jax.random.PRNGKey(0), 1))
+  ffn = np.asarray(params["layers_2"]["ffn_in"]["kernel"])  # adaptive layer: [32, 64]
+  before = np.asarray(start["layers_2"]["ffn_in"]["kernel"])
+  assert not np.allclose(ffn[:16, :32], before[:16, :32])  # width 0.5's slice trained
+  np.testing.assert_array_equal(ffn[16:], before[16:])  # the rest never saw a gradient
+  np.testing.assert_array_equal(ffn[:, 32:], before[:, 32:])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params["router"], start["router"])
+  # The kept epoch is the one where width 0.5 was most accurate.
+  best = max(h["static"]["0.5"]["accuracy"] for h in summary["history"])
+  assert summary["static"]["0.5"]["accuracy"] == best

@@ -316,6 +316,17 @@ class Engine:
     routed.rule = rule
     return routed
 
+  def with_params(self, params: Any) -> "Engine":
+    """This engine on other parameters of the same shapes, on its compiled XLA programs: what
+    training evaluates each epoch through, so that dev results are what the engine serves."""
+    if self.runtime != "xla":
+      raise ValueError(f"an engine on {self.runtime} holds its parameters in its programs")
+    swapped = copy.copy(self)
+    swapped.variables = {"params": params}
+    swapped.runner = copy.copy(self.runner)
+    swapped.runner.variables = swapped.variables
+    return swapped
+
   def every_stage(self, data: batching.Encoded) -> np.ndarray:
     """Class probabilities at each answering stage [R, N, C], in `route_names` order, every row
     running every stage: a SHARCS model's at each width, an early-exit model's at each exit."""

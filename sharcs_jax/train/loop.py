@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import chex
 import flax.struct
@@ -51,7 +51,7 @@ class TrainState:
   epoch: Array  # int32: epochs completed
   params: Any
   opt_state: Any
-  hardness: hardness.HardnessState
+  hardness: hardness.HardnessState | None  # SHARCS's labels; None for a method without
   rng: Array  # uint32[2]: dropout keys and each epoch's data order derive from it
   train_seconds: Array  # float32: wall time spent in epochs so far, across restarts
   # float32 [N, classes]: the full width's logits per example in the warm-up epochs, the frozen
@@ -226,17 +226,17 @@ def train_epoch(state: Any, step: Any, plan: list[batching.PlannedBatch],
 
 
 def selection_score(result: dict[str, Any], rule: str, max_drop: float,
-                    best_full_width: float, static_index: int | None = None) -> tuple[float, float]:
+                    best_full_width: float, static: str | None = None) -> tuple[float, float]:
   """Orders dev results for keeping the best epoch (higher is better, compared as a tuple).
 
   "accuracy": the paper's rule, highest SHARCS accuracy. "reduction": highest FLOPs reduction
   among epochs whose SHARCS accuracy is within `max_drop` of the best full-width accuracy of any
   epoch so far (not of the same epoch: a full width that has itself lost accuracy would excuse a
   router that sends everything to the narrowest width); other epochs rank below, by accuracy.
-  A static-width run (`static_index`) keeps its width's best accuracy.
+  A static-width run keeps its width's (`static`, as the record names it) best accuracy.
   """
-  if static_index is not None:
-    return (0.0, result["static"][static_index]["accuracy"])
+  if static is not None:
+    return (0.0, result["static"][static]["accuracy"])
   sharcs = result["sharcs"]
   if rule == "accuracy":
     return (0.0, sharcs["accuracy"])
@@ -283,9 +283,55 @@ def _json_result(result: dict[str, Any], widths: tuple[float, ...]) -> dict[str,
           **{k: result[k] for k in ("sharcs", "sharcs_argmax") if k in result}}
 
 
-def _load_data(config: ml_collections.ConfigDict, tokenizer: Any
-               ) -> tuple[batching.Encoded, batching.Encoded, batching.Encoded | None]:
+class Method(Protocol):
+  """What one kind of model brings to the one epoch loop (`fit`): its model and train state, its
+  step (its loss), each epoch's batches, its dev evaluation, which epoch it keeps, and its report.
+  SHARCS (`SharcsTraining`) and the early-exit baselines (`baselines.train_early_exit`) are
+  methods; everything else (data, mesh, schedule, checkpoints, resuming, timing) is the loop's."""
+
+  name: str  # what the progress bar calls an epoch ("epoch 3", "early exit, epoch 3")
+  tx: optax.GradientTransformation
+
+  def initial(self) -> tuple[TrainState, dict[str, Any]]:
+    """(train state, kept-epoch record) before any epoch; the record's structure is what
+    checkpoints hold."""
+
+  def fresh(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh run's starting state (e.g. reordered) and its kept-epoch record."""
+
+  def epoch(self, state: TrainState, epoch: int, rng: np.random.Generator
+            ) -> tuple[list[batching.PlannedBatch], Any]:
+    """The epoch's batches and the step that trains each: `step(state, batch, planned)`."""
+
+  def end_epoch(self, state: TrainState, epoch: int, trained: EpochResult) -> TrainState:
+    """The state after the epoch's last step (SHARCS relabels hardness here)."""
+
+  def evaluate(self, params: Any, epoch: int, trained: EpochResult) -> dict[str, Any]:
+    """The epoch's dev record, as the run's history keeps it."""
+
+  def keeps(self, record: dict[str, Any], epoch: int, best: dict[str, Any],
+            history: list[dict]) -> tuple[dict[str, Any], Rule | None] | None:
+    """None, or what the kept-epoch record holds besides params and epoch, and the rule kept
+    with it, when this epoch is better than the kept one."""
+
+  def finish(self, state: TrainState, best: dict[str, Any], history: list[dict]
+             ) -> dict[str, Any]:
+    """The run's summary from its kept epoch; writes its reports."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """A run's splits, encoded as every method trains and evaluates them."""
+
+  train: batching.Encoded
+  dev: batching.Encoded
+  calibration: batching.Encoded | None
+  tokenizer: Any
+
+
+def load_run_data(config: ml_collections.ConfigDict) -> RunData:
   """(train, dev, calibration) encoded; calibration is None without held-out examples."""
+  tokenizer = batching.load_tokenizer(resolve_model_dir(config.model.backbone))
   buckets = tuple(config.data.length_buckets)
   train_data, dev_data, calibration_data = batching.encode_splits(glue.run_splits(config),
                                                                   tokenizer, buckets)
@@ -293,149 +339,218 @@ def _load_data(config: ml_collections.ConfigDict, tokenizer: Any
                config.task, len(train_data), len(dev_data),
                0 if calibration_data is None else len(calibration_data), buckets,
                np.bincount(train_data.bucket_of, minlength=len(buckets)).tolist())
-  return train_data, dev_data, calibration_data
+  return RunData(train_data, dev_data, calibration_data, tokenizer)
+
+
+def report_name(config: ml_collections.ConfigDict) -> str:
+  """The Markdown report a run writes in its workdir."""
+  return "early_exit.md" if config.model.method == "early_exit" else "report.md"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains SHARCS, keeps the best dev epoch (>= W), writes report.{json,md,png} in workdir.
+  """Trains the config's model (`config.model.method`), keeps its best dev epoch and writes its
+  reports in workdir (SHARCS: report.{json,md,png}; early exit: early_exit.{json,md})."""
+  if config.model.method == "early_exit":
+    from sharcs_jax.baselines.train_early_exit import ExitTraining  # it builds on this module
 
-  The workdir is held for the whole run: a second run on it fails at once (`workdir.exclusive`).
-  """
+    return fit(config, workdir, ExitTraining)
+  return fit(config, workdir, SharcsTraining)
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str,
+        method: Callable[[ml_collections.ConfigDict, str, RunData, jax.sharding.Mesh], Method]
+        ) -> dict[str, Any]:
+  """The one epoch loop: `method(config, workdir, data, mesh)` says what is trained and how it
+  is judged. The workdir is held for the whole run: a second run on it fails at once
+  (`workdir.exclusive`); every epoch is checkpointed, so re-running an interrupted run resumes
+  it."""
   config_lib.validate(config)
   if not parallel.is_primary():  # process 0 holds the lock for a multi-process job
-    return _train_and_evaluate(config, workdir)
+    return _fit(config, workdir, method)
   with workdir_lib.exclusive(workdir):
-    return _train_and_evaluate(config, workdir)
+    return _fit(config, workdir, method)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _fit(config: ml_collections.ConfigDict, workdir: str, make_method: Any) -> dict[str, Any]:
   mesh = parallel.make_mesh()
   parallel.check_divisible("config.train.batch_size", config.train.batch_size, mesh)
   parallel.check_divisible("config.eval.batch_size", config.eval.batch_size, mesh)
-  task = glue.get_task(config.task)
-  m, h, t = config.model, config.hardness, config.train
-  widths = tuple(m.widths)
-  ranges = jnp.asarray(hardness.check_ranges(h.ranges, len(widths)))
-  buckets = tuple(config.data.length_buckets)
-  routing = config.routing
-  # A static-width baseline trains only `static_width` (no router, no warm-up at full width).
-  static_index = widths.index(t.static_width) if t.static_width else None
-  train_data, dev_data, calibration_data = _load_data(
-      config, batching.load_tokenizer(resolve_model_dir(m.backbone)))
-
-  key = jax.random.PRNGKey(config.seed)
-  model, params = load_pretrained(m.backbone, num_classes=task.num_classes, widths=widths,
-                                  router_layer=m.router_layer,
-                                  router_hidden=m.router_hidden,
-                                  layernorm_init=m.layernorm_init, key=jax.random.fold_in(key, 1))
-  # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
-  programs = Programs(model, param_shapes(model),
-                      batch_buckets=tuple(sorted({1, config.eval.batch_size})),
-                      length_buckets=buckets, cache_dir=os.path.join(workdir, "executables"),
-                      mesh=mesh)
-  flops = programs.flops_table()
-  if routing.budget:
-    try:  # the reachable range is known from the FLOPs alone: fail before any epoch
-      check_reachable(evaluate.per_example_flops(flops, calibration_data),
-                      parse_budget(routing.budget))
-    except ValueError as e:
-      raise ValueError(f"config.routing.budget={routing.budget!r}: {e}") from None
-  tx = make_optimizer(t)
-  state = TrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
-                     opt_state=tx.init(params),
-                     hardness=hardness.init_hardness(len(train_data), h.window, len(widths)),
-                     rng=jax.random.fold_in(key, 2), train_seconds=jnp.float32(0.0),
-                     teacher=(jnp.zeros((len(train_data), task.num_classes), jnp.float32)
-                              if t.distill == "frozen" else None))
+  data = load_run_data(config)
+  method = make_method(config, workdir, data, mesh)
+  state, best = method.initial()
   history = []  # per-epoch dev results, checkpointed with the state
   best_rule = None  # the kept epoch's routing rule, checkpointed with it
   checkpoints = Checkpoints(workdir, config)
   # Restored arrays take the shardings of this run's mesh, whatever mesh wrote them.
   restored = checkpoints.restore_latest(parallel.replicate(state, mesh),
-                                        parallel.replicate(initial_best(params), mesh))
+                                        parallel.replicate(best, mesh))
   if restored is not None:
     state, best, history, best_rule = restored
   else:
-    if m.reorder:
-      state = reordered(state, model, train_data, config, tx)
-    state = parallel.replicate(state, mesh)
-    best = parallel.replicate(initial_best(copy_buffers(state.params)), mesh)
-
-  step_fn = jax.jit(functools.partial(
-      train_step, model=model, tx=tx, hardness_signal=h.signal,
-      router_loss_weight=0.0 if static_index is not None else t.router_loss_weight,
-      distill=t.distill, distill_weight=t.distill_weight,
-      distill_temperature=t.distill_temperature),
-                    static_argnames="widths", donate_argnums=0,
-                    out_shardings=parallel.replicated(mesh))
-  sandwich = t.sandwich and static_index is None
-
-  def routing_rule(params) -> Rule | Cascade:
-    if not routing.budget:
-      return Rule()
-    return evaluate.calibrate_rule(
-        programs, params, calibration_data, config.eval.batch_size, parse_budget(routing.budget),
-        routing.rule, routing.signal,
-        parse_budget(routing.start_budget) if routing.start_budget else None)
-
-  def evaluate_dev(params):
-    return evaluate.summarize(*evaluate.predict_all_widths(programs, params, dev_data,
-                                                           config.eval.batch_size),
-                              dev_data, flops, task.metrics, routing_rule(params),
-                              programs.prefix_flops_row())
-
+    state, best = method.fresh(state)
+    state, best = parallel.replicate(state, mesh), parallel.replicate(best, mesh)
+  t = config.train
   for epoch in range(int(state.epoch), t.epochs):
     start = time.time()
-    rng = epoch_rng(state, epoch)
-    # The sandwich trains every width on every example: one pass, each batch at all widths.
-    one_width = static_index if static_index is not None else len(widths) - 1
-    assigned = (np.full(len(train_data), one_width, np.int32)
-                if static_index is not None or sandwich
-                else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
-    plan = batching.plan_train_epoch(train_data, assigned, t.batch_size, rng)
-    state, trained = train_epoch(
-        state, lambda s, b, planned: step_fn(
-            s, b, widths=widths if sandwich else (widths[planned.width_index],)),
-        plan, train_data, t, epoch, mesh, f"epoch {epoch}")
-    seen, correct, train_time = trained.seen, trained.correct, trained.seconds
-    state = parallel.replicate(state.replace(
-        hardness=hardness.relabel(state.hardness, ranges, jnp.int32(epoch)),
-        epoch=jnp.int32(epoch + 1)), mesh)
-    share = np.asarray(state.hardness.labels).mean(0)
-    logging.info("epoch %d: %d examples in %.0fs (%.1f ex/s), train acc %.4f, "
-                 "labels per width %s, width share trained %s", epoch, seen, train_time,
-                 seen / train_time, correct / max(seen, 1), np.round(share, 3).tolist(),
-                 "all (sandwich)" if sandwich else np.round(
-                     np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
-    result = evaluate_dev(state.params)
-    _log_eval(epoch, result, widths)
-    history.append({"epoch": epoch, "train_loss": float(np.mean(trained.losses)),
-                    **_json_result(result, widths)})
-    score = selection_score(result, config.checkpoint.select, config.checkpoint.max_drop,
-                            max(h["full_width"]["accuracy"] for h in history), static_index)
-    may_keep = epoch >= h.window or static_index is not None
-    if may_keep and score > tuple(np.asarray(best["score"]).tolist()):
+    plan, step = method.epoch(state, epoch, epoch_rng(state, epoch))
+    state, trained = train_epoch(state, step, plan, data.train, t, epoch, mesh,
+                                 f"{method.name}epoch {epoch}")
+    state = parallel.replicate(
+        method.end_epoch(state, epoch, trained).replace(epoch=jnp.int32(epoch + 1)), mesh)
+    history.append(method.evaluate(state.params, epoch, trained))
+    kept = method.keeps(history[-1], epoch, best, history)
+    if kept is not None:
+      record, best_rule = kept
       best = parallel.replicate({"params": copy_buffers(state.params), "epoch": jnp.int32(epoch),
-                                 "score": jnp.asarray(score, jnp.float32)}, mesh)
-      best_rule = rule_from_json(result["sharcs"].get("routing") or {})
+                                 **record}, mesh)
     state = parallel.replicate(
         state.replace(train_seconds=state.train_seconds + (time.time() - start)), mesh)
     checkpoints.save(state, best, history, best_rule)
+  return method.finish(state, best, history)
 
-  result = evaluate_dev(best["params"])
-  summary = {
-      "task": task.name, "model": m.backbone, "widths": list(widths),
-      "router_layer": m.router_layer, "ranges": [list(map(float, r)) for r in h.ranges],
-      "window": h.window, "hardness_signal": h.signal, "static_width": t.static_width,
-      "epochs": t.epochs, "best_epoch": int(best["epoch"]),
-      "recipe": {"sandwich": sandwich, "distill": t.distill, "distill_weight": t.distill_weight,
-                 "distill_temperature": t.distill_temperature},
-      "train_examples": len(train_data), "dev_examples": len(dev_data),
-      "routing": {"budget": routing.budget or "argmax", "calibrate_on": routing.calibrate_on,
-                  "calibration_examples": len(calibration_data) if routing.budget else 0},
-      "selection": config.checkpoint.select, **_json_result(result, widths),
-      "train_seconds": float(state.train_seconds), "history": history,
-  }
-  if parallel.is_primary():
-    report.write_run_report(workdir, summary)
-  return summary
+
+class SharcsTraining:
+  """SHARCS (`Method`): widths trained by hardness labels (or all at once: the sandwich), the
+  router on those labels; dev evaluated through the compiled programs under the config's routing
+  rule; the best epoch kept by `checkpoint.select` from epoch W on. A static-width baseline
+  (`train.static_width`) trains only its width (no router, no warm-up at full width)."""
+
+  name = ""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, data: RunData,
+               mesh: jax.sharding.Mesh):
+    self.config, self.workdir, self.data = config, workdir, data
+    self.task = glue.get_task(config.task)
+    m, h, t = config.model, config.hardness, config.train
+    self.widths = tuple(m.widths)
+    self.ranges = jnp.asarray(hardness.check_ranges(h.ranges, len(self.widths)))
+    self.static_index = self.widths.index(t.static_width) if t.static_width else None
+    self.key = jax.random.PRNGKey(config.seed)
+    self.model, self.params = load_pretrained(
+        m.backbone, num_classes=self.task.num_classes, widths=self.widths,
+        router_layer=m.router_layer, router_hidden=m.router_hidden,
+        layernorm_init=m.layernorm_init, key=jax.random.fold_in(self.key, 1))
+    # Batch 1 as well: FLOPs per example are read at batch size 1, as the engine reports them.
+    self.programs = Programs(self.model, param_shapes(self.model),
+                             batch_buckets=tuple(sorted({1, config.eval.batch_size})),
+                             length_buckets=tuple(config.data.length_buckets),
+                             cache_dir=os.path.join(workdir, "executables"), mesh=mesh)
+    self.flops = self.programs.flops_table()
+    routing = config.routing
+    if routing.budget:
+      try:  # the reachable range is known from the FLOPs alone: fail before any epoch
+        check_reachable(evaluate.per_example_flops(self.flops, data.calibration),
+                        parse_budget(routing.budget))
+      except ValueError as e:
+        raise ValueError(f"config.routing.budget={routing.budget!r}: {e}") from None
+    self.tx = make_optimizer(t)
+    self.step_fn = jax.jit(functools.partial(
+        train_step, model=self.model, tx=self.tx, hardness_signal=h.signal,
+        router_loss_weight=0.0 if self.static_index is not None else t.router_loss_weight,
+        distill=t.distill, distill_weight=t.distill_weight,
+        distill_temperature=t.distill_temperature),
+                           static_argnames="widths", donate_argnums=0,
+                           out_shardings=parallel.replicated(mesh))
+    self.sandwich = t.sandwich and self.static_index is None
+
+  def initial(self) -> tuple[TrainState, dict[str, Any]]:
+    t, params = self.config.train, self.params
+    state = TrainState(step=jnp.int32(0), epoch=jnp.int32(0), params=params,
+                       opt_state=self.tx.init(params),
+                       hardness=hardness.init_hardness(len(self.data.train),
+                                                       self.config.hardness.window,
+                                                       len(self.widths)),
+                       rng=jax.random.fold_in(self.key, 2), train_seconds=jnp.float32(0.0),
+                       teacher=(jnp.zeros((len(self.data.train), self.task.num_classes),
+                                          jnp.float32) if t.distill == "frozen" else None))
+    return state, initial_best(params)
+
+  def fresh(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    if self.config.model.reorder:
+      state = reordered(state, self.model, self.data.train, self.config, self.tx)
+    return state, initial_best(copy_buffers(state.params))
+
+  def epoch(self, state: TrainState, epoch: int, rng: np.random.Generator
+            ) -> tuple[list[batching.PlannedBatch], Any]:
+    # The sandwich trains every width on every example: one pass, each batch at all widths.
+    widths, train_data = self.widths, self.data.train
+    one_width = self.static_index if self.static_index is not None else len(widths) - 1
+    self.assigned = (np.full(len(train_data), one_width, np.int32)
+                     if self.static_index is not None or self.sandwich
+                     else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
+    plan = batching.plan_train_epoch(train_data, self.assigned, self.config.train.batch_size,
+                                     rng)
+    step = lambda s, b, planned: self.step_fn(
+        s, b, widths=widths if self.sandwich else (widths[planned.width_index],))
+    return plan, step
+
+  def end_epoch(self, state: TrainState, epoch: int, trained: EpochResult) -> TrainState:
+    state = state.replace(hardness=hardness.relabel(state.hardness, self.ranges,
+                                                    jnp.int32(epoch)))
+    share = np.asarray(state.hardness.labels).mean(0)
+    seen = trained.seen
+    logging.info("epoch %d: %d examples in %.0fs (%.1f ex/s), train acc %.4f, "
+                 "labels per width %s, width share trained %s", epoch, seen, trained.seconds,
+                 seen / trained.seconds, trained.correct / max(seen, 1),
+                 np.round(share, 3).tolist(), "all (sandwich)" if self.sandwich else np.round(
+                     np.bincount(self.assigned, minlength=len(self.widths))
+                     / len(self.assigned), 3).tolist())
+    return state
+
+  def _routing_rule(self, params: Any) -> Rule | Cascade:
+    routing = self.config.routing
+    if not routing.budget:
+      return Rule()
+    return evaluate.calibrate_rule(
+        self.programs, params, self.data.calibration, self.config.eval.batch_size,
+        parse_budget(routing.budget), routing.rule, routing.signal,
+        parse_budget(routing.start_budget) if routing.start_budget else None)
+
+  def _evaluate_dev(self, params: Any) -> dict[str, Any]:
+    dev = self.data.dev
+    return evaluate.summarize(*evaluate.predict_all_widths(self.programs, params, dev,
+                                                           self.config.eval.batch_size),
+                              dev, self.flops, self.task.metrics, self._routing_rule(params),
+                              self.programs.prefix_flops_row())
+
+  def evaluate(self, params: Any, epoch: int, trained: EpochResult) -> dict[str, Any]:
+    result = self._evaluate_dev(params)
+    _log_eval(epoch, result, self.widths)
+    return {"epoch": epoch, "train_loss": float(np.mean(trained.losses)),
+            **_json_result(result, self.widths)}
+
+  def keeps(self, record: dict[str, Any], epoch: int, best: dict[str, Any],
+            history: list[dict]) -> tuple[dict[str, Any], Rule | None] | None:
+    config = self.config
+    score = selection_score(record, config.checkpoint.select, config.checkpoint.max_drop,
+                            max(h["full_width"]["accuracy"] for h in history),
+                            None if self.static_index is None else
+                            width_label(self.widths[self.static_index]))
+    may_keep = epoch >= config.hardness.window or self.static_index is not None
+    if not (may_keep and score > tuple(np.asarray(best["score"]).tolist())):
+      return None
+    return ({"score": jnp.asarray(score, jnp.float32)},
+            rule_from_json(record["sharcs"].get("routing") or {}))
+
+  def finish(self, state: TrainState, best: dict[str, Any], history: list[dict]
+             ) -> dict[str, Any]:
+    config, data = self.config, self.data
+    m, h, t, routing = config.model, config.hardness, config.train, config.routing
+    result = self._evaluate_dev(best["params"])
+    summary = {
+        "task": self.task.name, "model": m.backbone, "widths": list(self.widths),
+        "router_layer": m.router_layer, "ranges": [list(map(float, r)) for r in h.ranges],
+        "window": h.window, "hardness_signal": h.signal, "static_width": t.static_width,
+        "epochs": t.epochs, "best_epoch": int(best["epoch"]),
+        "recipe": {"sandwich": self.sandwich, "distill": t.distill,
+                   "distill_weight": t.distill_weight,
+                   "distill_temperature": t.distill_temperature},
+        "train_examples": len(data.train), "dev_examples": len(data.dev),
+        "routing": {"budget": routing.budget or "argmax", "calibrate_on": routing.calibrate_on,
+                    "calibration_examples": len(data.calibration) if routing.budget else 0},
+        "selection": config.checkpoint.select, **_json_result(result, self.widths),
+        "train_seconds": float(state.train_seconds), "history": history,
+    }
+    if parallel.is_primary():
+      report.write_run_report(self.workdir, summary)
+    return summary

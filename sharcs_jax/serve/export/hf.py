@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from sharcs_jax.data import glue
+from sharcs_jax.errors import one_line_errors
 from sharcs_jax.model.config import EncoderConfig
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.sharcs import SharcsModel
@@ -213,14 +214,10 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  FLAGS = flags.FLAGS
-  try:
-    export_workdir(FLAGS.workdir, FLAGS.output)
-  except ExportError as e:
-    raise SystemExit(f"hf_export: {e}") from None
-  print(f"wrote {FLAGS.output}")
+  export_workdir(flags.FLAGS.workdir, flags.FLAGS.output)
+  print(f"wrote {flags.FLAGS.output}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(one_line_errors(main, ExportError))
