@@ -21,7 +21,7 @@ from absl import logging
 
 from sharcs_jax import config as config_lib
 from sharcs_jax.data import glue
-from sharcs_jax.errors import RunError
+from sharcs_jax.errors import MissingFileError, RunError
 from sharcs_jax.model.early_exit import EarlyExitModel
 from sharcs_jax.model.flops import param_shapes
 from sharcs_jax.model.sharcs import SharcsModel, router_hidden_size
@@ -178,7 +178,7 @@ def _latest(workdir: str) -> Iterator[tuple[ocp.CheckpointManager, int, ml_colle
   try:
     step = manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f"{manager.directory} holds no checkpoint: train with "
+      raise MissingFileError(f"{manager.directory} holds no checkpoint: train with "
                               f"--workdir={workdir} first")
     saved = _restore(manager, step, config=ocp.args.JsonRestore())
     yield manager, step, ml_collections.ConfigDict(saved.config)

@@ -34,6 +34,7 @@ def one_line_errors(main, *also: type[BaseException]):
   from absl import app, logging
 
   def run(argv):
+    sys.unraisablehook = ignore_closed_loop_callbacks(sys.unraisablehook)
     try:
       main(argv)
     except (RunError, app.UsageError, *also) as e:
@@ -43,3 +44,20 @@ def one_line_errors(main, *also: type[BaseException]):
       os._exit(1)  # at once: orbax's reader threads would print their own tracebacks at shutdown
 
   return run
+
+
+def ignore_closed_loop_callbacks(previous):
+  """An unraisable-exception hook that drops asyncio's "Event loop is closed" and passes on
+  everything else.
+
+  orbax reads a checkpoint through tensorstore futures whose callbacks post to an asyncio loop.
+  When one array of a damaged checkpoint fails, the loop closes while the other reads are still
+  pending, and each of them then reports that error at random moments around the one-line FATAL
+  message. That is noise about reads already abandoned, not a second fault.
+  """
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+  return hook

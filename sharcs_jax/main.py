@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import jax
 from absl import app, flags, logging
@@ -81,28 +81,15 @@ flags.DEFINE_integer("process_id", None, "distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def ignore_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-  """An unraisable-exception hook that drops asyncio's "Event loop is closed" and passes on
-  everything else.
-
-  orbax reads a checkpoint through tensorstore futures whose callbacks post to an asyncio loop.
-  When one array of a damaged checkpoint fails, the loop closes while the other reads are still
-  pending, and each of them then reports that error at random moments around the one-line FATAL
-  message. That is noise about reads already abandoned, not a second fault.
-  """
-  def hook(unraisable: Any) -> None:
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-      return
-    previous(unraisable)
-  return hook
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  sys.unraisablehook = ignore_closed_loop_callbacks(sys.unraisablehook)
-  run_mode()
+  quiet_orbax_logging()
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info("JAX %s on %s", jax.__version__, jax.devices())
+  {"train": train_mode, "summary": summary_mode, "predict": predict_mode,
+   "export": export_mode, "serve": serve_mode}[FLAGS.mode]()
 
 
 def checked_precision(default: str) -> str:
@@ -115,90 +102,86 @@ def checked_precision(default: str) -> str:
   return precision
 
 
-def serve_http() -> None:
-  """--mode=serve: checks the limits, then `serve.http.serve` until SIGTERM."""
-  try:
-    from sharcs_jax.serve.http import app as http
-    from sharcs_jax.serve.http.batcher import Limits
-  except ImportError as e:
-    raise MissingExtra(f"--mode=serve needs the 'serve' install extra (bash launch/install.sh "
-                       f"serve): {e}") from None
-  for name in ("max_batch_tokens", "max_client_batch_size", "payload_limit", "max_queued_pairs"):
-    if getattr(FLAGS, name) < 1:
-      raise RunError(f"--{name}={getattr(FLAGS, name)} must be at least 1")
-  if FLAGS.max_wait_ms < 0 or FLAGS.request_timeout_s <= 0:
-    raise RunError(f"--max_wait_ms={FLAGS.max_wait_ms:g} must be >= 0 and --request_timeout_s="
-                   f"{FLAGS.request_timeout_s:g} > 0")
-  if not 0 < FLAGS.port < 65536:
-    raise RunError(f"--port={FLAGS.port} is not a port")
-  cores = usable_cores()
-  if FLAGS.workers != 1 and (FLAGS.runtime != "onnxruntime" or not 1 <= FLAGS.workers <= cores):
-    raise RunError(f"--workers={FLAGS.workers}: more than one worker needs --runtime=onnxruntime "
-                   f"and at most one per usable core ({cores})")
-  options = http.ServerOptions(
-      Limits(FLAGS.max_batch_tokens, FLAGS.max_wait_ms, FLAGS.max_queued_pairs,
-             FLAGS.request_timeout_s), FLAGS.max_client_batch_size, FLAGS.payload_limit,
-      workers=FLAGS.workers)
-  threads = cores // FLAGS.workers if FLAGS.workers > 1 else 0  # 0: every usable core
-  precision = checked_precision("auto")
-  run = load_run(FLAGS.workdir)  # a missing or damaged run is one line before the port is taken
-  build = lambda: Engine.from_run(
-      run, budget=FLAGS.budget, rule=FLAGS.rule, signal=FLAGS.signal,
-      start_budget=FLAGS.start_budget, precision=precision, runtime=FLAGS.runtime,
-      threads=threads)
-
-  code = http.serve(build, FLAGS.host, FLAGS.port, options,
-                    lambda engine: http.engine_info(engine, options, FLAGS.rule, FLAGS.budget),
-                    lambda line: logging.info("%s", line))
-  logging.flush()
-  sys.exit(code)
-
-
-def run_mode() -> None:
-  quiet_orbax_logging()
-  if FLAGS.distributed or FLAGS.coordinator_address:
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info("JAX %s on %s", jax.__version__, jax.devices())
-  if FLAGS.mode == "predict":
-    if not FLAGS.input or not FLAGS.output:
-      raise app.UsageError("--mode=predict needs --input and --output")
-    result = predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output,
-                         tuple(int(b) for b in FLAGS.batch_buckets), FLAGS.budget, FLAGS.rule,
-                         FLAGS.signal, FLAGS.start_budget, checked_precision("auto"),
-                         FLAGS.runtime)
-    print(open(f"{FLAGS.output}.summary.md").read(), end="")
-    logging.info("%d predictions in %s (%.1f examples/s)", result["examples"], FLAGS.output,
-                 result["examples_per_second"])
-    return
-  if FLAGS.mode == "export":
-    if not FLAGS.output:
-      raise app.UsageError("--mode=export needs --output (a directory)")
-    from sharcs_jax.serve.export import writer as export  # jax.export only where it is used
-    export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
-    engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
-                                 signal=FLAGS.signal, start_budget=FLAGS.start_budget,
-                                 precision=checked_precision("fp32"), runtime=FLAGS.runtime)
-    manifest = export.export_engine(engine, FLAGS.output)
-    logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
-                 manifest["routing"]["budget"] or "router argmax", FLAGS.output)
-    return
-  if FLAGS.mode == "serve":
-    serve_http()
-    return
-  if FLAGS["config"].present:  # a missing file is one line (ml_collections' is a traceback)
+def checked_config() -> Any:
+  """--config, a missing file one line (ml_collections' own is a traceback)."""
+  if FLAGS["config"].present:
     path = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
     if not os.path.isfile(path):
       raise RunError(f"--config={path}: no such file")
   if FLAGS.config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config")
-  if FLAGS.mode == "summary":
-    summary.run(FLAGS.config, FLAGS.workdir)
-    print(open(f"{FLAGS.workdir}/model_summary.md").read(), end="")
-  else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    if parallel.is_primary():
-      print(open(os.path.join(FLAGS.workdir, train.report_name(FLAGS.config))).read(), end="")
+  return FLAGS.config
+
+
+def train_mode() -> None:
+  """The one training loop, with the method the config names (`train.loop.Method`)."""
+  from sharcs_jax.baselines.train_early_exit import ExitTraining
+
+  config = checked_config()
+  method = {"sharcs": train.SharcsTraining, "early_exit": ExitTraining}[config.model.method]
+  train.fit(config, FLAGS.workdir, method)
+  if parallel.is_primary():
+    print(open(os.path.join(FLAGS.workdir, method.report)).read(), end="")
   logging.info("Reports in %s", FLAGS.workdir)
+
+
+def summary_mode() -> None:
+  summary.run(checked_config(), FLAGS.workdir)
+  print(open(os.path.join(FLAGS.workdir, "model_summary.md")).read(), end="")
+
+
+def predict_mode() -> None:
+  if not FLAGS.input or not FLAGS.output:
+    raise app.UsageError("--mode=predict needs --input and --output")
+  result = predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output,
+                       tuple(int(b) for b in FLAGS.batch_buckets), FLAGS.budget, FLAGS.rule,
+                       FLAGS.signal, FLAGS.start_budget, checked_precision("auto"), FLAGS.runtime)
+  print(open(f"{FLAGS.output}.summary.md").read(), end="")
+  logging.info("%d predictions in %s (%.1f examples/s)", result["examples"], FLAGS.output,
+               result["examples_per_second"])
+
+
+def export_mode() -> None:
+  if not FLAGS.output:
+    raise app.UsageError("--mode=export needs --output (a directory)")
+  from sharcs_jax.serve.export import writer as export  # jax.export only where it is used
+  export.check_output(FLAGS.output, FLAGS.workdir)  # before the minutes of loading and compiling
+  engine = Engine.from_workdir(FLAGS.workdir, budget=FLAGS.budget, rule=FLAGS.rule,
+                               signal=FLAGS.signal, start_budget=FLAGS.start_budget,
+                               precision=checked_precision("fp32"), runtime=FLAGS.runtime)
+  manifest = export.export_engine(engine, FLAGS.output)
+  logging.info("Exported %d parts (routing: %s) to %s", len(manifest["parts"]),
+               manifest["routing"]["budget"] or "router argmax", FLAGS.output)
+
+
+def serve_mode() -> None:
+  """The HTTP server (`serve.http.serve`) until SIGTERM; every flag is checked and the run
+  loaded (a missing or damaged run is one line) before the port is taken."""
+  try:
+    from sharcs_jax.serve.http import app as http
+  except ImportError as e:
+    raise MissingExtra(f"--mode=serve needs the 'serve' install extra (bash launch/install.sh "
+                       f"serve): {e}") from None
+  if not 0 < FLAGS.port < 65536:
+    raise RunError(f"--port={FLAGS.port} is not a port")
+  cores = usable_cores()
+  options = http.ServerOptions.checked(
+      max_batch_tokens=FLAGS.max_batch_tokens, max_wait_ms=FLAGS.max_wait_ms,
+      max_queued_pairs=FLAGS.max_queued_pairs, request_timeout_s=FLAGS.request_timeout_s,
+      max_client_batch_size=FLAGS.max_client_batch_size, payload_limit=FLAGS.payload_limit,
+      workers=FLAGS.workers, runtime=FLAGS.runtime, cores=cores)
+  threads = cores // FLAGS.workers if FLAGS.workers > 1 else 0  # 0: every usable core
+  precision = checked_precision("auto")
+  run = load_run(FLAGS.workdir)
+  build = lambda: Engine.from_run(
+      run, budget=FLAGS.budget, rule=FLAGS.rule, signal=FLAGS.signal,
+      start_budget=FLAGS.start_budget, precision=precision, runtime=FLAGS.runtime,
+      threads=threads)
+  code = http.serve(build, FLAGS.host, FLAGS.port, options,
+                    lambda engine: http.engine_info(engine, options, FLAGS.rule, FLAGS.budget),
+                    lambda line: logging.info("%s", line))
+  logging.flush()
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ def test_only_closed_loop_callbacks_are_silenced():
   # the CLI's hook drops the abandoned checkpoint reads' "Event loop is closed" and nothing else
   import types
 
-  from sharcs_jax.main import ignore_closed_loop_callbacks
+  from sharcs_jax.errors import ignore_closed_loop_callbacks
 
   seen = []
   hook = ignore_closed_loop_callbacks(seen.append)

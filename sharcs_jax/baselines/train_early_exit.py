@@ -139,7 +139,7 @@ def train_early_exit(config: ml_collections.ConfigDict, workdir: str,
 class ExitTraining:
   """The early-exit baselines as a `train.loop.Method`."""
 
-  name = "early exit, "
+  name, report = "early exit, ", "early_exit.md"
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, data: RunData,
                mesh: jax.sharding.Mesh, entropy_fractions: tuple[float, ...] = ENTROPY_FRACTIONS,

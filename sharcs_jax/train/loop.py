@@ -290,6 +290,7 @@ class Method(Protocol):
   methods; everything else (data, mesh, schedule, checkpoints, resuming, timing) is the loop's."""
 
   name: str  # what the progress bar calls an epoch ("epoch 3", "early exit, epoch 3")
+  report: str  # the Markdown report it writes in the workdir
   tx: optax.GradientTransformation
 
   def initial(self) -> tuple[TrainState, dict[str, Any]]:
@@ -342,18 +343,9 @@ def load_run_data(config: ml_collections.ConfigDict) -> RunData:
   return RunData(train_data, dev_data, calibration_data, tokenizer)
 
 
-def report_name(config: ml_collections.ConfigDict) -> str:
-  """The Markdown report a run writes in its workdir."""
-  return "early_exit.md" if config.model.method == "early_exit" else "report.md"
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains the config's model (`config.model.method`), keeps its best dev epoch and writes its
-  reports in workdir (SHARCS: report.{json,md,png}; early exit: early_exit.{json,md})."""
-  if config.model.method == "early_exit":
-    from sharcs_jax.baselines.train_early_exit import ExitTraining  # it builds on this module
-
-    return fit(config, workdir, ExitTraining)
+  """Trains SHARCS (`fit` with `SharcsTraining`), keeps its best dev epoch, writes
+  report.{json,md,png} in workdir."""
   return fit(config, workdir, SharcsTraining)
 
 
@@ -415,7 +407,7 @@ class SharcsTraining:
   rule; the best epoch kept by `checkpoint.select` from epoch W on. A static-width baseline
   (`train.static_width`) trains only its width (no router, no warm-up at full width)."""
 
-  name = ""
+  name, report = "", "report.md"
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, data: RunData,
                mesh: jax.sharding.Mesh):

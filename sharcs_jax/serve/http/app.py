@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sharcs_jax.data import batching
+from sharcs_jax.errors import RunError
 from sharcs_jax.serve.http import tei
 from sharcs_jax.serve.http.batcher import Batcher, Limits, Pending
 from sharcs_jax.serve.http.tei import RequestError
@@ -38,6 +39,26 @@ class ServerOptions:
   payload_limit: int = 2_000_000  # bytes
   drain_timeout_s: float = 60.0
   workers: int = 1  # threads running the engine, each on its own batch
+
+  @classmethod
+  def checked(cls, *, max_batch_tokens: int, max_wait_ms: float, max_queued_pairs: int,
+              request_timeout_s: float, max_client_batch_size: int, payload_limit: int,
+              workers: int, runtime: str, cores: int) -> "ServerOptions":
+    """The options as the command line gives them, each out-of-range value a one-line
+    `RunError` naming its flag, before any model is loaded or port taken."""
+    counts = dict(max_batch_tokens=max_batch_tokens, max_client_batch_size=max_client_batch_size,
+                  payload_limit=payload_limit, max_queued_pairs=max_queued_pairs)
+    for name, value in counts.items():
+      if value < 1:
+        raise RunError(f"--{name}={value} must be at least 1")
+    if max_wait_ms < 0 or request_timeout_s <= 0:
+      raise RunError(f"--max_wait_ms={max_wait_ms:g} must be >= 0 and --request_timeout_s="
+                     f"{request_timeout_s:g} > 0")
+    if workers != 1 and (runtime != "onnxruntime" or not 1 <= workers <= cores):
+      raise RunError(f"--workers={workers}: more than one worker needs --runtime=onnxruntime "
+                     f"and at most one per usable core ({cores})")
+    return cls(Limits(max_batch_tokens, max_wait_ms, max_queued_pairs, request_timeout_s),
+               max_client_batch_size, payload_limit, workers=workers)
 
 
 class Metrics:
