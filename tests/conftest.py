@@ -321,7 +321,7 @@ def run_tradeoff(backbone: str, out: pathlib.Path, *extra: str):
   return run_benchmark(
       "tradeoff", out, f"--config={REPO_ROOT / 'configs' / 'qqp.py'}:smoke",
       f"--config.model.backbone={backbone}", *(f"--config.{o}" for o in TRADEOFF_OVERRIDES),
-      *extra, report="tradeoff_qqp")
+      *extra, report="tradeoff_qqp", timeout=1800)  # seven tiny runs: 590 s alone on 2 AVX2 cores
 
 
 @pytest.fixture(scope="session")
