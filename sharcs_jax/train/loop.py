@@ -1,6 +1,8 @@
-"""SHARCS training: the train state, the pure train step, the epoch loop and its checkpoints.
+"""The one training loop (`fit`, over a `Method`), the train state, and SHARCS's method.
 
-The paper's recipe: one optimiser step = one batch of a single width and a single length bucket;
+`fit` owns what every model trains alike (data, mesh, schedule, checkpoints, resuming, keeping
+the best epoch); a `Method` brings its step, batches, evaluation and report (SHARCS here, the
+early exit in baselines/). SHARCS, the paper's recipe: one optimiser step = one batch of a single width and a single length bucket;
 batches of different widths are interleaved in a shuffled order. The sandwich recipe
 (`train.sandwich`): every step trains every width on the same batch, the prefix run once. The step
 is jitted once per (widths, bucket) shape. Loss = sum over the step's widths of CE (for a narrow
