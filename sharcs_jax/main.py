@@ -110,6 +110,7 @@ def checked_config() -> Any:
       raise RunError(f"--config={path}: no such file")
   if FLAGS.config is None:
     raise app.UsageError(f"--mode={FLAGS.mode} needs --config")
+  config_lib.validate(FLAGS.config)  # every value, before any work
   return FLAGS.config
 
 

@@ -40,12 +40,11 @@ def test_reports_are_written(profiled):
   ceiling = data["matmul_ceiling_gflops_per_second"]
   assert len(ceiling) == 4  # Q/K/V, attention output, FFN in, FFN out
   for rates in ceiling.values():
-    # GFLOP/s (GOP/s for int8): a CPU core does more than 1 at fp32 and far less than 10^5 at
-    # any type; a slip of units (FLOP/s, milliseconds) lands outside. bf16 and int8 may leave the
-    # fast path (no avx512_bf16 or VNNI: emulated, 0.84 GOP/s seen on a loaded AVX2 runner), so
-    # only fp32 has a floor
+    # GFLOP/s (GOP/s for int8), between 0.01 and 10^5: a slip of units (FLOP/s, milliseconds)
+    # lands 1000x or more outside. The tiny products run near 1 on a loaded AVX2 core (0.96 at
+    # fp32, 0.84 at int8, emulated without VNNI), so the floor sits well under that
     assert set(rates) == {"float32", "bfloat16", "int8"}
-    assert 1 < rates["float32"] and all(0 < r < 1e5 for r in rates.values()), rates
+    assert all(0.01 < r < 1e5 for r in rates.values()), rates
 
 
 def test_every_input_runs_the_prefix_and_the_narrowest_width(profiled):
