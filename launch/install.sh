@@ -3,13 +3,14 @@
 #   bash launch/install.sh        package + pretrained backbone
 #   bash launch/install.sh serve  ... + ONNX Runtime serving (onnxruntime, onnx, jax2onnx)
 #   bash launch/install.sh test   ... + serve + the test extra (pytest, CPU torch for parity tests)
-# A stamp keyed on setup.cfg and this script skips the work when nothing changed.
+# A stamp keyed on setup.cfg, this script and the checkout's path skips the work when nothing
+# changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SHARCS_VENV:-$root/.venv}"
 extra="${1:-}"
 case "$extra" in ""|serve|test) ;; *) echo "install.sh: unknown extra '$extra' (use nothing, 'serve' or 'test')" >&2; exit 2;; esac
-want="$(cat "$root/setup.cfg" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)-${extra:-base}"
+want="$( (cat "$root/setup.cfg" "${BASH_SOURCE[0]}"; echo "$root") | sha256sum | cut -d' ' -f1)-${extra:-base}"
 stamp="$venv/.sharcs-install-${extra:-base}"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0

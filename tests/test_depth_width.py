@@ -170,6 +170,8 @@ def test_narrow_exits_chain_inside_the_narrow_part(narrow_exit_engine):
   # the second narrow stage reads the first; full width goes on from layer 2's hidden states
   assert [s.reads for s in engine.stages] == [dispatch.TOKENS, 0, 1, 0, 3]
   assert (engine.narrow_first, engine.narrow_count) == (1, 2)
+  # a report lists the full-width exits (layers 2, 3, 4), then the narrow ones (3, 4)
+  assert engine.layout.exit_order().tolist() == [0, 3, 4, 1, 2]
   assert (engine.stage_flops[1] < engine.stage_flops[3]).all()  # half a layer < a layer
   data = _inputs()
   ids = data.input_ids

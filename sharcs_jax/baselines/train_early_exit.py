@@ -76,15 +76,6 @@ def exit_train_step(state: TrainState, batch: dict[str, Array], *, model: EarlyE
           {"loss": per_exit})
 
 
-def stage_order(model: EarlyExitModel, per_exit: np.ndarray) -> np.ndarray:
-  """Rows of `per_exit` ([L + n, ...]: the full-width exits, then the narrow ones) in the
-  engine's stage order with a stage per layer: exits 1..K, the narrow stages, exits K+1..L."""
-  k, layers = model.width_layer, model.encoder.num_layers
-  if not model.narrow_widths:
-    return per_exit[:layers]
-  return np.concatenate([per_exit[:k], per_exit[layers:], per_exit[k:layers]])
-
-
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
   """Class log-probabilities: logits up to a constant, as the exit rules read them (floored at
   float32's smallest normal, so that a zero probability stays finite)."""
@@ -163,9 +154,7 @@ class ExitTraining:
     self.engine = Engine(self.model, self.params, length_buckets=tuple(config.data.length_buckets),
                          batch_buckets=tuple(sorted({1, config.eval.batch_size})),
                          cache_dir=os.path.join(workdir, "executables"))
-    # The engine's stages are exits 1..K, the narrow stages, exits K+1..L; the report's exit
-    # order is the full-width exits, then the narrow ones.
-    self.exit_order = np.argsort(stage_order(self.model, np.arange(len(self.engine.stages))))
+    self.exit_order = self.engine.layout.exit_order()  # the report's: full width, then narrow
 
   def _kept(self, params: Any) -> dict[str, Any]:
     exits = len(self.engine.stages)
@@ -199,15 +188,16 @@ class ExitTraining:
     every_stage = self.engine.with_params(jax.device_get(params)).every_stage(self.data.dev)
     return log_probabilities(every_stage[self.exit_order])
 
-  def evaluate(self, params: Any, epoch: int, trained: EpochResult) -> dict[str, Any]:
-    self.logits = self.dev_logits(params)
+  def evaluate(self, params: Any, epoch: int, trained: EpochResult
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    logits = self.dev_logits(params)
     dev = self.data.dev
     accuracy = [classification_metrics(l.argmax(-1), dev.labels, self.task.metrics)["accuracy"]
-                for l in self.logits]
+                for l in logits]
     logging.info("early exit epoch %d: dev accuracy per exit %s (%.0fs training)", epoch,
                  np.round(accuracy, 4).tolist(), trained.seconds)
-    return {"epoch": epoch, "train_loss_per_exit": np.mean(trained.losses, 0).tolist(),
-            "dev_accuracy_per_exit": accuracy}
+    return ({"epoch": epoch, "train_loss_per_exit": np.mean(trained.losses, 0).tolist(),
+             "dev_accuracy_per_exit": accuracy}, {"logits": jnp.asarray(logits)})
 
   def keeps(self, record: dict[str, Any], epoch: int, best: dict[str, Any],
             history: list[dict]) -> tuple[dict[str, Any], None] | None:
@@ -215,7 +205,7 @@ class ExitTraining:
     accuracy = lambda entry: entry["dev_accuracy_per_exit"][last]
     if kept >= 0 and accuracy(record) <= accuracy(history[kept]):
       return None
-    return {"logits": jnp.asarray(self.logits)}, None
+    return {}, None
 
   def finish(self, state: TrainState, best: dict[str, Any], history: list[dict]
              ) -> dict[str, Any]:

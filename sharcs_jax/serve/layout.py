@@ -78,6 +78,13 @@ class Layout:
     what cost-aware rules weigh."""
     return self.stage_flops[0] + self.stage_flops[1:]
 
+  def exit_order(self) -> np.ndarray:
+    """Stage indices with the full-width stages first (in layer order), then the narrow ones:
+    the order an early-exit report lists its exits in."""
+    stages = np.arange(len(self.stages))
+    narrow = (stages >= self.narrow_first) & (stages < self.narrow_first + self.narrow_count)
+    return np.concatenate([stages[~narrow], stages[narrow]])
+
   def stage_rule(self, rule: Any, bucket_of: np.ndarray) -> dispatch.StageRule:
     """`rule` over these stages for rows of these length buckets: a SHARCS rule picks each
     row's first width from the router and may escalate; an exit rule sends a row on until it

@@ -309,13 +309,15 @@ class Method(Protocol):
   def end_epoch(self, state: TrainState, epoch: int, trained: EpochResult) -> TrainState:
     """The state after the epoch's last step (SHARCS relabels hardness here)."""
 
-  def evaluate(self, params: Any, epoch: int, trained: EpochResult) -> dict[str, Any]:
-    """The epoch's dev record, as the run's history keeps it."""
+  def evaluate(self, params: Any, epoch: int, trained: EpochResult
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The epoch's dev record, as the run's history keeps it, and the arrays a kept epoch
+    stores with it (e.g. the dev predictions its report is read from)."""
 
   def keeps(self, record: dict[str, Any], epoch: int, best: dict[str, Any],
             history: list[dict]) -> tuple[dict[str, Any], Rule | None] | None:
-    """None, or what the kept-epoch record holds besides params and epoch, and the rule kept
-    with it, when this epoch is better than the kept one."""
+    """None, or what the kept-epoch record holds besides params, epoch and the evaluation's
+    arrays, and the rule kept with it, when this epoch is better than the kept one."""
 
   def finish(self, state: TrainState, best: dict[str, Any], history: list[dict]
              ) -> dict[str, Any]:
@@ -391,12 +393,13 @@ def _fit(config: ml_collections.ConfigDict, workdir: str, make_method: Any) -> d
                                  f"{method.name}epoch {epoch}")
     state = parallel.replicate(
         method.end_epoch(state, epoch, trained).replace(epoch=jnp.int32(epoch + 1)), mesh)
-    history.append(method.evaluate(state.params, epoch, trained))
-    kept = method.keeps(history[-1], epoch, best, history)
+    record, arrays = method.evaluate(state.params, epoch, trained)
+    history.append(record)
+    kept = method.keeps(record, epoch, best, history)
     if kept is not None:
-      record, best_rule = kept
+      extra, best_rule = kept
       best = parallel.replicate({"params": copy_buffers(state.params), "epoch": jnp.int32(epoch),
-                                 **record}, mesh)
+                                 **arrays, **extra}, mesh)
     state = parallel.replicate(
         state.replace(train_seconds=state.train_seconds + (time.time() - start)), mesh)
     checkpoints.save(state, best, history, best_rule)
@@ -469,11 +472,13 @@ class SharcsTraining:
     # The sandwich trains every width on every example: one pass, each batch at all widths.
     widths, train_data = self.widths, self.data.train
     one_width = self.static_index if self.static_index is not None else len(widths) - 1
-    self.assigned = (np.full(len(train_data), one_width, np.int32)
-                     if self.static_index is not None or self.sandwich
-                     else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
-    plan = batching.plan_train_epoch(train_data, self.assigned, self.config.train.batch_size,
-                                     rng)
+    assigned = (np.full(len(train_data), one_width, np.int32)
+                if self.static_index is not None or self.sandwich
+                else hardness.assign_widths(np.asarray(state.hardness.labels), rng))
+    logging.info("epoch %d trains widths %s: share %s", epoch, list(widths),
+                 "all (sandwich)" if self.sandwich else np.round(
+                     np.bincount(assigned, minlength=len(widths)) / len(assigned), 3).tolist())
+    plan = batching.plan_train_epoch(train_data, assigned, self.config.train.batch_size, rng)
     step = lambda s, b, planned: self.step_fn(
         s, b, widths=widths if self.sandwich else (widths[planned.width_index],))
     return plan, step
@@ -484,11 +489,8 @@ class SharcsTraining:
     share = np.asarray(state.hardness.labels).mean(0)
     seen = trained.seen
     logging.info("epoch %d: %d examples in %.0fs (%.1f ex/s), train acc %.4f, "
-                 "labels per width %s, width share trained %s", epoch, seen, trained.seconds,
-                 seen / trained.seconds, trained.correct / max(seen, 1),
-                 np.round(share, 3).tolist(), "all (sandwich)" if self.sandwich else np.round(
-                     np.bincount(self.assigned, minlength=len(self.widths))
-                     / len(self.assigned), 3).tolist())
+                 "labels per width %s", epoch, seen, trained.seconds, seen / trained.seconds,
+                 trained.correct / max(seen, 1), np.round(share, 3).tolist())
     return state
 
   def _routing_rule(self, params: Any) -> Rule | Cascade:
@@ -507,11 +509,12 @@ class SharcsTraining:
                               dev, self.flops, self.task.metrics, self._routing_rule(params),
                               self.programs.prefix_flops_row())
 
-  def evaluate(self, params: Any, epoch: int, trained: EpochResult) -> dict[str, Any]:
+  def evaluate(self, params: Any, epoch: int, trained: EpochResult
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     result = self._evaluate_dev(params)
     _log_eval(epoch, result, self.widths)
     return {"epoch": epoch, "train_loss": float(np.mean(trained.losses)),
-            **_json_result(result, self.widths)}
+            **_json_result(result, self.widths)}, {}
 
   def keeps(self, record: dict[str, Any], epoch: int, best: dict[str, Any],
             history: list[dict]) -> tuple[dict[str, Any], Rule | None] | None:
