@@ -43,8 +43,15 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # their code. Tests compile at backend optimisation level 0 (a tiny training run: 204 s -> 95 s
 # on 2 AVX2 cores); the programs are the same HLO, so what the tests assert holds. Set before the
 # backend starts; subprocesses inherit it.
-os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"),
-                                                 "--xla_backend_optimization_level=0")))
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), TEST_XLA_FLAG)))
+
+
+def as_a_user_runs_it() -> dict[str, str]:
+  """The environment without the tests' compile flag: for a run that must be the user's own."""
+  flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f != TEST_XLA_FLAG)
+  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (
+      {"XLA_FLAGS": flags} if flags else {})
 
 
 # Tests that train a model, run a benchmark end to end or start subprocesses that do: `slow` (as

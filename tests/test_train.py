@@ -12,7 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO_ROOT, assert_png, glue_data_dir, needs_glue, without_time
+from conftest import (REPO_ROOT, as_a_user_runs_it, assert_png, glue_data_dir, needs_glue,
+                      without_time)
 from conftest import tiny_run_config as _tiny_config
 from sharcs_jax import config as config_lib
 from sharcs_jax.train import loop as train
@@ -113,11 +114,12 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 @pytest.mark.slow
 def test_smoke_config_end_to_end(tmp_path):
-  """The real backbone on a few hundred QQP examples, through the command line."""
+  """The README's smoke run (the real backbone on a few hundred QQP examples), compiled as a
+  user's is."""
   result = subprocess.run(
       [sys.executable, "-m", "sharcs_jax.main", "--config=configs/qqp.py:smoke",
        f"--workdir={tmp_path}", f"--config.data_dir={glue_data_dir()}",
-       "--config.train.progress_bar=False"],
+       "--config.train.progress_bar=False"], env=as_a_user_runs_it(),
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)  # 142 s alone on 2 AVX2 cores
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
