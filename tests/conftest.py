@@ -9,8 +9,10 @@ from __future__ import annotations
 import atexit
 import csv
 import dataclasses
+import fcntl
 import json
 import os
+import pickle
 import shutil
 import pathlib
 import subprocess
@@ -40,16 +42,19 @@ jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # Most of the suite's time is XLA compiling small programs, and most of that is LLVM optimising
-# their code. Tests compile at backend optimisation level 0 (a tiny training run: 204 s -> 95 s
-# on 2 AVX2 cores); the programs are the same HLO, so what the tests assert holds. Set before the
-# backend starts; subprocesses inherit it.
-TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), TEST_XLA_FLAG)))
+# their code. Tests compile at backend optimisation level 0 and with XLA CPU's older elemental
+# fusion emitters, which compile a backward pass's ~1,000 small fusions faster at that level (a
+# tiny training run: 204 s at the defaults -> 95 s at level 0 -> 52 s with both, on 2 AVX2
+# cores); the programs are the same HLO, so what the tests assert holds. Set before the backend
+# starts; subprocesses inherit them.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"),
+                                                *TEST_XLA_FLAGS)))
 
 
 def as_a_user_runs_it() -> dict[str, str]:
-  """The environment without the tests' compile flag: for a run that must be the user's own."""
-  flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f != TEST_XLA_FLAG)
+  """The environment without the tests' compile flags: for a run that must be the user's own."""
+  flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f not in TEST_XLA_FLAGS)
   return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (
       {"XLA_FLAGS": flags} if flags else {})
 
@@ -61,10 +66,19 @@ SLOW_FIXTURES = ("trained", "tradeoff", "serving", "early_exit_run", "one_device
                  "depth_width_run")
 
 
+# The longest test files, longest first (seconds on 2 AVX2 cores): run first, so that under
+# `--dist loadfile --no-loadscope-reorder` (.ci/run) no worker starts a long file near the end.
+LONGEST_FILES = ("test_train.py", "test_tradeoff.py", "test_parallel.py", "test_baselines.py",
+                 "test_onnxruntime.py", "test_serving_bench.py", "test_engine.py",
+                 "test_depth_width.py", "test_workdir.py")
+
+
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if any(name in item.fixturenames for name in SLOW_FIXTURES):
       item.add_marker(pytest.mark.slow)
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file
 
 
 def pytest_sessionstart(session):
@@ -101,14 +115,29 @@ def real_sentences(count: int) -> list[str]:
   return [row["sentence"] for row in rows[:count]]
 
 
-@pytest.fixture(scope="session")
-def tiny_backbone(tmp_path_factory):
-  """A 3-layer, 32-wide random BERT with all-MiniLM-L6-v2's tokenizer: compiles in a second."""
+def built_once(tmp_path_factory, name: str, build):
+  """`build(directory)`'s result, built once per test session: the first pytest-xdist worker to
+  ask builds it into a folder all workers share, under a lock; the others wait and read it back."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, above each worker's own
+  directory, result = root / name, root / f"{name}.pickle"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not result.exists():
+      shutil.rmtree(directory, ignore_errors=True)  # what a failed build here left
+      directory.mkdir()
+      built = pickle.dumps(build(directory))
+      result.with_suffix(".partial").write_bytes(built)
+      result.with_suffix(".partial").rename(result)
+  return pickle.loads(result.read_bytes())
+
+
+def write_tiny_backbone(path: pathlib.Path) -> str:
   import torch
   import transformers  # the test extra's torch writes the checkpoint
 
   torch.manual_seed(0)  # the same weights whichever tests ran before in this process
-  path = tmp_path_factory.mktemp("tiny_bert")
   cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
                                 num_attention_heads=4, intermediate_size=64,
                                 max_position_embeddings=128)
@@ -119,14 +148,24 @@ def tiny_backbone(tmp_path_factory):
   return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+  """A 3-layer, 32-wide random BERT with all-MiniLM-L6-v2's tokenizer: compiles in a second."""
+  return built_once(tmp_path_factory, "tiny_bert", write_tiny_backbone)
+
+
 def tiny_run_config(backbone: str, **overrides):
-  """The QQP smoke config on a tiny backbone and 96 examples: a whole training run in seconds."""
+  """The QQP smoke config on a tiny backbone and 96 examples: a whole training run in seconds.
+
+  One length bucket: each bucket is one more train-step compile per width (a tiny run 53 s ->
+  30 s on 2 AVX2 cores); runs that test length buckets pass their own."""
   from sharcs_jax import config as config_lib
 
   config = config_lib.load_config(str(REPO_ROOT / "configs" / "qqp.py:smoke"))
   config.data_dir = str(glue_data_dir())
   config.model.backbone = backbone
   config.data.train_limit, config.data.dev_limit = 96, 48
+  config.data.length_buckets = (64,)
   config.train.batch_size = config.eval.batch_size = 16
   config.train.epochs, config.hardness.window = 2, 1
   config.hardness.ranges = ((0.5, 1.0), (0.3, 0.8), (0.0, 0.55))
@@ -141,11 +180,12 @@ def tiny_run_config(backbone: str, **overrides):
 
 @pytest.fixture(scope="session")
 def trained(tiny_backbone, tmp_path_factory):
-  """(workdir, report) of one uninterrupted tiny run, shared by the tests that read it."""
+  """(workdir, report) of one uninterrupted tiny run, shared by the tests (and workers) that read
+  it."""
   from sharcs_jax.train import loop as train
 
-  workdir = tmp_path_factory.mktemp("trained")
-  return workdir, train.train_and_evaluate(tiny_run_config(tiny_backbone), str(workdir))
+  return built_once(tmp_path_factory, "trained", lambda workdir: (
+      workdir, train.train_and_evaluate(tiny_run_config(tiny_backbone), str(workdir))))
 
 
 @pytest.fixture(scope="session")
@@ -231,12 +271,13 @@ def tiny_batch():
           "label": jax.numpy.array([0, 2])}
 
 
-# The trade-off benchmark on the tiny backbone: every method, one SHARCS threshold, K = 2 and 1.
+# The trade-off benchmark on the tiny backbone: every method, one SHARCS threshold, K = 2 and 1,
+# one length bucket (as `tiny_run_config`).
 # No weight decay and no reordering, so that a static run's untouched parameters stay bit-equal
 # to the pretrained start (test_baselines reads that run).
 TRADEOFF_OVERRIDES = (
     "model.widths=(0.5, 1.0)", "hardness.ranges=((0.6, 1.0), (0.0, 0.6))", "data.train_limit=96",
-    "data.dev_limit=48", "train.batch_size=16", "eval.batch_size=16",
+    "data.dev_limit=48", "data.length_buckets=(64,)", "train.batch_size=16", "eval.batch_size=16",
     "routing.calibration_examples=32", "model.reorder=False", "train.weight_decay=0.0",
     "train.sandwich=True", "train.distill=inplace")
 TRADEOFF_ARGS = ("--router_layers=1", "--thresholds=0.6", "--budgets=1.2x,9x")

@@ -231,7 +231,12 @@ def test_serving_throughput_and_budgets_serve_an_early_exit_run(early_exit_run, 
                                                         np.median(path["seconds"]))
     assert path["speedup"] == pytest.approx(path["examples_per_second"] /
                                             full["examples_per_second"])
-  assert data["paths"]["max"]["mean_exit_layer"] == 1.0
+  # 'max' puts every calibration row at its first exit; its threshold lies below 1.2x's, so no
+  # dev row leaves later (a dev row less sure than every calibration row may leave after layer 1).
+  most = data["paths"]["max"]
+  assert most["calibration_reduction"] >= routed["calibration_reduction"]
+  assert 1.0 <= most["mean_exit_layer"] <= routed["mean_exit_layer"]
+  assert most["dev_reduction"] >= routed["dev_reduction"]
   np.testing.assert_allclose([e["accuracy"] for e in data["alone"]],
                              [e["accuracy"] for e in summary["per_exit"]])
   assert [e["route"] for e in data["alone"]] == ["layer 1", "layer 2", "layer 3"]

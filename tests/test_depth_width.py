@@ -239,13 +239,13 @@ def test_rows_try_the_narrow_exits_in_turn_then_go_on_at_full_width(narrow_exit_
 @pytest.fixture(scope="module")
 def depth_width_run(tiny_backbone, tmp_path_factory):
   """(workdir, summary, config) of a tiny depth-and-width run: exits after every layer of the
-  3-layer backbone, and layers 2-3 also at width 0.5, answering after each."""
+  3-layer backbone, and layers 2-3 also at width 0.5, answering after each; two length buckets."""
   from sharcs_jax.baselines.train_early_exit import train_early_exit
 
   config = tiny_run_config(tiny_backbone, model__method="early_exit",
                            model__exit_widths=(0.5, 1.0), model__router_layer=1,
                            model__exit_pooling="mean", model__narrow_exits=(2,),
-                           routing__budget="1.3x")
+                           routing__budget="1.3x", data__length_buckets=(32, 64))
   workdir = tmp_path_factory.mktemp("depth_width")
   return workdir, train_early_exit(config, str(workdir)), config
 

@@ -75,10 +75,11 @@ def test_one_compile_per_width_and_bucket(tiny_backbone, tmp_path, monkeypatch):
     return original(state, batch, widths=widths, **kwargs)
 
   monkeypatch.setattr(train, "train_step", counting_step)
-  config = _tiny_config(tiny_backbone)
+  config = _tiny_config(tiny_backbone, data__length_buckets=(32, 64))
   train.train_and_evaluate(config, str(tmp_path))
   assert len(traces) == len(set(traces)), traces
   assert {w for (w,), _ in traces} == set(config.model.widths)  # every width was trained
+  assert {shape[1] for _, shape in traces} == {32, 64}  # in both length buckets
 
 
 def _result(full, sharcs, reduction):

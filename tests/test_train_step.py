@@ -66,9 +66,10 @@ def _changed(before, after, part):
 
 
 def _dropout_free(cfg):
-  """Three widths without dropout, so that a training step's logits equal an inference pass's."""
-  cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0)
-  model = SharcsModel(cfg, num_classes=3, widths=(0.25, 0.5, 1.0), router_layer=2,
+  """Three widths without dropout, so that a training step's logits equal an inference pass's;
+  two layers (the router after the first), as a train step's compile time grows with depth."""
+  cfg = dataclasses.replace(cfg, hidden_dropout=0.0, attention_dropout=0.0, num_layers=2)
+  model = SharcsModel(cfg, num_classes=3, widths=(0.25, 0.5, 1.0), router_layer=1,
                       router_hidden=16)
   return model, noisy_layernorms(init_params(model, jax.random.key(0)))
 
@@ -83,7 +84,7 @@ def _logits(model, params, batch, widths):
                          batch["token_type_ids"], width=w).logits for w in widths}
 
 
-# Each distinct train step costs ~10 s of XLA compilation even on the tiny model, so these tests
+# Each distinct train step costs seconds of XLA compilation even on the tiny model, so these tests
 # share two steps: the sandwich over three widths, and the frozen-teacher step.
 def test_sandwich_step_trains_every_width_on_the_sum_of_their_losses(tiny_config, tiny_batch):
   """With dropout off, the step's task loss is CE(full) + the CE/KD mix of each narrow width,
