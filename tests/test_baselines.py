@@ -348,7 +348,8 @@ def test_an_exported_early_exit_model_gives_the_engines_exits(early_exit_run, ru
       (lambda m: m.update(exit_layers=[1, 3]), r"exit layers \[1, 3\] need"),
       (lambda m: m.update(model="deebert"), "model 'deebert' is not one of"),
       (lambda m: m["routing"].update(num_stages=2), "is not an exit rule over 3 stages"),
-      (lambda m: m["routing"].update(bucket_thresholds=[0.5]), "or one per length bucket of"),
+      (lambda m: m["routing"].update(bucket_thresholds=[0.5] * (len(m["length_buckets"]) + 1)),
+       "or one per length bucket of"),
       (lambda m: m.pop("stage_gflops_per_example"), r"missing \(model 'early_exit'\)"),
   ]):
     with pytest.raises(ValueError, match=message):
