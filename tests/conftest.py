@@ -44,9 +44,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # Most of the suite's time is XLA compiling small programs, and most of that is LLVM optimising
 # their code. Tests compile at backend optimisation level 0 and with XLA CPU's older elemental
 # fusion emitters, which compile a backward pass's ~1,000 small fusions faster at that level (a
-# tiny training run: 204 s at the defaults -> 95 s at level 0 -> 52 s with both, on 2 AVX2
-# cores); the programs are the same HLO, so what the tests assert holds. Set before the backend
-# starts; subprocesses inherit them.
+# tiny training run on 2 AVX2 cores: 204 s -> 95 s at level 0, beside a main job; alone, 75 s at
+# level 0 -> 52 s with both); the programs are the same HLO, so what the tests assert holds. Set
+# before the backend starts; subprocesses inherit them.
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"),
                                                 *TEST_XLA_FLAGS)))
@@ -66,7 +66,7 @@ SLOW_FIXTURES = ("trained", "tradeoff", "serving", "early_exit_run", "one_device
                  "depth_width_run")
 
 
-# The longest test files, longest first (seconds on 2 AVX2 cores): run first, so that under
+# The longest test files, longest first (as measured on 2 AVX2 cores): run first, so that under
 # `--dist loadfile --no-loadscope-reorder` (.ci/run) no worker starts a long file near the end.
 LONGEST_FILES = ("test_train.py", "test_tradeoff.py", "test_parallel.py", "test_baselines.py",
                  "test_onnxruntime.py", "test_serving_bench.py", "test_engine.py",
